@@ -7,11 +7,10 @@ What lives here, in the order the stages use it:
   3. chat: prompt rendering with the tokenizer's own template, SFT targets that keep the reasoning
   4. data: hub id or local .jsonl/.json/.csv/.parquet, schema detection, errors naming file/row/field
   5. text: the reasoning / answer split on the last </think>
-  6. generation: a batched sampler with a KV cache (left padding, position ids from the mask)
-  7. checkpoints: Hugging Face export + resumable sharded state, both written atomically
-  8. logging: one fixed-format line per step, metrics.jsonl, args.json, optional wandb
+  6. checkpoints: Hugging Face export + resumable sharded state, both written atomically
+  7. logging: one fixed-format line per step, metrics.jsonl, args.json, optional wandb
 
-The algorithms (losses, advantages, masking) stay in the stage that owns them.
+Generation lives in engine.py. The algorithms (losses, advantages, masking) stay in the stage that owns them.
 """
 import csv
 import json
@@ -444,83 +443,7 @@ def split_reasoning(text):
 
 
 # ------------------------------------------------------------------------------------------------
-# 6. generation: a batched sampler with a KV cache
-
-def top_p_filter(logits, top_p):
-    """Mask (set to -inf) the tail of each row outside the smallest set with cumulative prob >= top_p."""
-    if top_p >= 1.0:
-        return logits
-    sorted_z, idx = logits.sort(dim=-1, descending=True)  # (B, V)
-    cum = sorted_z.softmax(-1).cumsum(-1)
-    drop = cum - sorted_z.softmax(-1) > top_p  # keep a token if the mass before it is < top_p
-    sorted_z = sorted_z.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, idx, sorted_z)
-
-
-@torch.no_grad()
-def sample(model, prompts, *, max_new_tokens, stop_ids, pad_id, temperature=1.0, top_p=1.0, batch_size=16,
-           generator=None, synced=False, progress=None):
-    """Sample a completion for each prompt (lists of token ids). Returns one dict per prompt, in order:
-    completion_ids (stop token included when finished), logp (log softmax(z/T) of each sampled token,
-    before top-p), finished, truncated. temperature 0 is greedy. synced=True keeps every rank running
-    the same number of forward passes (FSDP all-gathers in every forward: a rank that stops early hangs
-    the others)."""
-    device = next(model.parameters()).device
-    stop_set = set(stop_ids)
-    stop = torch.tensor(sorted(stop_set), device=device, dtype=torch.long)
-    n_batches = math.ceil(len(prompts) / batch_size)
-    if synced:
-        n_batches = int(all_reduce(torch.tensor(n_batches, device=device), "max").item())
-    out = []
-    for b in range(n_batches):
-        batch = prompts[b * batch_size:(b + 1) * batch_size]
-        real = len(batch)
-        batch = batch or [[pad_id]]  # an idle rank keeps stepping with a dummy row
-        B, L = len(batch), max(len(p) for p in batch)
-        ids = torch.full((B, L), pad_id, dtype=torch.long, device=device)
-        mask = torch.zeros((B, L), dtype=torch.long, device=device)
-        for i, p in enumerate(batch):
-            ids[i, L - len(p):] = torch.tensor(p, device=device)
-            mask[i, L - len(p):] = 1
-        pos = positions_from_mask(mask)  # (B, L)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        toks, logps, cache, cur = [], [], None, ids
-        for t in range(max_new_tokens):
-            o = model(input_ids=cur, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                      use_cache=True, logits_to_keep=1)
-            cache, z = o.past_key_values, o.logits[:, -1].float()  # (B, V)
-            logprobs = torch.log_softmax(z / max(temperature, 1e-6), -1)  # (B, V)
-            if temperature == 0:
-                nxt = z.argmax(-1)
-            else:
-                probs = top_p_filter(z / temperature, top_p).softmax(-1)
-                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
-            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-            toks.append(nxt)
-            logps.append(logprobs.gather(-1, nxt[:, None]).squeeze(-1))
-            done = done | torch.isin(nxt, stop)
-            cur = nxt[:, None]
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            pos = pos[:, -1:] + 1
-            all_done = torch.tensor(int(done.all()), device=device)
-            if synced:
-                all_reduce(all_done, "min")
-            if all_done.item():
-                break
-        toks, logps = torch.stack(toks, 1).tolist(), torch.stack(logps, 1).tolist()  # (B, t)
-        for i in range(real):
-            n = next((k + 1 for k, x in enumerate(toks[i]) if x in stop_set), None)
-            fin = n is not None
-            n = n or len(toks[i])
-            out.append({"completion_ids": toks[i][:n], "logp": logps[i][:n], "finished": fin,
-                        "truncated": not fin and n >= max_new_tokens})
-        if progress is not None:
-            progress.update(real)
-    return out
-
-
-# ------------------------------------------------------------------------------------------------
-# 7. checkpoints: Hugging Face export + resumable sharded state, both atomic
+# 6. checkpoints: Hugging Face export + resumable sharded state, both atomic
 
 def hf_of(model):
     return model.hf if isinstance(model, Policy) else model
@@ -628,7 +551,7 @@ def build_optimizer(params, name, lr, betas, weight_decay, device):
 
 
 # ------------------------------------------------------------------------------------------------
-# 8. logging and files
+# 7. logging and files
 
 def write_json(path, obj):
     """Write JSON atomically (temp file + rename)."""

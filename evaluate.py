@@ -38,7 +38,8 @@ Deviations / notes.
   1. AIR-Bench: a judge reply without a parsable score counts 0 (and as a parse failure); the
      official script retries until it parses.
   2. Under torchrun every rank holds a full replica and generates / grades a strided shard of the
-     (prompt, sample) jobs; rank 0 gathers and writes. Samples therefore depend on the world size.
+     (prompt, sample) jobs; rank 0 gathers and writes. Local generation (engine.py) keys each job's
+     sampling noise by its global index, so the samples do not depend on the world size.
   3. --api-url sends the prompt as token ids rendered by OUR chat template to an OpenAI-compatible
      /completions endpoint (vLLM / SGLang extensions stop_token_ids and skip_special_tokens).
   4. The 13-gram overlap uses lower-cased whitespace words of the questions only (common.ngrams);
@@ -70,6 +71,7 @@ import torch
 from tqdm import tqdm
 
 import common
+import engine
 import reward
 from common import DataError, UsageError
 
@@ -189,15 +191,15 @@ def train_overlap(spec, benches, n=13):
 
 
 def generate_local(jobs, args, dist_, tok):
-    """common.sample on this rank's jobs; fills completion, truncated, num_tokens."""
+    """engine.generate on this rank's jobs; fills completion, truncated, num_tokens. Each job's sampling
+    noise is keyed by its global index `_i`, so the samples do not depend on the world size."""
     model = common.load_model(args.model, common.pick_dtype(args.dtype, dist_.device), dist_.device,
                               args.trust_remote_code).eval()
-    gen = torch.Generator(device=dist_.device).manual_seed(args.seed + dist_.rank)
     bar = tqdm(total=len(jobs), desc="generate", disable=dist_.rank != 0)
-    outs = common.sample(model, [common.render_prompt(tok, j["prompt"]) for j in jobs],
-                         max_new_tokens=args.max_new_tokens, stop_ids=common.stop_token_ids(tok, model),
-                         pad_id=tok.pad_token_id, temperature=args.temperature, top_p=args.top_p,
-                         batch_size=args.batch_size, generator=gen, progress=bar)
+    outs = engine.generate(model, [common.render_prompt(tok, j["prompt"]) for j in jobs],
+                           max_new_tokens=args.max_new_tokens, stop_ids=common.stop_token_ids(tok, model),
+                           pad_id=tok.pad_token_id, temperature=args.temperature, top_p=args.top_p,
+                           batch_size=args.batch_size, seed=args.seed, row_ids=[j["_i"] for j in jobs], progress=bar)
     bar.close()
     for j, o in zip(jobs, outs):
         ids = o["completion_ids"][:-1] if o["finished"] else o["completion_ids"]  # drop the stop token
@@ -318,9 +320,9 @@ def make_judge(args, device):
         jm = common.load_model(args.judge, common.pick_dtype(args.dtype, device), device, args.trust_remote_code).eval()
 
         def judge_local(prompts):  # greedy, like temperature 0 on the API
-            outs = common.sample(jm, [common.render_prompt(jtok, p) for p in prompts],
-                                 max_new_tokens=args.judge_max_new_tokens, stop_ids=common.stop_token_ids(jtok, jm),
-                                 pad_id=jtok.pad_token_id, temperature=0, batch_size=args.batch_size)
+            outs = engine.generate(jm, [common.render_prompt(jtok, p) for p in prompts],
+                                   max_new_tokens=args.judge_max_new_tokens, stop_ids=common.stop_token_ids(jtok, jm),
+                                   pad_id=jtok.pad_token_id, temperature=0, batch_size=args.batch_size)
             return [jtok.decode(o["completion_ids"], skip_special_tokens=True) for o in outs]
         return judge_local
     return None

@@ -27,14 +27,14 @@ AdamW lr 5e-7, cosine with 3% warmup, 500 steps). Where the paper is silent, Ope
      1 epoch per rollout, temperature 1.0, top-p 1.0, max 4096 new tokens, γ = 1, grad clip 1.0
   3. the reward model sees reasoning + answer (--score-on full)
 
-Rollouts. The core path samples from the training policy itself, exactly on-policy, no inference
-server: eval() (gradient checkpointing in train mode silently disables the KV cache), FSDP2
-set_reshard_after_forward(False) so each layer is gathered once per rollout rather than once per
-decode step, then common.sample: a batched KV-cache sampler, every rank stepping in lock-step
-(synced) so uneven lengths never hang a collective. The alternative, a full-weight replica
-refreshed each step feeding a static-cache / compiled generator, costs a full extra copy of the
-weights per GPU; without GPU measurements in hand we keep the simpler one-copy path
-(see docs/perf.md for the numbers still to be taken).
+Rollouts. Exactly on-policy, no inference server: engine.generation_view(policy) all-gathers the
+FSDP2 shards once per rollout and decodes through a plain module whose parameters alias the unsharded
+bf16 weights (no second copy), then engine.generate runs the static-KV-cache decoder (CUDA graphs,
+finished rows dropped) with no collective inside the decode loop: each rank samples its own prompts at
+its own pace, and the ranks meet after the rollout. Sampling noise is a hash of (seed + step, global
+sample index, token index), so a rollout does not depend on the number of ranks. Every step logs
+sampler_gap = mean |log π_sampler − log π_old| over response tokens (the sampler's numerical gap to
+the trainer's forward; 0 up to rounding when both run in the same precision).
 
 Commands:
   python rl.py --model out/sft --prompts rows.jsonl --out out/rl --rule refusal --max-steps 2
@@ -50,8 +50,9 @@ import torch
 
 from common import (DataError, Logger, UsageError, all_reduce, build_optimizer, build_policy, cosine_lr, die, finish,
                     gather_objects, init_dist, load_pairs, load_state, load_tokenizer, pick_dtype, positions_from_mask,
-                    print0, read_table, render_prompt, sample, save_hf, save_state, seed_everything, split_reasoning,
+                    print0, read_table, render_prompt, save_hf, save_state, seed_everything, split_reasoning,
                     stop_token_ids, write_json, append_jsonl)
+import engine
 
 ESTIMATORS = ("reinforce++", "reinforce++-baseline", "grpo", "rloo")
 
@@ -168,19 +169,6 @@ def pad_stack(rows, T):
     return out
 
 
-def set_generation_mode(policy, on):
-    """FSDP2: keep every layer gathered across decode steps while generating (one all-gather per
-    layer per rollout instead of per token), then reshard to free the memory for training."""
-    from torch.distributed.fsdp import FSDPModule
-    mods = [m for m in policy.modules() if isinstance(m, FSDPModule)]
-    for m in mods:
-        m.set_reshard_after_forward(not on, recurse=False)
-    if not on:
-        for m in mods:
-            m.reshard()
-    policy.train(not on)
-
-
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="REINFORCE++ (and baseline / GRPO / RLOO arms) on FSDP2.")
     p.add_argument("--model", required=True, help="hub id or local dir of the initial policy (and reference)")
@@ -287,7 +275,6 @@ def main(argv=None):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, args.max_steps, warmup))
     autocast = torch.autocast(d.device.type, dtype=dtype, enabled=(d.world == 1 and dtype != torch.float32))
     stops, pad_id = stop_token_ids(tok, policy.hf), tok.pad_token_id
-    gen = torch.Generator(d.device)
 
     step = load_state(args.out, policy, opt, sched) if args.resume else 0
     if d.rank == 0:
@@ -306,13 +293,11 @@ def main(argv=None):
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
         batch = [rows[i] for i in order[k * args.rollout_batch:(k + 1) * args.rollout_batch]]
         mine = [r for r in batch[d.rank::d.world] for _ in range(n)]
-        gen.manual_seed(args.seed + d.rank + 100_003 * step)
-        set_generation_mode(policy, True)
-        with autocast:
-            outs = sample(policy, [r["prompt_ids"] for r in mine], max_new_tokens=args.max_new_tokens,
-                          stop_ids=stops, pad_id=pad_id, temperature=args.temperature, top_p=args.top_p,
-                          batch_size=args.gen_batch_size, generator=gen, synced=d.world > 1)
-        set_generation_mode(policy, False)
+        sample_ids = [(d.rank + j * d.world) * n + s for j in range(len(mine) // n) for s in range(n)]  # global
+        with engine.generation_view(policy, dtype) as gen_model:
+            outs = engine.generate(gen_model, [r["prompt_ids"] for r in mine], max_new_tokens=args.max_new_tokens,
+                                   stop_ids=stops, pad_id=pad_id, temperature=args.temperature, top_p=args.top_p,
+                                   batch_size=args.gen_batch_size, seed=args.seed + 100_003 * step, row_ids=sample_ids)
         t_gen = time.time() - t0
         items = []
         for r, o in zip(mine, outs):
@@ -335,21 +320,22 @@ def main(argv=None):
         t1 = time.time()
         T = max(len(it["completion_ids"]) for it in items)
         old, refl, ents, masks = [], [], [], []
+        if args.ref_offload and d.world == 1 and ref is not None:
+            ref.to(d.device)  # once per phase, not per micro-batch
         with torch.no_grad(), autocast:
             for j in range(0, len(items), args.micro_batch_size):
                 mb = items[j:j + args.micro_batch_size]
                 lp, ent, m = response_logprobs(policy, mb, pad_id, args.temperature, d.device)
                 old.append(lp), ents.append(ent), masks.append(m)
                 if ref is not None:
-                    if args.ref_offload and d.world == 1:
-                        ref.to(d.device)
                     refl.append(response_logprobs(ref, mb, pad_id, args.temperature, d.device)[0])
-                    if args.ref_offload and d.world == 1:
-                        ref.to("cpu")
+        if args.ref_offload and d.world == 1 and ref is not None:
+            ref.to("cpu")
         logp_old = pad_stack([r for x in old for r in x], T)  # (B, T)
         mask = pad_stack([r for x in masks for r in x], T)  # (B, T) bool
         ent = pad_stack([r for x in ents for r in x], T)
         logp_ref = pad_stack([r for x in refl for r in x], T) if ref is not None else logp_old
+        logp_sampler = pad_stack([torch.tensor(o["logp"] or [0.0], device=d.device) for o in outs], T)
         t_ref = time.time() - t1
 
         # 4. advantages (whitening all-reduced across ranks)
@@ -398,8 +384,9 @@ def main(argv=None):
         mf = mask.float()
         sums = all_reduce(torch.tensor([R.sum().item(), len(items), (kl * mf).sum().item(), (ent * mf).sum().item(),
                                         mf.sum().item(), clipped, loss_sum, sum(it["truncated"] for it in items),
-                                        float(_equal_groups(R, n))], device=d.device))
-        Rsum, B, klsum, entsum, ntok, nclip, lsum, ntrunc, neq = sums.tolist()
+                                        float(_equal_groups(R, n)), ((logp_sampler - logp_old).abs() * mf).sum().item()],
+                                       device=d.device))
+        Rsum, B, klsum, entsum, ntok, nclip, lsum, ntrunc, neq, gapsum = sums.tolist()
         ent_all = torch.tensor(gather_objects(ent[mask].float().cpu()[:20000].tolist()))
         q = torch.quantile(ent_all, torch.tensor([0.1, 0.5, 0.9])).tolist() if len(ent_all) else [0.0] * 3
         dt = time.time() - t0
@@ -408,7 +395,7 @@ def main(argv=None):
                    "train tok/s": ntok * args.epochs_per_rollout / t_upd, "dt": dt,
                    "loss": lsum / (ntok * args.epochs_per_rollout), "grad_norm": gnorm.item(), "lr": lr,
                    "entropy_p10": q[0], "entropy_p50": q[1], "entropy_p90": q[2], "truncated": ntrunc / B,
-                   "equal_groups": int(neq), "t_gen": t_gen, "t_ref": t_ref, "t_update": t_upd}
+                   "equal_groups": int(neq), "sampler_gap": gapsum / ntok, "t_gen": t_gen, "t_ref": t_ref, "t_update": t_upd}
         log.log(step, metrics)
         if metrics["kl"] > args.max_kl:
             raise RuntimeError(f"step {step}: mean KL {metrics['kl']:.3g} > --max-kl {args.max_kl}; stopping")

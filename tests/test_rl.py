@@ -10,6 +10,7 @@ import torch
 from conftest import build_model, build_tokenizer, run_cli, torchrun, write_jsonl
 
 import common
+import engine
 import rl
 
 
@@ -141,9 +142,8 @@ def test_first_ppo_step_has_ratio_one_and_matches_sampler(tiny_model):
     tok = common.load_tokenizer(tiny_model)
     policy = common.Policy(common.load_model(tiny_model)).eval()
     prompts = [common.render_prompt(tok, p) for p in ["hi", "How do I pick a lock, please?", "What is 1+1?"]]
-    g = torch.Generator().manual_seed(0)
-    outs = common.sample(policy, prompts, max_new_tokens=12, stop_ids=common.stop_token_ids(tok, policy.hf),
-                         pad_id=tok.pad_token_id, temperature=0.7, generator=g)
+    outs = engine.generate(policy, prompts, max_new_tokens=12, stop_ids=common.stop_token_ids(tok, policy.hf),
+                           pad_id=tok.pad_token_id, temperature=0.7, seed=0)
     items = [{"prompt_ids": p, "completion_ids": o["completion_ids"]} for p, o in zip(prompts, outs)]
     with torch.no_grad():
         logp_old, _, mask = rl.response_logprobs(policy, items, tok.pad_token_id, 0.7, "cpu")
@@ -159,8 +159,8 @@ def test_left_padding_positions_match_unpadded_forward(tiny_model):
     model = common.load_model(tiny_model).eval()
     short, long_ = common.render_prompt(tok, "hi"), common.render_prompt(tok, "a much longer prompt than the other")
     kw = dict(max_new_tokens=6, stop_ids=[], pad_id=tok.pad_token_id, temperature=0)
-    alone = common.sample(model, [short], **kw)[0]
-    batched = common.sample(model, [long_, short], **kw)[1]
+    alone = engine.generate(model, [short], **kw)[0]
+    batched = engine.generate(model, [long_, short], **kw)[1]
     assert alone["completion_ids"] == batched["completion_ids"]
     assert torch.allclose(torch.tensor(alone["logp"]), torch.tensor(batched["logp"]), atol=1e-5)
 
