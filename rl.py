@@ -53,6 +53,7 @@ from common import (DataError, Logger, UsageError, all_reduce, build_optimizer, 
                     print0, read_table, render_prompt, save_hf, save_state, seed_everything, split_reasoning,
                     stop_token_ids, write_json, append_jsonl)
 import engine
+from entropy import DEFAULT_WORDS
 
 ESTIMATORS = ("reinforce++", "reinforce++-baseline", "grpo", "rloo")
 
@@ -169,56 +170,280 @@ def pad_stack(rows, T):
     return out
 
 
+def reflection_ids(tok, words):
+    """The token-id sequences of each reflection word, with and without a leading space: the per-step
+    monitor of the paper's "entropy at reflection tokens" (entropy.py does the full, text-level analysis)."""
+    return sorted({tuple(tok.encode(v, add_special_tokens=False)) for w in words.split(",") for v in (w, " " + w)})
+
+
+def reflection_starts(completion_ids, seqs):
+    """(B, T) True where one of the id sequences starts: the token that opens a reflection word. Longer
+    sequences first, and a match inside one already found is not counted again (" Wait" may end in "Wait")."""
+    B, T = completion_ids.shape
+    hit = torch.zeros(B, T, dtype=torch.bool, device=completion_ids.device)
+    covered = torch.zeros_like(hit)
+    for seq in sorted(seqs, key=len, reverse=True):
+        L = len(seq)
+        if 0 < L <= T:
+            win = completion_ids.unfold(1, L, 1)  # (B, T - L + 1, L)
+            new = (win == torch.tensor(seq, device=completion_ids.device)).all(-1) & ~covered.unfold(1, L, 1).any(-1)
+            hit[:, :T - L + 1] |= new
+            for k in range(L):
+                covered[:, k:T - L + 1 + k] |= new
+    return hit
+
+
+def reasoning_mask(completion_ids, mask, think_end):
+    """(B, T) True on the tokens before the LAST </think> of each completion (all of it when unclosed)."""
+    if think_end is None:
+        return mask
+    hit = (completion_ids == think_end) & mask  # (B, T)
+    T = mask.shape[1]
+    idx = torch.arange(T, device=mask.device).expand_as(mask)
+    last = torch.where(hit, idx, torch.full_like(idx, -1)).max(1).values  # (B,) -1 when unclosed
+    return mask & ((idx < last[:, None]) | (last[:, None] < 0))
+
+
+def disable_dropout(model):
+    """RL needs π_old, π and π_ref to be deterministic functions of the weights (the first ratio is exactly 1):
+    zero every dropout, as TRL and OpenRLHF do for their actors. Returns how many were non-zero."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout) and m.p > 0:
+            m.p, n = 0.0, n + 1
+        if getattr(m, "attention_dropout", 0):
+            m.attention_dropout, n = 0.0, n + 1
+    cfg = getattr(getattr(model, "hf", model), "config", None)
+    for k in ("attention_dropout", "hidden_dropout", "dropout"):
+        if cfg is not None and getattr(cfg, k, 0):
+            setattr(cfg, k, 0.0)
+    return n
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="REINFORCE++ (and baseline / GRPO / RLOO arms) on FSDP2.")
-    p.add_argument("--model", required=True, help="hub id or local dir of the initial policy (and reference)")
-    p.add_argument("--prompts", required=True, help="prompts: hub id (id[:config]:split) or .jsonl/.json/.csv/.parquet")
-    p.add_argument("--out", required=True, help="output dir: HF checkpoint, args.json, metrics.jsonl, state/, rollouts/")
-    p.add_argument("--prompt-field", default=None, help="column holding the prompt (default: detected)")
-    p.add_argument("--gold-field", default=None, help="column holding the gold answer for --rule math")
-    p.add_argument("--reward-model", default=None, help="sequence-classifier RM (hub id or dir); raw logit reward")
-    p.add_argument("--rule", default=None, help="rule rewards added to the RM logit, e.g. refusal or math:1,format:0.1")
-    p.add_argument("--score-on", default="full", choices=["full", "answer"], help="what the RM sees")
-    p.add_argument("--rm-quant", default=None, choices=["8bit", "4bit"], help="load the RM quantized (CUDA)")
-    p.add_argument("--rm-batch-size", type=int, default=8, help="RM scoring batch size")
-    p.add_argument("--max-steps", type=int, default=500, help="RL steps (rollout + update); the LR schedule spans them")
-    p.add_argument("--stop-at", type=int, default=None, help="stop after this step (resume later with --resume)")
-    p.add_argument("--rollout-batch", type=int, default=32, help="prompts per step (global)")
-    p.add_argument("--samples-per-prompt", type=int, default=8, help="n samples per prompt (a group)")
-    p.add_argument("--train-batch", type=int, default=128, help="samples per optimizer step (global)")
-    p.add_argument("--micro-batch-size", type=int, default=4, help="samples per forward on each rank")
-    p.add_argument("--epochs-per-rollout", type=int, default=1, help="PPO passes over each rollout")
-    p.add_argument("--lr", type=float, default=5e-7, help="peak learning rate")
-    p.add_argument("--warmup-ratio", type=float, default=0.03, help="linear warmup, fraction of --max-steps")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95), help="AdamW betas")
-    p.add_argument("--optim", default="adamw", choices=["adamw", "adamw8bit"], help="optimizer")
-    p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (after the reduction)")
-    p.add_argument("--estimator", default="reinforce++", choices=ESTIMATORS, help="advantage estimator")
-    p.add_argument("--kl-coef", type=float, default=1e-3, help="β, weight of the KL to the reference")
-    p.add_argument("--kl-estimator", default="k1", choices=["k1", "k2", "k3"], help="per-token KL estimator")
-    p.add_argument("--kl-in", default="reward", choices=["reward", "loss"], help="fold the KL into the reward or the loss")
-    p.add_argument("--gamma", type=float, default=1.0, help="discount γ of the returns")
-    p.add_argument("--eps-clip", type=float, default=0.2, help="PPO clip ε (low and high)")
-    p.add_argument("--eps-clip-high", type=float, default=None, help="clip-higher: ε_high (default --eps-clip)")
-    p.add_argument("--dual-clip", type=float, default=None, help="dual-clip constant c > 1 (off by default)")
-    p.add_argument("--entropy-coef", type=float, default=0.0, help="entropy bonus weight (0: log only)")
-    p.add_argument("--max-new-tokens", type=int, default=4096, help="rollout length limit")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (also used for π_old/π)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
-    p.add_argument("--gen-batch-size", type=int, default=64, help="sequences per sampler batch on each rank")
-    p.add_argument("--max-kl", type=float, default=10.0, help="stop when the mean KL to the reference exceeds this")
-    p.add_argument("--ref-offload", action="store_true", help="keep the frozen reference model on the CPU")
-    p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing per layer")
-    p.add_argument("--cpu-offload", action="store_true", help="FSDP2 CPU offload of the policy")
-    p.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="compute dtype (bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--seed", type=int, default=0, help="seed (sampling uses seed + rank + step)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/state")
-    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--dump-every", type=int, default=10, help="write the rollouts as generation records every N steps")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
-    p.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to this wandb project")
+    p = argparse.ArgumentParser(description="REINFORCE++ (and baseline / GRPO / RLOO arms) on FSDP2.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument_group("run").add_argument
+    a("--model", required=True, help="hub id or local dir of the initial policy (and reference)")
+    a("--prompts", required=True, help="prompts: hub id (id[:config]:split) or .jsonl/.json/.csv/.parquet")
+    a("--out", required=True, help="output dir: HF checkpoint, args.json, metrics.jsonl, state/, rollouts/")
+    a("--prompt-field", default=None, help="column holding the prompt (default: detected)")
+    a("--gold-field", default=None, help="column holding the gold answer for --rule math")
+    a("--max-steps", type=int, default=500, help="RL steps (rollout + update); the LR schedule spans them")
+    a("--stop-at", type=int, default=None, help="stop after this step (resume later with --resume)")
+    a("--seed", type=int, default=0, help="seed; a sample's noise is keyed by (seed + step, global sample index)")
+    a = p.add_argument_group("1. rollout").add_argument
+    a("--rollout-batch", type=int, default=32, help="prompts per step (global)")
+    a("--samples-per-prompt", type=int, default=8, help="n samples per prompt (a group)")
+    a("--max-new-tokens", type=int, default=4096, help="rollout length limit")
+    a("--temperature", type=float, default=1.0, help="sampling temperature (also used for π_old/π)")
+    a("--top-p", type=float, default=1.0, help="nucleus sampling")
+    a("--gen-batch-size", type=int, default=64, help="rows decoded at once on each rank (engine.py)")
+    a = p.add_argument_group("2. reward").add_argument
+    a("--reward-model", default=None, help="sequence-classifier RM (hub id or dir); raw logit reward")
+    a("--rule", default=None, help="rule rewards added to the RM logit, e.g. refusal or math:1,format:0.1")
+    a("--score-on", default="full", choices=["full", "answer"], help="what the RM sees")
+    a("--rm-quant", default=None, choices=["8bit", "4bit"], help="load the RM quantized (CUDA)")
+    a("--rm-batch-size", type=int, default=8, help="RM scoring batch size")
+    a = p.add_argument_group("3-4. KL and advantages").add_argument
+    a("--kl-coef", type=float, default=1e-3, help="β, weight of the KL to the reference (0: no reference model)")
+    a("--max-kl", type=float, default=10.0, help="stop when the mean KL to the reference exceeds this")
+    a = p.add_argument_group("5. PPO update").add_argument
+    a("--train-batch", type=int, default=128, help="samples per optimizer step (global)")
+    a("--micro-batch-size", type=int, default=4, help="samples per forward on each rank")
+    a("--epochs-per-rollout", type=int, default=1, help="PPO passes over each rollout")
+    a("--eps-clip", type=float, default=0.2, help="PPO clip ε (low and high)")
+    a = p.add_argument_group("optimizer").add_argument
+    a("--lr", type=float, default=5e-7, help="peak learning rate")
+    a("--warmup-ratio", type=float, default=0.03, help="linear warmup, fraction of --max-steps")
+    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    a("--betas", type=float, nargs=2, default=(0.9, 0.95), help="AdamW betas")
+    a("--optim", default="adamw", choices=["adamw", "adamw8bit"], help="optimizer")
+    a("--clip", type=float, default=1.0, help="gradient norm clip (after the reduction)")
+    a = p.add_argument_group("memory").add_argument
+    a("--ref-offload", action="store_true", help="keep the frozen reference model on the CPU")
+    a("--grad-checkpointing", action="store_true", help="activation checkpointing per layer")
+    a("--cpu-offload", action="store_true", help="FSDP2 CPU offload of the policy")
+    a("--dtype", default=None, choices=["bf16", "fp32"], help="compute dtype (default: bf16 on CUDA, fp32 on CPU)")
+    a = p.add_argument_group("checkpoints and logging").add_argument
+    a("--resume", action="store_true", help="continue from OUT/state")
+    a("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
+    a("--dump-every", type=int, default=10, help="write the rollouts as generation records every N steps")
+    a("--reflection-words", default=DEFAULT_WORDS, help="words whose tokens' entropy is logged each step")
+    a("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
+    a("--wandb", default=None, metavar="PROJECT", help="also log to this wandb project")
+    a = p.add_argument_group("ablations (defaults = the paper's run)").add_argument
+    a("--estimator", default="reinforce++", choices=ESTIMATORS, help="advantage estimator")
+    a("--kl-estimator", default="k1", choices=["k1", "k2", "k3"], help="per-token KL estimator")
+    a("--kl-in", default="reward", choices=["reward", "loss"], help="fold the KL into the reward or the loss")
+    a("--gamma", type=float, default=1.0, help="discount γ of the returns")
+    a("--eps-clip-high", type=float, default=None, help="clip-higher: ε_high (default --eps-clip)")
+    a("--dual-clip", type=float, default=None, help="dual-clip constant c > 1 (off by default)")
+    a("--entropy-coef", type=float, default=0.0, help="entropy bonus weight (0: log only)")
     return p.parse_args(argv)
+
+
+def check_args(args, world):
+    n = args.samples_per_prompt
+    if (args.rollout_batch % world or (args.rollout_batch * n) % args.train_batch or args.train_batch % world
+            or args.rollout_batch * n < args.train_batch):
+        raise UsageError(f"need --rollout-batch ({args.rollout_batch}) divisible by the world size ({world}), "
+                         f"--rollout-batch × --samples-per-prompt ({args.rollout_batch * n}) divisible by "
+                         f"--train-batch ({args.train_batch}), and --train-batch divisible by the world size")
+    if args.estimator in ("grpo", "rloo", "reinforce++-baseline") and n < 2:
+        raise UsageError(f"--estimator {args.estimator} needs --samples-per-prompt >= 2")
+    if not args.reward_model and not args.rule:
+        raise UsageError("give a reward: --reward-model and/or --rule")
+
+
+def load_prompts(args, tok, rules):
+    """Prompt rows with their rendered ids and, for --rule math, the gold answer (validated first)."""
+    rows = load_pairs(args.prompts, args.prompt_field, need_response=False)
+    gold_field = args.gold_field or ("answer" if rules and any(r == "math" for r, _ in rules.rules) else None)
+    raw = read_table(args.prompts) if gold_field else None
+    for r in rows:
+        if raw and gold_field not in raw[r["row"] - 1]:
+            raise DataError(f"{args.prompts}: row {r['row']}: missing field '{gold_field}' (needed by --rule math)")
+        r["prompt_ids"] = render_prompt(tok, r["prompt"])
+        r["gold"] = str(raw[r["row"] - 1][gold_field]) if raw else None
+    if len(rows) < args.rollout_batch:
+        raise DataError(f"{args.prompts}: {len(rows)} prompts, fewer than --rollout-batch {args.rollout_batch}")
+    return rows
+
+
+def rollout(policy, tok, rows, step, args, d, dtype, stops):
+    """1. This rank's share of the step's prompts, each sampled n times (a group = n consecutive rows),
+    decoded by engine.py from an unsharded view of the policy. Returns one item dict per sample."""
+    n = args.samples_per_prompt
+    epoch, k = divmod(step, len(rows) // args.rollout_batch)
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
+    batch = [rows[i] for i in order[k * args.rollout_batch:(k + 1) * args.rollout_batch]]
+    mine = [r for r in batch[d.rank::d.world] for _ in range(n)]
+    sample_ids = [(d.rank + j * d.world) * n + s for j in range(len(mine) // n) for s in range(n)]  # global
+    with engine.generation_view(policy, dtype) as gen_model:
+        outs = engine.generate(gen_model, [r["prompt_ids"] for r in mine], max_new_tokens=args.max_new_tokens,
+                               stop_ids=stops, pad_id=tok.pad_token_id, temperature=args.temperature,
+                               top_p=args.top_p, batch_size=args.gen_batch_size, seed=args.seed + 100_003 * step,
+                               row_ids=sample_ids)
+    items = []
+    for r, o in zip(mine, outs):
+        ids = o["completion_ids"]
+        text = tok.decode(ids[:-1] if o["finished"] else ids, skip_special_tokens=False)
+        items.append({"prompt_ids": r["prompt_ids"], "completion_ids": ids, "sampler_logp": o["logp"],
+                      "prompt": r["prompt"], "id": r["id"], "gold": r["gold"], "completion": text,
+                      "finished": o["finished"], "truncated": o["truncated"], "n_tokens": len(ids)})
+    return items
+
+
+def score_rollout(policy, ref, items, args, d, autocast, pad_id):
+    """3. π_old and π_ref log-probs (and π_old's entropy) of every sampled token, recomputed by the
+    trainer in eval mode at the sampling temperature. Returns (B, T) tensors: logp_old, logp_ref, ent,
+    mask, sampler (the sampler's own log-probs), ids (the completion tokens)."""
+    T = max(len(it["completion_ids"]) for it in items)
+    old, refl, ents, masks = [], [], [], []
+    offload = args.ref_offload and d.world == 1 and ref is not None
+    if offload:
+        ref.to(d.device)  # once per phase, not per micro-batch
+    policy.eval()
+    with torch.no_grad(), autocast:
+        for j in range(0, len(items), args.micro_batch_size):
+            mb = items[j:j + args.micro_batch_size]
+            lp, ent, m = response_logprobs(policy, mb, pad_id, args.temperature, d.device)
+            old.append(lp), ents.append(ent), masks.append(m)
+            if ref is not None:
+                refl.append(response_logprobs(ref, mb, pad_id, args.temperature, d.device)[0])
+    policy.train()
+    if offload:
+        ref.to("cpu")
+    stack = lambda xs: pad_stack([r for x in xs for r in x], T)  # noqa: E731 -- micro-batches -> (B, T)
+    ro = {"logp_old": stack(old), "ent": stack(ents), "mask": stack(masks)}
+    ro["logp_ref"] = stack(refl) if ref is not None else ro["logp_old"]
+    ro["sampler"] = pad_stack([torch.tensor(it["sampler_logp"], device=d.device) for it in items], T)
+    ro["ids"] = pad_stack([torch.tensor(it["completion_ids"], device=d.device) for it in items], T)
+    return ro
+
+
+def build_reference(args, d, dtype):
+    """The frozen π_ref (None when β = 0). One process keeps it in the policy's fp32 master dtype, so both
+    run the same autocast arithmetic (a bf16 copy makes the step-0 KL non-zero); FSDP2 casts both alike."""
+    if args.kl_coef == 0:
+        return None
+    ref, _ = build_policy(args.model, d, dtype, cpu_offload=args.ref_offload and d.world > 1,
+                          trust_remote_code=args.trust_remote_code, master_dtype=dtype if d.world > 1 else torch.float32)
+    ref.eval().requires_grad_(False)
+    if args.ref_offload and d.world == 1:
+        ref.to("cpu")
+    return ref
+
+
+def clip_grad_norm(model, max_norm):
+    """Clip after the gradients are reduced; returns the global norm as a plain tensor (DTensor under FSDP2)."""
+    g = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return g.full_tensor() if hasattr(g, "full_tensor") else g
+
+
+def ppo_update(policy, opt, items, ro, adv, args, d, autocast, step, pad_id):
+    """5. --epochs-per-rollout passes; each optimizer step takes train_batch / world of this rank's samples:
+        loss = Σ_t -min(ρ_t A_t, clip(ρ_t, 1-ε_low, 1+ε_high) A_t) [+ β k_t] [- c H_t],  over response tokens
+    backpropagated as loss · world / N_tok (N_tok all-reduced: FSDP averages gradients over ranks, so the
+    × world makes the result ONE global token mean). Returns the sums the log needs."""
+    mask, share = ro["mask"], args.train_batch // d.world
+    steps_per_rollout = len(items) * d.world // args.train_batch
+    st_sum = {"loss": 0.0, "clipped": 0.0, "ratio0": 0.0, "ntok0": 0.0}
+    gnorm = torch.zeros(())
+    for ep in range(args.epochs_per_rollout):
+        perm = torch.randperm(len(items), generator=torch.Generator().manual_seed(args.seed + 7919 * step + ep))
+        for s in range(steps_per_rollout):
+            idx = perm[s * share:(s + 1) * share].tolist()
+            n_tok = all_reduce(mask[idx].sum().float())
+            for j in range(0, len(idx), args.micro_batch_size):
+                mb = idx[j:j + args.micro_batch_size]
+                with autocast:
+                    lp, e, m = response_logprobs(policy, [items[i] for i in mb], pad_id, args.temperature, d.device)
+                Tm = m.shape[1]
+                loss, st = policy_loss(lp, ro["logp_old"][mb, :Tm], adv[mb, :Tm], m, eps_low=args.eps_clip,
+                                       eps_high=args.eps_clip_high or args.eps_clip, dual_clip=args.dual_clip)
+                if args.kl_in == "loss" and args.kl_coef > 0:
+                    loss = loss + args.kl_coef * (kl_estimate(lp, ro["logp_ref"][mb, :Tm], args.kl_estimator) * m).sum()
+                if args.entropy_coef:
+                    loss = loss - args.entropy_coef * (e * m).sum()
+                if not torch.isfinite(loss):
+                    raise RuntimeError(f"step {step + 1}: non-finite loss; stopping without writing a checkpoint")
+                (loss * d.world / n_tok).backward()
+                st_sum["loss"] += loss.item()
+                st_sum["clipped"] += st["n_clipped"].item()
+                if ep == 0 and s == 0:  # before any update from this rollout: ρ must be exactly 1
+                    st_sum["ratio0"] += (st["ratio_mean"] * st["n_tokens"]).item()
+                    st_sum["ntok0"] += st["n_tokens"].item()
+            gnorm = clip_grad_norm(policy, args.clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return st_sum, gnorm
+
+
+def step_metrics(items, R, R_clipped, ro, kl, st, gnorm, lr, reflect, times, args, n):
+    """6. Token-weighted means over every rank's response tokens (one all-reduce), for the log line."""
+    mf = ro["mask"].float()
+    rf = reflect.float()
+    t_gen, t_ref, t_upd, dt = times
+    sums = all_reduce(torch.tensor([R.sum().item(), R.square().sum().item(), R_clipped.sum().item(), len(items),
+                                    (kl * mf).sum().item(), (ro["ent"] * mf).sum().item(), mf.sum().item(),
+                                    st["clipped"], st["loss"], sum(it["truncated"] for it in items),
+                                    _equal_groups(R, n), ((ro["sampler"] - ro["logp_old"]).abs() * mf).sum().item(),
+                                    st["ratio0"], st["ntok0"], (ro["ent"] * rf).sum().item(), rf.sum().item()],
+                                   dtype=torch.float64, device=R.device))
+    (Rsum, R2sum, Rcsum, B, klsum, entsum, ntok, nclip, lsum, ntrunc, neq, gapsum, r0sum, ntok0, entr,
+     nref) = sums.tolist()
+    ent_all = torch.tensor(gather_objects(ro["ent"][ro["mask"]].float().cpu()[:20000].tolist()))
+    q = torch.quantile(ent_all, torch.tensor([0.1, 0.5, 0.9])).tolist() if len(ent_all) else [0.0] * 3
+    epochs = args.epochs_per_rollout
+    return {"reward": Rsum / B, "reward_std": max(R2sum / B - (Rsum / B) ** 2, 0.0) ** 0.5,
+            "reward_clipped": Rcsum / B, "kl": klsum / ntok, "entropy": entsum / ntok, "len": ntok / B,
+            "ent_reflect": entr / max(nref, 1), "n_reflect": int(nref), "ratio0": r0sum / max(ntok0, 1),
+            "clip_frac": nclip / (ntok * epochs), "loss": lsum / (ntok * epochs), "grad_norm": gnorm.item(),
+            "lr": lr, "sampler_gap": gapsum / ntok, "gen tok/s": ntok / t_gen, "train tok/s": ntok * epochs / t_upd,
+            "entropy_p10": q[0], "entropy_p50": q[1], "entropy_p90": q[2], "truncated": ntrunc / B,
+            "equal_groups": int(neq), "dt": dt, "t_gen": t_gen, "t_ref": t_ref, "t_update": t_upd}
 
 
 def main(argv=None):
@@ -227,54 +452,30 @@ def main(argv=None):
 
     # --------------------------------------------------------------------------- compute init
     d = init_dist()
+    check_args(args, d.world)
     seed_everything(args.seed)
     dtype = pick_dtype(args.dtype, d.device)
-    n = args.samples_per_prompt
-    steps_per_rollout = args.rollout_batch * n // args.train_batch
-    if (args.rollout_batch % d.world or (args.rollout_batch * n) % args.train_batch or args.train_batch % d.world
-            or steps_per_rollout < 1):
-        raise UsageError(f"need --rollout-batch ({args.rollout_batch}) divisible by the world size ({d.world}), "
-                         f"--rollout-batch × --samples-per-prompt ({args.rollout_batch * n}) divisible by "
-                         f"--train-batch ({args.train_batch}), and --train-batch divisible by the world size")
-    if args.estimator in ("grpo", "rloo", "reinforce++-baseline") and n < 2:
-        raise UsageError(f"--estimator {args.estimator} needs --samples-per-prompt >= 2")
-    if not args.reward_model and not args.rule:
-        raise UsageError("give a reward: --reward-model and/or --rule")
     rules = rw.RuleReward(args.rule) if args.rule else None
 
     # --------------------------------------------------------------------------- data (validated first)
     tok = load_tokenizer(args.model, args.trust_remote_code)
-    rows = load_pairs(args.prompts, args.prompt_field, need_response=False)
-    gold_field = args.gold_field or ("answer" if rules and any(r == "math" for r, _ in rules.rules) else None)
-    raw = None
-    if gold_field:
-        raw = read_table(args.prompts)
-        for r in rows:
-            if gold_field not in raw[r["row"] - 1]:
-                raise DataError(f"{args.prompts}: row {r['row']}: missing field '{gold_field}' (needed by --rule math)")
-    for r in rows:
-        r["prompt_ids"] = render_prompt(tok, r["prompt"])
-        r["gold"] = str(raw[r["row"] - 1][gold_field]) if raw else None
-    if len(rows) < args.rollout_batch:
-        raise DataError(f"{args.prompts}: {len(rows)} prompts, fewer than --rollout-batch {args.rollout_batch}")
+    rows = load_prompts(args, tok, rules)
 
     # --------------------------------------------------------------------------- models
     policy, export_dtype = build_policy(args.model, d, dtype, args.grad_checkpointing, args.cpu_offload,
                                         args.trust_remote_code)
-    ref = None
-    if args.kl_coef > 0:  # frozen reference: no master weights needed, compute dtype directly
-        ref, _ = build_policy(args.model, d, dtype, cpu_offload=args.ref_offload and d.world > 1,
-                              trust_remote_code=args.trust_remote_code, master_dtype=dtype)
-        ref.eval().requires_grad_(False)
-        if args.ref_offload and d.world == 1:
-            ref.to("cpu")
+    ref = build_reference(args, d, dtype)
+    if disable_dropout(policy) + (disable_dropout(ref) if ref is not None else 0):
+        print0("rl: dropout set to 0 in the policy and the reference (π_old, π and π_ref must be deterministic)")
     rm = rw.RewardModel(args.reward_model, d.device, batch_size=args.rm_batch_size, quant=args.rm_quant,
                         trust_remote_code=args.trust_remote_code) if args.reward_model else None
     opt = build_optimizer(policy.parameters(), args.optim, args.lr, tuple(args.betas), args.weight_decay, d.device)
     warmup = max(1, round(args.warmup_ratio * args.max_steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, args.max_steps, warmup))
     autocast = torch.autocast(d.device.type, dtype=dtype, enabled=(d.world == 1 and dtype != torch.float32))
-    stops, pad_id = stop_token_ids(tok, policy.hf), tok.pad_token_id
+    stops, n = stop_token_ids(tok, policy.hf), args.samples_per_prompt
+    reflect_seqs = reflection_ids(tok, args.reflection_words)
+    think_end = tok.convert_tokens_to_ids("</think>") if "</think>" in tok.get_vocab() else None
 
     step = load_state(args.out, policy, opt, sched) if args.resume else 0
     if d.rank == 0:
@@ -282,33 +483,16 @@ def main(argv=None):
         write_json(os.path.join(args.out, "args.json"), vars(args))
     log = Logger(args.out, args.max_steps, args.wandb, vars(args))
     stop = min(args.max_steps, args.stop_at or args.max_steps)
-    print0(f"rl: {len(rows)} prompts, {args.rollout_batch}x{n} samples/step, {steps_per_rollout} optimizer "
-           f"steps/rollout, world {d.world}, dtype {dtype}, estimator {args.estimator}")
+    print0(f"rl: {len(rows)} prompts, {args.rollout_batch}x{n} samples/step, {args.rollout_batch * n // args.train_batch}"
+           f" optimizer steps/rollout, world {d.world}, dtype {dtype}, estimator {args.estimator}")
 
     # --------------------------------------------------------------------------- loop
     while step < stop:
         t0 = time.time()
-        # 1. rollout: this rank's prompts, each repeated n times (a group = n consecutive rows)
-        epoch, k = divmod(step, len(rows) // args.rollout_batch)
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
-        batch = [rows[i] for i in order[k * args.rollout_batch:(k + 1) * args.rollout_batch]]
-        mine = [r for r in batch[d.rank::d.world] for _ in range(n)]
-        sample_ids = [(d.rank + j * d.world) * n + s for j in range(len(mine) // n) for s in range(n)]  # global
-        with engine.generation_view(policy, dtype) as gen_model:
-            outs = engine.generate(gen_model, [r["prompt_ids"] for r in mine], max_new_tokens=args.max_new_tokens,
-                                   stop_ids=stops, pad_id=pad_id, temperature=args.temperature, top_p=args.top_p,
-                                   batch_size=args.gen_batch_size, seed=args.seed + 100_003 * step, row_ids=sample_ids)
+        items = rollout(policy, tok, rows, step, args, d, dtype, stops)  # 1. sample
         t_gen = time.time() - t0
-        items = []
-        for r, o in zip(mine, outs):
-            ids = o["completion_ids"] or [pad_id]  # an empty completion still gets one (masked) slot
-            text = tok.decode(ids[:-1] if o["finished"] else ids, skip_special_tokens=False)
-            items.append({"prompt_ids": r["prompt_ids"], "completion_ids": ids, "prompt": r["prompt"],
-                          "id": r["id"], "gold": r["gold"], "completion": text, "finished": o["finished"],
-                          "truncated": o["truncated"], "n_tokens": len(o["completion_ids"])})
 
-        # 2. rewards: RM raw logit + weighted rules, on this rank's samples
-        R = torch.zeros(len(items), device=d.device)
+        R = torch.zeros(len(items), device=d.device)  # 2. reward: RM raw logit + weighted rules
         if rm is not None:
             R += rm.score([it["prompt"] for it in items], [it["completion"] for it in items], args.score_on).to(d.device)
         if rules is not None:
@@ -316,86 +500,24 @@ def main(argv=None):
         if not torch.isfinite(all_reduce(R.sum().clone())):
             raise RuntimeError(f"step {step + 1}: non-finite reward; stopping without writing a checkpoint")
 
-        # 3. π_old and π_ref log-probs, recomputed by the trainer (same temperature as the sampler)
         t1 = time.time()
-        T = max(len(it["completion_ids"]) for it in items)
-        old, refl, ents, masks = [], [], [], []
-        if args.ref_offload and d.world == 1 and ref is not None:
-            ref.to(d.device)  # once per phase, not per micro-batch
-        with torch.no_grad(), autocast:
-            for j in range(0, len(items), args.micro_batch_size):
-                mb = items[j:j + args.micro_batch_size]
-                lp, ent, m = response_logprobs(policy, mb, pad_id, args.temperature, d.device)
-                old.append(lp), ents.append(ent), masks.append(m)
-                if ref is not None:
-                    refl.append(response_logprobs(ref, mb, pad_id, args.temperature, d.device)[0])
-        if args.ref_offload and d.world == 1 and ref is not None:
-            ref.to("cpu")
-        logp_old = pad_stack([r for x in old for r in x], T)  # (B, T)
-        mask = pad_stack([r for x in masks for r in x], T)  # (B, T) bool
-        ent = pad_stack([r for x in ents for r in x], T)
-        logp_ref = pad_stack([r for x in refl for r in x], T) if ref is not None else logp_old
-        logp_sampler = pad_stack([torch.tensor(o["logp"] or [0.0], device=d.device) for o in outs], T)
+        ro = score_rollout(policy, ref, items, args, d, autocast, tok.pad_token_id)  # 3. π_old, π_ref
         t_ref = time.time() - t1
+        adv = compute_advantages(R, ro["logp_old"], ro["logp_ref"], ro["mask"], estimator=args.estimator,  # 4.
+                                 kl_coef=args.kl_coef, kl_estimator=args.kl_estimator, kl_in=args.kl_in,
+                                 group_size=n, gamma=args.gamma)
+        kl = kl_estimate(ro["logp_old"], ro["logp_ref"], args.kl_estimator)
 
-        # 4. advantages (whitening all-reduced across ranks)
-        adv = compute_advantages(R, logp_old, logp_ref, mask, estimator=args.estimator, kl_coef=args.kl_coef,
-                                 kl_estimator=args.kl_estimator, kl_in=args.kl_in, group_size=n, gamma=args.gamma)
-        kl = kl_estimate(logp_old, logp_ref, args.kl_estimator)
-
-        # 5. PPO-clip updates: each optimizer step takes train_batch / world of this rank's samples
         t2 = time.time()
-        share = args.train_batch // d.world
-        loss_sum = clipped = n_upd = 0.0
-        gnorm = torch.zeros(())
-        for ep in range(args.epochs_per_rollout):
-            perm = torch.randperm(len(items), generator=torch.Generator().manual_seed(args.seed + 7919 * step + ep))
-            for s in range(steps_per_rollout):
-                idx = perm[s * share:(s + 1) * share].tolist()
-                n_tok = all_reduce(mask[idx].sum().float())
-                for j in range(0, len(idx), args.micro_batch_size):
-                    mb = idx[j:j + args.micro_batch_size]
-                    with autocast:
-                        lp, e, m = response_logprobs(policy, [items[i] for i in mb], pad_id, args.temperature, d.device)
-                    Tm = m.shape[1]
-                    loss, st = policy_loss(lp, logp_old[mb, :Tm], adv[mb, :Tm], m, eps_low=args.eps_clip,
-                                           eps_high=args.eps_clip_high or args.eps_clip, dual_clip=args.dual_clip)
-                    if args.kl_in == "loss" and ref is not None:
-                        loss = loss + args.kl_coef * (kl_estimate(lp, logp_ref[mb, :Tm], args.kl_estimator) * m).sum()
-                    if args.entropy_coef:
-                        loss = loss - args.entropy_coef * (e * m).sum()
-                    if not torch.isfinite(loss):
-                        raise RuntimeError(f"step {step + 1}: non-finite loss; stopping without writing a checkpoint")
-                    # FSDP averages gradients over ranks; × world makes it the global token mean
-                    (loss * d.world / n_tok).backward()
-                    loss_sum += loss.item()
-                    clipped += st["n_clipped"].item()
-                gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.clip)
-                gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                n_upd += 1
+        st, gnorm = ppo_update(policy, opt, items, ro, adv, args, d, autocast, step, tok.pad_token_id)  # 5. PPO-clip updates
         lr = sched.get_last_lr()[0]
         sched.step()
         step += 1
-        t_upd = time.time() - t2
 
-        # 6. log: token-weighted means over every rank's response tokens
-        mf = mask.float()
-        sums = all_reduce(torch.tensor([R.sum().item(), len(items), (kl * mf).sum().item(), (ent * mf).sum().item(),
-                                        mf.sum().item(), clipped, loss_sum, sum(it["truncated"] for it in items),
-                                        float(_equal_groups(R, n)), ((logp_sampler - logp_old).abs() * mf).sum().item()],
-                                       device=d.device))
-        Rsum, B, klsum, entsum, ntok, nclip, lsum, ntrunc, neq, gapsum = sums.tolist()
-        ent_all = torch.tensor(gather_objects(ent[mask].float().cpu()[:20000].tolist()))
-        q = torch.quantile(ent_all, torch.tensor([0.1, 0.5, 0.9])).tolist() if len(ent_all) else [0.0] * 3
-        dt = time.time() - t0
-        metrics = {"reward": Rsum / B, "kl": klsum / ntok, "entropy": entsum / ntok, "len": ntok / B,
-                   "clip_frac": nclip / (ntok * args.epochs_per_rollout), "gen tok/s": ntok / t_gen,
-                   "train tok/s": ntok * args.epochs_per_rollout / t_upd, "dt": dt,
-                   "loss": lsum / (ntok * args.epochs_per_rollout), "grad_norm": gnorm.item(), "lr": lr,
-                   "entropy_p10": q[0], "entropy_p50": q[1], "entropy_p90": q[2], "truncated": ntrunc / B,
-                   "equal_groups": int(neq), "sampler_gap": gapsum / ntok, "t_gen": t_gen, "t_ref": t_ref, "t_update": t_upd}
+        reflect = reflection_starts(ro["ids"], reflect_seqs) & reasoning_mask(ro["ids"], ro["mask"], think_end)
+        R_clipped = R.float().clamp(-10, 10)
+        metrics = step_metrics(items, R, R_clipped, ro, kl, st, gnorm, lr, reflect,  # 6. log
+                               (t_gen, t_ref, time.time() - t2, time.time() - t0), args, n)
         log.log(step, metrics)
         if metrics["kl"] > args.max_kl:
             raise RuntimeError(f"step {step}: mean KL {metrics['kl']:.3g} > --max-kl {args.max_kl}; stopping")

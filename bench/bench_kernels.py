@@ -29,13 +29,14 @@ import argparse
 import datetime
 import os
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kernels import lm_head_logprobs_and_entropy, logprobs_and_entropy  # noqa: E402
 
-DEVICE = "cuda"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: only the --smoke run of bench/gpu.sh
 
 
 def eager(logits, targets, T):
@@ -64,12 +65,19 @@ def liger_fn():
 # measuring
 
 def bench_ms(fn):
+    if DEVICE == "cpu":  # smoke run: any number will do
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
     from triton.testing import do_bench
     return do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
 def peak_extra_bytes(fn):
     """Peak memory allocated while fn() runs, above what was allocated before."""
+    if DEVICE == "cpu":
+        fn()
+        return 0
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -95,7 +103,8 @@ def measure(name, fn, nbytes, copy_gbs, rows, note=""):
         ms = bench_ms(fn)
         peak = peak_extra_bytes(fn)
     except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
         rows.append((name, "OOM", "", "", "", ""))
         print(f"{name:<44} OOM", flush=True)
         return None
@@ -106,7 +115,8 @@ def measure(name, fn, nbytes, copy_gbs, rows, note=""):
     rows.append(row)
     print(f"{row[0]:<44} {row[1]:>8} ms {row[2]:>6} GB/s {row[3]:>5} of copy  peak +{row[4]} GiB"
           f"  {row[5]}", flush=True)
-    torch.cuda.empty_cache()
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
     return ms, peak
 
 
@@ -190,15 +200,16 @@ def main():
                     help="chunk sizes for the fused lm_head path")
     ap.add_argument("--skip-compile", action="store_true", help="skip the torch.compile baseline")
     ap.add_argument("--skip-lm-head", action="store_true", help="skip part 2")
+    ap.add_argument("--allow-cpu", action="store_true", help="run on the CPU (TRITON_INTERPRET=1): a smoke run only")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not args.allow_cpu:
         sys.exit("bench_kernels.py needs a CUDA GPU (on CPU the kernels run in Triton's "
                  "interpreter, which measures nothing); tests/test_kernels.py checks correctness.")
     import triton
 
-    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}"
+    print(f"{torch.cuda.get_device_name() if DEVICE == 'cuda' else 'cpu'} | torch {torch.__version__} | triton {triton.__version__}"
           f" | {datetime.date.today()}", flush=True)
-    copy_gbs = copy_bandwidth_gbs()
+    copy_gbs = copy_bandwidth_gbs() if DEVICE == "cuda" else copy_bandwidth_gbs(1 << 20)
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s", flush=True)
     rows = []
     for V in args.vocab:

@@ -1,14 +1,23 @@
-"""Rollout throughput: common.sample (the sampler rl.py and evaluate.py use) against plain
-`model.generate` (dynamic cache, eager) and against the memory-bandwidth bound.
+"""Rollout throughput, in one process on the same weights and prompts: the old eager loop, `generate`
+(dynamic cache), `generate` with a static cache + torch.compile, and engine.generate, against the
+memory-bandwidth bound.
 
-Every decode step must read all weights once and the KV cache of every sequence, so
-    bound = Σ_t (weight_bytes + B·(P + t)·2·L·kv_heads·head_dim·2) / copy_bandwidth
-with the copy bandwidth measured here (a large device-to-device copy: bytes read + written).
-EOS is ignored (no stop ids): every sequence decodes --new tokens.
+Two length regimes, both with --new as the limit:
+  fixed     every row decodes exactly --new tokens (no stop ids)
+  variable  row i stops at a length drawn from a long-tailed law, min(1, 0.25 + Exp(0.4)) x --new
+            (mean ~59 % of the limit, ~15 % of the rows at the limit, like long-CoT rollouts).
+            engine and the eager loop are told each row's limit (they drop finished rows, or not);
+            `generate` cannot stop a row without an EOS, so it decodes every row to the longest.
+Useful tokens = Σ_i length_i (what an RL step keeps). One decode step reads every weight once and the
+KV cache of every live row, so
+    bound = Σ_t (weight_bytes + Σ_{rows live at t} (P + t)·kv_bytes_per_token) / copy_bandwidth
+with the copy bandwidth measured here (device-to-device copy: bytes read + written).
 
-  python bench/bench_rollout.py --shape qwen2.5-0.5b --batch 256 --new 1024
-  python bench/bench_rollout.py --shape tiny --batch 4 --new 16 --prompt 8      # CPU smoke run
-Goal (issue 5): >= 5x plain generate and >= 40% of the bound.
+  python bench/bench_rollout.py --shape qwen2.5-1.5b --batch 256 --new 1024
+  python bench/bench_rollout.py --shape tiny                  # CPU: every path at a tiny shape
+  python bench/bench_rollout.py --shape tiny --check          # exactness on this device, no timing
+Targets (issue 10, one H100/H200, 1.5B, batch 256, variable lengths up to 1024): >= 20k useful tok/s
+and >= 5x the eager loop; at fixed length >= 60 % of the bandwidth bound.
 """
 import argparse
 import time
@@ -17,7 +26,7 @@ import torch
 
 from shapes import random_model
 
-import common
+import engine
 
 
 def copy_bandwidth(device):
@@ -45,47 +54,99 @@ def timed(fn, device):
     return time.perf_counter() - t0
 
 
+def lengths_law(batch, limit, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    e = torch.empty(batch).exponential_(1 / 0.4, generator=g)
+    return [max(1, int(limit * min(1.0, 0.25 + float(x)))) for x in e]
+
+
+def check(model, device):
+    """Exactness on this device (fp32): engine greedy == generate greedy; CUDA graphs == eager, same seed."""
+    g = torch.Generator().manual_seed(1)
+    V = model.config.vocab_size
+    prompts = [torch.randint(0, V, (n,), generator=g).tolist() for n in (5, 17, 9, 30)]
+    L = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), L, dtype=torch.long)
+    am = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):], am[i, L - len(p):] = torch.tensor(p), 1
+    ref = model.generate(ids.to(device), attention_mask=am.to(device), max_new_tokens=40, do_sample=False,
+                         pad_token_id=0, eos_token_id=None)[:, L:].tolist()
+    kw = dict(max_new_tokens=40, stop_ids=[], pad_id=0, len_bucket=16, check_every=8)
+    ours = [o["completion_ids"] for o in engine.generate(model, prompts, temperature=0, **kw)]
+    agree = sum(a == b for a, b in zip(ours, ref))
+    s1 = engine.generate(model, prompts, temperature=1.0, top_p=0.9, seed=3, graphs=True if device.type == "cuda" else False, **kw)
+    s2 = engine.generate(model, prompts, temperature=1.0, top_p=0.9, seed=3, graphs=False, **kw)
+    same = sum(a["completion_ids"] == b["completion_ids"] for a, b in zip(s1, s2))
+    gap = max(max(abs(x - y) for x, y in zip(a["logp"], b["logp"])) for a, b in zip(s1, s2))
+    print(f"check: greedy engine == generate on {agree}/{len(prompts)} rows; graphs vs eager: same tokens on "
+          f"{same}/{len(prompts)} rows, max |logp diff| {gap:.2e}", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shape", default="qwen2.5-0.5b", help="model shape (bench/shapes.py)")
+    p.add_argument("--shape", default="qwen2.5-1.5b", help="model shape (bench/shapes.py)")
     p.add_argument("--batch", type=int, default=256, help="sequences")
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens")
-    p.add_argument("--new", type=int, default=1024, help="new tokens per sequence (eos ignored)")
-    p.add_argument("--skip-generate", action="store_true", help="do not time model.generate")
+    p.add_argument("--new", type=int, default=1024, help="new tokens per sequence (the limit)")
+    p.add_argument("--paths", default="eager,generate,static,engine", help="comma list of paths to time")
+    p.add_argument("--regimes", default="variable,fixed", help="comma list: variable, fixed")
+    p.add_argument("--check", action="store_true", help="only check exactness on this device")
     args = p.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.shape == "tiny" and device.type == "cpu":
+        args.batch, args.prompt, args.new = min(args.batch, 8), min(args.prompt, 8), min(args.new, 24)
+    if args.check:  # fp32: random weights give near-tied logits, and bf16 rounding would flip the argmax
+        return check(random_model(args.shape, torch.float32, device).eval(), device)
     model = random_model(args.shape, dtype, device).eval()
     cfg = model.config
-    V = cfg.vocab_size
-    prompts = torch.randint(0, V, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0)).tolist()
-
-    def ours():
-        common.sample(model, prompts, max_new_tokens=args.new, stop_ids=[], pad_id=0, temperature=1.0,
-                      batch_size=args.batch, generator=torch.Generator(device).manual_seed(0))
-
-    def plain():
-        ids = torch.tensor(prompts, device=device)
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new, min_new_tokens=args.new,
-                       do_sample=True, temperature=1.0, top_p=1.0, top_k=0, pad_token_id=0)
-
-    t_ours = timed(ours, device)
-    t_plain = float("nan") if args.skip_generate else timed(plain, device)
+    prompts = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0)).tolist()
     bw = copy_bandwidth(device)
     w_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv_per_tok = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * torch.finfo(dtype).bits // 8
-    total = sum(w_bytes + args.batch * (args.prompt + t) * kv_per_tok for t in range(args.new))
-    bound = total / bw
-    toks = args.batch * args.new
+    kv_tok = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * torch.finfo(dtype).bits // 8
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"device {name} | torch {torch.__version__} | shape {args.shape} | {args.batch} x {args.new} new tokens "
-          f"| copy bandwidth {bw / 1e9:.0f} GB/s")
-    print(f"{'path':<18}{'s':>9}{'tok/s':>12}{'% of bound':>12}")
-    for label, t in (("common.sample", t_ours), ("model.generate", t_plain), ("bandwidth bound", bound)):
-        print(f"{label:<18}{t:>9.2f}{toks / t:>12,.0f}{100 * bound / t:>11.1f}%")
-    print(f"speed-up over model.generate: {t_plain / t_ours:.2f}x")
+    print(f"device {name} | torch {torch.__version__} | shape {args.shape} | batch {args.batch} | prompt {args.prompt} "
+          f"| limit {args.new} | copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
+
+    def hf_generate(static):
+        ids = torch.tensor(prompts, device=device)
+        kw = dict(cache_implementation="static") if static else {}
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new, min_new_tokens=args.new,
+                       do_sample=True, temperature=1.0, top_p=1.0, top_k=0, pad_token_id=0, **kw)
+
+    for regime in args.regimes.split(","):
+        limits = lengths_law(args.batch, args.new) if regime == "variable" else [args.new] * args.batch
+        useful = sum(limits)
+        bound = sum(w_bytes + sum(args.prompt + t for n in limits if n > t) * kv_tok for t in range(args.new)) / bw
+        paths = {
+            "eager": lambda: engine.generate(model, prompts, max_new_tokens=limits, stop_ids=[], pad_id=0,
+                                             batch_size=args.batch, simple=True, check_every=1),
+            "generate": lambda: hf_generate(False),
+            "static": lambda: hf_generate(True),
+            "engine": lambda: engine.generate(model, prompts, max_new_tokens=limits, stop_ids=[], pad_id=0,
+                                              batch_size=args.batch),
+        }
+        print(f"\n{regime}: {useful:,} useful tokens (mean length {useful / args.batch:.0f})", flush=True)
+        print(f"{'path':<34}{'s':>9}{'useful tok/s':>14}{'x eager':>9}{'% of bound':>12}", flush=True)
+        t_eager = None
+        for key in args.paths.split(","):
+            label = {"eager": "eager loop (dynamic cache)", "generate": "generate (dynamic cache)",
+                     "static": "generate (static cache + compile)", "engine": "engine.generate"}[key]
+            first = ""
+            try:
+                if key in ("static", "engine"):  # compilation is cached across calls; graphs are captured per call
+                    first = f"  (first call {timed(paths[key], device):.2f} s)"
+                t = timed(paths[key], device)
+            except Exception as e:  # noqa: BLE001 -- a path that fails is reported, the others still run
+                print(f"{label:<34} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                continue
+            t_eager = t if key == "eager" else t_eager
+            ratio = t_eager / t if t_eager else float("nan")
+            print(f"{label:<34}{t:>9.2f}{useful / t:>14,.0f}{ratio:>9.2f}{100 * bound / t:>11.1f}%{first}", flush=True)
+        print(f"{'bandwidth bound':<34}{bound:>9.2f}{useful / bound:>14,.0f}", flush=True)
 
 
 if __name__ == "__main__":

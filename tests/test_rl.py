@@ -245,9 +245,19 @@ def test_learns_to_close_its_thinking(tiny_model, tmp_path):
 def test_torchrun_two_ranks_learns_and_saves(tiny_model, tmp_path):
     out = tmp_path / "o2"
     run_cli(torchrun(2) + ["rl.py", "--model", tiny_model, "--prompts", prompts_file(tmp_path), "--out", str(out),
-                           "--save-every", "1000", "--dump-every", "0", *LEARN])
+                           "--save-every", "1000", "--dump-every", "1", *LEARN])
     assert_learned(out)
     assert common.load_model(str(out)) is not None and (out / "state").is_dir()
+    # the first rollout does not depend on the number of ranks (sampling noise is keyed by global sample
+    # index), and the sampler's log-probs match the trainer's π_old forward
+    one = tmp_path / "o1"
+    rl.main(["--model", tiny_model, "--prompts", prompts_file(tmp_path), "--out", str(one), "--save-every", "1000",
+             "--dump-every", "1", "--stop-at", "1", *LEARN])
+    def rollout(d):
+        recs = [json.loads(line) for line in open(d / "rollouts" / "step_00001.jsonl")]
+        return sorted((r["id"], r["sample"], r["completion"]) for r in recs)
+    assert rollout(one) == rollout(out)
+    assert metrics(one)[0]["sampler_gap"] < 1e-5 and metrics(out)[0]["sampler_gap"] < 1e-5
 
 
 def test_cli_smoke_and_bad_input(tiny_model, tmp_path):
@@ -259,3 +269,51 @@ def test_cli_smoke_and_bad_input(tiny_model, tmp_path):
     bad = run_cli([sys.executable, "rl.py"] + rl_args(tiny_model, p, tmp_path / "x", "--rule", "format",
                                                       "--train-batch", "5"), check=False)
     assert bad.returncode != 0 and "divisible" in bad.stderr and not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------------------------------------ teaching logs, precision
+
+def test_teaching_logs_ratio_one_reward_std_reflection_entropy(tiny_model, tmp_path):
+    rl.main(rl_args(tiny_model, prompts_file(tmp_path), tmp_path / "t", "--rule", "format", "--max-steps", "2"))
+    for m in metrics(tmp_path / "t"):
+        assert m["ratio0"] == 1.0  # the first optimizer step of every rollout is exactly on-policy
+        assert m["reward_std"] >= 0 and "reward_clipped" in m and m["sampler_gap"] < 1e-5
+        assert m["n_reflect"] >= 0 and m["ent_reflect"] >= 0
+
+
+def test_reflection_tokens_inside_the_reasoning_only(tiny_model):
+    tok = common.load_tokenizer(tiny_model)
+    seqs = rl.reflection_ids(tok, "Wait")
+    wait = list(tok.encode(" Wait", add_special_tokens=False))
+    assert tuple(wait) in seqs
+    row = [5] + wait + [6]
+    comp = torch.tensor([row, [6] * len(row)])  # (2, T): the word starts at column 1 of row 0 only
+    assert rl.reflection_starts(comp, seqs).nonzero().tolist() == [[0, 1]]
+    E = tok.convert_tokens_to_ids("</think>")
+    comp = torch.tensor([[7, 9, E, 9, 0], [9, 7, 9, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]]).bool()
+    rm = rl.reasoning_mask(comp, mask, E)
+    assert rm.tolist() == [[True, True, False, False, False], [True, True, True, False, False]]  # unclosed: all
+
+
+def test_one_process_bf16_reference_kl_is_zero_at_the_first_step(tiny_model, tmp_path):
+    rl.main(rl_args(tiny_model, prompts_file(tmp_path), tmp_path / "b", "--rule", "format", "--max-steps", "1",
+                    "--dtype", "bf16"))
+    assert metrics(tmp_path / "b")[0]["kl"] == 0.0
+
+
+def test_dropout_is_disabled_so_the_first_ratio_is_one(tmp_path):
+    d = tmp_path / "drop"
+    tok = build_tokenizer(d)
+    model = build_model(d, tok)
+    model.config.attention_dropout = 0.1
+    model.save_pretrained(d)
+    rl.main(rl_args(str(d), prompts_file(tmp_path), tmp_path / "o", "--rule", "format", "--max-steps", "1"))
+    assert metrics(tmp_path / "o")[0]["ratio0"] == 1.0
+
+
+def test_help_shows_groups_and_defaults():
+    p = run_cli([sys.executable, "rl.py", "--help"])
+    for group in ("1. rollout", "2. reward", "5. PPO update", "optimizer", "memory", "ablations (defaults = the paper's run)"):
+        assert group in p.stdout, group
+    assert "(default: 5e-07)" in p.stdout and "(default: reinforce++)" in p.stdout
