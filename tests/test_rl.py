@@ -317,3 +317,18 @@ def test_help_shows_groups_and_defaults():
     for group in ("1. rollout", "2. reward", "5. PPO update", "optimizer", "memory", "ablations (defaults = the paper's run)"):
         assert group in p.stdout, group
     assert "(default: 5e-07)" in p.stdout and "(default: reinforce++)" in p.stdout
+
+
+def test_ref_offload_moves_the_reference_once_per_phase(tiny_model, tmp_path, monkeypatch):
+    moves = []
+    real_to = common.Policy.to
+
+    def counting_to(self, *a, **k):
+        if not self.training:  # the frozen reference (the policy trains)
+            moves.append(a[0] if a else k.get("device"))
+        return real_to(self, *a, **k)
+
+    monkeypatch.setattr(common.Policy, "to", counting_to)
+    rl.main(rl_args(tiny_model, prompts_file(tmp_path), tmp_path / "r", "--rule", "format", "--max-steps", "2",
+                    "--ref-offload", "--micro-batch-size", "2"))
+    assert len(moves) == 1 + 2 * 2  # parked once, then there and back once per step (8 micro-batches each)
