@@ -268,40 +268,49 @@ def logprobs_and_entropy(logits, targets, temperature=1.0):
 
 
 class _LMHeadLogprobsEntropy(torch.autograd.Function):
-    """logits = hidden @ weight.T one chunk of tokens at a time, in both directions."""
+    """logits = hidden @ weight.T one chunk of tokens at a time, in both directions, in ONE dtype: the
+    autocast dtype when autocast is on (as autocast would run the matmul), else the hidden's. Autocast is
+    off in the backward, so the forward's dtype is saved and both directions cast explicitly: the
+    recomputed logits are exactly the forward's, consistent with the saved max and log-sum."""
 
     @staticmethod
     def forward(ctx, hidden, weight, y, temperature, chunk_tokens):
-        N, C = hidden.shape[0], chunk_tokens
+        N, V, dev = hidden.shape[0], weight.shape[0], hidden.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+        # the PyTorch reference (CPU) makes float32 temporaries per row: keep a chunk within its row budget
+        C = chunk_tokens if _use_triton(hidden) else min(chunk_tokens, _rows_budget(V))
         logp, H, m, log_d = (torch.empty(N, dtype=torch.float32, device=hidden.device) for _ in range(4))
-        w = weight.to(hidden.dtype)  # autocast: fp32 master weight, bf16 hidden -> one cast (a no-op otherwise)
-        for i in range(0, N, C):
-            s = slice(i, i + C)
-            z = hidden[s] @ w.T                                   # (C, V) hidden's dtype
-            logp[s], H[s], m[s], log_d[s] = _forward_rows(z, y[s], temperature)
+        w = weight.to(dt)  # fp32 master weight under autocast -> one bf16 copy (a no-op otherwise)
+        with torch.autocast(dev, enabled=False):
+            for i in range(0, N, C):
+                s = slice(i, i + C)
+                z = hidden[s].to(dt) @ w.T                        # (C, V) dt
+                logp[s], H[s], m[s], log_d[s] = _forward_rows(z, y[s], temperature)
         ctx.save_for_backward(hidden, weight, y, m, log_d, H)     # weight itself, never a copy
-        ctx.temperature, ctx.chunk_tokens = temperature, chunk_tokens
+        ctx.temperature, ctx.chunk_tokens, ctx.dtype = temperature, C, dt
         return logp, H
 
     @staticmethod
     def backward(ctx, g, h):
         hidden, weight, y, m, log_d, H = ctx.saved_tensors
-        N, C = hidden.shape[0], ctx.chunk_tokens
+        N, C, dt = hidden.shape[0], ctx.chunk_tokens, ctx.dtype
         need_dh, need_dw = ctx.needs_input_grad[:2]
         dh = torch.empty_like(hidden) if need_dh else None        # (N, D)
         dw = torch.zeros_like(weight) if need_dw else None        # (V, D) weight's dtype
-        w = weight.to(hidden.dtype)                               # as in forward (autocast)
-        for i in range(0, N, C):
-            s = slice(i, i + C)
-            z = hidden[s] @ w.T                                   # (C, V) recomputed
-            dz = _backward_rows(z, y[s], m[s], log_d[s], H[s], None if g is None else g[s],
-                                None if h is None else h[s], ctx.temperature, out=z)  # in place
-            if need_dh:
-                torch.mm(dz, w, out=dh[s])                        # (C, D)
-            if need_dw and dw.dtype == dz.dtype:
-                dw.addmm_(dz.T, hidden[s])                        # (V, D) one rounding per chunk
-            elif need_dw:
-                dw += dz.T @ hidden[s]                            # fp32 master: sum chunks in fp32
+        w = weight.to(dt)                                         # as in forward
+        with torch.autocast(hidden.device.type, enabled=False):
+            for i in range(0, N, C):
+                s = slice(i, i + C)
+                hs = hidden[s].to(dt)                             # (C, D)
+                z = hs @ w.T                                      # (C, V) dt: the forward's logits, recomputed
+                dz = _backward_rows(z, y[s], m[s], log_d[s], H[s], None if g is None else g[s],
+                                    None if h is None else h[s], ctx.temperature, out=z)  # in place
+                if need_dh:
+                    dh[s] = dz @ w                                # (C, D) into the hidden's dtype
+                if need_dw and dw.dtype == dt:
+                    dw.addmm_(dz.T, hs)                           # (V, D) one rounding per chunk
+                elif need_dw:
+                    dw += dz.T @ hs                               # fp32 master: sum chunks in fp32
         return dh, dw, None, None, None
 
 
@@ -309,8 +318,11 @@ def lm_head_logprobs_and_entropy(hidden, weight, targets, temperature=1.0, chunk
     """`logprobs_and_entropy(hidden @ weight.T, targets, temperature)` without the logits.
 
     hidden (N, D) (or (..., D)), weight (V, D) the lm_head weight (no bias), targets (N,) as in
-    `logprobs_and_entropy`. Logits exist for `chunk_tokens` tokens at a time, in the hidden's
-    dtype; the backward recomputes them (one extra matmul) and overwrites them with their gradient.
+    `logprobs_and_entropy`. Logits exist for `chunk_tokens` tokens at a time (on the CPU reference
+    path at most its row budget, ~4 MB of float32 temporaries), in the autocast dtype under autocast,
+    else the hidden's (an fp32 hidden state under bf16 autocast gives bf16 logits, never fp32 ones);
+    the backward recomputes them in that same dtype (one extra matmul) and overwrites them with their
+    gradient.
     d(weight) accumulates over chunks in the weight's dtype (cuBLAS sums each chunk in float32,
     then one rounding per chunk): a float32 buffer would cost V·D·4 bytes, more than a chunk of
     logits. Under FSDP2 call it inside an FSDP-managed module's forward, so `weight` is the

@@ -246,6 +246,7 @@ class PeakTensorMemory(TorchDispatchMode):
         super().__init__()
         self.live = self.peak = 0
         self.seen = set()
+        self.fresh = []                                            # (dtype, shape) of each fresh tensor
 
     def _free(self, ptr, nbytes):
         self.live -= nbytes
@@ -262,6 +263,7 @@ class PeakTensorMemory(TorchDispatchMode):
             ptr = st.data_ptr()
             if ptr and ptr not in inputs and ptr not in self.seen:   # views, in-place: not fresh
                 self.seen.add(ptr)
+                self.fresh.append((t.dtype, tuple(t.shape)))
                 self.live += st.nbytes()
                 self.peak = max(self.peak, self.live)
                 weakref.finalize(st, self._free, ptr, st.nbytes())
@@ -304,6 +306,76 @@ def test_reference_memory_is_bounded(one_thread):
           f"vs N*V*4 = {xs.numel() * 4 / 2**20:.0f} MiB")
     assert both < xs.numel() * 4 / 4
 
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lm_head_backward_recomputes_the_forward_logits(device, monkeypatch):
+    """A Qwen3 with fp32 master weights under bf16 autocast hands the head an FP32 hidden state (its
+    residual stream is fp32); here the lm_head weight is bf16. The forward's logits are bf16 (autocast),
+    so the backward must recompute exactly those bf16 logits: p = exp(z - m - log d) then comes from the
+    same z as the saved max and log-sum, and every gradient row sums to 0 up to the rounding of its bf16
+    entries, |Σ_v dz_v| <= (2^-8 + V·2^-24) Σ_v |dz_v| (bf16 unit roundoff 2^-8; fp32 sums). Logits
+    recomputed in fp32 meet the bf16 forward's max and log-sum and miss that bound. And no float32 tensor
+    as large as a chunk of logits (C·V elements) is ever allocated, forward or backward."""
+    N, D, V, C, T = 12, 16, 389, 5, 0.6
+    hidden = torch.randn(N, D, device=device, requires_grad=True)               # fp32 hidden state
+    W = (torch.randn(V, D, device=device) * 2).bfloat16().requires_grad_(True)   # bf16 lm_head, logits ~ N(0, 8²)
+    y = torch.randint(0, V, (N,), device=device)
+    g, h = torch.randn(N, device=device), torch.randn(N, device=device)
+    rows = []                                                                    # (Σ dz, Σ |dz|) per row, float64
+    backward_rows = K._backward_rows
+
+    def spy(*a, **kw):
+        dz = backward_rows(*a, **kw)                                             # (C, V) d(logits) of a chunk
+        rows.append((dz.double().sum(1), dz.double().abs().sum(1)))
+        return dz
+
+    monkeypatch.setattr(K, "_backward_rows", spy)
+    with PeakTensorMemory() as mem:
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            logp, H = lm_head_logprobs_and_entropy(hidden, W, y, T, chunk_tokens=C)
+        torch.autograd.backward([logp, H], [g, h])
+    assert hidden.grad.dtype == torch.float32 and W.grad.dtype == torch.bfloat16
+    big = [(dt, s) for dt, s in mem.fresh if dt == torch.float32 and math.prod(s) >= C * V]
+    assert not big, f"float32 tensors the size of a chunk of logits: {big}"
+    assert len(rows) == math.ceil(N / C)
+    s, a = (torch.cat(x) for x in zip(*rows))                                     # (N,), (N,)
+    bound = (2 ** -8 + V * 2 ** -24) * a
+    assert (s.abs() <= bound).all(), (s.abs() / a).max().item()
+    # and the values are those of the bf16 logits (as in test_lm_head_fused_under_autocast)
+    z = hidden.detach().double().bfloat16().double() @ W.detach().double().T     # autocast rounds both inputs
+    rlogp, rH = ref64(z.bfloat16().double(), y, T)
+    assert rel(logp, rlogp) < 1e-2 and rel(H, rH) < 1e-2
+
+
+def test_lm_head_cpu_path_keeps_the_row_budget(one_thread, monkeypatch):
+    """On CPU without the interpreter the fused lm_head op runs the PyTorch reference, whose float32
+    temporaries are per row: a chunk of tokens is capped at the reference's row budget (2^20 / V rows,
+    ~4 MiB per float32 temporary). So the peak extra memory does not grow with N beyond the O(N)
+    outputs (24 bytes a token) and the gradients themselves; uncapped it grows ~N·V·4·7 bytes."""
+    monkeypatch.setattr(K, "INTERPRET", False)
+    D, V = 16, 8192
+    W = torch.randn(V, D, requires_grad=True)
+
+    def peaks(N):
+        hidden = torch.randn(N, D, requires_grad=True)
+        y = torch.randint(0, V, (N,))
+        fwd = peak_tensor_bytes(lambda: lm_head_logprobs_and_entropy(hidden, W, y, 0.6))
+        def fwd_bwd():
+            logp, H = lm_head_logprobs_and_entropy(hidden, W, y, 0.6)
+            (logp.sum() + H.sum()).backward()
+        both = peak_tensor_bytes(fwd_bwd) - (hidden.numel() + W.numel()) * 4   # minus d(hidden), d(W)
+        return fwd, both, hidden, y
+
+    small, large = peaks(512), peaks(2048)
+    print(f"lm_head CPU path: peak extra forward {small[0] / 2**20:.1f} MiB at N=512, {large[0] / 2**20:.1f} MiB "
+          f"at N=2048; fwd+bwd {small[1] / 2**20:.1f} / {large[1] / 2**20:.1f} MiB (N*V*4 = {2048 * V * 4 / 2**20:.0f} MiB)")
+    outputs = (2048 - 512) * (4 * 4 + 8)        # a token: logp, H, m, log d (float32), its target (int64)
+    assert large[0] - small[0] <= outputs and large[1] - small[1] <= outputs, (large[0] - small[0], large[1] - small[1])
+    hidden, y = large[2], large[3]
+    rlogp, rH = ref64(hidden.detach().double() @ W.detach().double().T, y, 0.6)
+    logp, H = lm_head_logprobs_and_entropy(hidden, W, y, 0.6)
+    assert rel(logp, rlogp) < 1e-5 and rel(H, rH) < 1e-5
 
 FSDP2_CHECK = '''
 import sys
