@@ -3,6 +3,7 @@
 One step (DESIGN §3, as OpenRLHF implements REINFORCE++, which the paper trains with):
   1. rollout: --rollout-batch prompts × n = --samples-per-prompt samples y ~ π_θ(·|x) at --temperature
   2. reward:  R = RM(x, y) (raw logit, reward.py) + Σ_k w_k rule_k(y), clipped to [-10, 10]
+              (the arms: the group baseline is subtracted from the raw R, then the result is clipped)
   3. π_old and π_ref log-probs of the sampled tokens, recomputed by forward passes through the fused
      lm_head kernel (never the sampler's numbers; never a float32 [T, V] tensor)
   4. per-token reward   r_t = -β·KL_t + 1[t = last]·R,      KL_t = k1 = log π_old(y_t) - log π_ref(y_t)
@@ -62,26 +63,32 @@ ESTIMATORS = ("reinforce++", "reinforce++-baseline", "grpo", "rloo")
 # The math, as pure functions (tests/test_rl.py checks each against hand-computed values)
 
 def kl_estimate(logp, ref_logp, kind="k1"):
-    """Per-token KL(π || π_ref) estimators with d = logp - ref_logp (Schulman's k1, k2, k3),
-    d clamped to [-10, 10]. k1 = d (unbiased, can be negative), k2 = d²/2, k3 = exp(-d) - 1 + d."""
-    d = (logp - ref_logp).clamp(-10, 10)
+    """Per-token KL(π || π_ref) estimators with d = logp - ref_logp (Schulman's k1, k2, k3):
+    k1 = d (unbiased, can be negative), k2 = d²/2, k3 = exp(-d) - 1 + d, each estimator's OUTPUT clamped
+    to [-10, 10], as OpenRLHF's openrlhf/models/utils.py compute_approx_kl (at d = -15, k3 is 10, not
+    e^10 - 11 ≈ 2.2e4 from a clamped d: one extreme token cannot dominate a batch's advantages)."""
+    d = logp.float() - ref_logp.float()
     if kind == "k1":
-        return d
-    if kind == "k2":
-        return d.square() / 2
-    if kind == "k3":
-        return torch.exp(-d) - 1 + d
-    raise ValueError(f"unknown KL estimator {kind!r} (k1, k2, k3)")
+        k = d
+    elif kind == "k2":
+        k = d.square() / 2
+    elif kind == "k3":
+        k = torch.exp(-d) - 1 + d
+    else:
+        raise ValueError(f"unknown KL estimator {kind!r} (k1, k2, k3)")
+    return k.clamp(-10, 10)
 
 
-def compute_advantages(rewards, logp_old, logp_ref, mask, *, estimator="reinforce++", kl_coef=1e-3,
-                       kl_estimator="k1", kl_in="reward", group_size=1, gamma=1.0):
-    """rewards (B,); logp_old, logp_ref (B, T); mask (B, T) bool, response tokens contiguous from the
-    left; the group_size samples of one prompt are consecutive rows. Returns advantages (B, T), 0 off
-    the mask. Whitening (reinforce++, reinforce++-baseline) is over every response token on every rank."""
+def shaped_rewards(rewards, estimator="reinforce++", group_size=1):
+    """The scalar reward each sample gets on its last token, (B,) -> (B,): the RAW reward minus the
+    group baseline (the arms), THEN clipped to [-10, 10], as OpenRLHF's
+    openrlhf/trainer/ppo_utils/experience_maker.py compute_advantages_and_returns (baseline on the raw
+    rewards) followed by openrlhf/models/utils.py compute_reward (clip, --reward.clip_range -10 10).
+    reinforce++: clip(R); reinforce++-baseline: clip(R - mean_group R); grpo: clip((R - mean) / (std + 1e-9))
+    (unbiased std); rloo: clip(R - mean of the other n - 1)."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r} ({', '.join(ESTIMATORS)})")
-    R = rewards.float().clamp(-10, 10)  # (B,)
+    R = rewards.float()  # (B,)
     if estimator != "reinforce++":
         g = R.view(-1, group_size)  # (B / n, n)
         if estimator == "reinforce++-baseline":
@@ -91,6 +98,18 @@ def compute_advantages(rewards, logp_old, logp_ref, mask, *, estimator="reinforc
         else:  # rloo: baseline = mean of the other n - 1 rewards of the group
             g = g - (g.sum(1, keepdim=True) - g) / (group_size - 1)
         R = g.reshape(-1)
+    return R.clamp(-10, 10)
+
+
+def compute_advantages(rewards, logp_old, logp_ref, mask, *, estimator="reinforce++", kl_coef=1e-3,
+                       kl_estimator="k1", kl_in="reward", group_size=1, gamma=1.0):
+    """rewards (B,); logp_old, logp_ref (B, T); mask (B, T) bool, response tokens contiguous from the
+    left; the group_size samples of one prompt are consecutive rows. Returns advantages (B, T), 0 off
+    the mask. Whitening (reinforce++, reinforce++-baseline) is over every response token on every rank.
+    γ discounts reinforce++ only: the arms need γ = 1 (OpenRLHF forces it for them, with a warning)."""
+    if gamma != 1.0 and estimator != "reinforce++":
+        raise ValueError(f"gamma {gamma} with estimator {estimator!r}: the baseline arms use γ = 1 (as OpenRLHF)")
+    R = shaped_rewards(rewards, estimator, group_size)  # (B,)
     m = mask.float()
     r = torch.zeros_like(m)  # (B, T) per-token rewards
     if kl_in == "reward":
@@ -276,7 +295,7 @@ def get_args(argv=None):
     a("--estimator", default="reinforce++", choices=ESTIMATORS, help="advantage estimator")
     a("--kl-estimator", default="k1", choices=["k1", "k2", "k3"], help="per-token KL estimator")
     a("--kl-in", default="reward", choices=["reward", "loss"], help="fold the KL into the reward or the loss")
-    a("--gamma", type=float, default=1.0, help="discount γ of the returns")
+    a("--gamma", type=float, default=1.0, help="discount γ of the returns (reinforce++ only; the arms use 1)")
     a("--eps-clip-high", type=float, default=None, help="clip-higher: ε_high (default --eps-clip)")
     a("--dual-clip", type=float, default=None, help="dual-clip constant c > 1 (off by default)")
     a("--entropy-coef", type=float, default=0.0, help="entropy bonus weight (0: log only)")
@@ -292,6 +311,8 @@ def check_args(args, world):
                          f"--train-batch ({args.train_batch}), and --train-batch divisible by the world size")
     if args.estimator in ("grpo", "rloo", "reinforce++-baseline") and n < 2:
         raise UsageError(f"--estimator {args.estimator} needs --samples-per-prompt >= 2")
+    if args.estimator != "reinforce++" and args.gamma != 1.0:
+        raise UsageError(f"--gamma {args.gamma}: --estimator {args.estimator} uses γ = 1 (as OpenRLHF forces for the arms)")
     if not args.reward_model and not args.rule:
         raise UsageError("give a reward: --reward-model and/or --rule")
 
@@ -515,7 +536,7 @@ def main(argv=None):
         step += 1
 
         reflect = reflection_starts(ro["ids"], reflect_seqs) & reasoning_mask(ro["ids"], ro["mask"], think_end)
-        R_clipped = R.float().clamp(-10, 10)
+        R_clipped = shaped_rewards(R, args.estimator, n)  # (B,) what the last token gets (logged next to R)
         metrics = step_metrics(items, R, R_clipped, ro, kl, st, gnorm, lr, reflect,  # 6. log
                                (t_gen, t_ref, time.time() - t2, time.time() - t0), args, n)
         log.log(step, metrics)

@@ -1,5 +1,15 @@
-"""Run under torchrun by tests/test_rl.py: each rank holds one half of a fixed batch; rank 0 saves the
-advantages and the global-token-mean loss gathered from both halves."""
+"""Run under torchrun by tests/test_rl.py (one launch, two checks), rank 0 saving both results to OUT:
+
+1. the pure functions: each rank holds one half of a fixed batch; the advantages and the
+   global-token-mean loss gathered from both halves;
+2. one rl.py step on a FIXED rollout: the gradients before clipping must not depend on the world size
+   (FSDP2 averages gradients over ranks; rl.py's `loss * world / n_tok` turns that average back into
+   the global token mean). engine.generate is replaced by a function of the prompt alone (identical
+   on 1 and 2 ranks whatever the decoder's numerics), and clip_grad_norm_ by a wrapper that records
+   every full gradient first. The 1-rank side calls `run` in the test process.
+
+  torchrun --nproc_per_node 2 tests/dist_rl_check.py OUT MODEL PROMPTS RL_OUT
+"""
 import sys
 
 import torch
@@ -28,6 +38,49 @@ def loss_and_adv(rewards, logp_old, logp_ref, logp, mask, estimator):
     return adv, common.all_reduce(loss.detach().clone()) / n_tok
 
 
+TEXTS = ["Hmm, wait.", "\n</think>\n\nNo, I cannot help.", "But let me think", "ok\n</think>\n\nSure."]
+
+
+def args(model, prompts, out):
+    return ["--model", model, "--prompts", prompts, "--out", out, "--rule", "format", "--max-steps", "1",
+            "--rollout-batch", "4", "--samples-per-prompt", "2", "--train-batch", "8", "--micro-batch-size", "3",
+            "--kl-coef", "0", "--save-every", "1000", "--dump-every", "0", "--seed", "0"]
+
+
+def run(model, prompts, out):
+    """rl.main on the fixed rollout; returns the pre-clip gradients (full tensors, parameter order)."""
+    tok = common.load_tokenizer(model)
+    eos = tok.eos_token_id
+
+    def fixed_rollout(policy, prompt_ids, **kw):
+        outs, seen = [], {}
+        for p in prompt_ids:
+            k = seen[tuple(p)] = seen.get(tuple(p), -1) + 1  # k-th sample of this prompt in the group
+            ids = tok.encode(TEXTS[(sum(p) + k) % len(TEXTS)], add_special_tokens=False)
+            fin = k % 2 == 0
+            ids = ids + [eos] if fin else ids
+            outs.append({"completion_ids": ids, "logp": [0.0] * len(ids), "finished": fin, "truncated": not fin})
+        return outs
+
+    grads = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def record_then_clip(params, max_norm, *a, **kw):
+        params = list(params)
+        for p in params:
+            g = p.grad
+            grads.append(g.full_tensor() if hasattr(g, "full_tensor") else g.clone())
+        return clip(params, max_norm, *a, **kw)
+
+    generate = rl.engine.generate
+    rl.engine.generate, torch.nn.utils.clip_grad_norm_ = fixed_rollout, record_then_clip
+    try:
+        rl.main(args(model, prompts, out))
+    finally:
+        rl.engine.generate, torch.nn.utils.clip_grad_norm_ = generate, clip
+    return grads
+
+
 if __name__ == "__main__":
     d = common.init_dist()
     out = {}
@@ -36,6 +89,7 @@ if __name__ == "__main__":
         half = [x[d.rank * 4:(d.rank + 1) * 4] for x in full]
         adv, loss = loss_and_adv(*half, est)
         out[est] = (torch.cat(common.gather_objects([adv])), loss)
+    grads = run(*sys.argv[2:5])
     if d.rank == 0:
-        torch.save(out, sys.argv[1])
+        torch.save({"adv": out, "grads": grads}, sys.argv[1])
     common.finish()

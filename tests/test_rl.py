@@ -5,6 +5,7 @@ import math
 import os
 import sys
 
+import pytest
 import torch
 
 from conftest import build_model, build_tokenizer, run_cli, torchrun, write_jsonl
@@ -88,16 +89,60 @@ def test_kl_estimators():
     assert torch.equal(rl.kl_estimate(d, torch.zeros_like(d), "k1"), d.clamp(-10, 10))
     assert (rl.kl_estimate(d, torch.zeros_like(d), "k2") >= 0).all()
     assert (rl.kl_estimate(d, torch.zeros_like(d), "k3") >= 0).all()
-    # on-policy: E_π[k1] = E_π[k3] = KL(π || π_ref)
+    # on-policy: E_π[k1] = E_π[k3] = KL(π || π_ref), where the output clamp never binds (|d| < 2.4 here)
     g = torch.Generator().manual_seed(0)
-    logits, ref_logits = torch.randn(50, generator=g), torch.randn(50, generator=g)
+    logits, ref_logits = torch.randn(50, generator=g) * 0.5, torch.randn(50, generator=g) * 0.5
     lp, lr = logits.log_softmax(0), ref_logits.log_softmax(0)
+    assert (lp - lr).abs().max() < 2.4  # k3 <= e^2.4 - 3.4 < 10
     x = torch.multinomial(lp.exp(), 400_000, replacement=True, generator=g)
     exact = (lp.exp() * (lp - lr)).sum()
     k1 = rl.kl_estimate(lp[x], lr[x], "k1").mean()
     k3 = rl.kl_estimate(lp[x], lr[x], "k3").mean()
     assert abs(k1 - exact) < 0.03 * exact and abs(k3 - exact) < 0.03 * exact
 
+
+
+def test_kl_estimators_clamp_their_output_not_d():
+    # as OpenRLHF's compute_approx_kl: the estimator's value is clamped to [-10, 10], d itself is not
+    d = T(-15, -4, -2, 3, 15)
+    z = torch.zeros_like(d)
+    assert torch.allclose(rl.kl_estimate(d, z, "k1"), T(-10, -4, -2, 3, 10))
+    assert torch.allclose(rl.kl_estimate(d, z, "k2"), T(10, 8, 2, 4.5, 10))        # d²/2: 112.5 -> 10, 8, 2, 4.5
+    k3 = rl.kl_estimate(d, z, "k3")                                                # e^(-d) - 1 + d
+    assert torch.allclose(k3, T(10, 10, math.exp(2) - 3, math.exp(-3) + 2, 10))    # e^15 - 16, e^4 - 5 -> 10
+    assert k3[0].item() == 10.0  # a clamped d would give e^10 - 11 = 22015.5
+
+
+def test_arms_subtract_the_baseline_from_the_raw_reward_then_clip():
+    # raw RM logits beyond ±10: OpenRLHF subtracts the group baseline first, then clips the shaped reward
+    R = T(30, 0, 2, 0)
+    assert torch.equal(rl.shaped_rewards(R, "reinforce++", 2), T(10, 0, 2, 0))     # no baseline: clip(R)
+    assert torch.equal(rl.shaped_rewards(R, "reinforce++-baseline", 2), T(10, -10, 1, -1))  # ±15 -> ±10
+    assert torch.equal(rl.shaped_rewards(T(14, 2), "rloo", 2), T(10, -10))          # ±12 -> ±10 (clip first: ±8)
+    # grpo: z-score of the RAW group [30, 5, 0, 0]: mean 8.75, unbiased std sqrt(618.75 / 3)
+    std = math.sqrt(618.75 / 3)
+    zs = T(21.25 / std, -3.75 / std, -8.75 / std, -8.75 / std)                      # clip first: [1.306, 0.261, ...]
+    assert torch.allclose(rl.shaped_rewards(T(30, 5, 0, 0), "grpo", 4), zs, atol=1e-5)
+    # end to end: rloo is not whitened, so the advantage is the shaped reward; the baseline arm whitens
+    # [10, -10, 1, -1] (mean 0, population variance 50.5)
+    mask = lengths_mask([1, 1], 1)
+    assert torch.equal(rl.compute_advantages(T(14, 2), torch.zeros(2, 1), torch.zeros(2, 1), mask, estimator="rloo",
+                                             kl_coef=0.0, group_size=2), T(10, -10)[:, None])
+    mask = lengths_mask([1, 1, 1, 1], 1)
+    adv = rl.compute_advantages(R, torch.zeros(4, 1), torch.zeros(4, 1), mask, estimator="reinforce++-baseline",
+                                kl_coef=0.0, group_size=2)
+    assert torch.allclose(adv.squeeze(1), T(10, -10, 1, -1) / math.sqrt(50.5), atol=1e-6)
+
+
+def test_arms_refuse_a_discount(tmp_path):
+    mask = lengths_mask([2, 2], 2)
+    with pytest.raises(ValueError, match="γ = 1"):
+        rl.compute_advantages(T(1, 0), torch.zeros(2, 2), torch.zeros(2, 2), mask, estimator="rloo", group_size=2,
+                              gamma=0.9)
+    with pytest.raises(common.UsageError, match="--gamma"):  # before anything is loaded
+        rl.main(["--model", str(tmp_path / "none"), "--prompts", "x.jsonl", "--out", str(tmp_path / "o"),
+                 "--rule", "format", "--estimator", "grpo", "--gamma", "0.99"])
+    assert not (tmp_path / "o").exists()
 
 def test_policy_loss_clip_cases():
     mask = torch.ones(1, 3, dtype=torch.bool)
@@ -124,16 +169,36 @@ def test_policy_loss_clip_cases():
     assert math.isclose(rl.policy_loss(logp, logp_old, adv, m)[0].item(), -1.2, abs_tol=1e-5)
 
 
-def test_whitening_and_loss_identical_on_one_and_two_ranks(tmp_path):
+@pytest.fixture(scope="module")
+def two_ranks(tiny_model, tmp_path_factory):
+    """One torchrun launch of tests/dist_rl_check.py (both of its checks): its saved results."""
+    d = tmp_path_factory.mktemp("two_ranks")
+    p = prompts_file(d)
+    run_cli(torchrun(2) + ["tests/dist_rl_check.py", str(d / "two.pt"), tiny_model, p, str(d / "rl")])
+    return torch.load(d / "two.pt"), p
+
+
+def test_whitening_and_loss_identical_on_one_and_two_ranks(two_ranks):
     sys.path.insert(0, os.path.dirname(__file__))
     import dist_rl_check
-    out = tmp_path / "two.pt"
-    run_cli(torchrun(2) + ["tests/dist_rl_check.py", str(out)])
-    two = torch.load(out)
+    two = two_ranks[0]["adv"]
     for est in rl.ESTIMATORS:
         adv, loss = dist_rl_check.loss_and_adv(*dist_rl_check.batch(), est)
         assert torch.allclose(adv, two[est][0], atol=1e-6), est
         assert abs(loss.item() - two[est][1].item()) < 1e-6, est
+
+
+def test_gradients_before_clipping_identical_on_one_and_two_ranks(tiny_model, two_ranks, tmp_path):
+    """One rl.py step on a fixed rollout (tests/dist_rl_check.py): FSDP2 averages gradients over the 2
+    ranks, `loss * world / n_tok` makes that the global token mean, so every gradient equals the 1-rank
+    one (`loss / n_tok` would halve them on 2 ranks)."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    import dist_rl_check
+    one = dist_rl_check.run(tiny_model, two_ranks[1], str(tmp_path / "one"))
+    two = two_ranks[0]["grads"]
+    assert len(one) == len(two) > 0 and sum(g.norm() for g in one) > 0
+    for a, b in zip(one, two):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-7), ((a - b).norm() / a.norm()).item()
 
 
 # ------------------------------------------------------------------------------------------------ masks and ratios
