@@ -316,7 +316,9 @@ def end_of_turn(tok):
 def render_sft(tok, prompt, response, max_len=None):
     """SFT target: rendered prompt + the response text + end-of-turn, appended by hand, so templates that
     strip past reasoning (R1-Distill) cannot drop it. Returns (ids, loss_mask) with the mask True on the
-    response and end-of-turn tokens. Truncated to max_len tokens (the tail of the response is lost)."""
+    response and end-of-turn tokens. Longer than max_len: the LAST max_len tokens are kept (left truncation,
+    as the STAR-1 recipe), so the end of the reasoning, the answer and the end-of-turn stay in the target;
+    the prompt's head goes first."""
     ptext = render_prompt_text(tok, prompt)
     if ptext.rstrip().endswith("<think>") and response.lstrip().startswith("<think>"):
         response = response.lstrip()[len("<think>"):].lstrip("\n")  # the template already opened it
@@ -324,7 +326,7 @@ def render_sft(tok, prompt, response, max_len=None):
     r_ids = tok.encode(response + end_of_turn(tok), add_special_tokens=False)
     ids, mask = p_ids + r_ids, [False] * len(p_ids) + [True] * len(r_ids)
     if max_len is not None:
-        ids, mask = ids[:max_len], mask[:max_len]
+        ids, mask = ids[-max_len:], mask[-max_len:]
     return ids, mask
 
 

@@ -19,9 +19,12 @@ Deviations and choices:
      never crosses samples). tests/test_sft.py checks packed == unpacked loss.
   3. The loss never materialises logits: hidden states go through the fused, vocab-chunked lm_head
      kernel (kernels/logprobs.py), which also gives the token entropy for free (logged).
-  4. The LR schedule spans --epochs; --max-steps N stops after N total steps (so `--resume --max-steps 4`
-     after a run stopped at step 2 trains steps 3 and 4 on the same schedule).
+  4. The LR schedule spans --epochs, or --max-steps N when given (it overrides --epochs, as in Hugging
+     Face's Trainer: N optimizer steps, the data repeating as needed). --stop-at K pauses the run after
+     step K; `--resume` with the same flags trains the rest on the same schedule.
   5. --full-sequence trains on every token (prompt included): used to build the tiny world's base model.
+  6. Samples longer than --max-len keep their LAST --max-len tokens (left truncation, as the STAR-1
+     recipe): the end of the reasoning, the answer and the end-of-turn stay in the target.
 
 Commands:
   python sft.py --model Qwen/Qwen2.5-0.5B-Instruct --data rows.jsonl --out out/sft --max-steps 10
@@ -49,14 +52,16 @@ def get_args(argv=None):
     p.add_argument("--prompt-field", default=None, help="column holding the prompt (default: detected)")
     p.add_argument("--response-field", default=None, help="column holding the response (default: detected)")
     p.add_argument("--epochs", type=int, default=5, help="passes over the data (the LR schedule spans them)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="total optimizer steps; overrides --epochs and sets the LR schedule's length (as HF Trainer)")
+    p.add_argument("--stop-at", type=int, default=None, help="stop after this step (resume later with --resume)")
     p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
     p.add_argument("--warmup-ratio", type=float, default=0.05, help="linear warmup, fraction of all steps")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95), help="AdamW betas")
     p.add_argument("--batch-size", type=int, default=128, help="global sequences per optimizer step")
     p.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward on each rank")
-    p.add_argument("--max-len", type=int, default=8192, help="max tokens per sample (and per packed row)")
+    p.add_argument("--max-len", type=int, default=8192, help="max tokens per sample, its last ones kept (and per packed row)")
     p.add_argument("--no-pack", action="store_true", help="one sample per row instead of packing")
     p.add_argument("--full-sequence", action="store_true", help="loss on every token, prompt included")
     p.add_argument("--decontaminate", default=None, help="FILE[,FILE]: drop rows sharing a 13-gram with their prompts")
@@ -151,8 +156,8 @@ def main(argv=None):
     if not examples:
         raise DataError(f"{args.data}: no usable rows")
     spe = math.ceil(len(examples) / args.batch_size)  # optimizer steps per epoch (the last batch may be short)
-    total = spe * args.epochs
-    stop = min(total, args.max_steps) if args.max_steps else total
+    total = args.max_steps or spe * args.epochs  # the schedule's length: --max-steps overrides --epochs
+    stop = min(total, args.stop_at or total)
     warmup = max(1, round(args.warmup_ratio * total))
 
     # --------------------------------------------------------------------------- model + optimizer
@@ -168,8 +173,9 @@ def main(argv=None):
     if d.rank == 0:
         os.makedirs(args.out, exist_ok=True)
         write_json(os.path.join(args.out, "args.json"), vars(args))
-    log = Logger(args.out, stop, args.wandb, vars(args))
-    print0(f"sft: {len(examples)} examples, {spe} steps/epoch, {stop} steps, world {d.world}, dtype {dtype}")
+    log = Logger(args.out, total, args.wandb, vars(args))
+    print0(f"sft: {len(examples)} examples, {spe} steps/epoch, {total} steps (stop at {stop}), world {d.world}, "
+           f"dtype {dtype}")
 
     # --------------------------------------------------------------------------- loop
     while step < stop:

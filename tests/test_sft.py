@@ -1,5 +1,6 @@
 """sft.py and the common.py plumbing it stands on: rendering, packing, loss invariances, resume, export."""
 import json
+import math
 import os
 import sys
 
@@ -31,6 +32,19 @@ def test_render_keeps_reasoning_with_r1_template(tiny_model):
     prompt_text = tok.decode([i for i, m in zip(ids, mask) if not m])
     assert prompt_text == common.render_prompt_text(tok, prompt)
     assert common.end_of_turn(tok) == "<|end|>"
+
+
+def test_render_truncates_on_the_left(tiny_model):
+    # the STAR-1 recipe keeps the LAST max_len tokens: the answer and the end-of-turn stay in the target
+    tok = common.load_tokenizer(tiny_model)
+    prompt, response = SFT_ROWS[0]["question"], SFT_ROWS[0]["response"]
+    ids, mask = common.render_sft(tok, prompt, response)
+    n_resp = sum(mask)
+    for L in (len(ids) - 3, n_resp, n_resp - 5):                  # cut into the prompt, all of it, the response
+        cut, cut_mask = common.render_sft(tok, prompt, response, max_len=L)
+        assert cut == ids[-L:] and cut_mask == mask[-L:] and len(cut) == L
+        assert tok.decode(cut).endswith("but here is a safe alternative.<|end|>")
+    assert common.render_sft(tok, prompt, response, max_len=n_resp)[1] == [True] * n_resp
 
 
 def test_packed_loss_equals_unpacked(tiny_model):
@@ -83,10 +97,15 @@ def test_loss_invariant_to_micro_batch_and_world_size(tiny_model, sft_rows, tmp_
 
 
 def test_resume_reproduces_uninterrupted_run(tiny_model, sft_rows, tmp_path):
-    full = sft.main(sft_args(tiny_model, sft_rows, tmp_path / "full", "--max-steps", "5"))
-    sft.main(sft_args(tiny_model, sft_rows, tmp_path / "part", "--max-steps", "2"))
+    # 12 rows, batch 4: 3 steps an epoch; --max-steps 5 overrides --epochs 1 (as Hugging Face's Trainer):
+    # 5 steps into a second epoch, the cosine spanning 5 steps (warmup 1): lr × [1, 1, (1+cos π/4)/2, 1/2, (1+cos 3π/4)/2]
+    five = ["--epochs", "1", "--max-steps", "5"]
+    full = sft.main(sft_args(tiny_model, sft_rows, tmp_path / "full", *five))
+    lrs = [1e-3 * f for f in (1, 1, (1 + math.cos(math.pi / 4)) / 2, 0.5, (1 + math.cos(3 * math.pi / 4)) / 2)]
+    assert [m["lr"] for m in metrics(tmp_path / "full")] == pytest.approx(lrs, rel=1e-9)
+    sft.main(sft_args(tiny_model, sft_rows, tmp_path / "part", *five, "--stop-at", "2"))
     assert [m["step"] for m in metrics(tmp_path / "part")] == [1, 2]
-    resumed = sft.main(sft_args(tiny_model, sft_rows, tmp_path / "part", "--max-steps", "5", "--resume"))
+    resumed = sft.main(sft_args(tiny_model, sft_rows, tmp_path / "part", *five, "--resume"))
     a, b = metrics(tmp_path / "full"), metrics(tmp_path / "part")
     assert [m["step"] for m in b] == [1, 2, 3, 4, 5]
     for x, y in zip(a, b):
