@@ -207,20 +207,41 @@ def forward_logprobs(hf, input_ids, attention_mask, position_ids, targets, tempe
     next-token distribution at position t, softmax(z / temperature) over the full vocabulary.
 
     Never passes labels= (that upcasts the full logits to float32) and never forms a [B*T, V] tensor:
-    the lm_head matmul runs one chunk of tokens at a time inside the kernel.
+    the final hidden states go through head_logprobs, one chunk of tokens at a time.
     """
-    from kernels import lm_head_logprobs_and_entropy
-    cfg = hf.config
-    if getattr(cfg, "final_logit_softcapping", None):
-        raise UsageError(f"{type(hf).__name__}: final_logit_softcapping is not supported by the fused head")
-    tau = temperature * getattr(cfg, "logits_scaling", 1.0)  # Granite divides logits by logits_scaling
     out = hf.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     h = out.last_hidden_state  # (B, T, D)
     B, T, D = h.shape
-    logp, ent = lm_head_logprobs_and_entropy(h.reshape(B * T, D), hf.lm_head.weight, targets.reshape(B * T),
-                                             tau, chunk_tokens)
+    logp, ent = head_logprobs(hf, h.reshape(B * T, D), targets.reshape(B * T), temperature, chunk_tokens)
     # clone: an FSDP module returning a view warns that in-place ops on it would skip its backward hook
     return logp.view(B, T).clone(), ent.view(B, T).clone()
+
+
+def head_logprobs(hf, hidden, targets, temperature=1.0, chunk_tokens=4096, argmax=False):
+    """The one teacher-forced head (rl.py and sft.py through forward_logprobs, entropy.py's token_stats):
+    final hidden states (N, D) -> logp, ent (N,) float32 of softmax(z / τ) for targets (N,), where
+    τ = temperature · logits_scaling (Granite divides its logits by it), x = lm_head(hidden) and
+    z = cap · tanh(x / cap) when the config soft-caps its logits (Gemma-2's final_logit_softcapping), else x.
+    With argmax=True also the argmax token of each row (N,) (entropy.py's memorization).
+
+    Plain head (no soft cap, no bias, no argmax): the fused lm_head kernel, no logits tensor at all.
+    Otherwise the logits exist one chunk of tokens at a time, in the model dtype, then
+    kernels.logprobs_and_entropy; differentiable as well, but autograd keeps each chunk's logits.
+    """
+    from kernels import lm_head_logprobs_and_entropy, logprobs_and_entropy
+    cfg, head = hf.config, hf.get_output_embeddings()
+    tau = temperature * getattr(cfg, "logits_scaling", 1.0)
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if not cap and head.bias is None and not argmax:
+        return lm_head_logprobs_and_entropy(hidden, head.weight, targets, tau, chunk_tokens)
+    logp, ent, am = [], [], []
+    for a in range(0, len(targets), chunk_tokens):
+        x = head(hidden[a:a + chunk_tokens])                               # (n, V) model dtype
+        z = torch.tanh(x / cap) * cap if cap else x
+        lp, e = logprobs_and_entropy(z, targets[a:a + chunk_tokens], tau)  # (n,), (n,) float32
+        logp.append(lp), ent.append(e), am.append(z.argmax(-1))
+    out = torch.cat(logp), torch.cat(ent)
+    return (*out, torch.cat(am)) if argmax else out
 
 
 def positions_from_mask(mask):

@@ -10,7 +10,7 @@ forward. Completion token t was produced by the logits z_{t-1} of the position b
 sampling temperature tau (--temperature; default the records' own, else 0.6):
 
     p_t = softmax(z_{t-1} / tau)                over the full vocabulary
-    H_t = -sum_v p_t(v) log p_t(v)              (nats; kernels.logprobs_and_entropy, fp32 accumulation,
+    H_t = -sum_v p_t(v) log p_t(v)              (nats; common.head_logprobs, fp32 accumulation,
                                                  logits formed one chunk of positions at a time)
 
 "Entropy at a reflection token" is H_t of the distribution that PRODUCED the reflection token;
@@ -66,7 +66,6 @@ from tqdm import tqdm
 
 import common
 from common import DataError
-from kernels import logprobs_and_entropy
 
 DEFAULT_WORDS = "wait,Wait,but,But,Alternatively"
 HIST_BINS = 60
@@ -255,17 +254,10 @@ def token_stats(model, seqs, starts, temperature=1.0, chunk_tokens=1024, pad_id=
     rows = torch.cat([torch.full((len(s) - st,), i) for i, (s, st) in enumerate(zip(seqs, starts))]).to(dev)
     cols = torch.cat([torch.arange(st - 1, len(s) - 1) for s, st in zip(seqs, starts)]).to(dev)
     h, tgt = hidden[rows, cols], ids[rows, cols + 1]                                  # (N, D), (N,)
-    lm_head, cfg = model.get_output_embeddings(), model.config
-    tau = temperature * getattr(cfg, "logits_scaling", 1.0)          # Granite divides its logits by this
-    cap = getattr(cfg, "final_logit_softcapping", None)               # Gemma-2 caps them: cap * tanh(z / cap)
-    logp, ent, am = [], [], []
-    for a in range(0, len(tgt), chunk_tokens):
-        z = lm_head(h[a:a + chunk_tokens])                                            # (n, V) model dtype
-        z = torch.tanh(z / cap) * cap if cap else z
-        lp, e = logprobs_and_entropy(z, tgt[a:a + chunk_tokens], tau)                 # (n,), (n,) f32
-        logp.append(lp), ent.append(e), am.append(z.argmax(-1))
+    # the training stages' head (logits_scaling, soft cap), logits one chunk at a time for the argmax
+    logp, ent, am = common.head_logprobs(model, h, tgt, temperature, chunk_tokens, argmax=True)  # (N,) each
     split = [len(s) - st for s, st in zip(seqs, starts)]
-    return list(zip(*(torch.cat(x).cpu().split(split) for x in (logp, ent, am))))
+    return list(zip(*(x.cpu().split(split) for x in (logp, ent, am))))
 
 
 def score_record(rec, ent, enc, words, match, edges):

@@ -48,6 +48,42 @@ def test_entropy_matches_float64_softmax(tiny_model):
         assert torch.equal(am, z[st - 1:len(s) - 1].argmax(-1))
 
 
+
+def test_one_head_path_for_training_and_analysis_with_soft_capped_logits():
+    """common.head_logprobs is the one teacher-forced head: rl.py / sft.py (common.forward_logprobs) and
+    entropy.py (token_stats) both go through it. A tiny random Gemma-2 soft-caps its logits,
+    z = cap·tanh(x/cap): both callers must match float64 log-softmax of the model's own (capped) logits,
+    and the training path must give gradients."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+    cfg = Gemma2Config(vocab_size=97, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=8, final_logit_softcapping=4.0,
+                       tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(200)                                       # raw logits far beyond the cap
+    ids = torch.randint(0, 97, (2, 7))
+    with torch.no_grad():
+        z = model(ids).logits.double()                                       # (2, 7, V) capped by the model
+        x = model.lm_head(model.model(ids).last_hidden_state).double()       # uncapped
+    assert z.abs().max() <= 4.0 and x.abs().max() > 8.0                      # the cap binds
+    T = 0.7
+    lp_ref = torch.log_softmax(z / T, -1)                                    # (2, 7, V)
+    tgt = torch.cat([ids[:, 1:], ids[:, :1]], 1)                             # next token; last column unused
+    want_lp = lp_ref.gather(-1, tgt[..., None])[..., 0]
+    want_ent = -(lp_ref.exp() * lp_ref).sum(-1)
+    pos = torch.arange(7).expand(2, 7)
+    logp, ent = common.forward_logprobs(model, ids, torch.ones_like(ids), pos, tgt, T, chunk_tokens=5)
+    torch.testing.assert_close(logp.double(), want_lp, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ent.double(), want_ent, atol=1e-4, rtol=1e-4)
+    logp.sum().backward()
+    assert torch.isfinite(model.lm_head.weight.grad).all() and model.lm_head.weight.grad.abs().sum() > 0
+    out = entropy.token_stats(model, [ids[0].tolist()], [1], temperature=T, chunk_tokens=4)
+    lp0, ent0, am0 = out[0]                                                  # tokens 1..6 from positions 0..5
+    torch.testing.assert_close(lp0.double(), want_lp[0, :6], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ent0.double(), want_ent[0, :6], atol=1e-4, rtol=1e-4)
+    assert torch.equal(am0, z[0, :6].argmax(-1))
+
 # --- reflection detection ----------------------------------------------------------------------------
 
 def test_token_mode_counts_reasoning_only():
