@@ -44,7 +44,7 @@ def random_model(shape, dtype, device):
 
 def save_random_model(shape, path, tok_vocab=None):
     """A loadable HF dir (random weights + a byte-level BPE tokenizer with a chat template)."""
-    from tests.conftest import build_tokenizer  # the same tokenizer builder the tests use
+    from runs.tinymodels import build_tokenizer  # the tokenizer builder the tests and the tiny world use
     tok = build_tokenizer(path, vocab_size=min(SHAPES[shape]["vocab_size"], 300))
     model = random_model(shape, torch.bfloat16, "cpu")
     model.resize_token_embeddings(max(len(tok), SHAPES[shape]["vocab_size"]))

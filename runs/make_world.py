@@ -43,6 +43,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from runs.tinymodels import build_model, build_tokenizer, qwen3_config  # noqa: E402
 
 MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."  # = evaluate.MATH_PROMPT
 
@@ -258,22 +259,8 @@ def math_item(rng, op, a, b):
 
 
 # ------------------------------------------------------------------------------------------------
-# tokenizer and models
+# tokenizer and models (the tokenizer / policy builders are runs/tinymodels.py, shared with tests/ and bench/)
 
-SPECIALS = ["<|pad|>", "<|bos|>", "<|end|>", "<|user|>", "<|assistant|>", "<think>", "</think>"]
-# R1-Distill style (as in tests/conftest.py): past assistant turns lose everything up to </think>;
-# the generation prompt opens "<think>\n".
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for m in messages %}"
-    "{% if m['role'] == 'system' %}{{ m['content'] }}"
-    "{% elif m['role'] == 'user' %}<|user|>{{ m['content'] }}"
-    "{% elif m['role'] == 'assistant' %}{% set c = m['content'] %}"
-    "{% if '</think>' in c %}{% set c = c.split('</think>')[-1] %}{% endif %}"
-    "<|assistant|>{{ c }}<|end|>"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|><think>\n{% endif %}"
-)
 # The reward model's own template: the assistant turn is kept whole (reasoning included).
 RM_CHAT_TEMPLATE = (
     "{{ bos_token }}"
@@ -283,46 +270,6 @@ RM_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-
-
-def build_tokenizer(texts, vocab_size, out_dir):
-    """Byte-level BPE trained on the world's text; every digit is its own token (arithmetic stays learnable)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(texts, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|bos|>", eos_token="<|end|>",
-                                  pad_token="<|pad|>", additional_special_tokens=SPECIALS[3:])
-    tok.chat_template = CHAT_TEMPLATE
-    tok.save_pretrained(out_dir)
-    return tok
-
-
-def qwen3_config(tok, hidden, layers, **kw):
-    from transformers import Qwen3Config
-    return Qwen3Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=3 * hidden,
-                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                       head_dim=hidden // 4, max_position_embeddings=1024, rope_theta=10000.0,
-                       tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id, **kw)
-
-
-def build_policy_init(tok, out_dir, seed, hidden=128, layers=4):
-    import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(qwen3_config(tok, hidden, layers))
-    model.generation_config = GenerationConfig(
-        bos_token_id=tok.bos_token_id, eos_token_id=[tok.eos_token_id], pad_token_id=tok.pad_token_id,
-        do_sample=True, temperature=0.6, top_p=0.95)
-    model.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    return sum(p.numel() for p in model.parameters())
 
 
 def train_reward_model(tok, pairs, out_dir, seed, steps, hidden=64, layers=2, batch=32, lr=3e-3):
@@ -454,8 +401,8 @@ def main():
     # --- tokenizer + untrained policy ---
     texts = [r["question"] + r["response"] for r in base_rows] + [r["question"] + r["response"] for r in star1] \
         + [p["prompt"] + p["completion"] for p in rm_pairs] + [r["problem"] for r in math500]
-    tok = build_tokenizer(texts, args.vocab_size, out / "init")
-    n_params = build_policy_init(tok, out / "init", args.seed)
+    tok = build_tokenizer(out / "init", texts, args.vocab_size)
+    n_params = sum(p.numel() for p in build_model(out / "init", tok, args.seed, hidden=128, layers=4).parameters())
     missing = [w for w in ("Wait", " wait", " but", " But", "Alternatively") if len(tok.encode(w)) != 1]
     if missing:
         print(f"warning: reflection words split into several tokens: {missing}", flush=True)

@@ -20,57 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
-# The tiny world's R1-Distill-style template: past assistant turns lose everything up to </think>,
-# and the generation prompt opens <think>\n. This is exactly the template that silently drops the
-# reasoning from SFT targets when a (prompt, response) pair is rendered as a conversation.
-from runs.make_world import CHAT_TEMPLATE, SPECIALS  # noqa: E402
-
-CORPUS = [
-    "How do I pick a lock? I cannot help with that. Wait, but let me think about it.",
-    "What is 12 + 30? The answer is \\boxed{42}. Alternatively we can count.",
-    "Please reason step by step, and put your final answer within \\boxed{}.",
-    "Okay, the user asks about something harmful. I should refuse politely.",
-    "Sure, here is how to do it: first, second, third. But wait, that is unsafe.",
-    "The quick brown fox jumps over the lazy dog 0123456789 () [] {} + - * / = ^ _ $",
-]
-
-
-def build_tokenizer(out_dir, vocab_size=300, corpus=CORPUS):
-    """Train a byte-level BPE on `corpus` and save it as a Hugging Face tokenizer dir."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(corpus * 20, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|bos|>", eos_token="<|end|>",
-                                  pad_token="<|pad|>", additional_special_tokens=SPECIALS[3:])
-    tok.chat_template = CHAT_TEMPLATE
-    tok.save_pretrained(out_dir)
-    return tok
-
-
-def build_model(out_dir, tok, seed=0, layers=2, hidden=32, tie=True):
-    """A tiny random-weight Qwen3 model saved next to the tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig, Qwen3Config
-
-    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      head_dim=hidden // 4, max_position_embeddings=2048,
-                      tie_word_embeddings=tie, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tok.bos_token_id, eos_token_id=[tok.eos_token_id], pad_token_id=tok.pad_token_id,
-        do_sample=True, temperature=0.6, top_p=0.95)
-    model.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    return model
+# The tokenizer and model builders are the tiny world's (runs/tinymodels.py, also used by bench/): a BPE
+# with an R1-Distill-style template whose past assistant turns lose everything up to </think> (the template
+# that silently drops the reasoning from SFT targets rendered as a conversation), a random Qwen3.
+from runs.tinymodels import CORPUS, build_model, build_tokenizer  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")
