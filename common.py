@@ -187,7 +187,7 @@ class Policy(nn.Module):
     """A causal LM whose forward can return per-token (logp, entropy) without materialising logits.
 
     Wrapping the Hugging Face model in one module makes the fused lm_head op run inside the FSDP root's
-    forward, where the (tied) embedding / lm_head weight is unsharded (DESIGN §4). Without `targets`
+    forward, where the (tied) embedding / lm_head weight is unsharded (docs/design.md §4). Without `targets`
     the forward is the plain Hugging Face one (used by the sampler).
     """
 
@@ -311,7 +311,7 @@ def _broadcast_obj(obj):
 
 
 # ------------------------------------------------------------------------------------------------
-# 3. chat rendering (DESIGN §2: the tokenizer's own template, no system prompt)
+# 3. chat rendering (docs/design.md §2: the tokenizer's own template, no system prompt)
 
 def render_prompt_text(tok, prompt):
     return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
@@ -352,7 +352,7 @@ def render_sft(tok, prompt, response, max_len=None):
 
 
 # ------------------------------------------------------------------------------------------------
-# 4. data (DESIGN §2)
+# 4. data (docs/design.md §2)
 
 # Known schemas, by columns: (prompt column candidates, response/gold column candidates)
 PROMPT_FIELDS = ["question", "problem", "prompt", "input", "Question", "instruction"]
@@ -453,7 +453,7 @@ def ngrams(text, n=13):
 
 
 # ------------------------------------------------------------------------------------------------
-# 5. the reasoning / answer split (DESIGN §2)
+# 5. the reasoning / answer split (docs/design.md §2)
 
 def split_reasoning(text):
     """Split on the LAST </think>: (reasoning minus a leading <think>, answer, think_closed)."""

@@ -3,7 +3,7 @@
 The paper (arXiv 2512.01848) explains why RL beats SFT with one instrument: the entropy of the
 next-token distribution at reflection tokens ("wait", "but", "alternatively"). RL lowers it on unsafe
 prompts (AttaQ 0.24 -> 0.09) and keeps it on reasoning prompts (AIME24 3.12 -> 3.00). This script
-recomputes it for any checkpoints on saved generation records (evaluate.py output, DESIGN §2).
+recomputes it for any checkpoints on saved generation records (evaluate.py output, docs/design.md §2).
 
 Math. Each record is scored teacher-forced: ids = render_prompt(prompt) ++ tokenize(completion), one
 forward. Completion token t was produced by the logits z_{t-1} of the position before it, so at the

@@ -19,7 +19,7 @@ step, and put your final answer within \\boxed{}." GPQA: the simple-evals multip
 four options shuffled by random.Random(f"{seed}:{id}:{sample}"); the record keeps `perm` (option i
 shown = original option perm[i]; original 0 is the correct one) and gold = the shown correct letter.
 
-Per-sample score in [0, 1] (DESIGN §2: split on the LAST </think>; unfinished thinking -> 0 for the
+Per-sample score in [0, 1] (docs/design.md §2: split on the LAST </think>; unfinished thinking -> 0 for the
 reasoning benchmarks; the safety scorers then see the reasoning text instead of the answer):
   math500, aime   math-verify on the answer segment, gold first (the raw `answer`, wrapped in $..$);
                   AIME also needs the extracted answer to be an integer 0..999 (reward.math_correct)
@@ -49,7 +49,7 @@ Deviations / notes.
   python evaluate.py --model DIR --benchmarks attaq,airbench --judge-url https://api.openai.com/v1 \\
       --judge-model gpt-4o --out runs/eval                          # key in $OPENAI_API_KEY
   python evaluate.py --model DIR --api-url http://localhost:8000/v1 --api-model DIR --benchmarks aime24 --out runs/eval
-  torchrun --nproc_per_node 8 evaluate.py --model DIR --out runs/eval --data math500=../data/math500.jsonl
+  torchrun --nproc_per_node 8 evaluate.py --model DIR --out runs/eval --data math500=data/math500.jsonl
   python evaluate.py grade --input runs/eval/math500.jsonl --out runs/eval/math500.graded.jsonl
 """
 import argparse
@@ -409,7 +409,7 @@ def print_table(summary):
 
 
 def ordered(r):
-    """A record with the DESIGN §2 keys first, helpers (_i, question) dropped."""
+    """A record with the docs/design.md §2 keys first, helpers (_i, question) dropped."""
     out = {k: r.get(k) for k in RECORD_KEYS}
     out.update((k, v) for k, v in r.items() if k not in out and k[0] != "_" and k != "question")
     return out

@@ -5,7 +5,7 @@ same RewardModel for AttaQ and math_correct for MATH-500 / AIME. Everything here
 
 Reward model (AutoModelForSequenceClassification, one output). The reward is the RAW logit r of the
 head, never sigmoid(r) (transformers' single-label pipeline applies a sigmoid and squashes everything
-into (0.5, 1); DESIGN §4). Two input styles, picked from the RM's tokenizer:
+into (0.5, 1); docs/design.md §4). Two input styles, picked from the RM's tokenizer:
   chat  (Skywork-Reward-V2, the paper's RL RM): the RM's own chat template renders the user turn
         and the generation prompt, the response and the template's end-of-turn are appended by hand
         (common.render_sft: a template that strips past reasoning cannot hide it); r is the head's
@@ -14,7 +14,7 @@ into (0.5, 1); DESIGN §4). Two input styles, picked from the RM's tokenizer:
   pair  (OpenAssistant/reward-model-deberta-v3-large-v2, the AttaQ RM; tokenizer without a chat
         template): tokenizer(question, answer) as a text pair, max 512 tokens.
 
-What is scored (--score-on, DESIGN §2):
+What is scored (--score-on, docs/design.md §2):
   full    reasoning + answer, as "<think>\\n{reasoning}\\n</think>\\n\\n{answer}" (the RL default)
   answer  the text after the last </think>
   A sample whose thinking never closed is scored on its reasoning text in both modes (unsafe
@@ -132,7 +132,7 @@ class RewardModel:
         if self.style == "pair":
             return self.tok(prompt, response, add_special_tokens=True)["input_ids"]
         # prompt through the RM's template, response + end-of-turn appended by hand: templates that
-        # strip past reasoning (R1-Distill style) would otherwise hide it from the RM (DESIGN §2)
+        # strip past reasoning (R1-Distill style) would otherwise hide it from the RM (docs/design.md §2)
         return common.render_sft(self.tok, prompt, response)[0]
 
     def encode(self, prompt, completion, score_on="full"):

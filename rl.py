@@ -1,6 +1,6 @@
 """REINFORCE++ on the FSDP2 loop, rewarded by a reward model, with rollouts from the policy itself.
 
-One step (DESIGN §3, as OpenRLHF implements REINFORCE++, which the paper trains with):
+One step (docs/design.md §3, as OpenRLHF implements REINFORCE++, which the paper trains with):
   1. rollout: --rollout-batch prompts × n = --samples-per-prompt samples y ~ π_θ(·|x) at --temperature
   2. reward:  R = RM(x, y) (raw logit, reward.py) + Σ_k w_k rule_k(y), clipped to [-10, 10]
               (the arms: the group baseline is subtracted from the raw R, then the result is clipped)
@@ -40,7 +40,7 @@ the trainer's forward; 0 up to rounding when both run in the same precision).
 Commands:
   python rl.py --model out/sft --prompts rows.jsonl --out out/rl --rule refusal --max-steps 2
   torchrun --nproc_per_node 8 rl.py --model deepseek-ai/DeepSeek-R1-Distill-Qwen-7B \\
-      --prompts ../shared/data/star1.json --reward-model Skywork/Skywork-Reward-V2-Llama-3.1-8B \\
+      --prompts UCSC-VLAA/STAR-1 --reward-model Skywork/Skywork-Reward-V2-Llama-3.1-8B \\
       --out out/rl-7b --grad-checkpointing --max-new-tokens 4096
 """
 import argparse
@@ -560,7 +560,7 @@ def _equal_groups(R, n):
 
 
 def dump_rollouts(out, step, items, R, n, rank):
-    """The rollouts as generation records (DESIGN §2), gathered to rank 0."""
+    """The rollouts as generation records (docs/design.md §2), gathered to rank 0."""
     recs = []
     for i, it in enumerate(items):
         reasoning, answer, closed = split_reasoning(it["completion"])

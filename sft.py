@@ -29,8 +29,8 @@ Deviations and choices:
 Commands:
   python sft.py --model Qwen/Qwen2.5-0.5B-Instruct --data rows.jsonl --out out/sft --max-steps 10
   torchrun --nproc_per_node 8 sft.py --model deepseek-ai/DeepSeek-R1-Distill-Qwen-7B \\
-      --data ../shared/data/star1.json --out out/sft-7b --grad-checkpointing \\
-      --decontaminate ../shared/data/attaq.csv
+      --data UCSC-VLAA/STAR-1 --out out/sft-7b --grad-checkpointing \\
+      --decontaminate ibm-research/AttaQ
 """
 import argparse
 import math
