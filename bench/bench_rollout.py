@@ -45,12 +45,14 @@ def copy_bandwidth(device):
 
 
 def timed(fn, device):
+    """Wall seconds of fn(); the process's CPU seconds go to timed.cpu (on a shared CPU the stable number)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
+    timed.cpu = time.process_time() - c0
     return time.perf_counter() - t0
 
 
@@ -130,7 +132,7 @@ def main():
                                               batch_size=args.batch),
         }
         print(f"\n{regime}: {useful:,} useful tokens (mean length {useful / args.batch:.0f})", flush=True)
-        print(f"{'path':<34}{'s':>9}{'useful tok/s':>14}{'x eager':>9}{'% of bound':>12}", flush=True)
+        print(f"{'path':<34}{'s':>9}{'useful tok/s':>14}{'x eager':>9}{'% of bound':>12}{'CPU s':>9}", flush=True)
         t_eager = None
         for key in args.paths.split(","):
             label = {"eager": "eager loop (dynamic cache)", "generate": "generate (dynamic cache)",
@@ -145,7 +147,7 @@ def main():
                 continue
             t_eager = t if key == "eager" else t_eager
             ratio = t_eager / t if t_eager else float("nan")
-            print(f"{label:<34}{t:>9.2f}{useful / t:>14,.0f}{ratio:>9.2f}{100 * bound / t:>11.1f}%{first}", flush=True)
+            print(f"{label:<34}{t:>9.2f}{useful / t:>14,.0f}{ratio:>9.2f}{100 * bound / t:>11.1f}%{timed.cpu:>9.2f}{first}", flush=True)
         print(f"{'bandwidth bound':<34}{bound:>9.2f}{useful / bound:>14,.0f}", flush=True)
 
 
