@@ -1,0 +1,206 @@
+"""Tables (and the frontier figure) of runs/frontier.sh and runs/ablate.sh, from the files their stages wrote.
+Every number is read off evaluate.py / entropy.py / rl.py outputs with runs/table.py's readers, so a
+frontier or ablation point means exactly what a row of the tiny world's results.md means.
+
+  frontier: OUT/eval/base, OUT/eval/sft-eE, OUT/eval/rl-bB-sS  ->  OUT/frontier.md, OUT/frontier.png
+            x = refusal on harmful prompts, y = arithmetic accuracy, 95% intervals (Wilson for the refusal
+            rate, normal with evaluate.py's standard error for the accuracy)
+  ablate:   OUT/ARM-sSEED/ (rl.py), OUT/eval/ARM-sSEED, OUT/entropy/ARM-sSEED  ->  OUT/ablate.md
+            per arm: mean ± 95% t-interval over the seeds
+
+  python runs/sweep.py frontier --out runs/out/tiny/frontier --epochs "1 2 3 5 8" --betas "0 1e-3" --steps "10 30"
+  python runs/sweep.py ablate --out runs/out/tiny/ablate --arms reinforce++,grpo --seeds "0 1 2"
+"""
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import table  # noqa: E402  (runs/table.py: the tiny world's readers)
+
+Z95 = 1.959964
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # t_{0.975, df}
+
+
+def wilson(p, n, z=Z95):
+    """95% Wilson score interval (lo, hi) of a proportion p over n trials (sane at p = 0 or 1)."""
+    if p is None or not n:
+        return None, None
+    c = (p + z * z / (2 * n)) / (1 + z * z / n)
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, c - h), min(1.0, c + h)
+
+
+def ci_pct(p, n):
+    lo, hi = wilson(p, n)
+    return "-" if p is None else f"{100 * p:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"
+
+
+def need(path):
+    if not Path(path).exists():
+        sys.exit(f"error: {path} missing (did every stage of the sweep finish? see the logs/ beside it)")
+
+
+# ------------------------------------------------------------------------------------------------ frontier
+
+def frontier_points(out, epochs, betas, steps):
+    pts = [("base", "base", "", table.point_row(out / "eval" / "base", None, "base"))]
+    for e in epochs:
+        pts.append(("sft", f"SFT {e} ep", f"e{e}", table.point_row(out / "eval" / f"sft-e{e}", None, f"sft-e{e}")))
+    for b in betas:
+        for s in steps:
+            pts.append((f"rl-b{b}", f"RL β={b} {s} st", f"{s}",
+                        table.point_row(out / "eval" / f"rl-b{b}-s{s}", None, f"rl-b{b}-s{s}")))
+    for _, name, _, r in pts:
+        if r["refusal"] is None or r["acc"] is None:
+            sys.exit(f"error: point {name!r}: no evaluation records under {out / 'eval'}")
+    return pts
+
+
+def frontier_table(pts):
+    head = ["point", "refusal % harmful [95% CI]", "refusal % harmless look-alikes", "refusal % arithmetic",
+            "arithmetic acc % ± 1.96 se", "safety score (tiny RM)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, name, _, r in pts:
+        acc = f"{100 * r['acc']:.1f} ± {100 * Z95 * r['acc_se']:.1f}"
+        lines.append("| " + " | ".join([name, ci_pct(r["refusal"], r["n_harm"]), ci_pct(r["over_look"], r["n_look"]),
+                                        ci_pct(r["over_math"], r["n_math_recs"]), acc,
+                                        table.pct(r["safety"], r["safety_se"])]) + " |")
+    return lines
+
+
+def frontier_plot(pts, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    groups = []
+    for g, *_ in pts:
+        if g not in groups:
+            groups.append(g)
+    colors = {"base": "black", "sft": "tab:blue"}
+    rl_colors = iter(["tab:red", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink"])
+    for g in groups:
+        gp = [p for p in pts if p[0] == g]
+        c = colors.get(g) or next(rl_colors)
+        xs = [100 * p[3]["refusal"] for p in gp]
+        ys = [100 * p[3]["acc"] for p in gp]
+        lo_hi = [wilson(p[3]["refusal"], p[3]["n_harm"]) for p in gp]
+        xerr = [[x - 100 * lo for x, (lo, _) in zip(xs, lo_hi)], [100 * hi - x for x, (_, hi) in zip(xs, lo_hi)]]
+        yerr = [100 * Z95 * p[3]["acc_se"] for p in gp]
+        label = {"base": "base", "sft": "SFT (epochs)"}.get(g, f"RL β={g[4:]} (steps)")
+        ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="*" if g == "base" else "o-", ms=12 if g == "base" else 6,
+                    color=c, ecolor=c, elinewidth=0.8, capsize=2, alpha=0.9, label=label)
+        for x, y, p in zip(xs, ys, gp):
+            ax.annotate(p[2] or "base", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8, color=c)
+    ax.set_xlabel("safety: refusal on held-out harmful prompts (%)")
+    ax.set_ylabel("reasoning: held-out arithmetic accuracy (%)")
+    ax.set_title("Tiny world: safety vs reasoning from one base model (95% intervals)", fontsize=10)
+    ax.set_xlim(-5, 105)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def frontier(args):
+    out = Path(args.out)
+    pts = frontier_points(out, args.epochs.split(), args.betas.split(), args.steps.split())
+    r0 = pts[0][3]
+    text = ["# Tiny world: the safety-vs-reasoning frontier", "", *frontier_table(pts), "",
+            f"- One base model; SFT runs at {args.epochs.replace(' ', ', ')} epochs (cosine over each run), RL runs "
+            f"(REINFORCE++, tiny RM + math rule) at β = {args.betas.replace(' ', ', ')}, each snapshotted after "
+            f"{args.steps.replace(' ', ', ')} steps of one run (the LR schedule spans the last).",
+            f"- Held-out: {r0['n_harm']} harmful, {r0['n_look']} harmless look-alike prompts, {r0['n_math_recs']} "
+            "arithmetic samples; refusal = reward.is_refusal on the answer; intervals: 95% Wilson for refusal "
+            "rates, ± 1.96 standard errors (evaluate.py's) for the accuracy.", ""]
+    (out / "frontier.md").write_text("\n".join(text))
+    frontier_plot(pts, out / "frontier.png")
+    print("\n".join(text))
+    print(f"wrote {out / 'frontier.md'} and {out / 'frontier.png'}")
+
+
+# ------------------------------------------------------------------------------------------------ ablation
+
+def mean_ci(xs):
+    """(mean, 95% t half-width) over seeds; half-width None for one seed."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None, None
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, None
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+    return m, T95.get(len(xs) - 1, Z95) * sd / math.sqrt(len(xs))
+
+
+def fmt(m, h, scale=1.0, nd=1):
+    if m is None:
+        return "-"
+    return f"{scale * m:.{nd}f}" + ("" if h is None else f" ± {scale * h:.{nd}f}")
+
+
+COLS = [("reward gain", "gain", 1, 2), ("final KL", "kl", 1, 4), ("refusal % harmful", "refusal", 100, 1),
+        ("refusal % harmless look-alikes", "over_look", 100, 1), ("refusal % arithmetic", "over_math", 100, 1),
+        ("arithmetic acc %", "acc", 100, 1), ("H@refl harmful", "entropy_reflection_harmful", 1, 3),
+        ("H@refl arithmetic", "entropy_reflection_arithmetic", 1, 3)]
+
+
+def ablate(args):
+    out = Path(args.out)
+    arms, seeds = [a for a in args.arms.split(",") if a], args.seeds.split()
+    per_arm, k = {}, args.k
+    for a in arms:
+        rows = []
+        for s in seeds:
+            name = f"{a}-s{s}"
+            need(out / name / "metrics.jsonl")
+            need(out / "eval" / name / "summary.json")
+            r = table.point_row(out / "eval" / name, out / "entropy" / name, name)
+            c = table.rl_curve(out, k=k, run=name)
+            r["gain"], r["kl"] = (c["last"] - c["first"], c["kl_last"]) if c else (None, None)
+            rows.append(r)
+        per_arm[a] = rows
+    head = ["estimator"] + [c[0] for c in COLS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for a in arms:
+        cells = [a] + [fmt(*mean_ci([r[key] for r in per_arm[a]]), scale=sc, nd=nd) for _, key, sc, nd in COLS]
+        lines.append("| " + " | ".join(cells) + " |")
+    r0 = per_arm[arms[0]][0]
+    text = ["# Tiny world: the estimators side by side", "", *lines, "",
+            f"- Each arm: rl.py --estimator ARM from the same base model with the same budget, seeds "
+            f"{', '.join(seeds)} (the seed drives the rollout sampling and data order); mean ± 95% t-interval over "
+            "the seeds (the interval says how much the seed alone moves a number).",
+            f"- reward gain: mean RL reward (tiny RM logit + math rule) of the last {k} steps minus the first {k}; "
+            "final KL: per-token KL to the reference at the last step.",
+            f"- Held-out: {r0['n_harm']} harmful, {r0['n_look']} harmless look-alike prompts, {r0['n_math_recs']} "
+            "arithmetic samples; refusal = reward.is_refusal on the answer; H@refl: entropy.py --match word on each "
+            "model's own held-out generations.", ""]
+    (out / "ablate.md").write_text("\n".join(text))
+    print("\n".join(text))
+    print(f"wrote {out / 'ablate.md'}")
+    json.dump(per_arm, open(out / "ablate.json", "w"), indent=1)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("frontier", help="the frontier table and figure")
+    f.add_argument("--out", required=True, help="runs/frontier.sh's output dir")
+    f.add_argument("--epochs", required=True, help="SFT epoch counts, space-separated")
+    f.add_argument("--betas", required=True, help="RL KL coefficients, space-separated (as in the run dir names)")
+    f.add_argument("--steps", required=True, help="RL snapshot steps, space-separated")
+    a = sub.add_parser("ablate", help="the estimator table")
+    a.add_argument("--out", required=True, help="runs/ablate.sh's output dir")
+    a.add_argument("--arms", required=True, help="comma list of rl.py --estimator values")
+    a.add_argument("--seeds", required=True, help="seeds, space-separated")
+    a.add_argument("--k", type=int, default=3, help="steps averaged at each end for the reward gain")
+    args = p.parse_args()
+    frontier(args) if args.cmd == "frontier" else ablate(args)
+
+
+if __name__ == "__main__":
+    main()
