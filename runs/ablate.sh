@@ -66,4 +66,5 @@ stage table "$PY" runs/sweep.py ablate --out "$OUT" --arms "$ARMS" --seeds "$SEE
 
 echo
 cat "$OUT/ablate.md"
-echo "total $(( ($(now_ms) - T_ALL) / 1000 ))s wall (per stage: $OUT/timings.txt; logs: $OUT/logs/)"
+echo "total $(( ($(now_ms) - T_ALL) / 1000 ))s wall, $(awk '{c += $3} END {printf "%.0f", c}' "$OUT/timings.txt")s CPU" \
+  "(per stage: $OUT/timings.txt; logs: $OUT/logs/)"

@@ -7,6 +7,7 @@ last record of each step wins.
 
   python runs/curves.py runs/out/tiny/rl/metrics.jsonl --out runs/out/tiny/curves_rl.png [--title RL]
   python runs/curves.py a/metrics.jsonl b/metrics.jsonl --label a --label b --out both.png   # overlaid
+  python runs/curves.py a/metrics.jsonl b/metrics.jsonl --out a.png --out b.png               # one PNG each
 """
 import argparse
 import json
@@ -46,6 +47,7 @@ def plot(runs, out, title=None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     keys = [(k, t) for k, t in PANELS if any(series(rows, k)[0] for _, rows in runs)]
     if any(k == "reward" for k, _ in keys):  # an RL run: its PPO surrogate loss says little; show the reward
         keys = [(k, t) for k, t in keys if k != "loss"]
@@ -67,6 +69,7 @@ def plot(runs, out, title=None):
                 ax.patch.set_visible(False)
         ax.set_title(t, fontsize=9)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if len(runs) > 1:
             ax.legend(fontsize=7)
@@ -81,16 +84,24 @@ def plot(runs, out, title=None):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("metrics", nargs="+", help="metrics.jsonl file(s) of sft.py / rl.py runs")
-    p.add_argument("--out", required=True, help="output PNG")
+    p.add_argument("--out", action="append", required=True,
+                   help="output PNG: once (all files overlaid in one figure) or once per file (one figure each)")
     p.add_argument("--label", action="append", default=None, help="legend label per file (default: the file)")
-    p.add_argument("--title", default=None, help="figure title")
+    p.add_argument("--title", action="append", default=None, help="figure title (once per --out)")
     args = p.parse_args()
     labels = args.label or args.metrics
     if len(labels) != len(args.metrics):
         sys.exit(f"error: --label given {len(labels)} times for {len(args.metrics)} metrics files")
+    if len(args.out) not in (1, len(args.metrics)):
+        sys.exit(f"error: --out given {len(args.out)} times for {len(args.metrics)} metrics files (1 or one each)")
+    titles = args.title or [None] * len(args.out)
+    if len(titles) != len(args.out):
+        sys.exit(f"error: --title given {len(titles)} times for {len(args.out)} --out")
     runs = [(lab, read_metrics(m)) for lab, m in zip(labels, args.metrics)]
-    keys = plot(runs, args.out, args.title)
-    print(f"wrote {args.out} ({', '.join(keys)})")
+    groups = [runs] if len(args.out) == 1 else [[r] for r in runs]
+    for out, title, group in zip(args.out, titles, groups):
+        keys = plot(group, out, title)
+        print(f"wrote {out} ({', '.join(keys)})")
 
 
 if __name__ == "__main__":

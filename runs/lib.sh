@@ -1,7 +1,7 @@
 # Shared by runs/tiny.sh, runs/frontier.sh and runs/ablate.sh (sourced, not run): the environment that makes
 # a run reproducible to the digit, and the stage runner.
-#   stage NAME CMD...   run CMD, its output to $OUT/logs/NAME.log; print and record (timings.txt) its wall time;
-#                       on failure print the log's tail and return 1
+#   stage NAME CMD...   run CMD, its output to $OUT/logs/NAME.log; print and record its wall and CPU (user + sys)
+#                       seconds ($OUT/timings.txt: NAME WALL CPU); on failure print the log's tail and return 1
 #   bg NAME CMD...      the same in the background, at most $JOBS at once;  join: wait for all, stop on a failure
 #   eval_model M DIR    the held-out evaluations of checkpoint M into DIR: harmful + arithmetic (DIR/attaq.jsonl,
 #                       DIR/math500.jsonl) and the harmless look-alikes (DIR/harmless/attaq.jsonl), in the background
@@ -17,14 +17,15 @@ now_ms() { "$PY" -c 'import time; print(int(time.time() * 1000))'; }  # portable
 
 stage() {
   local name=$1; shift
-  local t0; t0=$(now_ms)
+  local t0 cpu TIMEFORMAT='%U %S'; t0=$(now_ms)
   mkdir -p "$OUT/logs"
-  if ! "$@" >"$OUT/logs/$name.log" 2>&1; then
+  if ! cpu=$( { time "$@" >"$OUT/logs/$name.log" 2>&1; } 2>&1 ); then
     echo "$name FAILED"; echo "--- $OUT/logs/$name.log (tail) ---" >&2; tail -n 40 "$OUT/logs/$name.log" >&2; return 1
   fi
   local ms=$(( $(now_ms) - t0 ))
-  printf '%-24s %4d.%ds\n' "$name" $((ms / 1000)) $((ms % 1000 / 100))
-  printf '%s %d.%d\n' "$name" $((ms / 1000)) $((ms % 1000 / 100)) >>"$OUT/timings.txt"
+  cpu=$(echo "$cpu" | awk '{printf "%.1f", $1 + $2}')
+  printf '%-24s %4d.%ds wall %7ss cpu\n' "$name" $((ms / 1000)) $((ms % 1000 / 100)) "$cpu"
+  printf '%s %d.%d %s\n' "$name" $((ms / 1000)) $((ms % 1000 / 100)) "$cpu" >>"$OUT/timings.txt"
 }
 
 PIDS=()

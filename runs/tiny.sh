@@ -83,15 +83,13 @@ for m in sft rl; do eval_model "$m" "$OUT/$m" "$OUT/eval/$m"; done
 entropy_model base "$OUT/base" "$OUT/eval/base" "$OUT/entropy/base"
 join
 for m in sft rl; do entropy_model "$m" "$OUT/$m" "$OUT/eval/$m" "$OUT/entropy/$m"; done
-curves() {
-  "$PY" runs/curves.py "$OUT/base/metrics.jsonl" --out "$OUT/curves_base.png" --title "base (sft.py --full-sequence)" &&
-  "$PY" runs/curves.py "$OUT/sft/metrics.jsonl" --out "$OUT/curves_sft.png" --title "SFT on the STAR-1-like set" &&
-  "$PY" runs/curves.py "$OUT/rl/metrics.jsonl" --out "$OUT/curves_rl.png" --title "RL (REINFORCE++) from base"
-}
-bg curves curves
+bg curves "$PY" runs/curves.py "$OUT/base/metrics.jsonl" "$OUT/sft/metrics.jsonl" "$OUT/rl/metrics.jsonl" \
+  --out "$OUT/curves_base.png" --out "$OUT/curves_sft.png" --out "$OUT/curves_rl.png" \
+  --title "base (sft.py --full-sequence)" --title "SFT on the STAR-1-like set" --title "RL (REINFORCE++) from base"
 join
 stage table "$PY" runs/table.py --out "$OUT"
 
 echo
 cat "$OUT/results.md"
-echo "total $(( ($(now_ms) - T_ALL) / 1000 ))s wall (per stage: $OUT/timings.txt; logs: $OUT/logs/)"
+echo "total $(( ($(now_ms) - T_ALL) / 1000 ))s wall, $(awk '{c += $3} END {printf "%.0f", c}' "$OUT/timings.txt")s CPU" \
+  "(per stage: $OUT/timings.txt; logs: $OUT/logs/)"
