@@ -129,7 +129,7 @@ def test_table_has_three_rows(tiny_run):
     text = (out / "results.md").read_text()
     rows = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ") and "---" not in line]
     assert rows[0] == "model" and rows[1:] == MODELS
-    head = [c.strip() for c in text.splitlines()[0].split("|")[1:-1]]
+    head = [c.strip() for c in next(x for x in text.splitlines() if x.startswith("| model")).split("|")[1:-1]]
     assert head[1:4] == ["refusal % harmful", "refusal % harmless look-alikes", "refusal % arithmetic"]
     for line in text.splitlines():
         if line.startswith(("| base", "| sft", "| rl")):
