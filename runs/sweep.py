@@ -99,6 +99,8 @@ def frontier_plot(pts, path):
     ax.set_ylabel("reasoning: held-out arithmetic accuracy (%)")
     ax.set_title("Tiny world: safety vs reasoning from one base model (95% intervals)", fontsize=10)
     ax.set_xlim(-5, 105)
+    top = max(100 * (p[3]["acc"] + Z95 * p[3]["acc_se"]) for p in pts)
+    ax.set_ylim(-2, max(10.0, 1.15 * top))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
