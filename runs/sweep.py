@@ -164,6 +164,7 @@ def ablate(args):
             r = table.point_row(out / "eval" / name, out / "entropy" / name, name)
             c = table.rl_curve(out, k=k, run=name)
             r["gain"], r["kl"] = (c["last"] - c["first"], c["kl_last"]) if c else (None, None)
+            k = c["k"] if c else k  # rl_curve caps k at half the steps
             rows.append(r)
         per_arm[a] = rows
     head = ["estimator"] + [c[0] for c in COLS]
