@@ -11,7 +11,7 @@
 #                                # each, two RL steps; its table shows the plumbing, not results
 #
 # Reproducible to the digit: every random choice is seeded (world, inits, data order, sampling per
-# (seed, rank, step), bootstrap), PYTHONHASHSEED is fixed, and every stage runs single-threaded, so a
+# (seed + step, global sample index, token index), bootstrap), PYTHONHASHSEED is fixed, and every stage runs single-threaded, so a
 # rerun on the same machine and software writes a byte-identical results.md. Independent stages (SFT
 # beside RL, the six evaluations, the three entropy passes) run side by side, TINY_JOBS at a time; as each
 # stage is single-threaded and seeded on its own, that changes the wall time, not a digit. The settings are
