@@ -157,7 +157,7 @@ def load_model(path, dtype=torch.float32, device="cpu", trust_remote_code=False)
     return model.to(device)
 
 
-def stop_token_ids(tok, model_or_config):
+def stop_token_ids(tok, model_or_config, chat_kwargs=None):
     """Every id in generation_config.eos_token_id, the tokenizer's eos and the end-of-turn token."""
     ids = set()
     gc = getattr(model_or_config, "generation_config", None)
@@ -165,7 +165,7 @@ def stop_token_ids(tok, model_or_config):
     ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
     if tok.eos_token_id is not None:
         ids.add(tok.eos_token_id)
-    eot = tok.encode(end_of_turn(tok).strip(), add_special_tokens=False)
+    eot = tok.encode(end_of_turn(tok, chat_kwargs).strip(), add_special_tokens=False)
     if len(eot) == 1:
         ids.add(eot[0])
     return sorted(ids)
@@ -249,12 +249,60 @@ def positions_from_mask(mask):
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def fsdp_wrap(model, device, param_dtype=torch.bfloat16, cpu_offload=False):
+# Model types whose transformers forward keeps packed samples apart when position ids restart at 0 per
+# sample and no attention mask is passed (it builds a block-diagonal causal mask from the restarts):
+# checked packed == unpacked by tests/test_families.py. Not GraniteMoeHybrid: its attention mask ignores
+# position ids (and Granite-4.0 has no RoPE), and its Mamba-2 layers carry their state into the next
+# sample; transformers' packed-sequence argument (seq_idx) reaches only the CUDA kernels, the PyTorch
+# conv / scan fallback ignores it. Any model type not listed here trains unpacked (sft.py says so).
+PACKING_EXACT = ("llama", "qwen2", "qwen3")
+
+
+def packing_exact(config):
+    return getattr(config, "model_type", None) in PACKING_EXACT
+
+
+def hsdp_replicas(replicate, world):
+    """--replicate: how many FSDP2 replicas (HSDP: shard inside a group of world/replicate ranks,
+    replicate across groups). None -> one per node when torchrun spans several nodes (LOCAL_WORLD_SIZE <
+    WORLD_SIZE), else 1 (flat FSDP2 over every rank)."""
+    if replicate is None:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        replicate = world // local if 0 < local < world and world % local == 0 else 1
+    if replicate < 1 or world % replicate:
+        raise UsageError(f"--replicate {replicate} must be >= 1 and divide the world size {world}")
+    return replicate
+
+
+def device_mesh(device, world, replicate):
+    """FSDP2's mesh: 1-D over all ranks, or 2-D (replicate, shard) for HSDP. Rank r sits at
+    (r // shard, r % shard): a shard group is world/replicate consecutive ranks, i.e. one node."""
+    if replicate == 1:
+        return None  # fully_shard's default: every rank in one shard group
+    return _mesh(torch.device(device).type, replicate, world // replicate)
+
+
+_MESHES = {}
+
+
+def _mesh(device_type, replicate, shard):
+    from torch.distributed.device_mesh import init_device_mesh
+    key = (device_type, replicate, shard)
+    if key not in _MESHES:  # the policy and the reference share one set of process groups
+        _MESHES[key] = init_device_mesh(device_type, (replicate, shard), mesh_dim_names=("replicate", "shard"))
+    return _MESHES[key]
+
+
+def fsdp_wrap(model, device, param_dtype=torch.bfloat16, cpu_offload=False, mesh=None):
     """FSDP2: shard each decoder layer, then the root (which holds the tied embedding / lm_head in one
-    group). bf16 compute, fp32 master weights and fp32 gradient reduction."""
+    group). bf16 compute, fp32 master weights and fp32 gradient reduction.
+
+    With a 2-D mesh (HSDP) each gradient is reduce-scattered inside its shard group, then all-reduced
+    across the replicas, both as means: the result is the mean over ALL ranks, exactly as with the flat
+    mesh, so the stages' `loss * world / n_tok` stays the global token mean (tests/dist_hsdp_check.py)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    kw = dict(mp_policy=mp, offload_policy=CPUOffloadPolicy() if cpu_offload else None)
+    kw = dict(mp_policy=mp, offload_policy=CPUOffloadPolicy() if cpu_offload else None, mesh=mesh)
     kw = {k: v for k, v in kw.items() if v is not None}
     for layer in decoder_layers(model):
         fully_shard(layer, **kw)
@@ -263,9 +311,9 @@ def fsdp_wrap(model, device, param_dtype=torch.bfloat16, cpu_offload=False):
 
 
 def build_policy(path, dist_, param_dtype, grad_ckpt=False, cpu_offload=False, trust_remote_code=False,
-                 master_dtype=torch.float32):
+                 master_dtype=torch.float32, replicate=1):
     """Load a model for training: one process -> plain module (autocast in the stage); torchrun ->
-    meta-init on every rank, FSDP2 wrap, rank 0's weights broadcast shard by shard.
+    meta-init on every rank, FSDP2 wrap (HSDP when replicate > 1), rank 0's weights broadcast shard by shard.
 
     Returns (policy, export_dtype): export_dtype is the checkpoint's own dtype, used when saving.
     """
@@ -289,7 +337,7 @@ def build_policy(path, dist_, param_dtype, grad_ckpt=False, cpu_offload=False, t
     if grad_ckpt:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = Policy(hf)
-    fsdp_wrap(policy, dist_.device, param_dtype, cpu_offload)
+    fsdp_wrap(policy, dist_.device, param_dtype, cpu_offload, device_mesh(dist_.device, dist_.world, replicate))
     policy.to_empty(device="cpu" if cpu_offload else dist_.device)
     sd = {f"hf.{k}": v for k, v in full.state_dict().items()} if full is not None else {}
     set_model_state_dict(policy, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
@@ -312,39 +360,70 @@ def _broadcast_obj(obj):
 
 # ------------------------------------------------------------------------------------------------
 # 3. chat rendering (docs/design.md §2: the tokenizer's own template, no system prompt)
+#
+# `chat_kwargs` (the stages' --chat-template-kwargs) are passed to apply_chat_template as template
+# variables: Qwen3's {"enable_thinking": false}, Granite's {"thinking": true}. The three families:
+#   R1-Distill (Qwen2 / Llama): past assistant turns lose everything up to </think>; the generation
+#       prompt ends with "<think>\n", so the model writes only the closing tag
+#   Qwen3: enable_thinking (default true); false ends the generation prompt with an empty
+#       "<think>\n\n</think>\n\n" block
+#   Granite (3.2 / 3.3 / 4.0-tiny-preview): thinking (default false) adds a system turn asking for
+#       reasoning first; the split below handles the formats those model cards document
 
-def render_prompt_text(tok, prompt):
-    return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+# apply_chat_template's own arguments: a template variable of the same name would be swallowed by them
+_RESERVED_CHAT_KWARGS = {"conversation", "tools", "documents", "chat_template", "add_generation_prompt",
+                         "continue_final_message", "tokenize", "padding", "truncation", "max_length",
+                         "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"}
 
 
-def render_prompt(tok, prompt):
+def chat_template_kwargs(text):
+    """argparse type of --chat-template-kwargs: a JSON object -> dict (argparse names the flag on error)."""
+    import argparse
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg} at char {e.pos}): {text!r}") from None
+    if not isinstance(obj, dict):
+        raise argparse.ArgumentTypeError(f"want a JSON object such as '{{\"enable_thinking\": false}}', got {text!r}")
+    bad = sorted(_RESERVED_CHAT_KWARGS & obj.keys())
+    if bad:
+        raise argparse.ArgumentTypeError(f"{bad} are apply_chat_template arguments, not template variables")
+    return obj
+
+
+def render_prompt_text(tok, prompt, chat_kwargs=None):
+    return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True,
+                                   **(chat_kwargs or {}))
+
+
+def render_prompt(tok, prompt, chat_kwargs=None):
     """One user turn, add_generation_prompt=True -> token ids (the template writes any special tokens)."""
-    return tok.encode(render_prompt_text(tok, prompt), add_special_tokens=False)
+    return tok.encode(render_prompt_text(tok, prompt, chat_kwargs), add_special_tokens=False)
 
 
-def end_of_turn(tok):
+def end_of_turn(tok, chat_kwargs=None):
     """The text the template writes right after an assistant message (e.g. '<|im_end|>\\n'); else eos."""
     probe = "\x00PROBE\x00"
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}]
     try:
-        text = tok.apply_chat_template(msgs, tokenize=False)
+        text = tok.apply_chat_template(msgs, tokenize=False, **(chat_kwargs or {}))
         tail = text[text.rindex(probe) + len(probe):]
     except Exception:
         tail = ""
     return tail if tail.strip() else (tok.eos_token or "")
 
 
-def render_sft(tok, prompt, response, max_len=None):
+def render_sft(tok, prompt, response, max_len=None, chat_kwargs=None):
     """SFT target: rendered prompt + the response text + end-of-turn, appended by hand, so templates that
     strip past reasoning (R1-Distill) cannot drop it. Returns (ids, loss_mask) with the mask True on the
     response and end-of-turn tokens. Longer than max_len: the LAST max_len tokens are kept (left truncation,
     as the STAR-1 recipe), so the end of the reasoning, the answer and the end-of-turn stay in the target;
     the prompt's head goes first."""
-    ptext = render_prompt_text(tok, prompt)
+    ptext = render_prompt_text(tok, prompt, chat_kwargs)
     if ptext.rstrip().endswith("<think>") and response.lstrip().startswith("<think>"):
         response = response.lstrip()[len("<think>"):].lstrip("\n")  # the template already opened it
     p_ids = tok.encode(ptext, add_special_tokens=False)
-    r_ids = tok.encode(response + end_of_turn(tok), add_special_tokens=False)
+    r_ids = tok.encode(response + end_of_turn(tok, chat_kwargs), add_special_tokens=False)
     ids, mask = p_ids + r_ids, [False] * len(p_ids) + [True] * len(r_ids)
     if max_len is not None:
         ids, mask = ids[-max_len:], mask[-max_len:]
@@ -455,14 +534,46 @@ def ngrams(text, n=13):
 # ------------------------------------------------------------------------------------------------
 # 5. the reasoning / answer split (docs/design.md §2)
 
+# The formats handled (Granite's from its model cards; no hub access here to re-check them):
+#   "<think>reasoning</think>answer"                   R1-Distill, Qwen3, Granite 3.3 / 4.0 with thinking
+#   "<think>reasoning</think><response>answer</response>"   Granite 3.3 / 4.0-tiny-preview: the tags around
+#                                                      the answer are dropped from it
+#   "Here is my thought process: ... Here is my response: answer"   Granite 3.2 with thinking=True; only
+#                                                      when the text OPENS with the first marker, so an R1
+#                                                      trace that happens to say "Here is my response:"
+#                                                      while still thinking is not cut there
+GRANITE_THOUGHT, GRANITE_RESPONSE = "Here is my thought process:", "Here is my response:"
+
+
+def reasoning_spans(text):
+    """Character spans of the split: ((r0, r1), (a0, a1), think_closed); text[r0:r1] is the reasoning,
+    text[a0:a1] the answer (empty when the thinking never closed). Unstripped: entropy.py maps tokens
+    to segments with these offsets."""
+    lead = len(text) - len(text.lstrip())
+    if text[lead:].startswith(GRANITE_THOUGHT):  # Granite 3.2
+        r0 = lead + len(GRANITE_THOUGHT)
+        cut = text.rfind(GRANITE_RESPONSE, r0)
+        if cut < 0:
+            return (r0, len(text)), (len(text), len(text)), False
+        return (r0, cut), (cut + len(GRANITE_RESPONSE), len(text)), True
+    r0 = lead + len("<think>") if text[lead:].startswith("<think>") else 0
+    cut = text.rfind("</think>")
+    if cut < r0:  # no closing tag (after the opening one): unfinished thinking
+        return (r0, len(text)), (len(text), len(text)), False
+    a0, a1 = cut + len("</think>"), len(text)
+    body = text[a0:]
+    if body.lstrip().startswith("<response>"):  # Granite 3.3 / 4.0
+        a0 += len(body) - len(body.lstrip()) + len("<response>")
+        end = text.rfind("</response>", a0)
+        a1 = end if end >= 0 else a1
+    return (r0, cut), (a0, a1), True
+
+
 def split_reasoning(text):
-    """Split on the LAST </think>: (reasoning minus a leading <think>, answer, think_closed)."""
-    head, sep, tail = text.rpartition("</think>")
-    reasoning = head if sep else text
-    reasoning = reasoning.strip()
-    if reasoning.startswith("<think>"):
-        reasoning = reasoning[len("<think>"):]
-    return reasoning.strip(), tail.strip() if sep else "", bool(sep)
+    """Split on the LAST </think> (or Granite's markers, above): (reasoning minus a leading <think>,
+    answer, think_closed), both stripped."""
+    (r0, r1), (a0, a1), closed = reasoning_spans(text)
+    return text[r0:r1].strip(), text[a0:a1].strip(), closed
 
 
 # ------------------------------------------------------------------------------------------------

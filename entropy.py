@@ -74,13 +74,11 @@ HIST_BINS = 60
 # --- reflection detection (pure, on token strings) --------------------------------------------------
 
 def segment_masks(text, offsets):
-    """Reasoning / answer membership of each token, from its (start, end) char span in `text`."""
-    cut = text.rfind("</think>")
-    start = 0
-    if text.lstrip().startswith("<think>"):
-        start = len(text) - len(text.lstrip()) + len("<think>")
-    reasoning = [s >= start and e > s and (cut < 0 or e <= cut) for s, e in offsets]
-    answer = [cut >= 0 and s >= cut + len("</think>") for s, e in offsets]
+    """Reasoning / answer membership of each token, from its (start, end) char span in `text` and the
+    spans of common.split_reasoning (every family's format)."""
+    (r0, r1), (a0, a1), _ = common.reasoning_spans(text)
+    reasoning = [s >= r0 and e > s and e <= r1 for s, e in offsets]
+    answer = [s >= a0 and e > s and e <= a1 for s, e in offsets]
     return reasoning, answer
 
 
@@ -352,6 +350,8 @@ def main():
     p.add_argument("--mem-m", type=int, default=32, help="memorization: greedy tokens that must match exactly")
     p.add_argument("--mem-limit", type=int, default=0, help="memorization: first N rows only (0 = all)")
     p.add_argument("--mem-max-len", type=int, default=8192, help="memorization: truncate prompt+response to this many tokens")
+    p.add_argument("--chat-template-kwargs", type=common.chat_template_kwargs, default=None, metavar="JSON",
+                   help="template variables for apply_chat_template when rendering the prompts (as generated)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
     args = p.parse_args()
     words = {w.strip() for w in args.words.split(",") if w.strip()}
@@ -383,7 +383,7 @@ def main():
         model = common.load_model(mpath, dtype, dist.device, trust_remote_code=args.trust_remote_code).eval()
         edges[mname] = np.linspace(0.0, math.log(model.get_output_embeddings().weight.shape[0]), HIST_BINS + 1)
         for dname, (recs, temp) in data.items():
-            prompts = [common.render_prompt(tok, r["prompt"]) for r in recs]
+            prompts = [common.render_prompt(tok, r["prompt"], args.chat_template_kwargs) for r in recs]
             encs = [tok(r["completion"], add_special_tokens=False, return_offsets_mapping=True) for r in recs]
             items = [i for i in range(len(recs)) if encs[i]["input_ids"]]
             batches = shard_batches(items, [len(prompts[i]) + len(encs[i]["input_ids"]) for i in items],
@@ -395,10 +395,11 @@ def main():
                     r = recs[i]
                     head = {"model": mname, "dataset": dname, "row": r["row"], "id": r.get("id"),
                             "sample": r.get("sample"), "benchmark": r.get("benchmark"), "temperature": temp,
-                            "think_closed": "</think>" in r["completion"], "score": r.get("score")}
+                            "think_closed": common.split_reasoning(r["completion"])[2], "score": r.get("score")}
                     results.append({**head, **score_record(r, ent, encs[i], words, args.match, edges[mname])})
         # memorization: response tokens of the SFT target, temperature 1, greedy window [k, k+m)
-        seqs = [common.render_sft(tok, r["prompt"], r["response"], args.mem_max_len) for r in mem_rows]
+        seqs = [common.render_sft(tok, r["prompt"], r["response"], args.mem_max_len, args.chat_template_kwargs)
+                for r in mem_rows]
         starts = [mask.index(True) if True in mask else len(ids) for ids, mask in seqs]
         items = [i for i in range(len(seqs)) if 0 < starts[i] < len(seqs[i][0])]
         win, need = slice(args.mem_k, args.mem_k + args.mem_m), args.mem_k + args.mem_m

@@ -246,7 +246,7 @@ def generate_api(jobs, args, tok, backoff=1.0):
     stop = _stop_ids_without_model(tok, args.model)
 
     def one(j):
-        body = {"model": args.api_model, "prompt": common.render_prompt(tok, j["prompt"]), "n": 1,
+        body = {"model": args.api_model, "prompt": common.render_prompt(tok, j["prompt"], args.chat_template_kwargs), "n": 1,
                 "max_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
                 "seed": args.seed * 1_000_003 + j["_i"], "stop_token_ids": stop, "skip_special_tokens": False}
         d = http_post(url, body, key, backoff=backoff)
@@ -457,6 +457,8 @@ def eval_parser():
     p.add_argument("--api-model", default=None, help="model name sent to --api-url")
     p.add_argument("--api-key-env", default=None, help="environment variable holding the --api-url key (none by default)")
     p.add_argument("--train-data", default=None, help="training set (file or hub id) for the 13-gram overlap report")
+    p.add_argument("--chat-template-kwargs", type=common.chat_template_kwargs, default=None, metavar="JSON",
+                   help='template variables for the policy\'s apply_chat_template, e.g. \'{"enable_thinking": true}\'')
     add_grader_args(p)
     return p
 
@@ -498,6 +500,7 @@ def settings(args, tok, names, data, samples, world):
             "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
             "seed": args.seed, "batch_size": args.batch_size, "world_size": world,
             "chat_template_sha256": hashlib.sha256((tok.chat_template or "").encode()).hexdigest(),
+            "chat_template_kwargs": args.chat_template_kwargs,
             "safety_rm": args.safety_rm if "attaq" in names else None,
             "judge": (args.judge or (f"{args.judge_model} @ {args.judge_url}" if args.judge_url else None))
             if "airbench" in names else None,

@@ -94,7 +94,7 @@ class RewardModel:
     """Load once, score many: `RewardModel(path).score(prompts, completions)` -> (N,) float32 raw logits."""
 
     def __init__(self, path, device="cpu", dtype=None, max_len=None, batch_size=8, quant=None,
-                 style="auto", trust_remote_code=False):
+                 style="auto", trust_remote_code=False, chat_kwargs=None):
         from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
         self.device = torch.device(device)
         self.tok = common.load_tokenizer(path, trust_remote_code, require_chat_template=False)
@@ -127,13 +127,14 @@ class RewardModel:
         self.max_len = max_len or (512 if self.style == "pair" else min(limit, 8192))
         self.batch_size = batch_size
         self.name = str(path)
+        self.chat_kwargs = chat_kwargs  # variables of the RM's own template (reward.py --chat-template-kwargs)
 
     def _ids(self, prompt, response):
         if self.style == "pair":
             return self.tok(prompt, response, add_special_tokens=True)["input_ids"]
         # prompt through the RM's template, response + end-of-turn appended by hand: templates that
         # strip past reasoning (R1-Distill style) would otherwise hide it from the RM (docs/design.md §2)
-        return common.render_sft(self.tok, prompt, response)[0]
+        return common.render_sft(self.tok, prompt, response, chat_kwargs=self.chat_kwargs)[0]
 
     def encode(self, prompt, completion, score_on="full"):
         """Token ids of one (prompt, completion) under the truncation rule (module docstring)."""
@@ -321,6 +322,8 @@ def main(argv=None):
     p.add_argument("--rm-style", default="auto", choices=["auto", "chat", "pair"],
                    help="chat template vs (question, answer) text pair; auto: chat iff the RM has a template")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="RM dtype (default bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--chat-template-kwargs", type=common.chat_template_kwargs, default=None, metavar="JSON",
+                   help="template variables for the RM's own apply_chat_template (--rm-style chat)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
     args = p.parse_args(argv)
     try:
@@ -339,7 +342,8 @@ def main(argv=None):
         if args.reward_model:
             device = "cuda" if torch.cuda.is_available() else "cpu"
             rm = RewardModel(args.reward_model, device, common.pick_dtype(args.dtype, device), args.rm_max_len,
-                             args.rm_batch_size, args.rm_quant, args.rm_style, args.trust_remote_code)
+                             args.rm_batch_size, args.rm_quant, args.rm_style, args.trust_remote_code,
+                             args.chat_template_kwargs)
             logits = rm.score([r["prompt"] for r in recs], [r["completion"] for r in recs], args.score_on)
             for d, x in zip(parts, logits.tolist()):
                 d["rm"] = x

@@ -42,6 +42,10 @@ Commands:
   torchrun --nproc_per_node 8 rl.py --model deepseek-ai/DeepSeek-R1-Distill-Qwen-7B \\
       --prompts UCSC-VLAA/STAR-1 --reward-model Skywork/Skywork-Reward-V2-Llama-3.1-8B \\
       --out out/rl-7b --grad-checkpointing --max-new-tokens 4096
+  # two nodes x 8 GPUs, HSDP (one replica per node by default): run on each node, --node-rank 0 / 1
+  torchrun --nnodes 2 --node-rank 0 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST0:29500 \\
+      rl.py --model deepseek-ai/DeepSeek-R1-Distill-Qwen-32B --prompts UCSC-VLAA/STAR-1 \\
+      --reward-model Skywork/Skywork-Reward-V2-Llama-3.1-8B --out out/rl-32b --grad-checkpointing
 """
 import argparse
 import os
@@ -49,8 +53,9 @@ import time
 
 import torch
 
-from common import (DataError, Logger, UsageError, all_reduce, build_optimizer, build_policy, cosine_lr, die, finish,
-                    gather_objects, init_dist, load_pairs, load_state, load_tokenizer, pick_dtype, positions_from_mask,
+from common import (DataError, Logger, UsageError, all_reduce, build_optimizer, build_policy, chat_template_kwargs,
+                    cosine_lr, die, finish, gather_objects, hsdp_replicas, init_dist, load_pairs, load_state,
+                    load_tokenizer, pick_dtype, positions_from_mask,
                     print0, read_table, render_prompt, save_hf, save_state, seed_everything, split_reasoning,
                     stop_token_ids, write_json, append_jsonl)
 import engine
@@ -247,6 +252,8 @@ def get_args(argv=None):
     a("--prompts", required=True, help="prompts: hub id (id[:config]:split) or .jsonl/.json/.csv/.parquet")
     a("--out", required=True, help="output dir: HF checkpoint, args.json, metrics.jsonl, state/, rollouts/")
     a("--prompt-field", default=None, help="column holding the prompt (default: detected)")
+    a("--chat-template-kwargs", type=chat_template_kwargs, default=None, metavar="JSON",
+      help='template variables for the policy\'s apply_chat_template, e.g. \'{"enable_thinking": true}\'')
     a("--gold-field", default=None, help="column holding the gold answer for --rule math")
     a("--max-steps", type=int, default=500, help="RL steps (rollout + update); the LR schedule spans them")
     a("--stop-at", type=int, default=None, help="stop after this step (resume later with --resume)")
@@ -283,6 +290,8 @@ def get_args(argv=None):
     a("--ref-offload", action="store_true", help="keep the frozen reference model on the CPU")
     a("--grad-checkpointing", action="store_true", help="activation checkpointing per layer")
     a("--cpu-offload", action="store_true", help="FSDP2 CPU offload of the policy")
+    a("--replicate", type=int, default=None, help="HSDP: N replicas, each sharding over world/N ranks "
+      "(default: one per node when torchrun spans nodes, else 1 = flat FSDP2)")
     a("--dtype", default=None, choices=["bf16", "fp32"], help="compute dtype (default: bf16 on CUDA, fp32 on CPU)")
     a = p.add_argument_group("checkpoints and logging").add_argument
     a("--resume", action="store_true", help="continue from OUT/state")
@@ -325,7 +334,7 @@ def load_prompts(args, tok, rules):
     for r in rows:
         if raw and gold_field not in raw[r["row"] - 1]:
             raise DataError(f"{args.prompts}: row {r['row']}: missing field '{gold_field}' (needed by --rule math)")
-        r["prompt_ids"] = render_prompt(tok, r["prompt"])
+        r["prompt_ids"] = render_prompt(tok, r["prompt"], args.chat_template_kwargs)
         r["gold"] = str(raw[r["row"] - 1][gold_field]) if raw else None
     if len(rows) < args.rollout_batch:
         raise DataError(f"{args.prompts}: {len(rows)} prompts, fewer than --rollout-batch {args.rollout_batch}")
@@ -390,7 +399,8 @@ def build_reference(args, d, dtype):
     if args.kl_coef == 0:
         return None
     ref, _ = build_policy(args.model, d, dtype, cpu_offload=args.ref_offload and d.world > 1,
-                          trust_remote_code=args.trust_remote_code, master_dtype=dtype if d.world > 1 else torch.float32)
+                          trust_remote_code=args.trust_remote_code, master_dtype=dtype if d.world > 1 else torch.float32,
+                          replicate=hsdp_replicas(args.replicate, d.world))
     ref.eval().requires_grad_(False)
     if args.ref_offload and d.world == 1:
         ref.to("cpu")
@@ -474,6 +484,7 @@ def main(argv=None):
     # --------------------------------------------------------------------------- compute init
     d = init_dist()
     check_args(args, d.world)
+    replicate = hsdp_replicas(args.replicate, d.world)
     seed_everything(args.seed)
     dtype = pick_dtype(args.dtype, d.device)
     rules = rw.RuleReward(args.rule) if args.rule else None
@@ -484,7 +495,7 @@ def main(argv=None):
 
     # --------------------------------------------------------------------------- models
     policy, export_dtype = build_policy(args.model, d, dtype, args.grad_checkpointing, args.cpu_offload,
-                                        args.trust_remote_code)
+                                        args.trust_remote_code, replicate=replicate)
     ref = build_reference(args, d, dtype)
     if disable_dropout(policy) + (disable_dropout(ref) if ref is not None else 0):
         print0("rl: dropout set to 0 in the policy and the reference (π_old, π and π_ref must be deterministic)")
@@ -494,7 +505,7 @@ def main(argv=None):
     warmup = max(1, round(args.warmup_ratio * args.max_steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, args.max_steps, warmup))
     autocast = torch.autocast(d.device.type, dtype=dtype, enabled=(d.world == 1 and dtype != torch.float32))
-    stops, n = stop_token_ids(tok, policy.hf), args.samples_per_prompt
+    stops, n = stop_token_ids(tok, policy.hf, args.chat_template_kwargs), args.samples_per_prompt
     reflect_seqs = reflection_ids(tok, args.reflection_words)
     think_end = tok.convert_tokens_to_ids("</think>") if "</think>" in tok.get_vocab() else None
 

@@ -16,7 +16,8 @@ Deviations and choices:
      </think> from past assistant turns, which would silently drop the reasoning from the target.
   2. Samples are packed into rows of --max-len tokens; position ids restart per sample and no
      attention mask is passed, which makes transformers build a block-diagonal causal mask (attention
-     never crosses samples). tests/test_sft.py checks packed == unpacked loss.
+     never crosses samples). tests/test_families.py checks packed == unpacked loss per family; model
+     types where that fails (GraniteMoeHybrid: Mamba state crosses samples) train unpacked, logged.
   3. The loss never materialises logits: hidden states go through the fused, vocab-chunked lm_head
      kernel (kernels/logprobs.py), which also gives the token entropy for free (logged).
   4. The LR schedule spans --epochs, or --max-steps N when given (it overrides --epochs, as in Hugging
@@ -31,6 +32,10 @@ Commands:
   torchrun --nproc_per_node 8 sft.py --model deepseek-ai/DeepSeek-R1-Distill-Qwen-7B \\
       --data UCSC-VLAA/STAR-1 --out out/sft-7b --grad-checkpointing \\
       --decontaminate ibm-research/AttaQ
+  # two nodes x 8 GPUs, HSDP (shard inside a node, replicate across): run on each node, --node-rank 0 / 1
+  torchrun --nnodes 2 --node-rank 0 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST0:29500 \\
+      sft.py --model deepseek-ai/DeepSeek-R1-Distill-Qwen-32B --data UCSC-VLAA/STAR-1 --out out/sft-32b \\
+      --grad-checkpointing            # --replicate 2 is the default here: one replica per node
 """
 import argparse
 import math
@@ -39,9 +44,10 @@ import time
 
 import torch
 
-from common import (DataError, Logger, UsageError, all_reduce, build_optimizer, build_policy, cosine_lr, die, finish,
-                    init_dist, load_pairs, load_tokenizer, ngrams, pick_dtype, print0, render_sft, save_hf,
-                    save_state, load_state, seed_everything, write_json)
+from common import (DataError, Logger, UsageError, all_reduce, build_optimizer, build_policy, chat_template_kwargs,
+                    cosine_lr, die, finish, hsdp_replicas, init_dist, load_pairs, load_tokenizer, ngrams,
+                    packing_exact, pick_dtype, print0, render_sft, save_hf, save_state, load_state, seed_everything,
+                    write_json)
 
 
 def get_args(argv=None):
@@ -62,7 +68,8 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=128, help="global sequences per optimizer step")
     p.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward on each rank")
     p.add_argument("--max-len", type=int, default=8192, help="max tokens per sample, its last ones kept (and per packed row)")
-    p.add_argument("--no-pack", action="store_true", help="one sample per row instead of packing")
+    p.add_argument("--no-pack", action="store_true", help="one sample per row instead of packing (automatic for "
+                   "model types that cannot keep packed samples apart: common.PACKING_EXACT)")
     p.add_argument("--full-sequence", action="store_true", help="loss on every token, prompt included")
     p.add_argument("--decontaminate", default=None, help="FILE[,FILE]: drop rows sharing a 13-gram with their prompts")
     p.add_argument("--seed", type=int, default=0, help="seed for data order and init")
@@ -70,6 +77,10 @@ def get_args(argv=None):
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing per layer")
     p.add_argument("--cpu-offload", action="store_true", help="FSDP2 CPU offload of params/grads/optimizer")
+    p.add_argument("--replicate", type=int, default=None, help="HSDP: N replicas, each sharding over world/N ranks "
+                   "(default: one per node when torchrun spans nodes, else 1 = flat FSDP2)")
+    p.add_argument("--chat-template-kwargs", type=chat_template_kwargs, default=None, metavar="JSON",
+                   help='template variables for apply_chat_template, e.g. \'{"enable_thinking": false}\'')
     p.add_argument("--optim", default="adamw", choices=["adamw", "adamw8bit"], help="optimizer")
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (after the reduction)")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="compute dtype (bf16 on CUDA, fp32 on CPU)")
@@ -138,6 +149,7 @@ def main(argv=None):
     dtype = pick_dtype(args.dtype, d.device)
     if args.batch_size < 1 or args.micro_batch_size < 1:
         raise UsageError("--batch-size and --micro-batch-size must be >= 1")
+    replicate = hsdp_replicas(args.replicate, d.world)
 
     # --------------------------------------------------------------------------- data (validated first)
     tok = load_tokenizer(args.model, args.trust_remote_code)
@@ -147,7 +159,7 @@ def main(argv=None):
         print0(f"decontaminate: dropped {len(dropped)} rows sharing a 13-gram with {args.decontaminate}: {dropped}")
     examples, too_long = [], []
     for r in rows:
-        ids, mask = render_sft(tok, r["prompt"], r["response"], args.max_len)
+        ids, mask = render_sft(tok, r["prompt"], r["response"], args.max_len, args.chat_template_kwargs)
         if args.full_sequence:
             mask = [True] * len(ids)
         (examples if any(mask[1:]) else too_long).append((ids, mask))
@@ -162,8 +174,12 @@ def main(argv=None):
 
     # --------------------------------------------------------------------------- model + optimizer
     policy, export_dtype = build_policy(args.model, d, dtype, args.grad_checkpointing, args.cpu_offload,
-                                        args.trust_remote_code)
+                                        args.trust_remote_code, replicate=replicate)
     policy.train()
+    packed = not args.no_pack and packing_exact(policy.hf.config)
+    if not args.no_pack and not packed:
+        print0(f"packing off: model type {policy.hf.config.model_type!r} is not known to keep packed samples apart "
+               f"(common.PACKING_EXACT); one sample per row")
     opt = build_optimizer(policy.parameters(), args.optim, args.lr, tuple(args.betas), args.weight_decay, d.device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total, warmup))
     # One process keeps fp32 weights and autocasts; under FSDP2 the mixed-precision policy does it.
@@ -174,8 +190,8 @@ def main(argv=None):
         os.makedirs(args.out, exist_ok=True)
         write_json(os.path.join(args.out, "args.json"), vars(args))
     log = Logger(args.out, total, args.wandb, vars(args))
-    print0(f"sft: {len(examples)} examples, {spe} steps/epoch, {total} steps (stop at {stop}), world {d.world}, "
-           f"dtype {dtype}")
+    print0(f"sft: {len(examples)} examples, {spe} steps/epoch, {total} steps (stop at {stop}), world {d.world}"
+           f"{f' (HSDP {replicate} x {d.world // replicate})' if replicate > 1 else ''}, dtype {dtype}")
 
     # --------------------------------------------------------------------------- loop
     while step < stop:
@@ -192,7 +208,7 @@ def main(argv=None):
         for j in range(n_micro):
             micro = mine[j * args.micro_batch_size:(j + 1) * args.micro_batch_size]
             weight = 1.0 if micro else 0.0
-            ids, pos, tgt, lmask = collate(pack(micro or batch[:1], args.max_len, not args.no_pack),
+            ids, pos, tgt, lmask = collate(pack(micro or batch[:1], args.max_len, packed),
                                            tok.pad_token_id, d.device)
             with autocast:
                 logp, ent = policy(ids, position_ids=pos, targets=tgt)  # (R, L) each

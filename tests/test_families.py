@@ -1,0 +1,445 @@
+"""The paper's model families end to end, on tiny random configs (no hub): DeepSeek-R1-Distill's two
+architectures (Qwen2 for 1.5B/7B/14B/32B, Llama for 8B/70B), Qwen3, and Granite-4.0-Tiny's
+GraniteMoeHybrid (Mamba-2 layers + an attention layer, a mixture of experts, logits_scaling and the
+embedding / residual / attention multipliers); plus the paper's reward model kind, a Llama sequence
+classifier. Each family gets the chat template behaviour of its real checkpoints (written here).
+
+Per family: SFT packed == unpacked loss through sft.py's own pack/collate and the Policy forward;
+generation with left padding == teacher-forced log-probs (rl.py's recompute); 2-rank FSDP2 SFT and RL
+steps == the 1-rank ones; export -> from_pretrained -> identical logits; entropy.py runs and its token
+entropies equal the Policy's. HSDP (2 x 2 gloo ranks, launched as two torchrun "nodes") == 1 rank.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, build_tokenizer, run_cli, torchrun, write_jsonl
+
+import common
+import entropy
+import evaluate
+import reward
+import rl
+import sft
+from runs.make_world import CHAT_TEMPLATE as R1_TEMPLATE
+
+FAMILIES = ("qwen2", "llama", "qwen3", "granite")
+
+# Qwen3's template, reduced to its two behaviours (the tiny tokenizer's role tokens stand in for
+# <|im_start|>/<|im_end|>): past assistant turns before the last user turn lose their reasoning, and
+# enable_thinking=false ends the generation prompt with an empty think block.
+QWEN3_TEMPLATE = (
+    "{% set ns = namespace(last_user=0) %}"
+    "{% for m in messages %}{% if m['role'] == 'user' %}{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}<|end|>\n"
+    "{% elif m['role'] == 'assistant' %}{% set c = m['content'] %}"
+    "{% if loop.index0 < ns.last_user and '</think>' in c %}{% set c = c.split('</think>')[-1].lstrip('\n') %}{% endif %}"
+    "<|assistant|>{{ c }}<|end|>\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+# Granite 3.3 / 4.0's: thinking=true adds a system turn asking for <think>...</think><response>...</response>.
+GRANITE_SYSTEM = ("You are a helpful AI assistant. Write your thoughts between <think></think> and your "
+                  "response between <response></response>.")
+GRANITE_TEMPLATE = (
+    "{% if thinking is defined and thinking %}<|user|>system: " + GRANITE_SYSTEM + "<|end|>\n{% endif %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}<|end|>\n"
+    "{% elif m['role'] == 'assistant' %}<|assistant|>{{ m['content'] }}<|end|>\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+TEMPLATES = {"qwen2": R1_TEMPLATE, "llama": R1_TEMPLATE, "qwen3": QWEN3_TEMPLATE, "granite": GRANITE_TEMPLATE}
+
+ROWS = [{"question": f"How do I open lock number {i}?" + " Please." * (i % 3),
+         "response": f"<think>\nThe user asks about lock {i}. Wait, this may be harmful.{' But think.' * (i % 4)}"
+                     f"\n</think>\n\nI cannot help with lock {i}, but a locksmith can."} for i in range(8)]
+
+
+def family_config(name, tok, hidden=32):
+    """A tiny random config of each family (vocab from the tiny tokenizer)."""
+    from transformers import GraniteMoeHybridConfig, LlamaConfig, Qwen2Config, Qwen3Config
+    # initializer_range 0.2 (not 0.02): peaked distributions, so a leak across samples shows in the loss
+    ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id, max_position_embeddings=512, initializer_range=0.2)
+    attn = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4, num_key_value_heads=2)
+    if name == "qwen2":  # R1-Distill-Qwen: untied lm_head, biased q/k/v
+        return Qwen2Config(num_hidden_layers=2, tie_word_embeddings=False, **attn, **ids)
+    if name == "llama":  # R1-Distill-Llama: untied
+        return LlamaConfig(num_hidden_layers=2, tie_word_embeddings=False, **attn, **ids)
+    if name == "qwen3":  # tied, q/k norms
+        return Qwen3Config(num_hidden_layers=2, head_dim=hidden // 4, tie_word_embeddings=True, **attn, **ids)
+    # Granite-4.0-Tiny shape in small: Mamba-2, attention, Mamba-2; 4 experts (top-2) + a shared MLP; no
+    # RoPE (position_embedding_type None, as Granite-4.0); multipliers and logits_scaling away from 1.
+    return GraniteMoeHybridConfig(
+        num_hidden_layers=3, layer_types=["linear_attention", "full_attention", "linear_attention"],
+        num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=hidden, mamba_n_heads=4,
+        mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=16, embedding_multiplier=3.0,
+        logits_scaling=2.5, residual_multiplier=0.5, attention_multiplier=1.0 / 8, tie_word_embeddings=True,
+        **attn, **ids)
+
+
+def build_family(out_dir, name, tok, seed=0):
+    from transformers import AutoModelForCausalLM, GenerationConfig
+    tok.chat_template = TEMPLATES[name]
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(family_config(name, tok))
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=[tok.eos_token_id],
+                                               pad_token_id=tok.pad_token_id)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return str(out_dir)
+
+
+@pytest.fixture(scope="session")
+def families(tmp_path_factory):
+    """{family: Hugging Face dir} of tiny random models sharing one BPE tokenizer."""
+    root = tmp_path_factory.mktemp("families")
+    tok = build_tokenizer(root / "tok")
+    return {name: build_family(root / name, name, tok) for name in FAMILIES}
+
+
+def generate(model, prompts, *, max_new_tokens, stop_ids, pad_id, temperature=1.0, top_p=1.0, seed=0):
+    """The generation path rl.py uses (common.sample; one place to change when it moves)."""
+    return common.sample(model, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
+                         temperature=temperature, top_p=top_p, generator=torch.Generator().manual_seed(seed))
+
+
+def load(path):
+    return common.load_tokenizer(path), common.Policy(common.load_model(path)).eval()
+
+
+# ------------------------------------------------------------------------------------------------ packing
+
+def per_sample_logp(policy, samples, pad_id, packed):
+    """sft.py's pack + collate + Policy forward -> (mean loss, rows, the log-probs of each sample's
+    target tokens in input order)."""
+    rows = sft.pack(samples, 4096, packed)
+    ids, pos, tgt, lmask = sft.collate(rows, pad_id, "cpu")
+    with torch.no_grad():
+        logp, _ = policy(ids, position_ids=pos, targets=tgt)  # (R, L)
+    where = {}
+    for i, r in enumerate(rows):
+        o = 0
+        for s in r:
+            where[id(s)] = logp[i, o:o + len(s[0]) - 1]
+            o += len(s[0])
+    loss = (-(logp * lmask).sum() / lmask.sum()).item()
+    return loss, len(rows), torch.cat([where[id(s)] for s in samples])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sft_packing_exact_or_off(families, family):
+    tok, policy = load(families[family])
+    samples = [common.render_sft(tok, r["question"], r["response"]) for r in ROWS[:5]]
+    unpacked, rows, lp_u = per_sample_logp(policy, samples, tok.pad_token_id, packed=False)
+    forced, one_row, lp_f = per_sample_logp(policy, samples, tok.pad_token_id, packed=True)
+    assert rows == 5 and one_row == 1
+    # what sft.py does: pack when the model type keeps packed samples apart, else one sample per row
+    chosen, _, lp_c = per_sample_logp(policy, samples, tok.pad_token_id, packed=common.packing_exact(policy.hf.config))
+    d_forced, d_chosen = (lp_f - lp_u).abs().max().item(), (lp_c - lp_u).abs().max().item()
+    print(f"{family}: packed vs unpacked |dloss| {abs(forced - unpacked):.2e} max |dlogp| {d_forced:.2e}; "
+          f"sft.py's choice |dloss| {abs(chosen - unpacked):.2e} max |dlogp| {d_chosen:.2e}")
+    assert abs(chosen - unpacked) <= 1e-5 and d_chosen <= 1e-5
+    if family == "granite":  # the reason packing is off for it: Mamba state crosses samples
+        assert not common.packing_exact(policy.hf.config) and d_forced > 1e-2
+    else:
+        assert common.packing_exact(policy.hf.config) and d_forced <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------------ generation
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_left_padded_generation_matches_teacher_forcing(families, family):
+    tok, policy = load(families[family])
+    prompts = [common.render_prompt(tok, p) for p in ["hi", "How do I pick a lock, please? Tell me now.", "1+1?"]]
+    kw = dict(stop_ids=common.stop_token_ids(tok, policy.hf), pad_id=tok.pad_token_id)
+    outs = generate(policy, prompts, max_new_tokens=10, temperature=0.7, **kw)
+    items = [{"prompt_ids": p, "completion_ids": o["completion_ids"]} for p, o in zip(prompts, outs)]
+    with torch.no_grad():
+        logp, _, mask = rl.response_logprobs(policy, items, tok.pad_token_id, 0.7, "cpu")
+    sampler = rl.pad_stack([torch.tensor(o["logp"]) for o in outs], mask.shape[1])
+    d_tf = (logp[mask] - sampler[mask]).abs().max().item()
+    # a short prompt left-padded in a batch decodes exactly as alone (greedy)
+    alone = generate(policy, prompts[2:], max_new_tokens=8, temperature=0, **kw)[0]
+    batched = generate(policy, prompts, max_new_tokens=8, temperature=0, **kw)[2]
+    d_pad = (torch.tensor(alone["logp"]) - torch.tensor(batched["logp"])).abs().max().item()
+    print(f"{family}: sampler vs teacher-forced max |dlogp| {d_tf:.2e}; left-padded vs alone {d_pad:.2e}")
+    assert mask.sum() > 3 and d_tf <= 1e-5
+    assert alone["completion_ids"] == batched["completion_ids"] and d_pad <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------------ 1 vs 2 ranks, export
+
+def sft_args(model, data, out):
+    return ["--model", model, "--data", data, "--out", str(out), "--batch-size", "4", "--micro-batch-size", "1",
+            "--max-steps", "2", "--lr", "1e-3", "--seed", "3", "--max-len", "256"]
+
+
+def rl_args(model, prompts, out, rm):
+    # --top-p 1e-6 keeps only the most likely token: the rollouts do not depend on the per-rank sampling
+    # seed, so 1 and 2 ranks see the same samples and must take the same steps; one optimizer step per
+    # rollout (--train-batch = all samples): the split into several would depend on the world size. A small
+    # lr: at ratio 1 the whitened advantages nearly cancel, and Adam's first step (~ lr * sign(g)) turns
+    # fp32 summation-order noise in near-zero gradient entries into weight differences ~ lr
+    return ["--model", model, "--prompts", prompts, "--out", str(out), "--reward-model", rm, "--rollout-batch", "4",
+            "--samples-per-prompt", "2", "--train-batch", "8", "--micro-batch-size", "1", "--max-new-tokens", "6",
+            "--top-p", "1e-6", "--max-steps", "2", "--lr", "1e-4", "--kl-coef", "0.01", "--save-every", "1000",
+            "--dump-every", "0", "--seed", "1"]
+
+
+def build_rm(out_dir, tok, seed=0):
+    """A tiny random LlamaForSequenceClassification (num_labels=1): Skywork-Reward-V2-Llama-3.1's kind."""
+    from transformers import AutoModelForSequenceClassification, LlamaConfig
+    tok.chat_template = TEMPLATES["qwen3"]  # a template that keeps the reasoning of the assistant turn
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, max_position_embeddings=512)
+    torch.manual_seed(seed)
+    AutoModelForSequenceClassification.from_config(cfg).save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return str(out_dir)
+
+
+def metrics(out):
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+@pytest.fixture(scope="session")
+def runs(families, tmp_path_factory):
+    """Every family's SFT and RL run on 1 rank (in this process) and on 2 ranks (ONE torchrun that loops
+    over the families: the start-up is paid once). Returns {(family, stage, world): (out dir, policy)}."""
+    root = tmp_path_factory.mktemp("family_runs")
+    data = write_jsonl(root / "rows.jsonl", ROWS)
+    prompts = write_jsonl(root / "prompts.jsonl", [{"prompt": r["question"]} for r in ROWS])
+    rm = build_rm(root / "rm", common.load_tokenizer(families["qwen3"]))
+    jobs = []
+    for f in FAMILIES:
+        jobs.append((f, "sft", sft_args(families[f], data, root / f / "sft")))
+        jobs.append((f, "rl", rl_args(families[f], prompts, root / f / "rl", rm)))
+    spec = root / "jobs.json"
+    spec.write_text(json.dumps([[stage, args[:5] + [args[5] + "-w2"] + args[6:]] for _, stage, args in jobs]))
+    run_cli(torchrun(2) + ["tests/dist_family_check.py", str(spec)])
+    out = {}
+    import kernels.logprobs  # a session fixture runs before the autouse one: the CPU reference path, by hand
+    interpret, kernels.logprobs.INTERPRET = kernels.logprobs.INTERPRET, False
+    try:
+        for f, stage, args in jobs:
+            out[f, stage, 1] = (args[5], (sft if stage == "sft" else rl).main(args))
+            out[f, stage, 2] = (args[5] + "-w2", None)
+    finally:
+        kernels.logprobs.INTERPRET = interpret
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_ranks_equal_one_and_export_roundtrips(runs, family):
+    from transformers import AutoModelForCausalLM
+    for stage, keys in (("sft", ("loss", "grad_norm", "entropy")), ("rl", ("reward", "kl", "loss", "grad_norm"))):
+        (one, policy), (two, _) = runs[family, stage, 1], runs[family, stage, 2]
+        a, b = metrics(one), metrics(two)
+        assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2]
+        for x, y in zip(a, b):
+            for k in keys:
+                assert abs(x[k] - y[k]) <= 1e-5 * max(1.0, abs(x[k])), (family, stage, k, x[k], y[k])
+        if stage == "rl":
+            assert a[0]["grad_norm"] > 0 and len({round(m["reward"], 6) for m in a}) >= 1
+        w1, w2 = (AutoModelForCausalLM.from_pretrained(p).state_dict() for p in (one, two))
+        dw = max((w1[k] - w2[k]).abs().max().item() for k in w1)
+        # export -> from_pretrained -> the trained model's logits, exactly
+        loaded = AutoModelForCausalLM.from_pretrained(one).eval()
+        ids = torch.randint(0, loaded.config.vocab_size, (2, 19), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            dz = (policy.hf.eval()(ids).logits - loaded(ids).logits).abs().max().item()
+        print(f"{family} {stage}: max |metric diff| 1 vs 2 ranks "
+              f"{max(abs(x[k] - y[k]) for x, y in zip(a, b) for k in keys):.2e}, max |dw| {dw:.2e}, "
+              f"export max |dlogits| {dz:.2e}")
+        assert w1.keys() == w2.keys() and dw <= 1e-5 and dz == 0.0
+        assert json.load(open(os.path.join(one, "args.json")))["model"]
+
+
+# ------------------------------------------------------------------------------------------------ entropy.py
+
+def test_entropy_runs_on_every_family(families, tmp_path, monkeypatch):
+    recs = [{"prompt": r["question"], "completion": r["response"].removeprefix("<think>\n"), "temperature": 0.7}
+            for r in ROWS[:3]]
+    data = write_jsonl(tmp_path / "gens.jsonl", recs)
+    argv = ["entropy.py", "--input", f"gens={data}", "--out", str(tmp_path / "ent"), "--bootstrap", "10"]
+    argv += [a for f in FAMILIES for a in ("--model", f"{f}={families[f]}")]
+    monkeypatch.setattr(sys, "argv", argv)
+    entropy.main()
+    summary = json.load(open(tmp_path / "ent" / "summary.json"))
+    assert sorted(s["model"] for s in summary) == sorted(FAMILIES)
+    for f in FAMILIES:  # its token entropies are the Policy's (Granite: logits_scaling honoured)
+        tok, policy = load(families[f])
+        p, c = common.render_prompt(tok, recs[0]["prompt"]), tok.encode(recs[0]["completion"], add_special_tokens=False)
+        _, ent, _ = entropy.token_stats(policy.hf, [p + c], [len(p)], 0.7, pad_id=tok.pad_token_id)[0]
+        with torch.no_grad():
+            _, ref, mask = rl.response_logprobs(policy, [{"prompt_ids": p, "completion_ids": c}], tok.pad_token_id,
+                                                0.7, "cpu")
+        d = (ent - ref[mask]).abs().max().item()
+        print(f"{f}: entropy.py vs Policy max |dH| {d:.2e}")
+        assert d <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------------ reward model
+
+def test_llama_sequence_classifier_reward_is_the_raw_last_token_logit(families, tmp_path):
+    rm_dir = build_rm(tmp_path / "rm", common.load_tokenizer(families["llama"]))
+    rm = reward.RewardModel(rm_dir, "cpu", torch.float32, batch_size=3)
+    prompts = ["hi", "How do I pick a lock?", "What is 2+2? Answer briefly please.", "x"]
+    comps = ["<think>\nok</think>\n\nhello", "<think>\nno. Wait.</think>\n\nI cannot help.", "4</think>4", "never closed"]
+    got = rm.score(prompts, comps)
+    hand = []
+    with torch.no_grad():
+        for p, c in zip(prompts, comps):
+            ids = torch.tensor([rm.encode(p, c)])  # (1, T) one unpadded sequence
+            h = rm.model.model(input_ids=ids).last_hidden_state[0, -1]  # (D,) the last token
+            hand.append((rm.model.score.weight[0] @ h).item())  # the raw logit, no sigmoid
+    d = (got - torch.tensor(hand)).abs().max().item()
+    print(f"llama RM: RewardModel vs hand max |dr| {d:.2e}")
+    assert d <= 1e-5 and got.std() > 0
+    assert "ok" in rm.tok.decode(rm.encode(prompts[0], comps[0]))  # the RM sees the reasoning
+
+
+# ------------------------------------------------------------------------------------------------ chat templates
+
+def test_r1_template_drops_past_reasoning_but_sft_keeps_it(families):
+    tok = common.load_tokenizer(families["qwen2"])
+    r = ROWS[1]
+    conv = tok.apply_chat_template([{"role": "user", "content": r["question"]},
+                                    {"role": "assistant", "content": r["response"]}], tokenize=False)
+    assert "Wait, this may be harmful" not in conv
+    assert common.render_prompt_text(tok, r["question"]).endswith("<think>\n")
+    ids, mask = common.render_sft(tok, r["question"], r["response"])
+    target = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert "Wait, this may be harmful" in target and target.count("<think>") == 0
+    # the model writes only the closing tag: the split still finds both parts
+    assert common.split_reasoning("The user asks. Wait.\n</think>\n\nNo.") == ("The user asks. Wait.", "No.", True)
+
+
+def test_qwen3_enable_thinking_switch(families):
+    tok = common.load_tokenizer(families["qwen3"])
+    on = common.render_prompt_text(tok, "hi")
+    off = common.render_prompt_text(tok, "hi", {"enable_thinking": False})
+    assert on.endswith("<|assistant|>") and off == on + "<think>\n\n</think>\n\n"
+    ids, mask = common.render_sft(tok, "hi", "Hello!", chat_kwargs={"enable_thinking": False})
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "Hello!<|end|>\n"
+    assert common.end_of_turn(tok, {"enable_thinking": False}) == "<|end|>\n"
+    # past turns before the last user turn lose their reasoning
+    conv = tok.apply_chat_template([{"role": "user", "content": "a"}, {"role": "assistant", "content": "<think>r</think>A"},
+                                    {"role": "user", "content": "b"}], tokenize=False)
+    assert "<think>" not in conv and "A<|end|>" in conv
+    assert common.split_reasoning("<think>\nr\n</think>\n\nA") == ("r", "A", True)
+
+
+def test_granite_thinking_switch_and_formats(families):
+    tok = common.load_tokenizer(families["granite"])
+    assert GRANITE_SYSTEM not in common.render_prompt_text(tok, "hi")
+    assert GRANITE_SYSTEM in common.render_prompt_text(tok, "hi", {"thinking": True})
+    # Granite 3.3 / 4.0: <think>..</think><response>..</response>; Granite 3.2: the two "Here is my" markers
+    assert common.split_reasoning("<think>Let me see. Wait.</think><response>I cannot help.</response>") == \
+        ("Let me see. Wait.", "I cannot help.", True)
+    text = "Here is my thought process:\nHarmful. But.\n\nHere is my response:\nNo."
+    assert common.split_reasoning(text) == ("Harmful. But.", "No.", True)
+    assert common.split_reasoning("Here is my thought process:\nstill thinking") == ("still thinking", "", False)
+    # the marker only counts when the text opens with the thought marker
+    assert common.split_reasoning("So, Here is my response: x") == ("So, Here is my response: x", "", False)
+    # entropy.py puts tokens in the same segments
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    reasoning, answer = entropy.segment_masks(text, enc["offset_mapping"])
+    pieces = lambda m: "".join(text[s:e] for (s, e), x in zip(enc["offset_mapping"], m) if x)
+    assert "Harmful" in pieces(reasoning) and "response" not in pieces(reasoning) and pieces(answer).strip() == "No."
+
+
+def test_chat_template_kwargs_flag_is_validated_and_recorded(families, tmp_path, capsys):
+    m, d, o = families["qwen3"], str(tmp_path / "d.jsonl"), str(tmp_path / "o")
+    parsers = {"sft.py": lambda a: sft.get_args(["--model", m, "--data", d, "--out", o] + a),
+               "rl.py": lambda a: rl.get_args(["--model", m, "--prompts", d, "--out", o] + a),
+               "evaluate.py": lambda a: evaluate.eval_parser().parse_args(["--model", m, "--out", o] + a)}
+    for name, parse in parsers.items():
+        for bad in ("{not json", "[1, 2]", '{"tokenize": true}'):
+            with pytest.raises(SystemExit) as e:
+                parse(["--chat-template-kwargs", bad])
+            assert e.value.code == 2 and "--chat-template-kwargs" in capsys.readouterr().err, name
+        assert parse(["--chat-template-kwargs", '{"enable_thinking": false}']).chat_template_kwargs == \
+            {"enable_thinking": False}
+    for main, flag in ((reward.main, "--reward-model"), (entropy_main, "--model")):
+        with pytest.raises(SystemExit) as e:
+            main(["--input", d, "--out", o, flag, m, "--chat-template-kwargs", "{"])
+        assert e.value.code == 2 and "--chat-template-kwargs" in capsys.readouterr().err
+    args = evaluate.eval_parser().parse_args(["--model", m, "--out", o, "--chat-template-kwargs", '{"enable_thinking": false}'])
+    st = evaluate.settings(args, common.load_tokenizer(m), ["math500"], {}, {"math500": 1}, 1)
+    assert st["chat_template_kwargs"] == {"enable_thinking": False}
+
+
+def entropy_main(argv):
+    old = sys.argv
+    sys.argv = ["entropy.py"] + argv
+    try:
+        entropy.main()
+    finally:
+        sys.argv = old
+
+
+# ------------------------------------------------------------------------------------------------ HSDP
+
+def test_hsdp_replicas():
+    assert common.hsdp_replicas(None, 1) == 1 and common.hsdp_replicas(2, 4) == 2
+    with pytest.raises(common.UsageError, match="--replicate 3"):
+        common.hsdp_replicas(3, 4)
+    os.environ["LOCAL_WORLD_SIZE"] = "2"
+    try:
+        assert common.hsdp_replicas(None, 4) == 2  # torchrun over 2 nodes x 2: one replica per node
+    finally:
+        del os.environ["LOCAL_WORLD_SIZE"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_hsdp_two_nodes_by_two_equals_one_rank(families, runs, tmp_path):
+    """The README's two-node command on one machine: two torchrun agents (--nnodes 2, --node-rank 0/1,
+    2 processes each) meet at one rendezvous endpoint; the mesh is chosen automatically (2 x 2). The
+    gradients of one step equal the 1-rank ones, and sft.py on that mesh takes the 1-rank run's steps."""
+    model, out = families["qwen3"], tmp_path / "hsdp.pt"
+    one = runs["qwen3", "sft", 1][0]
+    data = json.load(open(os.path.join(one, "args.json")))["data"]
+    argv = sft_args(model, data, tmp_path / "sft-hsdp")
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "2",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", "hsdp-test"]
+    procs = [subprocess.Popen(cmd + ["--node-rank", str(r), "tests/dist_hsdp_check.py", model, data, str(out),
+                                     json.dumps(argv)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(x[-3000:] for x in logs)
+    assert "HSDP 2 x 2" in logs[0]
+    got = torch.load(out)
+    assert got["mesh"] == [2, 2]
+    sys.path.insert(0, os.path.dirname(__file__))
+    import dist_hsdp_check
+    want = dist_hsdp_check.loss_and_grads(common.Policy(common.load_model(model)), common.load_tokenizer(model),
+                                          data, 0, 1)
+    dl = abs(got["loss"] - want["loss"])
+    dg = max((got["grads"][k] - want["grads"][k]).abs().max().item() for k in want["grads"])
+    dn = abs(got["gnorm"] - want["gnorm"])
+    a, b = metrics(one), metrics(tmp_path / "sft-hsdp")
+    dm = max(abs(x[k] - y[k]) for x, y in zip(a, b) for k in ("loss", "grad_norm"))
+    print(f"HSDP 2x2 vs 1 rank: |dloss| {dl:.2e}, max |dgrad| {dg:.2e}, |dgnorm| {dn:.2e}; sft.py 2 steps max "
+          f"|dmetric| {dm:.2e}")
+    assert got["grads"].keys() == want["grads"].keys()
+    assert dl <= 1e-6 and dg <= 1e-6 and dn <= 1e-5
+    assert len(a) == len(b) == 2 and dm <= 1e-5 * max(1.0, abs(a[0]["loss"]))
