@@ -196,8 +196,9 @@ def generate_local(jobs, args, dist_, tok):
     model = common.load_model(args.model, common.pick_dtype(args.dtype, dist_.device), dist_.device,
                               args.trust_remote_code).eval()
     bar = tqdm(total=len(jobs), desc="generate", disable=dist_.rank != 0)
-    outs = engine.generate(model, [common.render_prompt(tok, j["prompt"]) for j in jobs],
-                           max_new_tokens=args.max_new_tokens, stop_ids=common.stop_token_ids(tok, model),
+    outs = engine.generate(model, [common.render_prompt(tok, j["prompt"], args.chat_template_kwargs) for j in jobs],
+                           max_new_tokens=args.max_new_tokens,
+                           stop_ids=common.stop_token_ids(tok, model, args.chat_template_kwargs),
                            pad_id=tok.pad_token_id, temperature=args.temperature, top_p=args.top_p,
                            batch_size=args.batch_size, seed=args.seed, row_ids=[j["_i"] for j in jobs], progress=bar)
     bar.close()

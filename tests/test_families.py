@@ -21,12 +21,13 @@ import torch
 from conftest import ROOT, build_tokenizer, run_cli, torchrun, write_jsonl
 
 import common
+import engine
 import entropy
 import evaluate
 import reward
 import rl
 import sft
-from runs.make_world import CHAT_TEMPLATE as R1_TEMPLATE
+from runs.tinymodels import CHAT_TEMPLATE as R1_TEMPLATE
 
 FAMILIES = ("qwen2", "llama", "qwen3", "granite")
 
@@ -107,9 +108,10 @@ def families(tmp_path_factory):
 
 
 def generate(model, prompts, *, max_new_tokens, stop_ids, pad_id, temperature=1.0, top_p=1.0, seed=0):
-    """The generation path rl.py uses (common.sample; one place to change when it moves)."""
-    return common.sample(model, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
-                         temperature=temperature, top_p=top_p, generator=torch.Generator().manual_seed(seed))
+    """The generation path rl.py uses: engine.generate (the direct static-cache decoder for Qwen2, Llama and
+    Qwen3; the model's own forward and cache, left-padded, for GraniteMoeHybrid)."""
+    return engine.generate(model, prompts, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
+                           temperature=temperature, top_p=top_p, seed=seed)
 
 
 def load(path):
@@ -167,7 +169,7 @@ def test_left_padded_generation_matches_teacher_forcing(families, family):
         logp, _, mask = rl.response_logprobs(policy, items, tok.pad_token_id, 0.7, "cpu")
     sampler = rl.pad_stack([torch.tensor(o["logp"]) for o in outs], mask.shape[1])
     d_tf = (logp[mask] - sampler[mask]).abs().max().item()
-    # a short prompt left-padded in a batch decodes exactly as alone (greedy)
+    # a short prompt decodes in a batch exactly as alone (greedy; left-padded on the simple path)
     alone = generate(policy, prompts[2:], max_new_tokens=8, temperature=0, **kw)[0]
     batched = generate(policy, prompts, max_new_tokens=8, temperature=0, **kw)[2]
     d_pad = (torch.tensor(alone["logp"]) - torch.tensor(batched["logp"])).abs().max().item()
