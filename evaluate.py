@@ -279,16 +279,25 @@ def generate_api(jobs, args, tok, backoff=1.0, on_done=None):
         n = usage.get("completion_tokens") or len(tok.encode(text, add_special_tokens=False))
         return j, {"completion": text, "truncated": ch.get("finish_reason") == "length", "num_tokens": n}
 
-    failures = Failures(args.max_failures)
+    failures, stop = Failures(args.max_failures), None
     with ThreadPoolExecutor(args.api_workers) as ex:
         futures = [ex.submit(one, j) for j in jobs]
         for fut in tqdm(as_completed(futures), total=len(jobs), desc="generate (api)", disable=common.rank() != 0):
+            if fut.cancelled():
+                continue
             j, res = fut.result()
             j.update(res)
             if on_done is not None:
-                on_done(j)
-            if "error" in res:
-                failures.add(j, res["error"])
+                on_done(j)  # written even after a stop: requests already in flight are not thrown away
+            if "error" in res and stop is None:
+                try:
+                    failures.add(j, res["error"])
+                except TooManyFailures as e:
+                    stop = e
+                    for f in futures:
+                        f.cancel()  # the jobs not started yet
+    if stop is not None:
+        raise stop
 
 
 class Failures:
