@@ -16,6 +16,7 @@ import csv
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import sys
@@ -794,7 +795,11 @@ def load_state(out, model, optim, sched):
     sd = {"model": msd, "optim": osd}
     dcp.load(sd, checkpoint_id=str(path))
     set_state_dict(model, optim, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-    extra = torch.load(path / f"extra_rank{rank()}.pt", weights_only=True)
+    try:  # weights_only: tensors and plain containers only; a pickled object that would run code is refused
+        extra = torch.load(path / f"extra_rank{rank()}.pt", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UsageError(f"--resume: {path / f'extra_rank{rank()}.pt'} holds more than tensors and plain data, "
+                         f"refused (read with weights_only=True): {str(e).splitlines()[0]}") from None
     set_rng_state(extra["rng"])
     sched.load_state_dict(extra["sched"])
     truncate_metrics(out, extra["step"])
