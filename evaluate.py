@@ -279,7 +279,7 @@ def generate_api(jobs, args, tok, backoff=1.0, on_done=None):
         n = usage.get("completion_tokens") or len(tok.encode(text, add_special_tokens=False))
         return j, {"completion": text, "truncated": ch.get("finish_reason") == "length", "num_tokens": n}
 
-    failures, stop = Failures(args.max_failures), None
+    failures, stopped = Failures(args.max_failures), None
     with ThreadPoolExecutor(args.api_workers) as ex:
         futures = [ex.submit(one, j) for j in jobs]
         for fut in tqdm(as_completed(futures), total=len(jobs), desc="generate (api)", disable=common.rank() != 0):
@@ -289,15 +289,15 @@ def generate_api(jobs, args, tok, backoff=1.0, on_done=None):
             j.update(res)
             if on_done is not None:
                 on_done(j)  # written even after a stop: requests already in flight are not thrown away
-            if "error" in res and stop is None:
+            if "error" in res and stopped is None:
                 try:
                     failures.add(j, res["error"])
                 except TooManyFailures as e:
-                    stop = e
+                    stopped = e
                     for f in futures:
                         f.cancel()  # the jobs not started yet
-    if stop is not None:
-        raise stop
+    if stopped is not None:
+        raise stopped
 
 
 class Failures:

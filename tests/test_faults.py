@@ -305,7 +305,7 @@ class FaultyServer:
     when closed or after 60 s without one."""
 
     def __init__(self, max_requests=100):
-        self.faulty, self.requests, self.closed = True, [], False
+        self.faulty, self.requests, self.stop_ids, self.closed = True, [], [], False
         outer = self
 
         class H(BaseHTTPRequestHandler):
@@ -322,6 +322,7 @@ class FaultyServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 seed = body["seed"]
                 outer.requests.append(seed)
+                outer.stop_ids.append(body["stop_token_ids"])
                 try:
                     if outer.faulty and seed == 1:
                         return self.reply(400, b'{"error": "bad request"}')
@@ -388,6 +389,7 @@ def test_evaluation_keeps_every_record_and_resumes(tiny_model, tmp_path, faulty_
     s = json.load(open(out / "summary.json"))["benchmarks"]["math500"]
     assert s["n_errors"] == 3 and s["n_records"] == 5 and s["score"] == 1.0
     assert sorted(faulty_server.requests) == [0, 1, 2, 3, 3, 4, 5, 5, 6, 7]  # retries: non-JSON and timeout
+    assert all(isinstance(x, list) and x for x in faulty_server.stop_ids)  # the template's stop ids in every request
 
     faulty_server.faulty, faulty_server.requests = False, []
     code, stdout, err = cli(monkeypatch, capsys, evaluate, cmd)
@@ -407,6 +409,7 @@ def test_evaluation_keeps_every_record_and_resumes(tiny_model, tmp_path, faulty_
     recs = [json.loads(x) for x in open(out2 / "math500.jsonl")]
     assert any(r.get("error") and "HTTP 400" in r["error"] for r in recs)
     assert all(r["completion"].startswith("seed ") for r in recs if not r.get("error"))
+    assert all(isinstance(x, list) and x for x in faulty_server.stop_ids)
 
 
 # --- every validated flag family: exit 2, the flag named, no traceback, nothing loaded or written -------
