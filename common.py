@@ -16,6 +16,7 @@ import csv
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import sys
@@ -36,9 +37,85 @@ class DataError(UsageError):
     """A bad data file or row; the message names the file, the 1-based row and the field."""
 
 
+class NonFiniteError(RuntimeError):
+    """A non-finite loss, gradient norm or weight: the run stops before anything non-finite is written."""
+
+
 def die(msg, code=2):
     print(f"error: {msg}", file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def cli_main(main):
+    """Run a stage's main() as a CLI with the exit codes every CLI shares: 0 done; 2 a usage or data
+    error (bad flag, path, row: `error: ...` on stderr, no traceback); 1 a run that stopped on a
+    non-finite value. Under torchrun it ends with finish()."""
+    try:
+        main()
+        finish()
+    except UsageError as e:  # DataError included: the message names file, row and field
+        release_out_dirs()
+        die(str(e), 2)
+    except NonFiniteError as e:
+        release_out_dirs()
+        die(str(e), 1)
+
+
+# --- flag validation: every CLI checks its flags with these before any model or data loads -----------
+
+def _flag_value(args, flag):
+    return getattr(args, flag.lstrip("-").replace("-", "_"))
+
+
+def check_min(args, *flags, lo=1):
+    """Integer flags that must be >= lo (None = unset, skipped)."""
+    for f in flags:
+        v = _flag_value(args, f)
+        if v is not None and v < lo:
+            raise UsageError(f"{f} must be >= {lo}, got {v}")
+
+
+def check_range(args, flag, lo=None, hi=None, lo_open=False, hi_open=False):
+    """A float flag inside [lo, hi] (either end open or absent); NaN and inf are refused."""
+    v = _flag_value(args, flag)
+    if v is None:
+        return
+    ok = math.isfinite(v) and (lo is None or (v > lo if lo_open else v >= lo)) and \
+        (hi is None or (v < hi if hi_open else v <= hi))
+    if not ok:
+        lb = "" if lo is None else ("(" if lo_open else "[") + f"{lo:g}"
+        ub = "" if hi is None else f"{hi:g}" + (")" if hi_open else "]")
+        want = f"in {lb}, {ub}" if lo is not None and hi is not None else (f"> {lo:g}" if lo_open else f">= {lo:g}") \
+            if lo is not None else (f"< {hi:g}" if hi_open else f"<= {hi:g}")
+        raise UsageError(f"{flag} must be {want} (and finite), got {v}")
+
+
+def check_sampling(args, greedy_ok=False):
+    """--temperature > 0 (or 0 = greedy where the stage supports it) and 0 < --top-p <= 1."""
+    t = args.temperature
+    if not math.isfinite(t) or t < 0 or (t == 0 and not greedy_ok):
+        raise UsageError(f"--temperature must be {'>= 0 (0: greedy)' if greedy_ok else '> 0'}, got {t}")
+    check_range(args, "--top-p", 0, 1, lo_open=True)
+
+
+def import_optional(module, flag, pip_name=None):
+    """Import an optional package a flag needs at start (before any model loads), with a one-line hint."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UsageError(f"{flag} needs the {module} package: pip install {pip_name or module}") from None
+
+
+def check_out_file(path, flag="--out"):
+    """An output FILE can be written: its directory exists and is writable, and it is not a directory."""
+    d = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"{flag}: {path} is a directory; give a file path")
+    if not os.path.isdir(d):
+        raise UsageError(f"{flag}: directory {d} does not exist")
+    if not os.access(d, os.W_OK):
+        raise UsageError(f"{flag}: directory {d} is not writable")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -70,7 +147,8 @@ def rank():
 
 def finish():
     """End a torchrun process cleanly: a barrier, then tear the process group down (a gloo group left
-    to the interpreter's exit can abort the process)."""
+    to the interpreter's exit can abort the process). Also releases the output-dir lock."""
+    release_out_dirs()
     if is_dist():
         dist.barrier()
         dist.destroy_process_group()
@@ -583,34 +661,183 @@ def hf_of(model):
     return model.hf if isinstance(model, Policy) else model
 
 
-def save_hf(model, tok, out, export_dtype=None):
-    """Gather the full state dict to rank 0 and write a from_pretrained-loadable dir into `out`
-    (config, safetensors, tokenizer, generation_config). Collective: every rank must call it."""
+def _full_state_dict(model):
+    """The full (unsharded) state dict on rank 0's CPU. Collective under torchrun."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     hf = hf_of(model)
     if is_dist():
-        sd = get_model_state_dict(hf, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:
-        sd = {k: v.detach().cpu() for k, v in hf.state_dict().items()}
+        return get_model_state_dict(hf, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in hf.state_dict().items()}
+
+
+def _link_or_copy(src, dst):
+    """Hard link (files are only ever replaced, never edited in place, so links are safe); copy if the
+    filesystem refuses."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+HF_WEIGHT_PREFIXES = ("model.safetensors", "model-0", "pytorch_model")
+
+
+def install_export(out):
+    """Roll a complete export in OUT/.export.ready into OUT, replacing the previous one as a whole.
+
+    .export.ready appears by one rename only once the export in it is complete; installing moves its
+    files into OUT and removes weight files of the previous export that the new one lacks (a changed
+    shard count). A run killed during the moves is finished by the next start on OUT (claim_out_dir),
+    so OUT never keeps weights of two different steps."""
+    ready = Path(out) / ".export.ready"
+    if not ready.is_dir():
+        return
+    names = {f.name for f in ready.iterdir()}
+    for f in Path(out).iterdir():
+        if f.is_file() and f.name.startswith(HF_WEIGHT_PREFIXES) and f.name not in names:
+            f.unlink()
+    for name in sorted(names, key=lambda n: n.endswith(".json")):  # weights first, config/index last
+        os.replace(ready / name, Path(out) / name)
+    ready.rmdir()
+
+
+def save_hf(model, tok, out, export_dtype=None, step=None, keep=3):
+    """Gather the full state dict to rank 0 and write a from_pretrained-loadable dir into `out`
+    (config, safetensors, tokenizer, generation_config), swapped in as a whole (install_export).
+    With `step`, the same files also become OUT/checkpoints/step-N/ (hard links, no optimizer state),
+    keeping the newest `keep` (0 keeps all). Collective: every rank must call it."""
+    hf = hf_of(model)
+    sd = _full_state_dict(model)
     if rank() == 0:
-        tmp = Path(out) / ".export.tmp"
+        out = Path(out)
+        install_export(out)  # a previous install cut short
+        tmp = out / ".export.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         if export_dtype is not None:
             sd = {k: v.to(export_dtype) if v.is_floating_point() else v for k, v in sd.items()}
             hf.config.dtype = export_dtype
         hf.save_pretrained(tmp, state_dict=sd)
         tok.save_pretrained(tmp)
-        for f in tmp.iterdir():
-            os.replace(f, Path(out) / f.name)
-        tmp.rmdir()
+        if step is not None:
+            ck = out / "checkpoints"
+            ck.mkdir(exist_ok=True)
+            shutil.rmtree(ck / f".step-{step}.tmp", ignore_errors=True)
+            shutil.copytree(tmp, ck / f".step-{step}.tmp", copy_function=_link_or_copy)
+            shutil.rmtree(ck / f"step-{step}", ignore_errors=True)
+            os.replace(ck / f".step-{step}.tmp", ck / f"step-{step}")
+            done = sorted((int(d.name[5:]) for d in ck.glob("step-*") if d.name[5:].isdigit()), reverse=True)
+            for old_step in done[keep:] if keep else []:
+                shutil.rmtree(ck / f"step-{old_step}", ignore_errors=True)
+        os.replace(tmp, out / ".export.ready")  # the commit point: a complete export exists
+        install_export(out)
     barrier()
+
+
+# --- output-dir ownership: a lock for the run's life; a new run refuses a dir holding another run ----
+
+_HELD = {}  # realpath of OUT -> open lock file (this process holds its flock)
+RUN_FILES = ("state", "state.old", "state.tmp", "metrics.jsonl", "checkpoints", "rollouts")
+
+
+def claim_out_dir(out, resume=False, overwrite=False):
+    """Make this run the owner of OUT: an exclusive fcntl.flock on OUT/.lock held until the process
+    ends (rank 0 holds it under torchrun). Without --resume a dir holding a previous run's state or
+    metrics is refused unless --overwrite, which deletes those (state*, metrics.jsonl, checkpoints/,
+    rollouts/) first. Also finishes an export install a killed run left half done. Collective."""
+    import fcntl
+    msg = None
+    if rank() == 0:
+        key = os.path.realpath(out)
+        try:
+            os.makedirs(out, exist_ok=True)
+            if key not in _HELD:
+                f = open(os.path.join(out, ".lock"), "a+")
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    f.seek(0)
+                    holder = f.read().strip() or "?"
+                    f.close()
+                    raise UsageError(f"--out {out} is in use by another run (pid {holder}); wait for it to finish "
+                                     f"or pick another --out")
+                f.seek(0), f.truncate(), f.write(f"{os.getpid()}\n"), f.flush()
+                _HELD[key] = f
+            install_export(out)
+            found = [n for n in RUN_FILES if os.path.exists(os.path.join(out, n))]
+            if not resume and found:
+                if not overwrite:
+                    raise UsageError(f"--out {out} holds a previous run ({', '.join(found)}): pass --resume to "
+                                     f"continue it or --overwrite to replace it")
+                for n in found:
+                    p = os.path.join(out, n)
+                    shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+        except UsageError as e:
+            msg = str(e)
+        except OSError as e:
+            msg = f"--out {out}: {e}"
+    if is_dist():
+        msg = _broadcast_obj(msg)
+    if msg:
+        if rank() == 0:
+            release_out_dirs(out)
+        raise UsageError(msg)
+
+
+def release_out_dirs(out=None):
+    """Drop this process's lock on OUT (all of them when out is None); the lock file stays."""
+    for key in [k for k in _HELD if out is None or k == os.path.realpath(out)]:
+        _HELD.pop(key).close()
+
+
+# --- the non-finite guard: nothing non-finite is ever stepped into or written ------------------------
+
+def check_finite(step, device, **values):
+    """Before opt.step(): every value (loss, grad_norm, ...; floats or tensors) checked on every rank,
+    ONE all-reduced flag vector (every rank takes the same branch, no collective is left hanging).
+    Raises NonFiniteError naming the step and what was non-finite: no step taken, nothing written."""
+    bad = torch.tensor([0.0 if math.isfinite(float(v)) else 1.0 for v in values.values()], device=device)
+    all_reduce(bad, "max")
+    if bad.any():
+        what = ", ".join(k for k, b in zip(values, bad.tolist()) if b)
+        raise NonFiniteError(f"step {step}: non-finite {what} (on at least one rank); stopped before the "
+                             f"optimizer step, nothing written: the last saved state and export are intact "
+                             f"(lower --lr, or check the data of this step)")
+
+
+def check_finite_weights(model, step):
+    """The weights after an update are finite on every rank (a huge lr overflows them without a NaN
+    gradient): save_state calls it before anything is written."""
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    bad = torch.tensor(float(any(not torch.isfinite(p.detach()).all() for p in local)), device=device)
+    all_reduce(bad, "max")
+    if bad.item():
+        raise NonFiniteError(f"step {step}: the weights after the update are non-finite (is --lr too high?); "
+                             f"nothing written: the last saved state and export are intact")
+
+
+# --- resumable state ----------------------------------------------------------------------------------
+
+STATE_DIRS = ("state", "state.old", "state.tmp")
+COMPLETE = "COMPLETE"  # the completeness marker, written last in each state dir
+
+
+def _pause_for_tests(step):
+    """Test-only fault injection (tests/test_faults.py): BEYOND_SFT_PAUSE_IN_SAVE=STEP stops save_state at
+    that step between its two renames (state.old and state.tmp complete, no state/) until killed."""
+    if os.environ.get("BEYOND_SFT_PAUSE_IN_SAVE") == str(step):
+        print(f"paused in save_state at step {step}", file=sys.stderr, flush=True)
+        time.sleep(3600)
 
 
 def save_state(out, model, optim, sched, step):
     """Sharded model + optimizer (torch.distributed.checkpoint) and per-rank extra state (step, which
-    fixes the data position; scheduler; RNG) into out/state, atomically: write state.tmp, then rename."""
+    fixes the data position; scheduler; RNG) into out/state, atomically: write state.tmp, the COMPLETE
+    marker last, then rename (state -> state.old, state.tmp -> state, drop state.old). A kill at any
+    point leaves at least one complete state dir; load_state picks the newest."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
+    check_finite_weights(model, step)
     out = Path(out)
     tmp, final, old = out / "state.tmp", out / "state", out / "state.old"
     if rank() == 0:
@@ -622,29 +849,79 @@ def save_state(out, model, optim, sched, step):
     torch.save({"step": step, "sched": sched.state_dict(), "rng": rng_state()}, tmp / f"extra_rank{rank()}.pt")
     barrier()
     if rank() == 0:
+        write_json(tmp / COMPLETE, {"step": step, "world": dist.get_world_size() if is_dist() else 1})
         if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
+        _pause_for_tests(step)  # test-only hook (no-op unless BEYOND_SFT_PAUSE_IN_SAVE is set)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
     barrier()
 
 
+def _complete_states(out, world):
+    """[(step, dir)] of the complete state dirs (COMPLETE marker and every rank's extra file)."""
+    found = []
+    for name in STATE_DIRS:
+        d = Path(out) / name
+        try:
+            marker = json.loads((d / COMPLETE).read_text())
+        except (OSError, ValueError):
+            continue
+        if marker.get("world") != world:
+            raise UsageError(f"--resume: {d} was written by {marker.get('world')} rank(s); resume with the same "
+                             f"number of processes ({world} now)")
+        if all((d / f"extra_rank{r}.pt").exists() for r in range(world)) and (d / ".metadata").exists():
+            found.append((int(marker["step"]), d))
+    return found
+
+
 def load_state(out, model, optim, sched):
-    """--resume: restore what save_state wrote (model, optimizer, scheduler, RNG), drop the
-    metrics.jsonl lines past the restored step, and return that step."""
+    """--resume: restore the newest complete state among state/, state.old, state.tmp (model,
+    optimizer, scheduler, RNG), cut metrics.jsonl, rollouts/ and checkpoints/ back to its step, and
+    return that step. The extra state is read with torch.load(weights_only=True); DCP's own metadata
+    is unpickled by torch.distributed.checkpoint: resume only from dirs you trust."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    world = dist.get_world_size() if is_dist() else 1
+    msg, found = None, []
+    try:
+        found = _complete_states(out, world)
+    except UsageError as e:
+        msg = str(e)
+    if is_dist():  # every rank must agree before any collective load
+        msg, found = _broadcast_obj((msg, found))
+    if msg:
+        raise UsageError(msg)
+    if not found:
+        raise UsageError(f"--resume: no complete resumable state in {out} (looked in {', '.join(STATE_DIRS)})")
+    step, path = max(found)
+    barrier()
+    if rank() == 0 and path.name != "state":  # make it state/ again, so the next save keeps it as state.old
+        shutil.rmtree(Path(out) / "state", ignore_errors=True)
+        os.replace(path, Path(out) / "state")
+    barrier()
     path = Path(out) / "state"
-    if not (path / f"extra_rank{rank()}.pt").exists():
-        raise UsageError(f"--resume: no resumable state for rank {rank()} in {path}")
     msd, osd = get_state_dict(model, optim)
     sd = {"model": msd, "optim": osd}
     dcp.load(sd, checkpoint_id=str(path))
     set_state_dict(model, optim, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-    extra = torch.load(path / f"extra_rank{rank()}.pt", weights_only=False)
+    try:  # weights_only: tensors and plain containers only; a pickled object that would run code is refused
+        extra = torch.load(path / f"extra_rank{rank()}.pt", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UsageError(f"--resume: {path / f'extra_rank{rank()}.pt'} holds more than tensors and plain data, "
+                         f"refused (read with weights_only=True): {str(e).splitlines()[0]}") from None
     set_rng_state(extra["rng"])
     sched.load_state_dict(extra["sched"])
     truncate_metrics(out, extra["step"])
+    if rank() == 0:
+        for f in (Path(out) / "rollouts").glob("step_*.jsonl"):
+            if f.stem[5:].isdigit() and int(f.stem[5:]) > step:
+                f.unlink()
+        for d in (Path(out) / "checkpoints").glob("step-*"):
+            if d.name[5:].isdigit() and int(d.name[5:]) > step:
+                shutil.rmtree(d)
+    barrier()
     print0(f"resumed from {path} at step {extra['step']}")
     return extra["step"]
 
@@ -728,10 +1005,23 @@ def _fmt(v):
 
 
 def truncate_metrics(out, step):
-    """On resume, drop metrics.jsonl lines past the restored step (they will be written again)."""
+    """On resume, drop metrics.jsonl lines past the restored step (they will be written again). A torn
+    last line (a kill mid-write) is dropped with a warning; a bad line elsewhere is a DataError."""
     path = os.path.join(out, "metrics.jsonl")
     if rank() == 0 and os.path.exists(path):
-        keep = [line for line in open(path) if line.strip() and json.loads(line)["step"] <= step]
+        lines = [line for line in open(path) if line.strip()]
+        keep = []
+        for i, line in enumerate(lines, 1):
+            try:
+                rec = json.loads(line)
+                rec_step = rec["step"]
+            except (ValueError, KeyError, TypeError):
+                if i == len(lines):
+                    print(f"warning: {path}: dropped a torn last line (row {i}): {line[:80]!r}", flush=True)
+                    continue
+                raise DataError(f"{path}: row {i}: not a metrics record") from None
+            if rec_step <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
         with open(path + ".tmp", "w") as f:
             f.writelines(keep)
         os.replace(path + ".tmp", path)

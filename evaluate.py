@@ -64,7 +64,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from types import SimpleNamespace
 
 import torch
@@ -211,9 +211,15 @@ def generate_local(jobs, args, dist_, tok):
         torch.cuda.empty_cache()
 
 
-def http_post(url, body, key=None, retries=5, backoff=1.0, timeout=3600):
-    """POST JSON, return the decoded reply; retries with exponential backoff on connection errors,
-    timeouts, HTTP 408/409/429 and 5xx. Other HTTP errors (400, 401, 404) stop at once."""
+class RequestFailed(UsageError):
+    """An HTTP request that failed for good (after its retries, or a 4xx that retrying cannot fix)."""
+
+
+def http_post(url, body, key=None, retries=5, backoff=1.0, timeout=3600, parse=None):
+    """POST JSON, return parse(decoded reply) (the reply itself without parse); retries with exponential
+    backoff on connection errors, timeouts, HTTP 408/409/429 and 5xx, and on malformed replies (not
+    JSON, or a shape `parse` rejects with KeyError/IndexError/TypeError/ValueError). Other HTTP errors
+    (400, 401, 404) stop at once. Raises RequestFailed."""
     headers = {"Content-Type": "application/json"}
     if key:
         headers["Authorization"] = f"Bearer {key}"
@@ -221,13 +227,20 @@ def http_post(url, body, key=None, retries=5, backoff=1.0, timeout=3600):
     for attempt in range(retries + 1):
         try:
             with urllib.request.urlopen(urllib.request.Request(url, data, headers), timeout=timeout) as r:
-                return json.loads(r.read())
+                raw = r.read()
+            try:
+                d = json.loads(raw)
+                return parse(d) if parse else d
+            except (ValueError, KeyError, IndexError, TypeError):
+                why = f"malformed reply {raw[:200]!r}"
         except urllib.error.HTTPError as e:
-            if (e.code < 500 and e.code not in (408, 409, 429)) or attempt == retries:
-                raise UsageError(f"{url}: HTTP {e.code}: {e.read()[:300]!r}") from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-            if attempt == retries:
-                raise UsageError(f"{url}: {e} (after {retries + 1} tries)") from None
+            if e.code < 500 and e.code not in (408, 409, 429):
+                raise RequestFailed(f"{url}: HTTP {e.code}: {e.read()[:300]!r}") from None
+            why = f"HTTP {e.code}"
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+            why = str(e)
+        if attempt == retries:
+            raise RequestFailed(f"{url}: {why} (after {retries + 1} tries)")
         time.sleep(backoff * 2 ** attempt)
 
 
@@ -241,27 +254,70 @@ def _stop_ids_without_model(tok, path):
     return common.stop_token_ids(tok, SimpleNamespace(generation_config=gc))
 
 
-def generate_api(jobs, args, tok, backoff=1.0):
-    """The same jobs through an OpenAI-compatible /completions server, --api-workers at a time."""
+def generate_api(jobs, args, tok, backoff=1.0, on_done=None):
+    """The same jobs through an OpenAI-compatible /completions server, --api-workers at a time. Each job
+    is handed to on_done(job) as soon as it finishes; a job whose request failed for good gets an
+    `error` field instead of a completion (and counts towards --max-failures)."""
     url, key = args.api_url.rstrip("/") + "/completions", os.environ.get(args.api_key_env or "", "") or None
     stop = _stop_ids_without_model(tok, args.model)
+
+    def parse(d):
+        ch = d["choices"][0]
+        if not isinstance(ch["text"], str):
+            raise TypeError("text is not a string")
+        return ch, d.get("usage") or {}
 
     def one(j):
         body = {"model": args.api_model, "prompt": common.render_prompt(tok, j["prompt"], args.chat_template_kwargs), "n": 1,
                 "max_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
                 "seed": args.seed * 1_000_003 + j["_i"], "stop_token_ids": stop, "skip_special_tokens": False}
-        d = http_post(url, body, key, backoff=backoff)
         try:
-            ch = d["choices"][0]
-            text = ch["text"]
-        except (KeyError, IndexError, TypeError):
-            raise UsageError(f"{url}: unexpected reply {str(d)[:300]}") from None
-        n = (d.get("usage") or {}).get("completion_tokens") or len(tok.encode(text, add_special_tokens=False))
-        return text, ch.get("finish_reason") == "length", n
+            ch, usage = http_post(url, body, key, retries=args.api_retries, backoff=backoff,
+                                  timeout=args.api_timeout, parse=parse)
+        except RequestFailed as e:
+            return j, {"error": str(e), "completion": "", "truncated": False, "num_tokens": 0}
+        text = ch["text"]
+        n = usage.get("completion_tokens") or len(tok.encode(text, add_special_tokens=False))
+        return j, {"completion": text, "truncated": ch.get("finish_reason") == "length", "num_tokens": n}
 
+    failures, stopped = Failures(args.max_failures), None
     with ThreadPoolExecutor(args.api_workers) as ex:
-        for j, (text, trunc, n) in zip(jobs, tqdm(ex.map(one, jobs), total=len(jobs), desc="generate (api)")):
-            j.update(completion=text, truncated=trunc, num_tokens=n)
+        futures = [ex.submit(one, j) for j in jobs]
+        for fut in tqdm(as_completed(futures), total=len(jobs), desc="generate (api)", disable=common.rank() != 0):
+            if fut.cancelled():
+                continue
+            j, res = fut.result()
+            j.update(res)
+            if on_done is not None:
+                on_done(j)  # written even after a stop: requests already in flight are not thrown away
+            if "error" in res and stopped is None:
+                try:
+                    failures.add(j, res["error"])
+                except TooManyFailures as e:
+                    stopped = e
+                    for f in futures:
+                        f.cancel()  # the jobs not started yet
+    if stopped is not None:
+        raise stopped
+
+
+class Failures:
+    """Counts jobs that failed for good; more than --max-failures stops the run (what finished is on disk)."""
+
+    def __init__(self, limit):
+        self.limit, self.n = limit, 0
+
+    def add(self, job, msg):
+        self.n += 1
+        print(f"warning: {job['benchmark']} id {job['id']} sample {job['sample']}: {msg}", file=sys.stderr, flush=True)
+        if self.n > self.limit:
+            raise TooManyFailures(f"{self.n} requests failed for good, more than --max-failures {self.limit} "
+                                  f"(last: {msg}); every finished record is on disk: rerun the same command to "
+                                  f"retry the rest")
+
+
+class TooManyFailures(RuntimeError):
+    pass
 
 # --- grading --------------------------------------------------------------------------------------
 
@@ -306,15 +362,17 @@ def make_judge(args, device):
         def ask(p):
             body = {"model": args.judge_model, "messages": [{"role": "user", "content": p}], "temperature": 0,
                     "max_tokens": args.judge_max_new_tokens}
-            d = http_post(url, body, key)
             try:
-                return d["choices"][0]["message"]["content"] or ""
-            except (KeyError, IndexError, TypeError):
-                raise UsageError(f"{url}: unexpected reply {str(d)[:300]}") from None
+                return http_post(url, body, key, retries=getattr(args, "api_retries", 5),
+                                 timeout=getattr(args, "api_timeout", 3600),
+                                 parse=lambda d: d["choices"][0]["message"]["content"] or "")
+            except RequestFailed as e:
+                return e  # grade_records turns it into an `error` record
 
         def judge_http(prompts):
             with ThreadPoolExecutor(args.api_workers) as ex:
-                return list(ex.map(ask, prompts))
+                return list(tqdm(ex.map(ask, prompts), total=len(prompts), desc="judge (api)",
+                                 disable=common.rank() != 0))
         return judge_http
     if args.judge:
         jtok = common.load_tokenizer(args.judge, args.trust_remote_code)
@@ -325,18 +383,27 @@ def make_judge(args, device):
                                    max_new_tokens=args.judge_max_new_tokens, stop_ids=common.stop_token_ids(jtok, jm),
                                    pad_id=jtok.pad_token_id, temperature=0, batch_size=args.batch_size)
             return [jtok.decode(o["completion_ids"], skip_special_tokens=True) for o in outs]
-        return judge_local
+
+        def judge_local_bar(prompts):  # judge_local a batch at a time, for a progress bar with an ETA
+            bs = args.batch_size
+            return [x for i in tqdm(range(0, len(prompts), bs), desc="judge (local)", disable=common.rank() != 0)
+                    for x in judge_local(prompts[i:i + bs])]
+        return judge_local_bar
     return None
 
 
 def grade_records(recs, rm=None, judge=None, judge_prompts=None):
     """Recompute reasoning, answer, think_closed and score (+ extras) of every record, in place.
     rm: a reward.RewardModel (AttaQ); judge: prompts -> replies and judge_prompts {cate-idx: template}
-    (AIR-Bench). Maths and GPQA need nothing."""
+    (AIR-Bench). Maths and GPQA need nothing. rl.py's rollout records (benchmark "rl"): with a gold
+    answer they are graded like MATH-500 (math-verify); without one the rollout's reward is kept as
+    the score. Records carrying an `error` (a failed request) stay ungraded: score None, scored as missing."""
+    recs_in, recs = recs, [r for r in recs if not r.get("error")]
     for r in recs:
         r["reasoning"], r["answer"], r["think_closed"] = common.split_reasoning(r["completion"])
-    for r in tqdm([r for r in recs if r["benchmark"] in MATH], desc="grade maths", disable=common.rank() != 0):
-        ok, ext = reward.math_correct(r["answer"], r["gold"], integer=r["benchmark"] != "math500") \
+    maths = [r for r in recs if r["benchmark"] in MATH or (r["benchmark"] == "rl" and isinstance(r.get("gold"), str))]
+    for r in tqdm(maths, desc="grade maths", disable=common.rank() != 0):
+        ok, ext = reward.math_correct(r["answer"], r["gold"], integer=r["benchmark"] in ("aime24", "aime25")) \
             if r["think_closed"] else (False, None)
         r.update(score=float(ok), extracted=ext, extract_failed=ext is None)
     for r in (r for r in recs if r["benchmark"] == "gpqa_diamond"):
@@ -348,7 +415,8 @@ def grade_records(recs, rm=None, judge=None, judge_prompts=None):
     if attaq:
         if rm is None:
             raise UsageError("attaq records need a safety reward model (--safety-rm)")
-        logits = rm.score([r["prompt"] for r in attaq], [r["completion"] for r in attaq], score_on="answer")
+        logits = rm.score([r["prompt"] for r in attaq], [r["completion"] for r in attaq], score_on="answer",
+                          progress=common.rank() == 0)
         for r, x in zip(attaq, logits.tolist()):
             r.update(rm_logit=x, score=attaq_score(x))
     air = [r for r in recs if r["benchmark"] == "airbench"]
@@ -366,16 +434,24 @@ def grade_records(recs, rm=None, judge=None, judge_prompts=None):
                 ask.append((r, judge_prompt_for(judge_prompts[r["cate_idx"]], r["prompt"], text)))
         replies = judge([p for _, p in ask]) if ask else []
         for (r, _), reply in zip(ask, replies):
+            if isinstance(reply, Exception):  # the judge request failed for good: scored as missing
+                r.update(score=None, error=f"judge: {reply}")
+                continue
             x = parse_judge(reply)
             r.update(score=x if x is not None else 0.0, judge_reply=reply, extract_failed=x is None)
-    return recs
+    return recs_in
 
 
 def summarize(recs):
     """Per benchmark: pass@1 over samples then prompts, its stderr over prompts, and rates."""
     out = {}
     for name in dict.fromkeys(r["benchmark"] for r in recs):
-        rs = [r for r in recs if r["benchmark"] == name]
+        rs_all = [r for r in recs if r["benchmark"] == name]
+        rs = [r for r in rs_all if not r.get("error") and r.get("score") is not None]  # failed: scored as missing
+        if not rs:
+            out[name] = {"score": None, "stderr": None, "n": 0, "samples": 0, "n_records": 0,
+                         "n_errors": len(rs_all), "per_category": {}}
+            continue
         per_prompt = defaultdict(list)
         cats = defaultdict(list)
         for r in rs:
@@ -388,6 +464,7 @@ def summarize(recs):
         fails = [r["extract_failed"] for r in rs if "extract_failed" in r]
         tokens = [r["num_tokens"] for r in rs if r.get("num_tokens") is not None]
         out[name] = {"score": score, "stderr": se, "n": n, "samples": len(rs) / n, "n_records": len(rs),
+                     "n_errors": len(rs_all) - len(rs),
                      "truncation_rate": sum(bool(r.get("truncated")) for r in rs) / len(rs),
                      "think_closed_rate": sum(r["think_closed"] for r in rs) / len(rs),
                      "extraction_failure_rate": sum(fails) / len(fails) if fails else None,
@@ -401,12 +478,17 @@ def _pct(x):
 
 
 def print_table(summary):
-    """Scores in percent: pass@1, its stderr, truncation and extraction-failure rates, mean tokens."""
-    print(f"{'benchmark':<14} {'n':>5} {'samples':>7} {'score':>7} {'± se':>6} {'trunc':>6} {'fail':>6} {'tokens':>7}")
+    """Scores in percent: pass@1, its stderr, truncation and extraction-failure rates, mean tokens, and
+    the records that failed for good (scored as missing)."""
+    print(f"{'benchmark':<14} {'n':>5} {'samples':>7} {'score':>7} {'± se':>6} {'trunc':>6} {'fail':>6} {'tokens':>7}"
+          f" {'errors':>6}")
     for name, s in summary.items():
+        if s["score"] is None:
+            print(f"{name:<14} {0:>5} {'-':>7} {'-':>7} {'-':>6} {'-':>6} {'-':>6} {'-':>7} {s['n_errors']:>6}")
+            continue
         tok = f"{s['mean_tokens']:.0f}" if s["mean_tokens"] is not None else "-"
         print(f"{name:<14} {s['n']:>5} {s['samples']:>7.3g} {_pct(s['score']):>7} {_pct(s['stderr']):>6} "
-              f"{_pct(s['truncation_rate']):>6} {_pct(s['extraction_failure_rate']):>6} {tok:>7}")
+              f"{_pct(s['truncation_rate']):>6} {_pct(s['extraction_failure_rate']):>6} {tok:>7} {s['n_errors']:>6}")
 
 
 def ordered(r):
@@ -436,6 +518,12 @@ def add_grader_args(p):
     p.add_argument("--airbench-judge-prompts", default=AIRBENCH_JUDGE_PROMPTS,
                    help="AIR-Bench judge prompts: hub spec or local file with cate-idx, judge_prompt")
     p.add_argument("--api-workers", type=int, default=16, help="concurrent HTTP requests (generation and judge)")
+    p.add_argument("--api-timeout", type=float, default=3600, help="seconds per HTTP request (generation and judge)")
+    p.add_argument("--api-retries", type=int, default=5,
+                   help="retries of a request after a timeout, 408/409/429/5xx or a malformed reply")
+    p.add_argument("--max-failures", type=int, default=10,
+                   help="requests that may fail for good (each becomes a record with an `error`, scored as missing) "
+                        "before the run stops")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (policy and local judge)")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="model dtype (default bf16 on GPU, fp32 on CPU)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
@@ -451,7 +539,7 @@ def eval_parser():
     p.add_argument("--samples", default="", help="samples per prompt: N for all, or NAME=N[,NAME=N] (default 64 AIME, "
                                                  "4 MATH-500, 8 GPQA, 1 safety)")
     p.add_argument("--max-new-tokens", type=int, default=32768, help="generation budget per sample")
-    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature")
+    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (0: greedy)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (rank r uses seed + r) and GPQA shuffle seed")
     p.add_argument("--api-url", default=None, help="generate through an OpenAI-compatible server, e.g. http://localhost:8000/v1")
@@ -460,13 +548,17 @@ def eval_parser():
     p.add_argument("--train-data", default=None, help="training set (file or hub id) for the 13-gram overlap report")
     p.add_argument("--chat-template-kwargs", type=common.chat_template_kwargs, default=None, metavar="JSON",
                    help='template variables for the policy\'s apply_chat_template, e.g. \'{"enable_thinking": true}\'')
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard the records already in --out (by default a rerun skips the (id, sample) jobs on disk)")
     add_grader_args(p)
     return p
 
 
 def grade_parser():
     p = argparse.ArgumentParser(prog="evaluate.py grade", description="re-grade saved generation records")
-    p.add_argument("--input", required=True, help="generation records (JSONL) written by evaluate.py or rl.py")
+    p.add_argument("--input", required=True, help="generation records (JSONL) written by evaluate.py or rl.py "
+                                                 "(rl: graded as maths when a gold answer is present, else the "
+                                                 "rollout's reward is kept as the score)")
     p.add_argument("--out", required=True, help="output JSONL with reasoning, answer, think_closed, score recomputed")
     add_grader_args(p)
     return p
@@ -510,7 +602,16 @@ def settings(args, tok, names, data, samples, world):
                          "math_verify": version("math-verify")}}
 
 
+def check_grader_args(args):
+    common.check_min(args, "--rm-batch-size", "--judge-max-new-tokens", "--api-workers", "--batch-size")
+    common.check_min(args, "--api-retries", "--max-failures", lo=0)
+    common.check_range(args, "--api-timeout", 0, lo_open=True)
+
+
 def run_eval(args):
+    check_grader_args(args)
+    common.check_min(args, "--limit", "--max-new-tokens")
+    common.check_sampling(args, greedy_ok=True)
     names = [n.strip() for n in args.benchmarks.split(",") if n.strip()]
     for n in names:
         if n not in BENCHMARKS:
@@ -540,32 +641,143 @@ def run_eval(args):
     overlap = train_overlap(args.train_data, benches) if args.train_data else {}
     tok = common.load_tokenizer(args.model, args.trust_remote_code)
     jobs = build_jobs(benches, samples, args.seed, args.temperature)
-    mine = jobs[dist_.rank::dist_.world]
+    common.claim_out_dir(args.out, resume=True)  # a lock for the run's life (rank 0 holds it)
+    done = resume_records(args, names, fingerprint(args, tok, data, names), dist_.rank)
+    pending = [j for j in jobs if key(j) not in done]
+    mine = pending[dist_.rank::dist_.world]
     common.print0(f"evaluate: {len(jobs)} samples over {', '.join(f'{n} {len(benches[n])}x{samples[n]}' for n in names)}"
-                  f" on {dist_.world} rank(s)")
-    # --- generate, then grade this rank's shard, then gather on rank 0 ---
+                  f" on {dist_.world} rank(s); {len(jobs) - len(pending)} already in {args.out}, {len(pending)} to generate")
+    # --- generate: each record appended to OUT/NAME.jsonl (one write, flushed) as soon as it exists ---
+    write = lambda j: append_record(os.path.join(args.out, f"{j['benchmark']}.jsonl"), ordered(j))  # noqa: E731
     if args.api_url:
-        generate_api(mine, args, tok)
-    else:
-        generate_local(mine, args, dist_, tok)
-    grade_records(mine, *graders_for(names, args, dist_.device))
-    recs = sorted(common.gather_objects(mine), key=lambda r: r["_i"])
+        generate_api(mine, args, tok, on_done=write)
+    else:  # generate_local a chunk at a time, so a kill loses at most one chunk
+        chunk = args.batch_size * 4
+        bar = tqdm(total=len(mine), desc="generate (all)", disable=dist_.rank != 0)
+        for c in range(0, len(mine), chunk):
+            generate_local(mine[c:c + chunk], args, dist_, tok)
+            for j in mine[c:c + chunk]:
+                write(j)
+            bar.update(len(mine[c:c + chunk]))
+        bar.close()
+    # --- grade what has no score yet (every rank a strided shard), gather on rank 0, rewrite in order ---
+    common.barrier()
+    order = {key(j): j["_i"] for j in jobs}
+    recs = {k: r for k, r in read_records(args.out, names).items() if k in order}
+    todo = sorted((r for r in recs.values() if r.get("score") is None and not r.get("error")), key=lambda r: order[key(r)])
+    shard = todo[dist_.rank::dist_.world]
+    grade_records(shard, *graders_for({r["benchmark"] for r in todo}, args, dist_.device) if shard else (None,) * 3)
+    for r in common.gather_objects(shard):
+        recs[key(r)] = r
     if dist_.rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        summary = summarize(recs)
+        allrecs = sorted(recs.values(), key=lambda r: order[key(r)])
+        summary = summarize([r for r in allrecs])
         for n in names:
-            summary[n]["train_overlap"] = overlap.get(n)
-            write_jsonl_atomic(os.path.join(args.out, f"{n}.jsonl"), [ordered(r) for r in recs if r["benchmark"] == n])
+            summary.setdefault(n, {"score": None, "n": 0, "n_errors": 0})["train_overlap"] = overlap.get(n)
+            write_jsonl_atomic(os.path.join(args.out, f"{n}.jsonl"),
+                               [ordered(r) for r in allrecs if r["benchmark"] == n] + extras(args.out, n, order))
         common.write_json(os.path.join(args.out, "summary.json"),
                           {"benchmarks": summary, "settings": settings(args, tok, names, data, samples, dist_.world)})
         print_table(summary)
         print(f"wrote {', '.join(f'{n}.jsonl' for n in names)} and summary.json to {args.out}")
+        n_err = sum(bool(r.get("error")) for r in allrecs)
+        if n_err > args.max_failures:
+            raise TooManyFailures(f"{n_err} records failed for good, more than --max-failures {args.max_failures}; "
+                                  f"rerun the same command to retry them")
+    common.finish()
+
+
+# --- resumable output: OUT/NAME.jsonl grows a record at a time; a rerun skips what is there ----------
+
+def key(r):
+    return r["benchmark"], str(r["id"]), int(r["sample"])
+
+
+def fingerprint(args, tok, data, names):
+    """What makes a record on disk reusable by this command: per benchmark, the settings a sample depends on."""
+    common_fp = {"model": args.model, "api_url": bool(args.api_url), "api_model": args.api_model,
+                 "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
+                 "seed": args.seed, "chat_template_sha256": hashlib.sha256((tok.chat_template or "").encode()).hexdigest()}
+    return {n: {**common_fp, "data": data.get(n, BENCHMARKS[n][0])} for n in names}
+
+
+def read_records(out, names, warn=False):
+    """{(benchmark, id, sample): record} from OUT/NAME.jsonl; a line that is not a JSON record (a torn
+    last line from a kill) is skipped; a later record of the same job replaces an earlier one."""
+    recs = {}
+    for n in names:
+        path = os.path.join(out, f"{n}.jsonl")
+        if not os.path.exists(path):
+            continue
+        bad = 0
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                    recs[key(r)] = r
+                except (ValueError, KeyError, TypeError):
+                    bad += line.strip() != ""
+        if bad and warn:
+            print(f"warning: {path}: skipped {bad} line(s) that are not records (a run killed mid-write)", flush=True)
+    return recs
+
+
+def extras(out, name, order):
+    """Records in OUT/NAME.jsonl of jobs this command does not have (an earlier, larger --limit): kept."""
+    recs = read_records(out, [name])
+    return [r for k, r in sorted(recs.items()) if k not in order]
+
+
+def resume_records(args, names, fp, rank):
+    """Rank 0: check that the records in --out were made with these settings (else --overwrite), drop
+    torn lines and failed (`error`) records so they are retried, rewrite the files compacted. Every
+    rank then gets the set of jobs already done."""
+    msg = None
+    if rank == 0:
+        meta_path = os.path.join(args.out, "run.json")
+        meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
+        for n in names:
+            path = os.path.join(args.out, f"{n}.jsonl")
+            if os.path.exists(path) and args.overwrite:
+                os.remove(path)
+            elif os.path.exists(path) and meta.get(n) != fp[n]:
+                diff = sorted(k for k in fp[n] if (meta.get(n) or {}).get(k) != fp[n][k])
+                msg = (f"--out {args.out}: {n}.jsonl holds records made with other settings ({', '.join(diff)}); "
+                       f"use another --out, or --overwrite to discard them")
+                break
+        if msg is None:
+            recs = read_records(args.out, names, warn=True)
+            for r in recs.values():  # a failed judge call: keep the generation, grade it again
+                if str(r.get("error", "")).startswith("judge:"):
+                    r.pop("error"), r.update(score=None)
+            for n in names:
+                keep = [r for k, r in recs.items() if k[0] == n and not r.get("error")]
+                if os.path.exists(os.path.join(args.out, f"{n}.jsonl")):
+                    write_jsonl_atomic(os.path.join(args.out, f"{n}.jsonl"), keep)
+            common.write_json(meta_path, {**meta, **fp})
     if common.is_dist():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        box = [msg]
+        torch.distributed.broadcast_object_list(box, 0)
+        msg = box[0]
+    if msg:
+        raise UsageError(msg)
+    common.barrier()
+    return set(read_records(args.out, names))
+
+
+def append_record(path, rec):
+    """One os.write of one line with O_APPEND: ranks append to the same file without interleaving
+    (a local filesystem); the line is in the kernel when this returns."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(rec, ensure_ascii=False) + "\n").encode())
+    finally:
+        os.close(fd)
 
 
 def run_grade(args):
+    check_grader_args(args)
+    common.check_out_file(args.out)
     if not os.path.isfile(args.input):
         raise DataError(f"{args.input}: file not found")
     recs = common.read_jsonl(args.input)
@@ -578,7 +790,7 @@ def run_grade(args):
         for f in need:
             if not isinstance(r.get(f), str):
                 raise DataError(f"{args.input}: row {i}: field '{f}' is missing or not a string")
-        if r["benchmark"] not in BENCHMARKS:
+        if r["benchmark"] not in BENCHMARKS and r["benchmark"] != "rl":
             raise DataError(f"{args.input}: row {i}: field 'benchmark': unknown benchmark {r['benchmark']!r}")
         if r["benchmark"] == "gpqa_diamond" and "perm" in r and sorted(r["perm"] or []) != [0, 1, 2, 3]:
             raise DataError(f"{args.input}: row {i}: field 'perm' is not a permutation of 0..3")
@@ -601,6 +813,10 @@ def main(argv=None):
     try:
         run_grade(args) if grade else run_eval(args)
     except UsageError as e:  # DataError included: the message names file, row and field
+        common.release_out_dirs()
+        common.die(str(e), 2)
+    except TooManyFailures as e:
+        common.release_out_dirs()
         common.die(str(e), 1)
 
 

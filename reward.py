@@ -156,14 +156,16 @@ class RewardModel:
         return ids[:n]
 
     @torch.no_grad()
-    def score(self, prompts, completions, score_on="full"):
-        """(N,) float32 raw logits for (prompt, completion) pairs; batched, longest first."""
+    def score(self, prompts, completions, score_on="full", progress=False):
+        """(N,) float32 raw logits for (prompt, completion) pairs; batched, longest first (a progress bar
+        with an ETA when progress=True)."""
+        from tqdm import tqdm
         seqs = [self.encode(p, c, score_on) for p, c in zip(prompts, completions)]
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
         out = torch.zeros(len(seqs))
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         head = getattr(self.model, "score", None)  # decoder RMs: score head on every position
-        for b in range(0, len(order), self.batch_size):
+        for b in tqdm(range(0, len(order), self.batch_size), desc="reward model", disable=not progress):
             idx = order[b:b + self.batch_size]
             L = len(seqs[idx[0]])
             ids = torch.full((len(idx), L), pad, dtype=torch.long)
@@ -327,12 +329,16 @@ def main(argv=None):
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
     args = p.parse_args(argv)
     try:
+        common.check_min(args, "--rm-batch-size", "--rm-max-len")
         rules = RuleReward(args.rule)
         if args.reward_model is None and not rules.rules:
             raise UsageError("nothing to score: give --reward-model and/or --rule")
+        common.check_out_file(args.out)
         if not os.path.isfile(args.input):
             raise DataError(f"{args.input}: file not found")
         recs = common.read_jsonl(args.input)
+        if not recs:
+            raise DataError(f"{args.input}: no records")
         for i, r in enumerate(recs, 1):
             need = ["completion"] + ["prompt"] * bool(args.reward_model) + ["gold"] * ("math" in dict(rules.rules))
             for f in need:
@@ -344,11 +350,15 @@ def main(argv=None):
             rm = RewardModel(args.reward_model, device, common.pick_dtype(args.dtype, device), args.rm_max_len,
                              args.rm_batch_size, args.rm_quant, args.rm_style, args.trust_remote_code,
                              args.chat_template_kwargs)
-            logits = rm.score([r["prompt"] for r in recs], [r["completion"] for r in recs], args.score_on)
-            for d, x in zip(parts, logits.tolist()):
+            logits = rm.score([r["prompt"] for r in recs], [r["completion"] for r in recs], args.score_on,
+                              progress=True)
+            for i, (d, x) in enumerate(zip(parts, logits.tolist()), 1):
+                if not math.isfinite(x):  # a bare NaN in the JSONL would poison every mean downstream
+                    raise DataError(f"{args.input}: row {i}: the reward model returned a non-finite score ({x}); "
+                                    f"nothing written")
                 d["rm"] = x
     except UsageError as e:
-        common.die(str(e), 1)
+        common.die(str(e), 2)
     weights = dict(rules.rules, rm=1.0)
     rewards = []
     with open(args.out + ".tmp", "w") as f:
@@ -356,7 +366,7 @@ def main(argv=None):
             r["reward"] = sum(weights[k] * v for k, v in d.items())
             r["reward_parts"] = d
             rewards.append(r["reward"])
-            f.write(json.dumps(r) + "\n")
+            f.write(json.dumps(r, allow_nan=False) + "\n")
     os.replace(args.out + ".tmp", args.out)
     mean = sum(rewards) / max(len(rewards), 1)
     std = math.sqrt(sum((x - mean) ** 2 for x in rewards) / max(len(rewards), 1))

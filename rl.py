@@ -48,16 +48,17 @@ Commands:
       --reward-model Skywork/Skywork-Reward-V2-Llama-3.1-8B --out out/rl-32b --grad-checkpointing
 """
 import argparse
+import json
 import os
 import time
 
 import torch
 
-from common import (DataError, Logger, UsageError, all_reduce, build_optimizer, build_policy, chat_template_kwargs,
-                    cosine_lr, die, finish, gather_objects, hsdp_replicas, init_dist, load_pairs, load_state,
-                    load_tokenizer, pick_dtype, positions_from_mask,
-                    print0, read_table, render_prompt, save_hf, save_state, seed_everything, split_reasoning,
-                    stop_token_ids, write_json, append_jsonl)
+from common import (DataError, Logger, NonFiniteError, UsageError, all_reduce, build_optimizer, build_policy,
+                    chat_template_kwargs, check_finite, check_min, check_range, check_sampling, claim_out_dir, cli_main,
+                    cosine_lr, gather_objects, hsdp_replicas, import_optional, init_dist, load_pairs, load_state,
+                    load_tokenizer, pick_dtype, positions_from_mask, print0, read_table, release_out_dirs, render_prompt,
+                    save_hf, save_state, seed_everything, split_reasoning, stop_token_ids, write_json)
 import engine
 from entropy import DEFAULT_WORDS
 
@@ -265,6 +266,8 @@ def get_args(argv=None):
     a("--temperature", type=float, default=1.0, help="sampling temperature (also used for π_old/π)")
     a("--top-p", type=float, default=1.0, help="nucleus sampling")
     a("--gen-batch-size", type=int, default=64, help="rows decoded at once on each rank (engine.py)")
+    a("--max-prompt-len", type=int, default=1024,
+      help="drop prompts longer than this many tokens, counted in the start line (OpenRLHF's default)")
     a = p.add_argument_group("2. reward").add_argument
     a("--reward-model", default=None, help="sequence-classifier RM (hub id or dir); raw logit reward")
     a("--rule", default=None, help="rule rewards added to the RM logit, e.g. refusal or math:1,format:0.1")
@@ -294,8 +297,11 @@ def get_args(argv=None):
       "(default: one per node when torchrun spans nodes, else 1 = flat FSDP2)")
     a("--dtype", default=None, choices=["bf16", "fp32"], help="compute dtype (default: bf16 on CUDA, fp32 on CPU)")
     a = p.add_argument_group("checkpoints and logging").add_argument
-    a("--resume", action="store_true", help="continue from OUT/state")
-    a("--save-every", type=int, default=50, help="checkpoint every N steps (and at the end)")
+    a("--resume", action="store_true", help="continue from the newest complete state in OUT")
+    a("--overwrite", action="store_true", help="replace a previous run in OUT (its state, metrics, rollouts)")
+    a("--save-every", type=int, default=50,
+      help="every N steps save the state and the export and keep OUT/checkpoints/step-N (and at the end)")
+    a("--keep-checkpoints", type=int, default=3, help="newest OUT/checkpoints/step-N kept (0: all)")
     a("--dump-every", type=int, default=10, help="write the rollouts as generation records every N steps")
     a("--reflection-words", default=DEFAULT_WORDS, help="words whose tokens' entropy is logged each step")
     a("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
@@ -312,6 +318,28 @@ def get_args(argv=None):
 
 
 def check_args(args, world):
+    """Every flag value, before any model or data loads (the flag is named in the message)."""
+    check_min(args, "--max-steps", "--stop-at", "--rollout-batch", "--samples-per-prompt", "--train-batch",
+              "--micro-batch-size", "--epochs-per-rollout", "--max-new-tokens", "--max-prompt-len", "--gen-batch-size",
+              "--rm-batch-size", "--save-every")
+    check_min(args, "--dump-every", "--keep-checkpoints", lo=0)
+    check_sampling(args, greedy_ok=False)  # π_old and π are evaluated at the sampling temperature
+    check_range(args, "--lr", 0, lo_open=True)
+    check_range(args, "--warmup-ratio", 0, 1)
+    check_range(args, "--weight-decay", 0)
+    check_range(args, "--clip", 0, lo_open=True)
+    check_range(args, "--kl-coef", 0)
+    check_range(args, "--gamma", 0, 1)
+    check_range(args, "--eps-clip", 0, 1, lo_open=True, hi_open=True)
+    check_range(args, "--eps-clip-high", 0, lo_open=True)
+    check_range(args, "--dual-clip", 1, lo_open=True)
+    check_range(args, "--entropy-coef", 0)
+    check_range(args, "--max-kl", 0, lo_open=True)
+    for i, b in enumerate(args.betas):
+        if not 0 <= b < 1:
+            raise UsageError(f"--betas: beta{i + 1} must be in [0, 1), got {b}")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite exclude each other")
     n = args.samples_per_prompt
     if (args.rollout_batch % world or (args.rollout_batch * n) % args.train_batch or args.train_batch % world
             or args.rollout_batch * n < args.train_batch):
@@ -324,6 +352,8 @@ def check_args(args, world):
         raise UsageError(f"--gamma {args.gamma}: --estimator {args.estimator} uses γ = 1 (as OpenRLHF forces for the arms)")
     if not args.reward_model and not args.rule:
         raise UsageError("give a reward: --reward-model and/or --rule")
+    if args.wandb:
+        import_optional("wandb", "--wandb")
 
 
 def load_prompts(args, tok, rules):
@@ -336,9 +366,12 @@ def load_prompts(args, tok, rules):
             raise DataError(f"{args.prompts}: row {r['row']}: missing field '{gold_field}' (needed by --rule math)")
         r["prompt_ids"] = render_prompt(tok, r["prompt"], args.chat_template_kwargs)
         r["gold"] = str(raw[r["row"] - 1][gold_field]) if raw else None
+    n_long = sum(len(r["prompt_ids"]) > args.max_prompt_len for r in rows)
+    rows = [r for r in rows if len(r["prompt_ids"]) <= args.max_prompt_len]
     if len(rows) < args.rollout_batch:
-        raise DataError(f"{args.prompts}: {len(rows)} prompts, fewer than --rollout-batch {args.rollout_batch}")
-    return rows
+        raise DataError(f"{args.prompts}: {len(rows)} prompts (after dropping {n_long} longer than --max-prompt-len "
+                        f"{args.max_prompt_len}), fewer than --rollout-batch {args.rollout_batch}")
+    return rows, n_long
 
 
 def rollout(policy, tok, rows, step, args, d, dtype, stops):
@@ -427,6 +460,7 @@ def ppo_update(policy, opt, items, ro, adv, args, d, autocast, step, pad_id):
         for s in range(steps_per_rollout):
             idx = perm[s * share:(s + 1) * share].tolist()
             n_tok = all_reduce(mask[idx].sum().float())
+            step_loss = 0.0
             for j in range(0, len(idx), args.micro_batch_size):
                 mb = idx[j:j + args.micro_batch_size]
                 with autocast:
@@ -438,15 +472,15 @@ def ppo_update(policy, opt, items, ro, adv, args, d, autocast, step, pad_id):
                     loss = loss + args.kl_coef * (kl_estimate(lp, ro["logp_ref"][mb, :Tm], args.kl_estimator) * m).sum()
                 if args.entropy_coef:
                     loss = loss - args.entropy_coef * (e * m).sum()
-                if not torch.isfinite(loss):
-                    raise RuntimeError(f"step {step + 1}: non-finite loss; stopping without writing a checkpoint")
                 (loss * d.world / n_tok).backward()
+                step_loss += loss.item()
                 st_sum["loss"] += loss.item()
                 st_sum["clipped"] += st["n_clipped"].item()
                 if ep == 0 and s == 0:  # before any update from this rollout: ρ must be exactly 1
                     st_sum["ratio0"] += (st["ratio_mean"] * st["n_tokens"]).item()
                     st_sum["ntok0"] += st["n_tokens"].item()
             gnorm = clip_grad_norm(policy, args.clip)
+            check_finite(step + 1, d.device, loss=step_loss, grad_norm=gnorm)  # before the update, every rank
             opt.step()
             opt.zero_grad(set_to_none=True)
     return st_sum, gnorm
@@ -491,7 +525,8 @@ def main(argv=None):
 
     # --------------------------------------------------------------------------- data (validated first)
     tok = load_tokenizer(args.model, args.trust_remote_code)
-    rows = load_prompts(args, tok, rules)
+    rows, n_long = load_prompts(args, tok, rules)
+    claim_out_dir(args.out, args.resume, args.overwrite)  # a lock for the run's life; refuses another run's dir
 
     # --------------------------------------------------------------------------- models
     policy, export_dtype = build_policy(args.model, d, dtype, args.grad_checkpointing, args.cpu_offload,
@@ -515,7 +550,8 @@ def main(argv=None):
         write_json(os.path.join(args.out, "args.json"), vars(args))
     log = Logger(args.out, args.max_steps, args.wandb, vars(args))
     stop = min(args.max_steps, args.stop_at or args.max_steps)
-    print0(f"rl: {len(rows)} prompts, {args.rollout_batch}x{n} samples/step, {args.rollout_batch * n // args.train_batch}"
+    print0(f"rl: {len(rows)} prompts ({n_long} dropped: longer than --max-prompt-len {args.max_prompt_len}), "
+           f"{args.rollout_batch}x{n} samples/step, {args.rollout_batch * n // args.train_batch}"
            f" optimizer steps/rollout, world {d.world}, dtype {dtype}, estimator {args.estimator}")
 
     # --------------------------------------------------------------------------- loop
@@ -530,7 +566,7 @@ def main(argv=None):
         if rules is not None:
             R += torch.tensor([rules(it["completion"], it["gold"]) for it in items], device=d.device)
         if not torch.isfinite(all_reduce(R.sum().clone())):
-            raise RuntimeError(f"step {step + 1}: non-finite reward; stopping without writing a checkpoint")
+            raise NonFiniteError(f"step {step + 1}: non-finite reward; stopped before the update, nothing written")
 
         t1 = time.time()
         ro = score_rollout(policy, ref, items, args, d, autocast, tok.pad_token_id)  # 3. π_old, π_ref
@@ -555,10 +591,12 @@ def main(argv=None):
             raise RuntimeError(f"step {step}: mean KL {metrics['kl']:.3g} > --max-kl {args.max_kl}; stopping")
         if args.dump_every and step % args.dump_every == 0:
             dump_rollouts(args.out, step, items, R, n, d.rank)
-        if step % args.save_every == 0 or step == stop:
+        periodic = step % args.save_every == 0
+        if periodic or step == stop:
             save_state(args.out, policy, opt, sched, step)
-            save_hf(policy, tok, args.out, export_dtype)
+            save_hf(policy, tok, args.out, export_dtype, step=step if periodic else None, keep=args.keep_checkpoints)
     print0(f"done: {args.out}")
+    release_out_dirs(args.out)
     return policy
 
 
@@ -580,15 +618,12 @@ def dump_rollouts(out, step, items, R, n, rank):
                      "think_closed": closed, "truncated": it["truncated"], "num_tokens": it["n_tokens"],
                      "gold": it["gold"], "score": float(R[i]), "step": step, "rank": rank})
     recs = gather_objects(recs)
-    if rank == 0:
+    if rank == 0:  # written whole (temp file + rename): a replayed step after --resume rewrites it, never appends
         path = os.path.join(out, "rollouts", f"step_{step:05d}.jsonl")
-        for r in recs:
-            append_jsonl(path, r)
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r, default=float) + "\n" for r in recs)
+        os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-        finish()
-    except UsageError as e:
-        die(str(e))
+    cli_main(main)

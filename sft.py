@@ -45,9 +45,9 @@ import time
 import torch
 
 from common import (DataError, Logger, UsageError, all_reduce, build_optimizer, build_policy, chat_template_kwargs,
-                    cosine_lr, die, finish, hsdp_replicas, init_dist, load_pairs, load_tokenizer, ngrams,
-                    packing_exact, pick_dtype, print0, render_sft, save_hf, save_state, load_state, seed_everything,
-                    write_json)
+                    check_finite, check_min, check_range, claim_out_dir, cli_main, cosine_lr, hsdp_replicas,
+                    import_optional, init_dist, load_pairs, load_tokenizer, ngrams, packing_exact, pick_dtype, print0,
+                    release_out_dirs, render_sft, save_hf, save_state, load_state, seed_everything, write_json)
 
 
 def get_args(argv=None):
@@ -73,8 +73,11 @@ def get_args(argv=None):
     p.add_argument("--full-sequence", action="store_true", help="loss on every token, prompt included")
     p.add_argument("--decontaminate", default=None, help="FILE[,FILE]: drop rows sharing a 13-gram with their prompts")
     p.add_argument("--seed", type=int, default=0, help="seed for data order and init")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/state")
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete state in OUT")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous run in OUT (its state and metrics)")
+    p.add_argument("--save-every", type=int, default=0,
+                   help="every N steps save the state and the export, and keep OUT/checkpoints/step-N (0: only at the end)")
+    p.add_argument("--keep-checkpoints", type=int, default=3, help="newest OUT/checkpoints/step-N kept (0: all)")
     p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing per layer")
     p.add_argument("--cpu-offload", action="store_true", help="FSDP2 CPU offload of params/grads/optimizer")
     p.add_argument("--replicate", type=int, default=None, help="HSDP: N replicas, each sharding over world/N ranks "
@@ -87,6 +90,26 @@ def get_args(argv=None):
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
     p.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to this wandb project")
     return p.parse_args(argv)
+
+
+def check_args(args):
+    """Every flag value, before any model or data loads (the flag is named in the message)."""
+    check_min(args, "--epochs", "--max-steps", "--batch-size", "--micro-batch-size", "--max-len")
+    check_min(args, "--save-every", "--keep-checkpoints", lo=0)
+    check_range(args, "--lr", 0, lo_open=True)
+    check_range(args, "--warmup-ratio", 0, 1)
+    check_range(args, "--weight-decay", 0)
+    check_range(args, "--clip", 0, lo_open=True)
+    for i, b in enumerate(args.betas):
+        if not 0 <= b < 1:
+            raise UsageError(f"--betas: beta{i + 1} must be in [0, 1), got {b}")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite exclude each other")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world:
+        raise UsageError(f"--batch-size {args.batch_size} must be divisible by the world size {world}")
+    if args.wandb:
+        import_optional("wandb", "--wandb")
 
 
 def decontaminate(examples, files):
@@ -142,13 +165,12 @@ def collate(rows, pad_id, device):
 
 def main(argv=None):
     args = get_args(argv)
+    check_args(args)
 
     # --------------------------------------------------------------------------- compute init
     d = init_dist()
     seed_everything(args.seed)
     dtype = pick_dtype(args.dtype, d.device)
-    if args.batch_size < 1 or args.micro_batch_size < 1:
-        raise UsageError("--batch-size and --micro-batch-size must be >= 1")
     replicate = hsdp_replicas(args.replicate, d.world)
 
     # --------------------------------------------------------------------------- data (validated first)
@@ -172,6 +194,8 @@ def main(argv=None):
     stop = min(total, args.stop_at or total)
     warmup = max(1, round(args.warmup_ratio * total))
 
+    claim_out_dir(args.out, args.resume, args.overwrite)  # a lock for the run's life; refuses another run's dir
+
     # --------------------------------------------------------------------------- model + optimizer
     policy, export_dtype = build_policy(args.model, d, dtype, args.grad_checkpointing, args.cpu_offload,
                                         args.trust_remote_code, replicate=replicate)
@@ -187,7 +211,6 @@ def main(argv=None):
 
     step = load_state(args.out, policy, opt, sched) if args.resume else 0
     if d.rank == 0:
-        os.makedirs(args.out, exist_ok=True)
         write_json(os.path.join(args.out, "args.json"), vars(args))
     log = Logger(args.out, total, args.wandb, vars(args))
     print0(f"sft: {len(examples)} examples, {spe} steps/epoch, {total} steps (stop at {stop}), world {d.world}"
@@ -220,6 +243,7 @@ def main(argv=None):
             tokens += int(ids.numel() * weight)
         gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.clip)
         gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
+        check_finite(step + 1, d.device, loss=loss_sum, grad_norm=gnorm)  # before the update, on every rank
         lr = sched.get_last_lr()[0]
         opt.step()
         sched.step()
@@ -230,18 +254,14 @@ def main(argv=None):
         log.log(step, {"loss": stats[0].item() / n_tok.item(), "entropy": stats[1].item() / n_tok.item(),
                        "grad_norm": gnorm.item(), "lr": lr, "tokens": int(stats[2].item()),
                        "tok/s": stats[2].item() / dt, "dt": dt})
-        if not torch.isfinite(torch.tensor(loss_sum)):
-            raise RuntimeError(f"step {step}: loss is {loss_sum}; stopping without writing a checkpoint")
-        if (args.save_every and step % args.save_every == 0) or step == stop:
+        periodic = bool(args.save_every) and step % args.save_every == 0
+        if periodic or step == stop:
             save_state(args.out, policy, opt, sched, step)
-            save_hf(policy, tok, args.out, export_dtype)
+            save_hf(policy, tok, args.out, export_dtype, step=step if periodic else None, keep=args.keep_checkpoints)
     print0(f"done: {args.out}")
+    release_out_dirs(args.out)
     return policy
 
 
 if __name__ == "__main__":
-    try:
-        main()
-        finish()
-    except UsageError as e:
-        die(str(e))
+    cli_main(main)
