@@ -90,6 +90,19 @@ def check_range(args, flag, lo=None, hi=None, lo_open=False, hi_open=False):
         raise UsageError(f"{flag} must be {want} (and finite), got {v}")
 
 
+def check_training(args):
+    """The optimizer and run flags sft.py and rl.py share."""
+    check_range(args, "--lr", 0, lo_open=True)
+    check_range(args, "--warmup-ratio", 0, 1)
+    check_range(args, "--weight-decay", 0)
+    check_range(args, "--clip", 0, lo_open=True)
+    for i, b in enumerate(args.betas):
+        if not 0 <= b < 1:
+            raise UsageError(f"--betas: beta{i + 1} must be in [0, 1), got {b}")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite exclude each other")
+
+
 def check_sampling(args, greedy_ok=False):
     """--temperature > 0 (or 0 = greedy where the stage supports it) and 0 < --top-p <= 1."""
     t = args.temperature

@@ -55,10 +55,11 @@ import time
 import torch
 
 from common import (DataError, Logger, NonFiniteError, UsageError, all_reduce, build_optimizer, build_policy,
-                    chat_template_kwargs, check_finite, check_min, check_range, check_sampling, claim_out_dir, cli_main,
-                    cosine_lr, gather_objects, hsdp_replicas, import_optional, init_dist, load_pairs, load_state,
-                    load_tokenizer, pick_dtype, positions_from_mask, print0, read_table, release_out_dirs, render_prompt,
-                    save_hf, save_state, seed_everything, split_reasoning, stop_token_ids, write_json)
+                    chat_template_kwargs, check_finite, check_min, check_range, check_sampling, check_training,
+                    claim_out_dir, cli_main, cosine_lr, gather_objects, hsdp_replicas, import_optional, init_dist,
+                    load_pairs, load_state, load_tokenizer, pick_dtype, positions_from_mask, print0, read_table,
+                    release_out_dirs, render_prompt, save_hf, save_state, seed_everything, split_reasoning,
+                    stop_token_ids, write_json)
 import engine
 from entropy import DEFAULT_WORDS
 
@@ -324,10 +325,7 @@ def check_args(args, world):
               "--rm-batch-size", "--save-every")
     check_min(args, "--dump-every", "--keep-checkpoints", lo=0)
     check_sampling(args, greedy_ok=False)  # π_old and π are evaluated at the sampling temperature
-    check_range(args, "--lr", 0, lo_open=True)
-    check_range(args, "--warmup-ratio", 0, 1)
-    check_range(args, "--weight-decay", 0)
-    check_range(args, "--clip", 0, lo_open=True)
+    check_training(args)  # --lr, --warmup-ratio, --weight-decay, --clip, --betas, --resume/--overwrite
     check_range(args, "--kl-coef", 0)
     check_range(args, "--gamma", 0, 1)
     check_range(args, "--eps-clip", 0, 1, lo_open=True, hi_open=True)
@@ -335,11 +333,6 @@ def check_args(args, world):
     check_range(args, "--dual-clip", 1, lo_open=True)
     check_range(args, "--entropy-coef", 0)
     check_range(args, "--max-kl", 0, lo_open=True)
-    for i, b in enumerate(args.betas):
-        if not 0 <= b < 1:
-            raise UsageError(f"--betas: beta{i + 1} must be in [0, 1), got {b}")
-    if args.resume and args.overwrite:
-        raise UsageError("--resume and --overwrite exclude each other")
     n = args.samples_per_prompt
     if (args.rollout_batch % world or (args.rollout_batch * n) % args.train_batch or args.train_batch % world
             or args.rollout_batch * n < args.train_batch):

@@ -45,7 +45,7 @@ import time
 import torch
 
 from common import (DataError, Logger, UsageError, all_reduce, build_optimizer, build_policy, chat_template_kwargs,
-                    check_finite, check_min, check_range, claim_out_dir, cli_main, cosine_lr, hsdp_replicas,
+                    check_finite, check_min, check_training, claim_out_dir, cli_main, cosine_lr, hsdp_replicas,
                     import_optional, init_dist, load_pairs, load_tokenizer, ngrams, packing_exact, pick_dtype, print0,
                     release_out_dirs, render_sft, save_hf, save_state, load_state, seed_everything, write_json)
 
@@ -96,15 +96,7 @@ def check_args(args):
     """Every flag value, before any model or data loads (the flag is named in the message)."""
     check_min(args, "--epochs", "--max-steps", "--batch-size", "--micro-batch-size", "--max-len")
     check_min(args, "--save-every", "--keep-checkpoints", lo=0)
-    check_range(args, "--lr", 0, lo_open=True)
-    check_range(args, "--warmup-ratio", 0, 1)
-    check_range(args, "--weight-decay", 0)
-    check_range(args, "--clip", 0, lo_open=True)
-    for i, b in enumerate(args.betas):
-        if not 0 <= b < 1:
-            raise UsageError(f"--betas: beta{i + 1} must be in [0, 1), got {b}")
-    if args.resume and args.overwrite:
-        raise UsageError("--resume and --overwrite exclude each other")
+    check_training(args)  # --lr, --warmup-ratio, --weight-decay, --clip, --betas, --resume/--overwrite
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.batch_size % world:
         raise UsageError(f"--batch-size {args.batch_size} must be divisible by the world size {world}")
