@@ -6,7 +6,7 @@
 #   -> entropy at reflection tokens -> the table (OUT/results.md), the entropy figures and the training
 #   curves (OUT/curves_{base,sft,rl}.png) beside it.
 #
-#   bash runs/tiny.sh            # full: about 940 s of CPU, 870 s wall (2 cores, 2026-12-01), half of it the serial base training
+#   bash runs/tiny.sh            # full: about 930 s of CPU, 790 s wall (2 idle cores, 2026-12-01), half of it the serial base training
 #   bash runs/tiny.sh --quick    # CI-sized (what tests/test_tiny.py runs, twice): a tiny world, one epoch
 #                                # each, two RL steps; its table shows the plumbing, not results
 #
