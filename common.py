@@ -12,6 +12,7 @@ What lives here, in the order the stages use it:
 
 Generation lives in engine.py. The algorithms (losses, advantages, masking) stay in the stage that owns them.
 """
+import argparse
 import csv
 import json
 import math
@@ -62,6 +63,15 @@ def cli_main(main):
 
 
 # --- flag validation: every CLI checks its flags with these before any model or data loads -----------
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every stage's --help: "(default: X)" after each flag that has a value, unless the help states it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
 
 def _flag_value(args, flag):
     return getattr(args, flag.lstrip("-").replace("-", "_"))
@@ -333,6 +343,18 @@ def head_logprobs(hf, hidden, targets, temperature=1.0, chunk_tokens=4096, argma
         logp.append(lp), ent.append(e), am.append(z.argmax(-1))
     out = torch.cat(logp), torch.cat(ent)
     return (*out, torch.cat(am)) if argmax else out
+
+
+def pad_right(seqs, value=0, length=None, dtype=None, device=None):
+    """Sequences (lists of ids or 1-D tensors) -> (B, L) tensor padded with `value` on the right and the
+    (B, L) bool mask of real entries; L = `length` or the longest. The one padding helper of every stage."""
+    seqs = [s if torch.is_tensor(s) else torch.tensor(s, dtype=dtype or torch.long) for s in seqs]
+    L = max(len(s) for s in seqs) if length is None else length
+    out = torch.full((len(seqs), L), value, dtype=dtype or seqs[0].dtype, device=device or seqs[0].device)
+    mask = torch.zeros((len(seqs), L), dtype=torch.bool, device=out.device)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)], mask[i, :len(s)] = s, True
+    return out, mask
 
 
 def positions_from_mask(mask):
@@ -951,6 +973,12 @@ def set_rng_state(s):
     torch.set_rng_state(s["torch"])
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state(s["cuda"])
+
+
+def clip_grad_norm(model, max_norm):
+    """Clip after the gradients are reduced; returns the global norm as a plain tensor (DTensor under FSDP2)."""
+    g = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return g.full_tensor() if hasattr(g, "full_tensor") else g
 
 
 def cosine_lr(step, total, warmup):

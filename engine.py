@@ -69,6 +69,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common
+
 # Batch buckets (×1.5 steps: at most 1.5× wasted rows between compactions) and the default length bucket.
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 LEN_BUCKET = 256
@@ -251,9 +253,7 @@ class Decoder:
         each sampled (t = 0). Returns (first tokens, their log-probs) as lists."""
         B, P = len(prompts), max(len(p) for p in prompts)
         lens = torch.tensor([len(p) for p in prompts], device=self.device)
-        ids = torch.zeros(B, P, dtype=torch.long, device=self.device)
-        for i, p in enumerate(prompts):
-            ids[i, :len(p)] = torch.tensor(p, device=self.device)
+        ids = common.pad_right(prompts, device=self.device)[0]  # (B, P)
         pos = torch.arange(P, device=self.device).expand(B, P)  # (B, P)
         valid = pos < lens[:, None]  # (B, P)
         mask = (pos[:, None, :] <= pos[:, :, None]) & valid[:, None, :]  # (B, P, P): causal, real keys only

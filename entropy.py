@@ -240,12 +240,8 @@ def token_stats(model, seqs, starts, temperature=1.0, chunk_tokens=1024, pad_id=
     """Teacher-forced (logp, ent, argmax) of tokens seqs[i][starts[i]:], each from the logits of the
     position before it, at `temperature`, over the full vocabulary. Returns one tuple per sequence."""
     dev = next(model.parameters()).device
-    B, T = len(seqs), max(len(s) for s in seqs)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)                                # (B, T)
-    mask = torch.zeros((B, T), dtype=torch.long)                                      # (B, T)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
-    ids, mask = ids.to(dev), mask.to(dev)
+    ids, mask = common.pad_right(seqs, pad_id, device=dev)                            # (B, T) each
+    mask = mask.long()
     pos = common.positions_from_mask(mask)                                            # (B, T)
     hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos,
                               use_cache=False).last_hidden_state                      # (B, T, D)
@@ -330,39 +326,120 @@ def read_records(path, temperature):
 
 # --- main ---------------------------------------------------------------------------------------------
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", action="append", required=True, help="NAME=DIR (or hub id); repeat for several models")
-    p.add_argument("--input", action="append", default=[], help="NAME=FILE of generation records (JSONL); repeat")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--temperature", type=float, default=None,
-                   help="sampling temperature of the scored distribution (default: the records' value, else 0.6)")
-    p.add_argument("--words", default=DEFAULT_WORDS, help="comma-separated reflection words")
-    p.add_argument("--match", choices=["token", "word"], default="token",
-                   help="token: a whole decoded token equals a word; word: also words split across tokens")
-    p.add_argument("--batch-size", type=int, default=8, help="records per forward pass")
-    p.add_argument("--chunk-tokens", type=int, default=1024, help="positions per lm_head + kernel chunk (memory)")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="model dtype (default bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--memorization", default=None, help="SFT data (STAR-1 question/response) for the memorization metrics")
-    p.add_argument("--mem-k", type=int, default=32, help="memorization: reference response tokens given as prefix")
-    p.add_argument("--mem-m", type=int, default=32, help="memorization: greedy tokens that must match exactly")
-    p.add_argument("--mem-limit", type=int, default=0, help="memorization: first N rows only (0 = all)")
-    p.add_argument("--mem-max-len", type=int, default=8192, help="memorization: truncate prompt+response to this many tokens")
-    p.add_argument("--chat-template-kwargs", type=common.chat_template_kwargs, default=None, metavar="JSON",
-                   help="template variables for apply_chat_template when rendering the prompts (as generated)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
-    args = p.parse_args()
-    words = {w.strip() for w in args.words.split(",") if w.strip()}
-    if not words:
-        p.error("--words is empty")
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=common.HelpFormatter)
+    a = p.add_argument_group("inputs").add_argument
+    a("--model", action="append", required=True, help="NAME=DIR (or hub id); repeat for several models")
+    a("--input", action="append", default=[], help="NAME=FILE of generation records (JSONL); repeat")
+    a("--out", required=True, help="output directory")
+    a("--chat-template-kwargs", type=common.chat_template_kwargs, default=None, metavar="JSON",
+      help="template variables for apply_chat_template when rendering the prompts (as generated)")
+    a("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
+    a = p.add_argument_group("1. entropy at reflection tokens").add_argument
+    a("--temperature", type=float, default=None,
+      help="sampling temperature of the scored distribution (default: the records' value, else 0.6)")
+    a("--words", default=DEFAULT_WORDS, help="comma-separated reflection words")
+    a("--match", choices=["token", "word"], default="token",
+      help="token: a whole decoded token equals a word; word: also words split across tokens")
+    a = p.add_argument_group("2. memorization of the SFT data").add_argument
+    a("--memorization", default=None, help="SFT data (STAR-1 question/response) for the memorization metrics")
+    a("--mem-k", type=int, default=32, help="reference response tokens given as prefix")
+    a("--mem-m", type=int, default=32, help="greedy tokens that must match exactly")
+    a("--mem-limit", type=int, default=0, help="first N rows only (0 = all)")
+    a("--mem-max-len", type=int, default=8192, help="truncate prompt+response to this many tokens")
+    a = p.add_argument_group("3. statistics and compute").add_argument
+    a("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    a("--seed", type=int, default=0, help="bootstrap seed")
+    a("--batch-size", type=int, default=8, help="records per forward pass")
+    a("--chunk-tokens", type=int, default=1024, help="positions per lm_head + kernel chunk (memory)")
+    a("--dtype", choices=["bf16", "fp32"], default=None, help="model dtype (default bf16 on GPU, fp32 on CPU)")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    """Every flag value, before any file is read (the flag is named in the message)."""
+    if not {w.strip() for w in args.words.split(",") if w.strip()}:
+        raise common.UsageError("--words is empty")
     if not args.input and not args.memorization:
-        p.error("nothing to do: give --input and/or --memorization")
-    if args.temperature is not None and args.temperature <= 0:
-        p.error("--temperature must be > 0")
-    if min(args.batch_size, args.chunk_tokens, args.mem_m, args.bootstrap) < 1 or args.mem_k < 0:
-        p.error("--batch-size, --chunk-tokens, --mem-m, --bootstrap must be >= 1 and --mem-k >= 0")
+        raise common.UsageError("nothing to do: give --input and/or --memorization")
+    common.check_range(args, "--temperature", 0, lo_open=True)
+    common.check_min(args, "--batch-size", "--chunk-tokens", "--mem-m", "--bootstrap", "--mem-max-len")
+    common.check_min(args, "--mem-k", "--mem-limit", lo=0)
+
+
+def score_records(model, tok, recs, temp, args, d, words, edges, mname, dname):
+    """Step 1 on this rank's shard of one dataset: teacher-forced entropies, then score_record per record."""
+    prompts = [common.render_prompt(tok, r["prompt"], args.chat_template_kwargs) for r in recs]
+    encs = [tok(r["completion"], add_special_tokens=False, return_offsets_mapping=True) for r in recs]
+    items = [i for i in range(len(recs)) if encs[i]["input_ids"]]
+    out = []
+    for batch in tqdm(shard_batches(items, [len(prompts[i]) + len(encs[i]["input_ids"]) for i in items],
+                                    args.batch_size, d.rank, d.world), desc=f"{mname}/{dname}", disable=d.rank != 0):
+        stats = token_stats(model, [prompts[i] + encs[i]["input_ids"] for i in batch],
+                            [len(prompts[i]) for i in batch], temp, args.chunk_tokens, tok.pad_token_id)
+        for i, (_, ent, _) in zip(batch, stats):
+            r = recs[i]
+            head = {"model": mname, "dataset": dname, "row": r["row"], "id": r.get("id"),
+                    "sample": r.get("sample"), "benchmark": r.get("benchmark"), "temperature": temp,
+                    "think_closed": common.split_reasoning(r["completion"])[2], "score": r.get("score")}
+            out.append({**head, **score_record(r, ent, encs[i], words, args.match, edges)})
+    return out
+
+
+def score_memorization(model, tok, mem_rows, args, d, mname):
+    """Step 2 on this rank's shard: the SFT target's response tokens at temperature 1, greedy window [k, k+m)."""
+    seqs = [common.render_sft(tok, r["prompt"], r["response"], args.mem_max_len, args.chat_template_kwargs)
+            for r in mem_rows]
+    starts = [mask.index(True) if True in mask else len(ids) for ids, mask in seqs]
+    items = [i for i in range(len(seqs)) if 0 < starts[i] < len(seqs[i][0])]
+    win, need = slice(args.mem_k, args.mem_k + args.mem_m), args.mem_k + args.mem_m
+    out = []
+    for batch in tqdm(shard_batches(items, [len(seqs[i][0]) for i in items], args.batch_size, d.rank, d.world),
+                      desc=f"{mname}/memorization", disable=d.rank != 0):
+        stats = token_stats(model, [seqs[i][0] for i in batch], [starts[i] for i in batch], 1.0,
+                            args.chunk_tokens, tok.pad_token_id)
+        for i, (logp, _, am) in zip(batch, stats):
+            ref = torch.tensor(seqs[i][0][starts[i]:])                             # (R,)
+            hit = (am[win] == ref[win]) if len(ref) >= need else None              # (m,)
+            out.append({"model": mname, "row": mem_rows[i]["row"], "id": mem_rows[i]["id"],
+                        "n_response_tokens": len(ref), "loglik": float(logp.double().mean()),
+                        "greedy_match": None if hit is None else int(hit.all()),
+                        "token_acc": None if hit is None else float(hit.double().mean())})
+    return out
+
+
+def summarize_memorization(mem_results, models, args):
+    """Per model: mean loglik, greedy exact-match rate (with 95% bootstrap intervals) and token accuracy."""
+    out = []
+    for mname, _ in models:
+        rs = [r for r in mem_results if r["model"] == mname]
+        g = [r for r in rs if r["greedy_match"] is not None]
+        ones = lambda x: [1] * len(x)  # noqa: E731 -- a plain mean as a pooled ratio
+        ll, ll_ci = bootstrap_ratio([r["loglik"] for r in rs], ones(rs), args.bootstrap, args.seed)
+        gm, gm_ci = bootstrap_ratio([r["greedy_match"] for r in g], ones(g), args.bootstrap, args.seed)
+        ta, _ = bootstrap_ratio([r["token_acc"] for r in g], ones(g), args.bootstrap, args.seed)
+        out.append({"model": mname, "data": args.memorization, "n_rows": len(rs), "n_rows_greedy": len(g),
+                    "k": args.mem_k, "m": args.mem_m, "loglik": ll, "loglik_ci": ll_ci,
+                    "greedy_match": gm, "greedy_match_ci": gm_ci, "token_acc": ta})
+    return out
+
+
+def pooled_histograms(results, edges):
+    """{model/dataset: {edges, reasoning, reflection}}: the per-record histogram counts summed."""
+    hists = {}
+    for r in results:
+        h = hists.setdefault(f"{r['model']}/{r['dataset']}", {"edges": edges[r["model"]].tolist(),
+                                                              "reasoning": 0, "reflection": 0})
+        h["reasoning"] = np.add(h["reasoning"], r["_hist_reasoning"]).tolist()
+        h["reflection"] = np.add(h["reflection"], r["_hist_reflection"]).tolist()
+    return hists
+
+
+def main(argv=None):
+    args = get_args(argv)
+    check_args(args)
+    words = {w.strip() for w in args.words.split(",") if w.strip()}
 
     # every input is checked (files, rows, model paths) before any model runs or anything is written
     models, inputs = parse_named(args.model, "--model"), parse_named(args.input, "--input")
@@ -375,75 +452,31 @@ def main():
     mem_rows = mem_rows[:args.mem_limit] if args.mem_limit > 0 else mem_rows
 
     # --- compute: each rank scores its shard of the records, one model at a time ---
-    dist = common.init_dist()
-    dtype = common.pick_dtype(args.dtype, dist.device)
+    d = common.init_dist()
+    dtype = common.pick_dtype(args.dtype, d.device)
     results, mem_results, edges = [], [], {}
     for mname, mpath in models:
-        tok = toks[mname]
-        model = common.load_model(mpath, dtype, dist.device, trust_remote_code=args.trust_remote_code).eval()
+        model = common.load_model(mpath, dtype, d.device, trust_remote_code=args.trust_remote_code).eval()
         edges[mname] = np.linspace(0.0, math.log(model.get_output_embeddings().weight.shape[0]), HIST_BINS + 1)
         for dname, (recs, temp) in data.items():
-            prompts = [common.render_prompt(tok, r["prompt"], args.chat_template_kwargs) for r in recs]
-            encs = [tok(r["completion"], add_special_tokens=False, return_offsets_mapping=True) for r in recs]
-            items = [i for i in range(len(recs)) if encs[i]["input_ids"]]
-            batches = shard_batches(items, [len(prompts[i]) + len(encs[i]["input_ids"]) for i in items],
-                                    args.batch_size, dist.rank, dist.world)
-            for batch in tqdm(batches, desc=f"{mname}/{dname}", disable=dist.rank != 0):
-                stats = token_stats(model, [prompts[i] + encs[i]["input_ids"] for i in batch],
-                                    [len(prompts[i]) for i in batch], temp, args.chunk_tokens, tok.pad_token_id)
-                for i, (_, ent, _) in zip(batch, stats):
-                    r = recs[i]
-                    head = {"model": mname, "dataset": dname, "row": r["row"], "id": r.get("id"),
-                            "sample": r.get("sample"), "benchmark": r.get("benchmark"), "temperature": temp,
-                            "think_closed": common.split_reasoning(r["completion"])[2], "score": r.get("score")}
-                    results.append({**head, **score_record(r, ent, encs[i], words, args.match, edges[mname])})
-        # memorization: response tokens of the SFT target, temperature 1, greedy window [k, k+m)
-        seqs = [common.render_sft(tok, r["prompt"], r["response"], args.mem_max_len, args.chat_template_kwargs)
-                for r in mem_rows]
-        starts = [mask.index(True) if True in mask else len(ids) for ids, mask in seqs]
-        items = [i for i in range(len(seqs)) if 0 < starts[i] < len(seqs[i][0])]
-        win, need = slice(args.mem_k, args.mem_k + args.mem_m), args.mem_k + args.mem_m
-        for batch in tqdm(shard_batches(items, [len(seqs[i][0]) for i in items], args.batch_size, dist.rank,
-                                        dist.world), desc=f"{mname}/memorization", disable=dist.rank != 0):
-            stats = token_stats(model, [seqs[i][0] for i in batch], [starts[i] for i in batch], 1.0,
-                                args.chunk_tokens, tok.pad_token_id)
-            for i, (logp, _, am) in zip(batch, stats):
-                ref = torch.tensor(seqs[i][0][starts[i]:])                             # (R,)
-                hit = (am[win] == ref[win]) if len(ref) >= need else None              # (m,)
-                mem_results.append({"model": mname, "row": mem_rows[i]["row"], "id": mem_rows[i]["id"],
-                                    "n_response_tokens": len(ref), "loglik": float(logp.double().mean()),
-                                    "greedy_match": None if hit is None else int(hit.all()),
-                                    "token_acc": None if hit is None else float(hit.double().mean())})
+            results += score_records(model, toks[mname], recs, temp, args, d, words, edges[mname], mname, dname)
+        mem_results += score_memorization(model, toks[mname], mem_rows, args, d, mname)
         del model
     results, mem_results = common.gather_objects(results), common.gather_objects(mem_results)
-    if dist.rank != 0:
+    if d.rank != 0:
         return
 
     # --- outputs (rank 0): everything is computed first, then each file is written and renamed ---
     order = {name: k for k, (name, _) in enumerate(models + inputs)}
     results.sort(key=lambda r: (order[r["model"]], order[r["dataset"]], r["row"]))
     mem_results.sort(key=lambda r: (order[r["model"]], r["row"]))
-    summary, hists, outputs = summarize(results, args.bootstrap, args.seed), {}, {}
-    for r in results:
-        h = hists.setdefault(f"{r['model']}/{r['dataset']}", {"edges": edges[r["model"]].tolist(),
-                                                              "reasoning": 0, "reflection": 0})
-        h["reasoning"] = np.add(h["reasoning"], r["_hist_reasoning"]).tolist()
-        h["reflection"] = np.add(h["reflection"], r["_hist_reflection"]).tolist()
+    summary, hists = summarize(results, args.bootstrap, args.seed), pooled_histograms(results, edges)
+    mem_summary = summarize_memorization(mem_results, models, args) if mem_rows else []
+    outputs = {}
     if results:
         outputs["records.jsonl"] = "".join(json.dumps({k: v for k, v in r.items() if k[0] != "_"}) + "\n" for r in results)
         outputs["summary.json"] = json.dumps(summary, indent=1) + "\n"
         outputs["hist.json"] = json.dumps(hists) + "\n"
-    mem_summary = []
-    for mname, _ in models if mem_rows else []:
-        rs = [r for r in mem_results if r["model"] == mname]
-        g = [r for r in rs if r["greedy_match"] is not None]
-        ones = lambda x: [1] * len(x)
-        ll, ll_ci = bootstrap_ratio([r["loglik"] for r in rs], ones(rs), args.bootstrap, args.seed)
-        gm, gm_ci = bootstrap_ratio([r["greedy_match"] for r in g], ones(g), args.bootstrap, args.seed)
-        ta, _ = bootstrap_ratio([r["token_acc"] for r in g], ones(g), args.bootstrap, args.seed)
-        mem_summary.append({"model": mname, "data": args.memorization, "n_rows": len(rs), "n_rows_greedy": len(g),
-                            "k": args.mem_k, "m": args.mem_m, "loglik": ll, "loglik_ci": ll_ci,
-                            "greedy_match": gm, "greedy_match_ci": gm_ci, "token_acc": ta})
     if mem_rows:
         outputs["memorization.jsonl"] = "".join(json.dumps(r) + "\n" for r in mem_results)
         outputs["memorization.json"] = json.dumps(mem_summary, indent=1) + "\n"
@@ -464,8 +497,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-        common.finish()
-    except common.UsageError as e:  # DataError included: a clear one-line error, exit code 2
-        common.die(f"entropy.py: {e}")
+    common.cli_main(main)

@@ -508,54 +508,60 @@ def write_jsonl_atomic(path, recs):
 
 
 def add_grader_args(p):
-    p.add_argument("--safety-rm", default=DEFAULT_SAFETY_RM, help="AttaQ harmlessness reward model (hub id or dir)")
-    p.add_argument("--rm-batch-size", type=int, default=8, help="safety RM sequences per forward pass")
-    p.add_argument("--judge", default=None, help="AIR-Bench judge: a local Hugging Face causal LM (hub id or dir)")
-    p.add_argument("--judge-url", default=None, help="AIR-Bench judge: OpenAI-compatible base URL, e.g. https://api.openai.com/v1")
-    p.add_argument("--judge-model", default="gpt-4o", help="model name sent to --judge-url")
-    p.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the --judge-url key")
-    p.add_argument("--judge-max-new-tokens", type=int, default=512, help="judge reply length (official: 512)")
-    p.add_argument("--airbench-judge-prompts", default=AIRBENCH_JUDGE_PROMPTS,
-                   help="AIR-Bench judge prompts: hub spec or local file with cate-idx, judge_prompt")
-    p.add_argument("--api-workers", type=int, default=16, help="concurrent HTTP requests (generation and judge)")
-    p.add_argument("--api-timeout", type=float, default=3600, help="seconds per HTTP request (generation and judge)")
-    p.add_argument("--api-retries", type=int, default=5,
-                   help="retries of a request after a timeout, 408/409/429/5xx or a malformed reply")
-    p.add_argument("--max-failures", type=int, default=10,
-                   help="requests that may fail for good (each becomes a record with an `error`, scored as missing) "
-                        "before the run stops")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (policy and local judge)")
-    p.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="model dtype (default bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
+    a = p.add_argument_group("grading: AttaQ (safety reward model)").add_argument
+    a("--safety-rm", default=DEFAULT_SAFETY_RM, help="AttaQ harmlessness reward model (hub id or dir)")
+    a("--rm-batch-size", type=int, default=8, help="safety RM sequences per forward pass")
+    a = p.add_argument_group("grading: AIR-Bench (judge)").add_argument
+    a("--judge", default=None, help="a local Hugging Face causal LM (hub id or dir)")
+    a("--judge-url", default=None, help="or an OpenAI-compatible base URL, e.g. https://api.openai.com/v1")
+    a("--judge-model", default="gpt-4o", help="model name sent to --judge-url")
+    a("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the --judge-url key")
+    a("--judge-max-new-tokens", type=int, default=512, help="judge reply length (official: 512)")
+    a("--airbench-judge-prompts", default=AIRBENCH_JUDGE_PROMPTS,
+      help="judge prompts: hub spec or local file with cate-idx, judge_prompt")
+    a = p.add_argument_group("HTTP (--api-url generation and --judge-url)").add_argument
+    a("--api-workers", type=int, default=16, help="concurrent requests")
+    a("--api-timeout", type=float, default=3600, help="seconds per request")
+    a("--api-retries", type=int, default=5, help="retries of a request after a timeout, 408/409/429/5xx or a malformed reply")
+    a("--max-failures", type=int, default=10, help="requests that may fail for good (each becomes a record with an "
+      "`error`, scored as missing) before the run stops")
+    a = p.add_argument_group("compute").add_argument
+    a("--batch-size", type=int, default=16, help="prompts per generation batch (policy and local judge)")
+    a("--dtype", default=None, choices=["bf16", "fp32"], help="model dtype (default: bf16 on GPU, fp32 on CPU)")
+    a("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
 
 
 def eval_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="subcommand: evaluate.py grade --help")
-    p.add_argument("--model", required=True, help="policy checkpoint (hub id or dir); with --api-url only its tokenizer is used")
-    p.add_argument("--benchmarks", default=",".join(BENCHMARKS), help=f"comma list of {', '.join(BENCHMARKS)}")
-    p.add_argument("--data", default="", help="local files per benchmark, NAME=PATH[,NAME=PATH] (default: the hub ids)")
-    p.add_argument("--out", required=True, help="output dir: NAME.jsonl per benchmark and summary.json")
-    p.add_argument("--limit", type=int, default=None, help="first N prompts of each benchmark (quick runs)")
-    p.add_argument("--samples", default="", help="samples per prompt: N for all, or NAME=N[,NAME=N] (default 64 AIME, "
-                                                 "4 MATH-500, 8 GPQA, 1 safety)")
-    p.add_argument("--max-new-tokens", type=int, default=32768, help="generation budget per sample")
-    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (0: greedy)")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (rank r uses seed + r) and GPQA shuffle seed")
-    p.add_argument("--api-url", default=None, help="generate through an OpenAI-compatible server, e.g. http://localhost:8000/v1")
-    p.add_argument("--api-model", default=None, help="model name sent to --api-url")
-    p.add_argument("--api-key-env", default=None, help="environment variable holding the --api-url key (none by default)")
-    p.add_argument("--train-data", default=None, help="training set (file or hub id) for the 13-gram overlap report")
-    p.add_argument("--chat-template-kwargs", type=common.chat_template_kwargs, default=None, metavar="JSON",
-                   help='template variables for the policy\'s apply_chat_template, e.g. \'{"enable_thinking": true}\'')
-    p.add_argument("--overwrite", action="store_true",
-                   help="discard the records already in --out (by default a rerun skips the (id, sample) jobs on disk)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="subcommand: evaluate.py grade --help",
+                                formatter_class=common.HelpFormatter)
+    a = p.add_argument_group("run").add_argument
+    a("--model", required=True, help="policy checkpoint (hub id or dir); with --api-url only its tokenizer is used")
+    a("--benchmarks", default=",".join(BENCHMARKS), help=f"comma list of {', '.join(BENCHMARKS)}")
+    a("--data", default="", help="local files per benchmark, NAME=PATH[,NAME=PATH] (default: the hub ids)")
+    a("--out", required=True, help="output dir: NAME.jsonl per benchmark and summary.json")
+    a("--overwrite", action="store_true",
+      help="discard the records already in --out (by default a rerun skips the (id, sample) jobs on disk)")
+    a("--limit", type=int, default=None, help="first N prompts of each benchmark (quick runs)")
+    a("--train-data", default=None, help="training set (file or hub id) for the 13-gram overlap report")
+    a = p.add_argument_group("generation (the DeepSeek-R1 protocol)").add_argument
+    a("--samples", default="", help="samples per prompt: N for all, or NAME=N[,NAME=N] (default 64 AIME, "
+      "4 MATH-500, 8 GPQA, 1 safety)")
+    a("--max-new-tokens", type=int, default=32768, help="generation budget per sample")
+    a("--temperature", type=float, default=0.6, help="sampling temperature (0: greedy)")
+    a("--top-p", type=float, default=0.95, help="nucleus sampling threshold")
+    a("--seed", type=int, default=0, help="sampling seed (noise keyed by (seed, job index)) and GPQA shuffle seed")
+    a("--chat-template-kwargs", type=common.chat_template_kwargs, default=None, metavar="JSON",
+      help='template variables for the policy\'s apply_chat_template, e.g. \'{"enable_thinking": true}\'')
+    a("--api-url", default=None, help="generate through an OpenAI-compatible server, e.g. http://localhost:8000/v1")
+    a("--api-model", default=None, help="model name sent to --api-url")
+    a("--api-key-env", default=None, help="environment variable holding the --api-url key (none by default)")
     add_grader_args(p)
     return p
 
 
 def grade_parser():
-    p = argparse.ArgumentParser(prog="evaluate.py grade", description="re-grade saved generation records")
+    p = argparse.ArgumentParser(prog="evaluate.py grade", description="re-grade saved generation records",
+                                formatter_class=common.HelpFormatter)
     p.add_argument("--input", required=True, help="generation records (JSONL) written by evaluate.py or rl.py "
                                                  "(rl: graded as maths when a gold answer is present, else the "
                                                  "rollout's reward is kept as the score)")

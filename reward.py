@@ -167,13 +167,8 @@ class RewardModel:
         head = getattr(self.model, "score", None)  # decoder RMs: score head on every position
         for b in tqdm(range(0, len(order), self.batch_size), desc="reward model", disable=not progress):
             idx = order[b:b + self.batch_size]
-            L = len(seqs[idx[0]])
-            ids = torch.full((len(idx), L), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), L), dtype=torch.long)
-            for j, i in enumerate(idx):  # right padding
-                ids[j, :len(seqs[i])] = torch.tensor(seqs[i])
-                mask[j, :len(seqs[i])] = 1
-            ids, mask = ids.to(self.device), mask.to(self.device)
+            ids, mask = common.pad_right([seqs[i] for i in idx], pad, device=self.device)  # (B, L) each
+            mask = mask.long()
             if isinstance(head, torch.nn.Module):
                 h = self.model.base_model(input_ids=ids, attention_mask=mask,
                                           position_ids=common.positions_from_mask(mask)).last_hidden_state
@@ -312,7 +307,7 @@ class RuleReward:
 # --- CLI ---------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=common.HelpFormatter)
     p.add_argument("--input", required=True, help="generation records (JSONL with prompt, completion[, gold])")
     p.add_argument("--out", required=True, help="output JSONL: the records plus reward and reward_parts")
     p.add_argument("--reward-model", default=None, help=f"sequence-classifier RM (hub id or dir), e.g. {DEFAULT_RM}")

@@ -54,12 +54,12 @@ import time
 
 import torch
 
-from common import (DataError, Logger, NonFiniteError, UsageError, all_reduce, build_optimizer, build_policy,
-                    chat_template_kwargs, check_finite, check_min, check_range, check_sampling, check_training,
-                    claim_out_dir, cli_main, cosine_lr, gather_objects, hsdp_replicas, import_optional, init_dist,
-                    load_pairs, load_state, load_tokenizer, pick_dtype, positions_from_mask, print0, read_table,
-                    release_out_dirs, render_prompt, save_hf, save_state, seed_everything, split_reasoning,
-                    stop_token_ids, write_json)
+from common import (DataError, HelpFormatter, Logger, NonFiniteError, UsageError, all_reduce, build_optimizer,
+                    build_policy, chat_template_kwargs, check_finite, check_min, check_range, check_sampling,
+                    check_training, claim_out_dir, cli_main, clip_grad_norm, cosine_lr, gather_objects,
+                    hsdp_replicas, import_optional, init_dist, load_pairs, load_state, load_tokenizer, pad_right,
+                    pick_dtype, positions_from_mask, print0, read_table, release_out_dirs, render_prompt, save_hf,
+                    save_state, seed_everything, split_reasoning, stop_token_ids, write_json)
 import engine
 from entropy import DEFAULT_WORDS
 
@@ -188,14 +188,6 @@ def response_logprobs(model, items, pad_id, temperature, device):
     return logp[:, P - 1:P - 1 + T], ent[:, P - 1:P - 1 + T], resp
 
 
-def pad_stack(rows, T):
-    """List of 1-D tensors -> (B, T), zero padded on the right."""
-    out = torch.zeros(len(rows), T, dtype=rows[0].dtype, device=rows[0].device)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = r
-    return out
-
-
 def reflection_ids(tok, words):
     """The token-id sequences of each reflection word, with and without a leading space: the per-step
     monitor of the paper's "entropy at reflection tokens" (entropy.py does the full, text-level analysis)."""
@@ -248,7 +240,7 @@ def disable_dropout(model):
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="REINFORCE++ (and baseline / GRPO / RLOO arms) on FSDP2.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     a = p.add_argument_group("run").add_argument
     a("--model", required=True, help="hub id or local dir of the initial policy (and reference)")
     a("--prompts", required=True, help="prompts: hub id (id[:config]:split) or .jsonl/.json/.csv/.parquet")
@@ -411,11 +403,11 @@ def score_rollout(policy, ref, items, args, d, autocast, pad_id):
     policy.train()
     if offload:
         ref.to("cpu")
-    stack = lambda xs: pad_stack([r for x in xs for r in x], T)  # noqa: E731 -- micro-batches -> (B, T)
+    stack = lambda xs: pad_right([r for x in xs for r in x], length=T)[0]  # noqa: E731 -- micro-batches -> (B, T)
     ro = {"logp_old": stack(old), "ent": stack(ents), "mask": stack(masks)}
     ro["logp_ref"] = stack(refl) if ref is not None else ro["logp_old"]
-    ro["sampler"] = pad_stack([torch.tensor(it["sampler_logp"], device=d.device) for it in items], T)
-    ro["ids"] = pad_stack([torch.tensor(it["completion_ids"], device=d.device) for it in items], T)
+    ro["sampler"] = pad_right([it["sampler_logp"] for it in items], length=T, dtype=torch.float32, device=d.device)[0]
+    ro["ids"] = pad_right([it["completion_ids"] for it in items], length=T, device=d.device)[0]
     return ro
 
 
@@ -431,12 +423,6 @@ def build_reference(args, d, dtype):
     if args.ref_offload and d.world == 1:
         ref.to("cpu")
     return ref
-
-
-def clip_grad_norm(model, max_norm):
-    """Clip after the gradients are reduced; returns the global norm as a plain tensor (DTensor under FSDP2)."""
-    g = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    return g.full_tensor() if hasattr(g, "full_tensor") else g
 
 
 def ppo_update(policy, opt, items, ro, adv, args, d, autocast, step, pad_id):

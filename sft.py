@@ -44,51 +44,59 @@ import time
 
 import torch
 
-from common import (DataError, Logger, UsageError, all_reduce, build_optimizer, build_policy, chat_template_kwargs,
-                    check_finite, check_min, check_training, claim_out_dir, cli_main, cosine_lr, hsdp_replicas,
-                    import_optional, init_dist, load_pairs, load_tokenizer, ngrams, packing_exact, pick_dtype, print0,
-                    release_out_dirs, render_sft, save_hf, save_state, load_state, seed_everything, write_json)
+from common import (DataError, HelpFormatter, Logger, UsageError, all_reduce, build_optimizer, build_policy,
+                    chat_template_kwargs, check_finite, check_min, check_training, claim_out_dir, cli_main,
+                    clip_grad_norm, cosine_lr, hsdp_replicas, import_optional, init_dist, load_pairs, load_state,
+                    load_tokenizer, ngrams, packing_exact, pick_dtype, print0, release_out_dirs, render_sft, save_hf,
+                    save_state, seed_everything, write_json)
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Supervised fine-tuning (response-only loss) on FSDP2.")
-    p.add_argument("--model", required=True, help="hub id or local Hugging Face dir of the model to fine-tune")
-    p.add_argument("--data", required=True, help="hub id (id[:config]:split) or local .jsonl/.json/.csv/.parquet")
-    p.add_argument("--out", required=True, help="output dir: HF checkpoint, args.json, metrics.jsonl, state/")
-    p.add_argument("--prompt-field", default=None, help="column holding the prompt (default: detected)")
-    p.add_argument("--response-field", default=None, help="column holding the response (default: detected)")
-    p.add_argument("--epochs", type=int, default=5, help="passes over the data (the LR schedule spans them)")
-    p.add_argument("--max-steps", type=int, default=None,
-                   help="total optimizer steps; overrides --epochs and sets the LR schedule's length (as HF Trainer)")
-    p.add_argument("--stop-at", type=int, default=None, help="stop after this step (resume later with --resume)")
-    p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
-    p.add_argument("--warmup-ratio", type=float, default=0.05, help="linear warmup, fraction of all steps")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95), help="AdamW betas")
-    p.add_argument("--batch-size", type=int, default=128, help="global sequences per optimizer step")
-    p.add_argument("--micro-batch-size", type=int, default=4, help="sequences per forward on each rank")
-    p.add_argument("--max-len", type=int, default=8192, help="max tokens per sample, its last ones kept (and per packed row)")
-    p.add_argument("--no-pack", action="store_true", help="one sample per row instead of packing (automatic for "
-                   "model types that cannot keep packed samples apart: common.PACKING_EXACT)")
-    p.add_argument("--full-sequence", action="store_true", help="loss on every token, prompt included")
-    p.add_argument("--decontaminate", default=None, help="FILE[,FILE]: drop rows sharing a 13-gram with their prompts")
-    p.add_argument("--seed", type=int, default=0, help="seed for data order and init")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete state in OUT")
-    p.add_argument("--overwrite", action="store_true", help="replace a previous run in OUT (its state and metrics)")
-    p.add_argument("--save-every", type=int, default=0,
-                   help="every N steps save the state and the export, and keep OUT/checkpoints/step-N (0: only at the end)")
-    p.add_argument("--keep-checkpoints", type=int, default=3, help="newest OUT/checkpoints/step-N kept (0: all)")
-    p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing per layer")
-    p.add_argument("--cpu-offload", action="store_true", help="FSDP2 CPU offload of params/grads/optimizer")
-    p.add_argument("--replicate", type=int, default=None, help="HSDP: N replicas, each sharding over world/N ranks "
-                   "(default: one per node when torchrun spans nodes, else 1 = flat FSDP2)")
-    p.add_argument("--chat-template-kwargs", type=chat_template_kwargs, default=None, metavar="JSON",
-                   help='template variables for apply_chat_template, e.g. \'{"enable_thinking": false}\'')
-    p.add_argument("--optim", default="adamw", choices=["adamw", "adamw8bit"], help="optimizer")
-    p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip (after the reduction)")
-    p.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="compute dtype (bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
-    p.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to this wandb project")
+    p = argparse.ArgumentParser(description="Supervised fine-tuning (response-only loss) on FSDP2.",
+                                formatter_class=HelpFormatter)
+    a = p.add_argument_group("run").add_argument
+    a("--model", required=True, help="hub id or local Hugging Face dir of the model to fine-tune")
+    a("--data", required=True, help="hub id (id[:config]:split) or local .jsonl/.json/.csv/.parquet")
+    a("--out", required=True, help="output dir: HF checkpoint, args.json, metrics.jsonl, state/")
+    a("--epochs", type=int, default=5, help="passes over the data (the LR schedule spans them)")
+    a("--max-steps", type=int, default=None,
+      help="total optimizer steps; overrides --epochs and sets the LR schedule's length (as HF Trainer)")
+    a("--stop-at", type=int, default=None, help="stop after this step (resume later with --resume)")
+    a("--seed", type=int, default=0, help="seed for data order and init")
+    a = p.add_argument_group("1. data").add_argument
+    a("--prompt-field", default=None, help="column holding the prompt (default: detected)")
+    a("--response-field", default=None, help="column holding the response (default: detected)")
+    a("--chat-template-kwargs", type=chat_template_kwargs, default=None, metavar="JSON",
+      help='template variables for apply_chat_template, e.g. \'{"enable_thinking": false}\'')
+    a("--decontaminate", default=None, help="FILE[,FILE]: drop rows sharing a 13-gram with their prompts")
+    a("--max-len", type=int, default=8192, help="max tokens per sample, its last ones kept (and per packed row)")
+    a("--no-pack", action="store_true", help="one sample per row instead of packing (automatic for "
+      "model types that cannot keep packed samples apart: common.PACKING_EXACT)")
+    a("--full-sequence", action="store_true", help="loss on every token, prompt included")
+    a = p.add_argument_group("2. loss and update").add_argument
+    a("--batch-size", type=int, default=128, help="global sequences per optimizer step")
+    a("--micro-batch-size", type=int, default=4, help="sequences per forward on each rank")
+    a = p.add_argument_group("optimizer").add_argument
+    a("--lr", type=float, default=1e-5, help="peak learning rate")
+    a("--warmup-ratio", type=float, default=0.05, help="linear warmup, fraction of all steps")
+    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    a("--betas", type=float, nargs=2, default=(0.9, 0.95), help="AdamW betas")
+    a("--optim", default="adamw", choices=["adamw", "adamw8bit"], help="optimizer")
+    a("--clip", type=float, default=1.0, help="gradient norm clip (after the reduction)")
+    a = p.add_argument_group("memory").add_argument
+    a("--grad-checkpointing", action="store_true", help="activation checkpointing per layer")
+    a("--cpu-offload", action="store_true", help="FSDP2 CPU offload of params/grads/optimizer")
+    a("--replicate", type=int, default=None, help="HSDP: N replicas, each sharding over world/N ranks "
+      "(default: one per node when torchrun spans nodes, else 1 = flat FSDP2)")
+    a("--dtype", default=None, choices=["bf16", "fp32"], help="compute dtype (default: bf16 on CUDA, fp32 on CPU)")
+    a = p.add_argument_group("checkpoints and logging").add_argument
+    a("--resume", action="store_true", help="continue from the newest complete state in OUT")
+    a("--overwrite", action="store_true", help="replace a previous run in OUT (its state and metrics)")
+    a("--save-every", type=int, default=0,
+      help="every N steps save the state and the export, and keep OUT/checkpoints/step-N (0: only at the end)")
+    a("--keep-checkpoints", type=int, default=3, help="newest OUT/checkpoints/step-N kept (0: all)")
+    a("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
+    a("--wandb", default=None, metavar="PROJECT", help="also log to this wandb project")
     return p.parse_args(argv)
 
 
@@ -113,6 +121,26 @@ def decontaminate(examples, files):
     keep = [e for e in examples if not (ngrams(e["prompt"]) & eval_grams)]
     dropped = [e["id"] for e in examples if ngrams(e["prompt"]) & eval_grams]
     return keep, dropped
+
+
+def load_examples(args, tok):
+    """1. data: rows -> decontaminated -> rendered (ids, loss mask) pairs; rows with no target token left
+    within --max-len are skipped (counted)."""
+    rows = load_pairs(args.data, args.prompt_field, args.response_field)
+    if args.decontaminate:
+        rows, dropped = decontaminate(rows, args.decontaminate)
+        print0(f"decontaminate: dropped {len(dropped)} rows sharing a 13-gram with {args.decontaminate}: {dropped}")
+    examples, too_long = [], []
+    for r in rows:
+        ids, mask = render_sft(tok, r["prompt"], r["response"], args.max_len, args.chat_template_kwargs)
+        if args.full_sequence:
+            mask = [True] * len(ids)
+        (examples if any(mask[1:]) else too_long).append((ids, mask))
+    if too_long:
+        print0(f"warning: {len(too_long)} rows have no response token within --max-len {args.max_len}; skipped")
+    if not examples:
+        raise DataError(f"{args.data}: no usable rows")
+    return examples
 
 
 def pack(samples, max_len, packed=True):
@@ -167,20 +195,7 @@ def main(argv=None):
 
     # --------------------------------------------------------------------------- data (validated first)
     tok = load_tokenizer(args.model, args.trust_remote_code)
-    rows = load_pairs(args.data, args.prompt_field, args.response_field)
-    if args.decontaminate:
-        rows, dropped = decontaminate(rows, args.decontaminate)
-        print0(f"decontaminate: dropped {len(dropped)} rows sharing a 13-gram with {args.decontaminate}: {dropped}")
-    examples, too_long = [], []
-    for r in rows:
-        ids, mask = render_sft(tok, r["prompt"], r["response"], args.max_len, args.chat_template_kwargs)
-        if args.full_sequence:
-            mask = [True] * len(ids)
-        (examples if any(mask[1:]) else too_long).append((ids, mask))
-    if too_long:
-        print0(f"warning: {len(too_long)} rows have no response token within --max-len {args.max_len}; skipped")
-    if not examples:
-        raise DataError(f"{args.data}: no usable rows")
+    examples = load_examples(args, tok)  # [(ids, loss mask)], validated before any model loads
     spe = math.ceil(len(examples) / args.batch_size)  # optimizer steps per epoch (the last batch may be short)
     total = args.max_steps or spe * args.epochs  # the schedule's length: --max-steps overrides --epochs
     stop = min(total, args.stop_at or total)
@@ -233,8 +248,7 @@ def main(argv=None):
             loss_sum += nll.item() * weight
             ent_sum += (ent.detach() * lmask).sum().item() * weight
             tokens += int(ids.numel() * weight)
-        gnorm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.clip)
-        gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
+        gnorm = clip_grad_norm(policy, args.clip)
         check_finite(step + 1, d.device, loss=loss_sum, grad_norm=gnorm)  # before the update, on every rank
         lr = sched.get_last_lr()[0]
         opt.step()

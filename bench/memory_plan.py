@@ -70,7 +70,7 @@ def main():
     ]
     print(f"policy {N / 1e9:.3f} B params ({layer / 1e6:.1f} M per layer, root {root / 1e6:.1f} M); "
           f"reward model {N_rm / 1e9:.3f} B; world {W}")
-    print(f"| what | GB per GPU | when |\n|---|---|---|")
+    print("| what | GB per GPU | when |\n|---|---|---|")
     for what, b, when in rows:
         print(f"| {what} | {b / GB:.2f} | {when} |")
     for phase in ("rollout", "update"):

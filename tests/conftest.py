@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 # The tokenizer and model builders are the tiny world's (runs/tinymodels.py, also used by bench/): a BPE
 # with an R1-Distill-style template whose past assistant turns lose everything up to </think> (the template
 # that silently drops the reasoning from SFT targets rendered as a conversation), a random Qwen3.
-from runs.tinymodels import CORPUS, build_model, build_tokenizer  # noqa: E402,F401
+from runs.tinymodels import build_model, build_tokenizer  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")

@@ -3,12 +3,11 @@ teacher-forced forward; sampling is a pure function of (seed, row, t) (batch siz
 buckets and the path taken change nothing); bucket and compaction edges; the simple path for hybrid
 models; 2 gloo ranks decode without a single collective and match one rank."""
 import json
-import os
 
 import pytest
 import torch
 
-from conftest import ROOT, run_cli, torchrun
+from conftest import run_cli, torchrun
 
 import engine
 

@@ -167,7 +167,7 @@ def test_left_padded_generation_matches_teacher_forcing(families, family):
     items = [{"prompt_ids": p, "completion_ids": o["completion_ids"]} for p, o in zip(prompts, outs)]
     with torch.no_grad():
         logp, _, mask = rl.response_logprobs(policy, items, tok.pad_token_id, 0.7, "cpu")
-    sampler = rl.pad_stack([torch.tensor(o["logp"]) for o in outs], mask.shape[1])
+    sampler = common.pad_right([o["logp"] for o in outs], length=mask.shape[1], dtype=torch.float32)[0]
     d_tf = (logp[mask] - sampler[mask]).abs().max().item()
     # a short prompt decodes in a batch exactly as alone (greedy; left-padded on the simple path)
     alone = generate(policy, prompts[2:], max_new_tokens=8, temperature=0, **kw)[0]

@@ -213,7 +213,7 @@ def test_first_ppo_step_has_ratio_one_and_matches_sampler(tiny_model):
     with torch.no_grad():
         logp_old, _, mask = rl.response_logprobs(policy, items, tok.pad_token_id, 0.7, "cpu")
         logp, _, _ = rl.response_logprobs(policy, items, tok.pad_token_id, 0.7, "cpu")
-    sampler = rl.pad_stack([torch.tensor(o["logp"]) for o in outs], mask.shape[1])
+    sampler = common.pad_right([o["logp"] for o in outs], length=mask.shape[1], dtype=torch.float32)[0]
     assert torch.allclose(logp_old[mask], sampler[mask], atol=1e-5)
     _, st = rl.policy_loss(logp, logp_old, torch.randn_like(logp), mask)
     assert st["ratio_mean"].item() == 1.0 and st["n_clipped"].item() == 0
@@ -397,3 +397,14 @@ def test_ref_offload_moves_the_reference_once_per_phase(tiny_model, tmp_path, mo
     rl.main(rl_args(tiny_model, prompts_file(tmp_path), tmp_path / "r", "--rule", "format", "--max-steps", "2",
                     "--ref-offload", "--micro-batch-size", "2"))
     assert len(moves) == 1 + 2 * 2  # parked once, then there and back once per step (8 micro-batches each)
+
+
+def test_pad_right_lists_and_tensors():
+    """common.pad_right, the one padding helper: values on the left, `value` after, mask of real entries."""
+    ids, mask = common.pad_right([[5, 6, 7], [8]], value=-1)
+    assert ids.tolist() == [[5, 6, 7], [8, -1, -1]] and ids.dtype == torch.long
+    assert mask.tolist() == [[True, True, True], [True, False, False]]
+    x, m = common.pad_right([torch.tensor([0.5, 0.25]), torch.tensor([1.0])], length=4)
+    assert x.dtype == torch.float32 and x.tolist() == [[0.5, 0.25, 0, 0], [1.0, 0, 0, 0]] and m.sum().item() == 3
+    f, _ = common.pad_right([[0.1, 0.2], []], length=3, dtype=torch.float32)
+    assert f.dtype == torch.float32 and f[1].tolist() == [0, 0, 0]
