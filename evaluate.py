@@ -280,7 +280,7 @@ def generate_api(jobs, args, tok, backoff=1.0, on_done=None):
         n = usage.get("completion_tokens") or len(tok.encode(text, add_special_tokens=False))
         return j, {"completion": text, "truncated": ch.get("finish_reason") == "length", "num_tokens": n}
 
-    failures, stopped = Failures(args.max_failures), None
+    failures, stopped = 0, None
     with ThreadPoolExecutor(args.api_workers) as ex:
         futures = [ex.submit(one, j) for j in jobs]
         for fut in tqdm(as_completed(futures), total=len(jobs), desc="generate (api)", disable=common.rank() != 0):
@@ -291,29 +291,17 @@ def generate_api(jobs, args, tok, backoff=1.0, on_done=None):
             if on_done is not None:
                 on_done(j)  # written even after a stop: requests already in flight are not thrown away
             if "error" in res and stopped is None:
-                try:
-                    failures.add(j, res["error"])
-                except TooManyFailures as e:
-                    stopped = e
+                failures += 1
+                print(f"warning: {j['benchmark']} id {j['id']} sample {j['sample']}: {res['error']}", file=sys.stderr,
+                      flush=True)
+                if failures > args.max_failures:
+                    stopped = TooManyFailures(
+                        f"{failures} requests failed for good, more than --max-failures {args.max_failures} (last: "
+                        f"{res['error']}); every finished record is on disk: rerun the same command to retry the rest")
                     for f in futures:
                         f.cancel()  # the jobs not started yet
     if stopped is not None:
         raise stopped
-
-
-class Failures:
-    """Counts jobs that failed for good; more than --max-failures stops the run (what finished is on disk)."""
-
-    def __init__(self, limit):
-        self.limit, self.n = limit, 0
-
-    def add(self, job, msg):
-        self.n += 1
-        print(f"warning: {job['benchmark']} id {job['id']} sample {job['sample']}: {msg}", file=sys.stderr, flush=True)
-        if self.n > self.limit:
-            raise TooManyFailures(f"{self.n} requests failed for good, more than --max-failures {self.limit} "
-                                  f"(last: {msg}); every finished record is on disk: rerun the same command to "
-                                  f"retry the rest")
 
 
 class TooManyFailures(RuntimeError):
@@ -363,8 +351,7 @@ def make_judge(args, device):
             body = {"model": args.judge_model, "messages": [{"role": "user", "content": p}], "temperature": 0,
                     "max_tokens": args.judge_max_new_tokens}
             try:
-                return http_post(url, body, key, retries=getattr(args, "api_retries", 5),
-                                 timeout=getattr(args, "api_timeout", 3600),
+                return http_post(url, body, key, retries=args.api_retries, timeout=args.api_timeout,
                                  parse=lambda d: d["choices"][0]["message"]["content"] or "")
             except RequestFailed as e:
                 return e  # grade_records turns it into an `error` record
@@ -379,16 +366,13 @@ def make_judge(args, device):
         jm = common.load_model(args.judge, common.pick_dtype(args.dtype, device), device, args.trust_remote_code).eval()
 
         def judge_local(prompts):  # greedy, like temperature 0 on the API
+            bar = tqdm(total=len(prompts), desc="judge (local)", disable=common.rank() != 0)
             outs = engine.generate(jm, [common.render_prompt(jtok, p) for p in prompts],
                                    max_new_tokens=args.judge_max_new_tokens, stop_ids=common.stop_token_ids(jtok, jm),
-                                   pad_id=jtok.pad_token_id, temperature=0, batch_size=args.batch_size)
+                                   pad_id=jtok.pad_token_id, temperature=0, batch_size=args.batch_size, progress=bar)
+            bar.close()
             return [jtok.decode(o["completion_ids"], skip_special_tokens=True) for o in outs]
-
-        def judge_local_bar(prompts):  # judge_local a batch at a time, for a progress bar with an ETA
-            bs = args.batch_size
-            return [x for i in tqdm(range(0, len(prompts), bs), desc="judge (local)", disable=common.rank() != 0)
-                    for x in judge_local(prompts[i:i + bs])]
-        return judge_local_bar
+        return judge_local
     return None
 
 
@@ -677,7 +661,7 @@ def run_eval(args):
         recs[key(r)] = r
     if dist_.rank == 0:
         allrecs = sorted(recs.values(), key=lambda r: order[key(r)])
-        summary = summarize([r for r in allrecs])
+        summary = summarize(allrecs)
         for n in names:
             summary.setdefault(n, {"score": None, "n": 0, "n_errors": 0})["train_overlap"] = overlap.get(n)
             write_jsonl_atomic(os.path.join(args.out, f"{n}.jsonl"),
