@@ -74,11 +74,6 @@ def response_parts(completion, score_on="full"):
     return f"<think>\n{reasoning}\n</think>\n\n", answer
 
 
-def rm_text(completion, score_on="full"):
-    """The response text the RM scores, untruncated."""
-    return "".join(response_parts(completion, score_on))
-
-
 def _cut(tok, text, drop, where):
     """Drop `drop` tokens of `text`: from the middle (reasoning) or from the end (over-long answer)."""
     ids = tok.encode(text, add_special_tokens=False)

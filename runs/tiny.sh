@@ -6,12 +6,13 @@
 #   -> entropy at reflection tokens -> the table (OUT/results.md), the entropy figures and the training
 #   curves (OUT/curves_{base,sft,rl}.png) beside it.
 #
-#   bash runs/tiny.sh            # full: about 930 s of CPU, 790 s wall (2 idle cores, 2026-12-01), half of it the serial base training
+#   bash runs/tiny.sh            # full: about 540 s of CPU, 470 s wall (2 idle cores, 2026-12-01), 300 s of it the serial base training
 #   bash runs/tiny.sh --quick    # CI-sized (what tests/test_tiny.py runs, twice): a tiny world, one epoch
 #                                # each, two RL steps; its table shows the plumbing, not results
 #
 # Reproducible to the digit: every random choice is seeded (world, inits, data order, sampling per
-# (seed + step, global sample index, token index), bootstrap), PYTHONHASHSEED is fixed, and every stage runs single-threaded, so a
+# (seed + step, global sample index, token index), bootstrap), PYTHONHASHSEED is fixed, every stage runs single-threaded
+# and runs/lib.sh pins the CPU kernels to their AVX2 code paths (the vector ISA changes the digits), so a
 # rerun on the same machine and software writes a byte-identical results.md. Independent stages (SFT
 # beside RL, the six evaluations, the three entropy passes) run side by side, TINY_JOBS at a time; as each
 # stage is single-threaded and seeded on its own, that changes the wall time, not a digit. The settings are
@@ -29,7 +30,7 @@ QUICK=0
 for a in "$@"; do
   case "$a" in
     --quick) QUICK=1 ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "usage: bash runs/tiny.sh [--quick]" >&2; exit 2 ;;
   esac
 done

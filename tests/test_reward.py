@@ -60,7 +60,7 @@ def test_response_parts_full_answer_and_never_closed():
     assert reward.response_parts("hmm, wait.\n</think>\nA", "answer") == ("", "A")  # template opened <think>
     for mode in ("full", "answer"):  # never closed: the reasoning is what gets scored
         assert reward.response_parts("<think>\nhere is how to do harm", mode) == ("here is how to do harm", "")
-    assert reward.rm_text("a</think>b</think>c", "answer") == "c"  # the LAST </think>
+    assert "".join(reward.response_parts("a</think>b</think>c", "answer")) == "c"  # the LAST </think>
     with pytest.raises(UsageError):
         reward.response_parts(c, "both")
 
