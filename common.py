@@ -1014,8 +1014,20 @@ def write_json(path, obj):
 
 
 def append_jsonl(path, obj):
-    with open(path, "a") as f:
-        f.write(json.dumps(obj, default=float) + "\n")
+    """One os.write of one line with O_APPEND: processes append to the same file without interleaving
+    (a local filesystem), and the line is in the kernel when this returns (a kill loses nothing before it)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(obj, ensure_ascii=False, default=float) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def write_jsonl(path, recs):
+    """Write records as JSONL atomically (temp file + rename): a reader sees the old file or the new one."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False, default=float) + "\n" for r in recs)
+    os.replace(path + ".tmp", path)
 
 
 class Logger:

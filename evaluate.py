@@ -482,12 +482,6 @@ def ordered(r):
     return out
 
 
-def write_jsonl_atomic(path, recs):
-    with open(path + ".tmp", "w") as f:
-        for r in recs:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(path + ".tmp", path)
-
 # --- CLI ------------------------------------------------------------------------------------------
 
 
@@ -638,7 +632,7 @@ def run_eval(args):
     common.print0(f"evaluate: {len(jobs)} samples over {', '.join(f'{n} {len(benches[n])}x{samples[n]}' for n in names)}"
                   f" on {dist_.world} rank(s); {len(jobs) - len(pending)} already in {args.out}, {len(pending)} to generate")
     # --- generate: each record appended to OUT/NAME.jsonl (one write, flushed) as soon as it exists ---
-    write = lambda j: append_record(os.path.join(args.out, f"{j['benchmark']}.jsonl"), ordered(j))  # noqa: E731
+    write = lambda j: common.append_jsonl(os.path.join(args.out, f"{j['benchmark']}.jsonl"), ordered(j))  # noqa: E731
     if args.api_url:
         generate_api(mine, args, tok, on_done=write)
     else:  # generate_local a chunk at a time, so a kill loses at most one chunk
@@ -664,7 +658,7 @@ def run_eval(args):
         summary = summarize(allrecs)
         for n in names:
             summary.setdefault(n, {"score": None, "n": 0, "n_errors": 0})["train_overlap"] = overlap.get(n)
-            write_jsonl_atomic(os.path.join(args.out, f"{n}.jsonl"),
+            common.write_jsonl(os.path.join(args.out, f"{n}.jsonl"),
                                [ordered(r) for r in allrecs if r["benchmark"] == n] + extras(args.out, n, order))
         common.write_json(os.path.join(args.out, "summary.json"),
                           {"benchmarks": summary, "settings": settings(args, tok, names, data, samples, dist_.world)})
@@ -743,7 +737,7 @@ def resume_records(args, names, fp, rank):
             for n in names:
                 keep = [r for k, r in recs.items() if k[0] == n and not r.get("error")]
                 if os.path.exists(os.path.join(args.out, f"{n}.jsonl")):
-                    write_jsonl_atomic(os.path.join(args.out, f"{n}.jsonl"), keep)
+                    common.write_jsonl(os.path.join(args.out, f"{n}.jsonl"), keep)
             common.write_json(meta_path, {**meta, **fp})
     if common.is_dist():
         box = [msg]
@@ -753,16 +747,6 @@ def resume_records(args, names, fp, rank):
         raise UsageError(msg)
     common.barrier()
     return set(read_records(args.out, names))
-
-
-def append_record(path, rec):
-    """One os.write of one line with O_APPEND: ranks append to the same file without interleaving
-    (a local filesystem); the line is in the kernel when this returns."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (json.dumps(rec, ensure_ascii=False) + "\n").encode())
-    finally:
-        os.close(fd)
 
 
 def run_grade(args):
@@ -789,7 +773,7 @@ def run_grade(args):
         raise UsageError("airbench records need a judge: --judge MODEL or --judge-url URL --judge-model NAME")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     grade_records(recs, *graders_for(names, args, device))
-    write_jsonl_atomic(args.out, [ordered(r) for r in recs])
+    common.write_jsonl(args.out, [ordered(r) for r in recs])
     summary = summarize(recs)
     print_table(summary)
     print(json.dumps(summary, indent=1))

@@ -48,7 +48,6 @@ Commands:
       --reward-model Skywork/Skywork-Reward-V2-Llama-3.1-8B --out out/rl-32b --grad-checkpointing
 """
 import argparse
-import json
 import os
 import time
 
@@ -59,7 +58,7 @@ from common import (DataError, HelpFormatter, Logger, NonFiniteError, UsageError
                     check_training, claim_out_dir, cli_main, clip_grad_norm, cosine_lr, gather_objects,
                     hsdp_replicas, import_optional, init_dist, load_pairs, load_state, load_tokenizer, pad_right,
                     pick_dtype, positions_from_mask, print0, read_table, release_out_dirs, render_prompt, save_hf,
-                    save_state, seed_everything, split_reasoning, stop_token_ids, write_json)
+                    save_state, seed_everything, split_reasoning, stop_token_ids, write_json, write_jsonl)
 import engine
 from entropy import DEFAULT_WORDS
 
@@ -598,10 +597,7 @@ def dump_rollouts(out, step, items, R, n, rank):
                      "gold": it["gold"], "score": float(R[i]), "step": step, "rank": rank})
     recs = gather_objects(recs)
     if rank == 0:  # written whole (temp file + rename): a replayed step after --resume rewrites it, never appends
-        path = os.path.join(out, "rollouts", f"step_{step:05d}.jsonl")
-        with open(path + ".tmp", "w") as f:
-            f.writelines(json.dumps(r, default=float) + "\n" for r in recs)
-        os.replace(path + ".tmp", path)
+        write_jsonl(os.path.join(out, "rollouts", f"step_{step:05d}.jsonl"), recs)
 
 
 if __name__ == "__main__":
