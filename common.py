@@ -736,11 +736,13 @@ def install_export(out):
     ready.rmdir()
 
 
-def save_hf(model, tok, out, export_dtype=None, step=None, keep=3):
+def save_hf(model, tok, out, export_dtype=None, step=None, checkpoint=False, keep=3):
     """Gather the full state dict to rank 0 and write a from_pretrained-loadable dir into `out`
     (config, safetensors, tokenizer, generation_config), swapped in as a whole (install_export).
-    With `step`, the same files also become OUT/checkpoints/step-N/ (hard links, no optimizer state),
-    keeping the newest `keep` (0 keeps all). Collective: every rank must call it."""
+    With `checkpoint`, the same files also become OUT/checkpoints/step-N/ (N = `step`; hard links, no
+    optimizer state), keeping the newest `keep` (0 keeps all). Refuses non-finite weights before anything is written.
+    Collective: every rank must call it."""
+    check_finite_weights(model, step)
     hf = hf_of(model)
     sd = _full_state_dict(model)
     if rank() == 0:
@@ -753,7 +755,7 @@ def save_hf(model, tok, out, export_dtype=None, step=None, keep=3):
             hf.config.dtype = export_dtype
         hf.save_pretrained(tmp, state_dict=sd)
         tok.save_pretrained(tmp)
-        if step is not None:
+        if checkpoint:
             ck = out / "checkpoints"
             ck.mkdir(exist_ok=True)
             shutil.rmtree(ck / f".step-{step}.tmp", ignore_errors=True)
@@ -841,7 +843,7 @@ def check_finite(step, device, **values):
 
 def check_finite_weights(model, step):
     """The weights after an update are finite on every rank (a huge lr overflows them without a NaN
-    gradient): save_state calls it before anything is written."""
+    gradient): save_hf and save_state call it before anything is written."""
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
     bad = torch.tensor(float(any(not torch.isfinite(p.detach()).all() for p in local)), device=device)

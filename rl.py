@@ -571,8 +571,10 @@ def main(argv=None):
             dump_rollouts(args.out, step, items, R, n, d.rank)
         periodic = step % args.save_every == 0
         if periodic or step == stop:
+            # the export first, then the state: a kill between them leaves an export AHEAD of the state,
+            # which --resume recomputes bit-exactly and rewrites (never a stale export behind a finished state)
+            save_hf(policy, tok, args.out, export_dtype, step, checkpoint=periodic, keep=args.keep_checkpoints)
             save_state(args.out, policy, opt, sched, step)
-            save_hf(policy, tok, args.out, export_dtype, step=step if periodic else None, keep=args.keep_checkpoints)
     print0(f"done: {args.out}")
     release_out_dirs(args.out)
     return policy

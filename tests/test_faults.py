@@ -192,6 +192,25 @@ def test_kill_inside_save_then_resume_is_exact(tiny_model, files, sft_ref, tmp_p
     assert not (out / "state.old").exists() and not (out / "state.tmp").exists()
 
 
+def test_kill_between_the_last_export_and_its_state_leaves_no_stale_export(tiny_model, files, sft_ref, tmp_path):
+    """SIGKILL inside the LAST step's save_state: the export of that step is already in OUT (the export is
+    written before the state), and --resume, which finds the complete state.tmp of the last step and has
+    nothing left to train, ends with the uninterrupted run's weights. With the state written first, OUT
+    kept step 3's export behind a finished step-4 state, and --resume never replaced it."""
+    out = tmp_path / "o"
+    log = tmp_path / "log"
+    p = start(sft_args(tiny_model, files["sft"], out), log, {"BEYOND_SFT_PAUSE_IN_SAVE": "4"})
+    wait_for(p, lambda: "paused in save_state at step 4" in open(log).read(), log)
+    kill9(p)
+    same_weights(out, sft_ref)  # the final export is there before the state is
+    text = run(sft_args(tiny_model, files["sft"], out, "--resume"), tmp_path / "log2")
+    assert "at step 4" in text, text[-2000:]
+    same_weights(out, sft_ref)
+    same_metrics(metrics(out), metrics(sft_ref))
+    assert sorted(os.listdir(out / "checkpoints")) == ["step-3", "step-4"]
+    assert json.load(open(out / "state" / "COMPLETE"))["step"] == 4
+
+
 def test_kill_after_a_step_and_torn_metrics_line(tiny_model, files, sft_ref, tmp_path):
     """Failure 3: SIGKILL as soon as step 3 is logged (inside that step's save), a torn last line appended
     to metrics.jsonl (a kill mid-write): --resume drops it with a warning and ends identical."""
