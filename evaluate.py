@@ -190,11 +190,9 @@ def train_overlap(spec, benches, n=13):
 # --- generation -----------------------------------------------------------------------------------
 
 
-def generate_local(jobs, args, dist_, tok):
+def generate_local(model, jobs, args, dist_, tok):
     """engine.generate on this rank's jobs; fills completion, truncated, num_tokens. Each job's sampling
     noise is keyed by its global index `_i`, so the samples do not depend on the world size."""
-    model = common.load_model(args.model, common.pick_dtype(args.dtype, dist_.device), dist_.device,
-                              args.trust_remote_code).eval()
     bar = tqdm(total=len(jobs), desc="generate", disable=dist_.rank != 0)
     outs = engine.generate(model, [common.render_prompt(tok, j["prompt"], args.chat_template_kwargs) for j in jobs],
                            max_new_tokens=args.max_new_tokens,
@@ -206,9 +204,6 @@ def generate_local(jobs, args, dist_, tok):
         ids = o["completion_ids"][:-1] if o["finished"] else o["completion_ids"]  # drop the stop token
         j.update(completion=tok.decode(ids, skip_special_tokens=False), truncated=o["truncated"],
                  num_tokens=len(o["completion_ids"]))
-    del model
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 class RequestFailed(UsageError):
@@ -635,15 +630,20 @@ def run_eval(args):
     write = lambda j: common.append_jsonl(os.path.join(args.out, f"{j['benchmark']}.jsonl"), ordered(j))  # noqa: E731
     if args.api_url:
         generate_api(mine, args, tok, on_done=write)
-    else:  # generate_local a chunk at a time, so a kill loses at most one chunk
+    elif mine:  # the model loaded once; generate_local a chunk at a time, so a kill loses at most one chunk
+        model = common.load_model(args.model, common.pick_dtype(args.dtype, dist_.device), dist_.device,
+                                  args.trust_remote_code).eval()
         chunk = args.batch_size * 4
         bar = tqdm(total=len(mine), desc="generate (all)", disable=dist_.rank != 0)
         for c in range(0, len(mine), chunk):
-            generate_local(mine[c:c + chunk], args, dist_, tok)
+            generate_local(model, mine[c:c + chunk], args, dist_, tok)
             for j in mine[c:c + chunk]:
                 write(j)
             bar.update(len(mine[c:c + chunk]))
         bar.close()
+        del model  # the graders (safety RM, local judge) load next
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     # --- grade what has no score yet (every rank a strided shard), gather on rank 0, rewrite in order ---
     common.barrier()
     order = {key(j): j["_i"] for j in jobs}

@@ -359,3 +359,17 @@ def test_load_benchmark_errors(tmp_path):
         evaluate.load_benchmark("gpqa_diamond", write_csv(tmp_path / "g.csv", rows))
     items = evaluate.load_benchmark("aime25", write_jsonl(tmp_path / "b.jsonl", [{"question": "x", "answer": 70}] * 5), 2)
     assert items == [{"id": "1", "question": "x", "gold": "70"}, {"id": "2", "question": "x", "gold": "70"}]
+
+
+def test_policy_loads_once_across_chunks(tmp_path, tiny_model, monkeypatch):
+    """Records are written a chunk (4 x --batch-size jobs) at a time, but the policy is loaded once: 12 maths
+    jobs at --batch-size 1 are three chunks and one load_model call (the RM-free maths grader loads nothing)."""
+    data = write_jsonl(tmp_path / "m.jsonl", [{"problem": f"{i} + 1?", "answer": str(i + 1), "unique_id": f"p{i}"}
+                                              for i in range(6)])
+    loads = []
+    real = evaluate.common.load_model
+    monkeypatch.setattr(evaluate.common, "load_model", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    evaluate.main(["--model", tiny_model, "--benchmarks", "math500", "--data", f"math500={data}", "--samples", "2",
+                   "--max-new-tokens", "4", "--batch-size", "1", "--out", str(tmp_path / "eval")])
+    assert loads == [tiny_model]
+    assert len(open(tmp_path / "eval" / "math500.jsonl").readlines()) == 12
