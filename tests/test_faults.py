@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, SFT_ROWS, build_tokenizer, write_jsonl
+from conftest import ROOT, SFT_ROWS, build_tokenizer, torchrun, write_jsonl
 
 import common
 import evaluate
@@ -60,6 +60,24 @@ def kill9(p):
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     assert p.returncode == -signal.SIGKILL
+
+
+def descendants(pid):
+    """Every process below `pid` (children, their children, ...), from /proc."""
+    children = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                ppid = int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
 
 
 def run(args, log, extra_env=None):
@@ -209,6 +227,30 @@ def test_kill_between_the_last_export_and_its_state_leaves_no_stale_export(tiny_
     same_metrics(metrics(out), metrics(sft_ref))
     assert sorted(os.listdir(out / "checkpoints")) == ["step-3", "step-4"]
     assert json.load(open(out / "state" / "COMPLETE"))["step"] == 4
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the ranks through /proc")
+def test_two_ranks_killed_inside_save_then_resume_is_exact(tiny_model, files, tmp_path):
+    """A preempted 2-rank job: SIGKILL to every process of `torchrun --nproc_per_node 2 sft.py` while rank 0
+    is held inside save_state at step 2 (rank 1 waits at the barrier), then the same command with --resume
+    ends with the weights, metrics and checkpoints of an uninterrupted 2-rank run."""
+    launcher = torchrun(2)[1:]  # after sys.executable, which start() adds
+    ref, out = tmp_path / "ref", tmp_path / "o"
+    run([*launcher, *sft_args(tiny_model, files["sft"], ref)], tmp_path / "log_ref")
+    log = tmp_path / "log"
+    p = start([*launcher, *sft_args(tiny_model, files["sft"], out)], log, {"BEYOND_SFT_PAUSE_IN_SAVE": "2"})
+    wait_for(p, lambda: "paused in save_state at step 2" in open(log).read(), log)
+    # the launcher and both ranks at once (torchrun starts each rank in a session of its own, so killing the
+    # launcher's process group alone leaves the ranks running, and holding the dir's lock)
+    for pid in [p.pid, *descendants(p.pid)]:
+        os.kill(pid, signal.SIGKILL)
+    p.wait()
+    assert (out / "state.tmp" / "COMPLETE").exists() and not (out / "state").exists()
+    text = run([*launcher, *sft_args(tiny_model, files["sft"], out, "--resume")], tmp_path / "log2")
+    assert "resumed from" in text and "at step 2" in text
+    same_metrics(metrics(out), metrics(ref))
+    same_weights(out, ref)
+    assert sorted(os.listdir(out / "checkpoints")) == ["step-3", "step-4"]
 
 
 def test_kill_after_a_step_and_torn_metrics_line(tiny_model, files, sft_ref, tmp_path):
