@@ -843,7 +843,7 @@ def check_finite(step, device, **values):
 
 def check_finite_weights(model, step):
     """The weights after an update are finite on every rank (a huge lr overflows them without a NaN
-    gradient): save_hf and save_state call it before anything is written."""
+    gradient): save_hf calls it before anything is written, and the stages export before they save the state."""
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
     bad = torch.tensor(float(any(not torch.isfinite(p.detach()).all() for p in local)), device=device)
@@ -871,10 +871,10 @@ def save_state(out, model, optim, sched, step):
     """Sharded model + optimizer (torch.distributed.checkpoint) and per-rank extra state (step, which
     fixes the data position; scheduler; RNG) into out/state, atomically: write state.tmp, the COMPLETE
     marker last, then rename (state -> state.old, state.tmp -> state, drop state.old). A kill at any
-    point leaves at least one complete state dir; load_state picks the newest."""
+    point leaves at least one complete state dir; load_state picks the newest. The stages call it after
+    save_hf, which has already refused non-finite weights."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
-    check_finite_weights(model, step)
     out = Path(out)
     tmp, final, old = out / "state.tmp", out / "state", out / "state.old"
     if rank() == 0:

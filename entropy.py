@@ -326,6 +326,14 @@ def read_records(path, temperature):
 
 # --- main ---------------------------------------------------------------------------------------------
 
+def word_set(text):
+    """--words: "wait,Wait,but" -> {"wait", "Wait", "but"} (not empty)."""
+    words = {w.strip() for w in text.split(",") if w.strip()}
+    if not words:
+        raise argparse.ArgumentTypeError("no reflection word given")
+    return words
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=common.HelpFormatter)
@@ -339,7 +347,7 @@ def get_args(argv=None):
     a = p.add_argument_group("1. entropy at reflection tokens").add_argument
     a("--temperature", type=float, default=None,
       help="sampling temperature of the scored distribution (default: the records' value, else 0.6)")
-    a("--words", default=DEFAULT_WORDS, help="comma-separated reflection words")
+    a("--words", type=word_set, default=DEFAULT_WORDS, help="comma-separated reflection words")
     a("--match", choices=["token", "word"], default="token",
       help="token: a whole decoded token equals a word; word: also words split across tokens")
     a = p.add_argument_group("2. memorization of the SFT data").add_argument
@@ -359,8 +367,6 @@ def get_args(argv=None):
 
 def check_args(args):
     """Every flag value, before any file is read (the flag is named in the message)."""
-    if not {w.strip() for w in args.words.split(",") if w.strip()}:
-        raise common.UsageError("--words is empty")
     if not args.input and not args.memorization:
         raise common.UsageError("nothing to do: give --input and/or --memorization")
     common.check_range(args, "--temperature", 0, lo_open=True)
@@ -439,7 +445,6 @@ def pooled_histograms(results, edges):
 def main(argv=None):
     args = get_args(argv)
     check_args(args)
-    words = {w.strip() for w in args.words.split(",") if w.strip()}
 
     # every input is checked (files, rows, model paths) before any model runs or anything is written
     models, inputs = parse_named(args.model, "--model"), parse_named(args.input, "--input")
@@ -459,7 +464,7 @@ def main(argv=None):
         model = common.load_model(mpath, dtype, d.device, trust_remote_code=args.trust_remote_code).eval()
         edges[mname] = np.linspace(0.0, math.log(model.get_output_embeddings().weight.shape[0]), HIST_BINS + 1)
         for dname, (recs, temp) in data.items():
-            results += score_records(model, toks[mname], recs, temp, args, d, words, edges[mname], mname, dname)
+            results += score_records(model, toks[mname], recs, temp, args, d, args.words, edges[mname], mname, dname)
         mem_results += score_memorization(model, toks[mname], mem_rows, args, d, mname)
         del model
     results, mem_results = common.gather_objects(results), common.gather_objects(mem_results)

@@ -15,7 +15,7 @@
 # ABLATE_QUICK=1 (a smoke-sized budget on a --quick world).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-case "${1:-}" in -h|--help) sed -n '2,16p' "$0"; exit 0 ;; "") ;; *) echo "usage: bash runs/ablate.sh" >&2; exit 2 ;; esac
+case "${1:-}" in -h|--help) sed -n '2,15p' "$0"; exit 0 ;; "") ;; *) echo "usage: bash runs/ablate.sh" >&2; exit 2 ;; esac
 
 ROOT_OUT=${TINY_OUT:-runs/out/tiny}
 SEED=0  # evaluation and bootstrap seed: the same for every run, so only training differs
@@ -26,9 +26,7 @@ BASE=$ROOT_OUT/base
 OUT=$ROOT_OUT/ablate
 . runs/lib.sh
 check_uint TINY_JOBS "$JOBS" pos
-for f in "$W/world.json" "$W/rl_prompts.jsonl" "$W/harmless.csv" "$W/rm/config.json" "$BASE/model.safetensors"; do
-  [ -e "$f" ] || { echo "ablate: $f missing: run 'bash runs/tiny.sh' first (TINY_OUT=$ROOT_OUT)" >&2; exit 2; }
-done
+require_tiny_run ablate "$W/world.json" "$W/rl_prompts.jsonl" "$W/harmless.csv" "$W/rm/config.json" "$BASE/model.safetensors"
 ARMS=${ABLATE_ARMS:-reinforce++,reinforce++-baseline,grpo,rloo}
 SEEDS=${ABLATE_SEEDS:-"0 1 2"}
 if [ "${ABLATE_QUICK:-0}" = 1 ]; then

@@ -15,7 +15,7 @@
 # FRONTIER_QUICK=1 (a smoke-sized grid on a --quick world).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-case "${1:-}" in -h|--help) sed -n '2,16p' "$0"; exit 0 ;; "") ;; *) echo "usage: bash runs/frontier.sh" >&2; exit 2 ;; esac
+case "${1:-}" in -h|--help) sed -n '2,15p' "$0"; exit 0 ;; "") ;; *) echo "usage: bash runs/frontier.sh" >&2; exit 2 ;; esac
 
 ROOT_OUT=${TINY_OUT:-runs/out/tiny}
 SEED=0
@@ -26,10 +26,8 @@ BASE=$ROOT_OUT/base
 OUT=$ROOT_OUT/frontier
 . runs/lib.sh
 check_uint TINY_JOBS "$JOBS" pos
-for f in "$W/world.json" "$W/star1.json" "$W/rl_prompts.jsonl" "$W/harmless.csv" "$W/rm/config.json" \
-         "$BASE/model.safetensors"; do
-  [ -e "$f" ] || { echo "frontier: $f missing: run 'bash runs/tiny.sh' first (TINY_OUT=$ROOT_OUT)" >&2; exit 2; }
-done
+require_tiny_run frontier "$W/world.json" "$W/star1.json" "$W/rl_prompts.jsonl" "$W/harmless.csv" "$W/rm/config.json" \
+  "$BASE/model.safetensors"
 if [ "${FRONTIER_QUICK:-0}" = 1 ]; then
   EPOCHS=${FRONTIER_EPOCHS:-"1 2"}; BETAS=${FRONTIER_BETAS:-"1e-3 1e-1"}; STEPS=${FRONTIER_STEPS:-"1 2"}
   RL_PROMPTS=4; RL_N=2; RL_NEW=96; MAX_NEW=96; MATH_SAMPLES=1

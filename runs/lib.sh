@@ -5,6 +5,7 @@
 #   bg NAME CMD...      the same in the background, at most $JOBS at once;  join: wait for all, stop on a failure
 #   eval_model M DIR    the held-out evaluations of checkpoint M into DIR: harmful + arithmetic (DIR/attaq.jsonl,
 #                       DIR/math500.jsonl) and the harmless look-alikes (DIR/harmless/attaq.jsonl), in the background
+#   require_tiny_run SCRIPT FILE...   exit 2 naming the first FILE of the tiny run (ROOT_OUT) that is missing
 # Needs OUT, W (the world), PY, SEED, JOBS, MAX_NEW, MATH_SAMPLES.
 
 # Every stage single-threaded (a second thread changes float reduction order, hence digits), hash seed fixed,
@@ -64,6 +65,13 @@ eval_model() {  # eval_model NAME MODEL_DIR EVAL_DIR
 entropy_model() {  # entropy_model NAME MODEL_DIR EVAL_DIR ENTROPY_DIR (on the model's own held-out generations)
   bg "entropy-$1" "$PY" entropy.py --model "$1=$2" --input "harmful=$3/attaq.jsonl" \
     --input "arithmetic=$3/math500.jsonl" --match word --bootstrap 200 --batch-size 32 --seed "$SEED" --out "$4"
+}
+
+require_tiny_run() {  # require_tiny_run SCRIPT FILE...: the tiny run's outputs a script builds on exist (else exit 2)
+  local who=$1 f; shift
+  for f in "$@"; do
+    [ -e "$f" ] || { echo "$who: $f missing: run 'bash runs/tiny.sh' first (TINY_OUT=$ROOT_OUT)" >&2; exit 2; }
+  done
 }
 
 check_uint() {  # check_uint NAME VALUE: a non-negative integer (positive with a third argument "pos")
