@@ -6,7 +6,7 @@
 # per estimator, mean ± 95% t-interval over the seeds of reward gain, final KL, refusal (harmful, harmless),
 # arithmetic accuracy and entropy at reflection words.
 #
-#   bash runs/tiny.sh && bash runs/ablate.sh      # ~8 minutes on 2 CPU cores (470-480 s, 2026-12-01; not in CI)
+#   bash runs/tiny.sh && bash runs/ablate.sh      # ~8 minutes on 2 CPU cores (470-510 s, 2026-12-01; not in CI)
 #
 # The budget is smaller than runs/tiny.sh's RL (12 runs must fit the 30 minutes): ABLATE_STEPS (default 20)
 # steps of ABLATE_PROMPTS (default 8) prompts x 4 samples (the group the baselines need), 256 new tokens.

@@ -5,7 +5,7 @@
 # settings as runs/tiny.sh. Writes OUT/frontier/frontier.md (the table) and OUT/frontier/frontier.png
 # (arithmetic accuracy vs refusal on harmful prompts, 95% intervals, base / SFT / RL points labelled).
 #
-#   bash runs/tiny.sh && bash runs/frontier.sh     # ~10 minutes on 2 CPU cores (550-580 s, 2026-12-01; not in CI)
+#   bash runs/tiny.sh && bash runs/frontier.sh     # ~10 minutes on 2 CPU cores (550-660 s, 2026-12-01; not in CI)
 #
 # The grid is fixed below, chosen before looking at any result (the epoch counts bracket STAR-1's 5; β
 # spans three decades around rl.py's default 1e-3); nothing is picked to reproduce the paper.
