@@ -9,6 +9,7 @@ What lives here, in the order the stages use it:
   5. text: the reasoning / answer split on the last </think>
   6. checkpoints: Hugging Face export + resumable sharded state, both written atomically
   7. logging: one fixed-format line per step, metrics.jsonl, args.json, optional wandb
+  8. HTTP: one JSON POST with retries (an OpenAI-compatible server for generation and the judge)
 
 Generation lives in engine.py. The algorithms (losses, advantages, masking) stay in the stage that owns them.
 """
@@ -22,6 +23,8 @@ import random
 import shutil
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections import namedtuple
 from pathlib import Path
 
@@ -1080,3 +1083,39 @@ def truncate_metrics(out, step):
         with open(path + ".tmp", "w") as f:
             f.writelines(keep)
         os.replace(path + ".tmp", path)
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. HTTP: evaluate.py's --api-url generation (engine.generate_api) and the AIR-Bench judge (reward.py)
+
+class RequestFailed(UsageError):
+    """An HTTP request that failed for good (after its retries, or a 4xx that retrying cannot fix)."""
+
+
+def http_post(url, body, key=None, retries=5, backoff=1.0, timeout=3600, parse=None):
+    """POST JSON, return parse(decoded reply) (the reply itself without parse); retries with exponential
+    backoff on connection errors, timeouts, HTTP 408/409/429 and 5xx, and on malformed replies (not
+    JSON, or a shape `parse` rejects with KeyError/IndexError/TypeError/ValueError). Other HTTP errors
+    (400, 401, 404) stop at once. Raises RequestFailed."""
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    data = json.dumps(body).encode()
+    for attempt in range(retries + 1):
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, data, headers), timeout=timeout) as r:
+                raw = r.read()
+            try:
+                d = json.loads(raw)
+                return parse(d) if parse else d
+            except (ValueError, KeyError, IndexError, TypeError):
+                why = f"malformed reply {raw[:200]!r}"
+        except urllib.error.HTTPError as e:
+            if e.code < 500 and e.code not in (408, 409, 429):
+                raise RequestFailed(f"{url}: HTTP {e.code}: {e.read()[:300]!r}") from None
+            why = f"HTTP {e.code}"
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+            why = str(e)
+        if attempt == retries:
+            raise RequestFailed(f"{url}: {why} (after {retries + 1} tries)")
+        time.sleep(backoff * 2 ** attempt)

@@ -60,9 +60,12 @@ Another backend (vLLM, SGLang) plugs in behind the same function: it receives th
 and must return, per prompt, the completion ids (stop token included), per-token log-probs of the
 sampled tokens at temperature τ, and the finished / truncated flags; rl.py and evaluate.py need
 nothing else (rl.py recomputes π_old itself).
+`generate_api` (end of file) sends the same job to an OpenAI-compatible /completions server (vLLM,
+SGLang) for evaluate.py --api-url: token-id prompts in, text and finished / truncated flags out.
 """
 import math
 import sys
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 
 import torch
@@ -514,3 +517,50 @@ def _generate_simple(hf, prompts, max_new, stop_set, pad_id, temperature, top_p,
         if progress is not None:
             progress.update(B)
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The same job through an OpenAI-compatible server (evaluate.py --api-url)
+
+def generate_api(url, prompts, *, model, max_new_tokens, stop_ids, temperature=1.0, top_p=1.0, seed=0, row_ids=None,
+                 key=None, workers=16, retries=5, timeout=3600, backoff=1.0, on_done=None, progress=None):
+    """POST url/completions once per prompt, `workers` at a time. The prompt goes as token ids (the
+    server applies no template of its own), the seed of prompt i as seed * 1_000_003 + row_ids[i] (a
+    per-request seed), stop_ids as vLLM / SGLang's stop_token_ids with skip_special_tokens off. As each
+    request ends, on_done(i, out) runs in this thread with out = {"text", "truncated", "num_tokens"}
+    (num_tokens None when the server reports no usage), or {"error"} for a request that failed for
+    good (common.http_post); when on_done returns True, the requests not started yet are cancelled
+    (those in flight still end and reach on_done). Returns the outs in prompt order (None: cancelled)."""
+    row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
+
+    def parse(d):
+        ch = d["choices"][0]
+        if not isinstance(ch["text"], str):
+            raise TypeError("text is not a string")
+        return ch, d.get("usage") or {}
+
+    def one(i):
+        body = {"model": model, "prompt": prompts[i], "n": 1, "max_tokens": max_new_tokens, "temperature": temperature,
+                "top_p": top_p, "seed": seed * 1_000_003 + row_ids[i], "stop_token_ids": list(stop_ids),
+                "skip_special_tokens": False}
+        try:
+            ch, usage = common.http_post(url.rstrip("/") + "/completions", body, key, retries=retries,
+                                         backoff=backoff, timeout=timeout, parse=parse)
+        except common.RequestFailed as e:
+            return i, {"error": str(e)}
+        return i, {"text": ch["text"], "truncated": ch.get("finish_reason") == "length",
+                   "num_tokens": usage.get("completion_tokens")}
+
+    outs = [None] * len(prompts)
+    with ThreadPoolExecutor(workers) as ex:
+        futures = [ex.submit(one, i) for i in range(len(prompts))]
+        for fut in as_completed(futures):
+            if fut.cancelled():
+                continue
+            i, outs[i] = fut.result()
+            if progress is not None:
+                progress.update(1)
+            if on_done is not None and on_done(i, outs[i]):
+                for f in futures:
+                    f.cancel()  # the requests not started yet
+    return outs

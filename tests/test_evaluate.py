@@ -8,6 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
+import common
 import evaluate
 import reward
 from common import DataError, UsageError
@@ -117,7 +118,7 @@ def test_gpqa_permutation_regrades_identically(tmp_path):
     ("no idea", None),
 ])
 def test_gpqa_extraction(answer, letter):
-    assert evaluate.extract_choice(answer) == letter
+    assert reward.extract_choice(answer) == letter
 
 
 # --- AttaQ --------------------------------------------------------------------------------------------
@@ -128,7 +129,7 @@ def pair_rm(tmp_path_factory):
 
 
 def test_attaq_score_formula():
-    assert [evaluate.attaq_score(r) for r in (-20, -8, -3.5, 1, 7)] == [0.0, 0.0, 0.5, 1.0, 1.0]
+    assert [reward.attaq_score(r) for r in (-20, -8, -3.5, 1, 7)] == [0.0, 0.0, 0.5, 1.0, 1.0]
 
 
 def test_attaq_raw_logit_not_sigmoid(pair_rm):
@@ -180,9 +181,7 @@ def test_airbench_judge_replies():
 
 
 def test_local_hf_judge(tiny_model):
-    args = evaluate.grade_parser().parse_args(["--input", "x", "--out", "y", "--judge", tiny_model,
-                                               "--judge-max-new-tokens", "5"])
-    judge = evaluate.make_judge(args, "cpu")
+    judge = reward.make_judge("cpu", local=tiny_model, max_new_tokens=5)
     replies = judge(["a judge prompt", "another one"])
     assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
     graded = evaluate.grade_records([rec("airbench", "</think>sure", cate_idx="1")], judge=judge,
@@ -191,9 +190,9 @@ def test_local_hf_judge(tiny_model):
 
 
 def test_parse_judge():
-    assert evaluate.parse_judge("##short_reasoning: ok\n##the_score: 0.5") == 0.5
-    assert evaluate.parse_judge("<think>##the_score: 0</think>\n##the_score: **1**") == 1.0
-    assert evaluate.parse_judge("##the_score:") is None and evaluate.parse_judge("") is None
+    assert reward.parse_judge("##short_reasoning: ok\n##the_score: 0.5") == 0.5
+    assert reward.parse_judge("<think>##the_score: 0</think>\n##the_score: **1**") == 1.0
+    assert reward.parse_judge("##the_score:") is None and reward.parse_judge("") is None
 
 
 # --- HTTP: generation and judge against a server on 127.0.0.1 -----------------------------------------
@@ -246,13 +245,13 @@ def server():
 
 
 def test_http_post_retries_then_fails_fast(server):
-    d = evaluate.http_post(server.url + "/chat/completions", {"model": "m"}, key="k", backoff=0.01)
+    d = common.http_post(server.url + "/chat/completions", {"model": "m"}, key="k", backoff=0.01)
     assert "##the_score: 1" in d["choices"][0]["message"]["content"] and len(server.requests) == 2
     assert server.requests[-1][2] == "Bearer k"
     with pytest.raises(UsageError, match="HTTP 404"):
-        evaluate.http_post(server.url + "/nope", {}, backoff=0.01)
+        common.http_post(server.url + "/nope", {}, backoff=0.01)
     with pytest.raises(UsageError, match="tries"):
-        evaluate.http_post("http://127.0.0.1:9/v1/completions", {}, retries=1, backoff=0.01, timeout=2)
+        common.http_post("http://127.0.0.1:9/v1/completions", {}, retries=1, backoff=0.01, timeout=2)
 
 
 def test_cli_api_generation_and_http_judge(tmp_path, tiny_model, server):
