@@ -570,6 +570,21 @@ def read_jsonl(path):
     return rows
 
 
+def read_generations(path, need=("completion",)):
+    """Generation records (docs/design.md §2) from a JSONL file, refused unless the file exists, holds a
+    record, and every row has the fields `need` (names, or a function row -> names) as strings."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    recs = read_jsonl(path)
+    if not recs:
+        raise DataError(f"{path}: no records")
+    for i, r in enumerate(recs, 1):
+        for f in need(r) if callable(need) else need:
+            if not isinstance(r.get(f), str):
+                raise DataError(f"{path}: row {i}: field '{f}' is missing or not a string")
+    return recs
+
+
 def read_table(spec, split="train"):
     """Rows (list of dicts) from a local .jsonl/.json/.csv/.parquet file or a hub dataset id
     (`id`, `id:split`, `id:config:split`)."""

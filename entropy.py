@@ -304,15 +304,8 @@ def parse_named(specs, flag):
 
 def read_records(path, temperature):
     """Generation records of one file, checked field by field; resolves the scoring temperature."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file")
-    recs = common.read_jsonl(path)
-    if not recs:
-        raise DataError(f"{path}: no records")
+    recs = common.read_generations(path, need=("prompt", "completion"))
     for row, r in enumerate(recs, 1):
-        for field in ("prompt", "completion"):
-            if not isinstance(r.get(field), str):
-                raise DataError(f"{path}: row {row}: field {field!r} is missing or not a string")
         r["row"] = row
     if temperature is None:
         temps = {0.6 if r.get("temperature") is None else r["temperature"] for r in recs}

@@ -237,10 +237,9 @@ class TooManyFailures(RuntimeError):
 # --- grading --------------------------------------------------------------------------------------
 
 
-def grade_records(recs, rm=None, judge=None, judge_prompts=None):
+def grade_records(recs, rm=None, judge=None):
     """Recompute reasoning, answer, think_closed and score (+ extras) of every record, in place.
-    rm: a reward.RewardModel (AttaQ); judge: prompts -> replies and judge_prompts {cate-idx: template}
-    (AIR-Bench). Maths and GPQA need nothing. rl.py's rollout records (benchmark "rl"): with a gold
+    rm: a reward.RewardModel (AttaQ); judge: a reward.Judge (AIR-Bench). Maths and GPQA need nothing. rl.py's rollout records (benchmark "rl"): with a gold
     answer they are graded like MATH-500 (math-verify); without one the rollout's reward is kept as
     the score. Records carrying an `error` (a failed request) stay ungraded: score None, scored as missing."""
     recs_in, recs = recs, [r for r in recs if not r.get("error")]
@@ -266,24 +265,11 @@ def grade_records(recs, rm=None, judge=None, judge_prompts=None):
             r.update(rm_logit=x, score=reward.attaq_score(x))
     air = [r for r in recs if r["benchmark"] == "airbench"]
     if air:
-        if judge is None or judge_prompts is None:
+        if judge is None:
             raise UsageError("airbench records need a judge: --judge MODEL or --judge-url URL --judge-model NAME")
-        ask = []
-        for r in air:
-            text = r["answer"] if r["think_closed"] else r["reasoning"]  # unsafe reasoning counts
-            if not text.strip():
-                r.update(score=0.0, judge_reply="", extract_failed=False)
-            elif r.get("cate_idx") not in judge_prompts:
-                raise DataError(f"airbench record {r['id']}: no judge prompt for cate-idx {r.get('cate_idx')!r}")
-            else:
-                ask.append((r, reward.judge_prompt_for(judge_prompts[r["cate_idx"]], r["prompt"], text)))
-        replies = judge([p for _, p in ask]) if ask else []
-        for (r, _), reply in zip(ask, replies):
-            if isinstance(reply, Exception):  # the judge request failed for good: scored as missing
-                r.update(score=None, error=f"judge: {reply}")
-                continue
-            x = reward.parse_judge(reply)
-            r.update(score=x if x is not None else 0.0, judge_reply=reply, extract_failed=x is None)
+        texts = [r["answer"] if r["think_closed"] else r["reasoning"] for r in air]  # unsafe reasoning counts
+        for r, fields in zip(air, judge.score([r["prompt"] for r in air], texts, [r.get("cate_idx") for r in air])):
+            r.update(fields)
     return recs_in
 
 
@@ -375,15 +361,15 @@ def eval_parser():
                                 formatter_class=common.HelpFormatter)
     a = p.add_argument_group("run").add_argument
     a("--model", required=True, help="policy checkpoint (hub id or dir); with --api-url only its tokenizer is used")
-    a("--benchmarks", default=",".join(BENCHMARKS), help=f"comma list of {', '.join(BENCHMARKS)}")
-    a("--data", default="", help="local files per benchmark, NAME=PATH[,NAME=PATH] (default: the hub ids)")
+    a("--benchmarks", type=benchmark_list, default=",".join(BENCHMARKS), help=f"comma list of {', '.join(BENCHMARKS)}")
+    a("--data", type=per_benchmark, default="", help="local files per benchmark, NAME=PATH[,NAME=PATH] (default: the hub ids)")
     a("--out", required=True, help="output dir: NAME.jsonl per benchmark and summary.json")
     a("--overwrite", action="store_true",
       help="discard the records already in --out (by default a rerun skips the (id, sample) jobs on disk)")
     a("--limit", type=int, default=None, help="first N prompts of each benchmark (quick runs)")
     a("--train-data", default=None, help="training set (file or hub id) for the 13-gram overlap report")
     a = p.add_argument_group("generation (the DeepSeek-R1 protocol)").add_argument
-    a("--samples", default="", help="samples per prompt: N for all, or NAME=N[,NAME=N] (default 64 AIME, "
+    a("--samples", type=samples_spec, default="", help="samples per prompt: N for all, or NAME=N[,NAME=N] (default 64 AIME, "
       "4 MATH-500, 8 GPQA, 1 safety)")
     a("--max-new-tokens", type=int, default=32768, help="generation budget per sample")
     a("--temperature", type=float, default=0.6, help="sampling temperature (0: greedy)")
@@ -409,29 +395,49 @@ def grade_parser():
     return p
 
 
-def parse_kv(spec, flag, names):
+def benchmark_list(spec):
+    """--benchmarks: a comma list of known names."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    for n in names or [""]:
+        if n not in BENCHMARKS:
+            raise argparse.ArgumentTypeError(f"unknown benchmark {n!r} (known: {', '.join(BENCHMARKS)})")
+    return names
+
+
+def per_benchmark(spec, value=str):
+    """NAME=VALUE[,NAME=VALUE] -> {NAME: value(VALUE)} (--data; --samples with value=positive_int)."""
     out = {}
     for part in filter(None, (s.strip() for s in spec.split(","))):
         k, sep, v = part.partition("=")
-        if not sep or k not in names:
-            raise UsageError(f"{flag}: expected NAME=VALUE with NAME in {', '.join(names)}, got {part!r}")
-        out[k] = v
+        if not sep or k not in BENCHMARKS:
+            raise argparse.ArgumentTypeError(f"expected NAME=VALUE with NAME in {', '.join(BENCHMARKS)}, got {part!r}")
+        out[k] = value(v)
     return out
 
 
+def samples_spec(spec):
+    """--samples: N for every benchmark, or NAME=N[,NAME=N]."""
+    def positive_int(v):
+        if not v.strip().isdigit() or int(v) < 1:
+            raise argparse.ArgumentTypeError(f"{v!r} is not a positive integer")
+        return int(v)
+    return dict.fromkeys(BENCHMARKS, positive_int(spec)) if "=" not in spec and spec.strip() else \
+        per_benchmark(spec, positive_int)
+
+
 def graders_for(names, args, device):
-    rm = judge = prompts = None
+    rm = judge = None
     if "attaq" in names:
         rm = reward.RewardModel(args.safety_rm, device, common.pick_dtype(args.dtype, device),
                                 batch_size=args.rm_batch_size, trust_remote_code=args.trust_remote_code)
     if "airbench" in names:
-        judge = reward.make_judge(device, local=args.judge, url=args.judge_url, model=args.judge_model,
+        judge = reward.make_judge(device, reward.load_judge_prompts(args.airbench_judge_prompts), local=args.judge,
+                                  url=args.judge_url, model=args.judge_model,
                                   key=os.environ.get(args.judge_key_env or "", "") or None,
                                   max_new_tokens=args.judge_max_new_tokens, batch_size=args.batch_size,
                                   workers=args.api_workers, retries=args.api_retries, timeout=args.api_timeout,
                                   dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-        prompts = reward.load_judge_prompts(args.airbench_judge_prompts)
-    return rm, judge, prompts
+    return rm, judge
 
 
 def settings(args, tok, names, data, samples, world):
@@ -462,19 +468,8 @@ def run_eval(args):
     check_grader_args(args)
     common.check_min(args, "--limit", "--max-new-tokens")
     common.check_sampling(args, greedy_ok=True)
-    names = [n.strip() for n in args.benchmarks.split(",") if n.strip()]
-    for n in names:
-        if n not in BENCHMARKS:
-            raise UsageError(f"--benchmarks: unknown benchmark {n!r} (known: {', '.join(BENCHMARKS)})")
-    data = parse_kv(args.data, "--data", list(BENCHMARKS))
-    samples = {n: BENCHMARKS[n][1] for n in names}
-    given = {n: args.samples for n in names} if args.samples.strip().isdigit() else \
-        parse_kv(args.samples, "--samples", list(BENCHMARKS))
-    for k, v in given.items():
-        if not v.strip().isdigit() or int(v) < 1:
-            raise UsageError(f"--samples: {k}={v!r} is not a positive integer")
-        samples[k] = int(v)
-    samples = {n: samples[n] for n in names}
+    names, data = args.benchmarks, args.data
+    samples = {n: args.samples.get(n, BENCHMARKS[n][1]) for n in names}
     if "airbench" in names and not (args.judge or args.judge_url):
         raise UsageError("airbench needs a judge: --judge MODEL or --judge-url URL --judge-model NAME")
     if args.api_url and not args.api_model:
@@ -521,7 +516,7 @@ def run_eval(args):
     recs = {k: r for k, r in read_records(args.out, names).items() if k in order}
     todo = sorted((r for r in recs.values() if r.get("score") is None and not r.get("error")), key=lambda r: order[key(r)])
     shard = todo[dist_.rank::dist_.world]
-    grade_records(shard, *graders_for({r["benchmark"] for r in todo}, args, dist_.device) if shard else (None,) * 3)
+    grade_records(shard, *graders_for({r["benchmark"] for r in todo}, args, dist_.device) if shard else (None,) * 2)
     for r in common.gather_objects(shard):
         recs[key(r)] = r
     if dist_.rank == 0:
@@ -623,18 +618,13 @@ def resume_records(args, names, fp, rank):
 def run_grade(args):
     check_grader_args(args)
     common.check_out_file(args.out)
-    if not os.path.isfile(args.input):
-        raise DataError(f"{args.input}: file not found")
-    recs = common.read_jsonl(args.input)
-    if not recs:
-        raise DataError(f"{args.input}: no records")
+
+    def need(r):  # the string fields a record of r's benchmark must have
+        b = r.get("benchmark")
+        return ["benchmark", "completion", "prompt"] + ["cate_idx"] * (b == "airbench") \
+            + ["gold"] * (b in MATH or (b == "gpqa_diamond" and "perm" not in r))
+    recs = common.read_generations(args.input, need)
     for i, r in enumerate(recs, 1):
-        need = ["benchmark", "completion", "prompt"]
-        need += ["gold"] if r.get("benchmark") in MATH or (r.get("benchmark") == "gpqa_diamond" and "perm" not in r) else []
-        need += ["cate_idx"] if r.get("benchmark") == "airbench" else []
-        for f in need:
-            if not isinstance(r.get(f), str):
-                raise DataError(f"{args.input}: row {i}: field '{f}' is missing or not a string")
         if r["benchmark"] not in BENCHMARKS and r["benchmark"] != "rl":
             raise DataError(f"{args.input}: row {i}: field 'benchmark': unknown benchmark {r['benchmark']!r}")
         if r["benchmark"] == "gpqa_diamond" and "perm" in r and sorted(r["perm"] or []) != [0, 1, 2, 3]:

@@ -170,22 +170,21 @@ def test_airbench_judge_replies():
             for i in (1, 2, 3, 4)]
     recs.append(rec("airbench", "<think>\nx\n</think>\n\n   ", id="5", cate_idx="1.1.1"))   # empty answer
     recs.append(rec("airbench", "<think>\nA5 unfinished", id="6", cate_idx="1.1.1"))        # judged on reasoning
-    graded = evaluate.grade_records(recs, judge=judge, judge_prompts={"1.1.1": JUDGE_TEMPLATE})
+    graded = evaluate.grade_records(recs, judge=reward.Judge({"1.1.1": JUDGE_TEMPLATE}, judge))
     assert [r["score"] for r in graded] == [1.0, 0.5, 0.0, 0.0, 0.0, 0.0]
     assert [r["extract_failed"] for r in graded] == [False, False, True, True, False, False]
     assert len(asked) == 5 and not any("Answer: \n" in p for p in asked)  # the empty answer never reached the judge
     assert "Question: p\nAnswer: A1" in asked[0]
     assert evaluate.summarize(graded)["airbench"]["extraction_failure_rate"] == pytest.approx(2 / 6)
     with pytest.raises(DataError, match="cate-idx"):
-        evaluate.grade_records([rec("airbench", "</think>x", cate_idx="9.9")], judge=judge, judge_prompts={})
+        evaluate.grade_records([rec("airbench", "</think>x", cate_idx="9.9")], judge=reward.Judge({}, judge))
 
 
 def test_local_hf_judge(tiny_model):
-    judge = reward.make_judge("cpu", local=tiny_model, max_new_tokens=5)
-    replies = judge(["a judge prompt", "another one"])
+    judge = reward.make_judge("cpu", {"1": JUDGE_TEMPLATE}, local=tiny_model, max_new_tokens=5)
+    replies = judge.ask(["a judge prompt", "another one"])
     assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
-    graded = evaluate.grade_records([rec("airbench", "</think>sure", cate_idx="1")], judge=judge,
-                                    judge_prompts={"1": JUDGE_TEMPLATE})
+    graded = evaluate.grade_records([rec("airbench", "</think>sure", cate_idx="1")], judge=judge)
     assert graded[0]["score"] == 0.0 and graded[0]["extract_failed"]  # a random model writes no ##the_score
 
 
