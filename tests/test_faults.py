@@ -230,15 +230,19 @@ def test_kill_between_the_last_export_and_its_state_leaves_no_stale_export(tiny_
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the ranks through /proc")
-def test_two_ranks_killed_inside_save_then_resume_is_exact(tiny_model, files, tmp_path):
-    """A preempted 2-rank job: SIGKILL to every process of `torchrun --nproc_per_node 2 sft.py` while rank 0
-    is held inside save_state at step 2 (rank 1 waits at the barrier), then the same command with --resume
-    ends with the weights, metrics and checkpoints of an uninterrupted 2-rank run."""
+@pytest.mark.parametrize("stage", ["sft", "rl"])
+def test_two_ranks_killed_inside_save_then_resume_is_exact(stage, tiny_model, files, tmp_path):
+    """A preempted 2-rank job: SIGKILL to every process of `torchrun --nproc_per_node 2 sft.py|rl.py` while
+    rank 0 is held inside save_state at step 2 (rank 1 waits at the barrier), then the same command with
+    --resume ends with the weights, metrics and checkpoints of an uninterrupted 2-rank run (rl: and with
+    the same rollout dumps: the replayed steps sample what the killed run sampled)."""
     launcher = torchrun(2)[1:]  # after sys.executable, which start() adds
+    args = (lambda o, *x: sft_args(tiny_model, files["sft"], o, *x)) if stage == "sft" else \
+        (lambda o, *x: rl_args(tiny_model, files["rl"], o, *x))
     ref, out = tmp_path / "ref", tmp_path / "o"
-    run([*launcher, *sft_args(tiny_model, files["sft"], ref)], tmp_path / "log_ref")
+    run([*launcher, *args(ref)], tmp_path / "log_ref")
     log = tmp_path / "log"
-    p = start([*launcher, *sft_args(tiny_model, files["sft"], out)], log, {"BEYOND_SFT_PAUSE_IN_SAVE": "2"})
+    p = start([*launcher, *args(out)], log, {"BEYOND_SFT_PAUSE_IN_SAVE": "2"})
     wait_for(p, lambda: "paused in save_state at step 2" in open(log).read(), log)
     # the launcher and both ranks at once (torchrun starts each rank in a session of its own, so killing the
     # launcher's process group alone leaves the ranks running, and holding the dir's lock)
@@ -246,11 +250,15 @@ def test_two_ranks_killed_inside_save_then_resume_is_exact(tiny_model, files, tm
         os.kill(pid, signal.SIGKILL)
     p.wait()
     assert (out / "state.tmp" / "COMPLETE").exists() and not (out / "state").exists()
-    text = run([*launcher, *sft_args(tiny_model, files["sft"], out, "--resume")], tmp_path / "log2")
+    text = run([*launcher, *args(out, "--resume")], tmp_path / "log2")
     assert "resumed from" in text and "at step 2" in text
     same_metrics(metrics(out), metrics(ref))
     same_weights(out, ref)
-    assert sorted(os.listdir(out / "checkpoints")) == ["step-3", "step-4"]
+    assert sorted(os.listdir(out / "checkpoints")) == (["step-3", "step-4"] if stage == "sft" else ["step-2", "step-4"])
+    if stage == "rl":
+        for s in range(1, 5):
+            name = f"rollouts/step_{s:05d}.jsonl"
+            assert open(out / name).read() == open(ref / name).read(), name
 
 
 def test_kill_after_a_step_and_torn_metrics_line(tiny_model, files, sft_ref, tmp_path):
