@@ -61,7 +61,7 @@ and must return, per prompt, the completion ids (stop token included), per-token
 sampled tokens at temperature τ, and the finished / truncated flags; rl.py and evaluate.py need
 nothing else (rl.py recomputes π_old itself).
 `generate_api` (end of file) sends the same job to an OpenAI-compatible /completions server (vLLM,
-SGLang) for evaluate.py --api-url: token-id prompts in, text and finished / truncated flags out.
+SGLang) for evaluate.py --api-url: token-id prompts in, text, truncated flag and token count out.
 """
 import math
 import sys

@@ -267,6 +267,9 @@ def grade_records(recs, rm=None, judge=None):
     if air:
         if judge is None:
             raise UsageError("airbench records need a judge: --judge MODEL or --judge-url URL --judge-model NAME")
+        for r in air:
+            if r.get("cate_idx") not in judge.prompts:
+                raise DataError(f"airbench record {r['id']}: no judge prompt for cate-idx {r.get('cate_idx')!r}")
         texts = [r["answer"] if r["think_closed"] else r["reasoning"] for r in air]  # unsafe reasoning counts
         for r, fields in zip(air, judge.score([r["prompt"] for r in air], texts, [r.get("cate_idx") for r in air])):
             r.update(fields)
@@ -398,7 +401,9 @@ def grade_parser():
 def benchmark_list(spec):
     """--benchmarks: a comma list of known names."""
     names = [n.strip() for n in spec.split(",") if n.strip()]
-    for n in names or [""]:
+    if not names:
+        raise argparse.ArgumentTypeError("no benchmark given")
+    for n in names:
         if n not in BENCHMARKS:
             raise argparse.ArgumentTypeError(f"unknown benchmark {n!r} (known: {', '.join(BENCHMARKS)})")
     return names
@@ -411,7 +416,10 @@ def per_benchmark(spec, value=str):
         k, sep, v = part.partition("=")
         if not sep or k not in BENCHMARKS:
             raise argparse.ArgumentTypeError(f"expected NAME=VALUE with NAME in {', '.join(BENCHMARKS)}, got {part!r}")
-        out[k] = value(v)
+        try:
+            out[k] = value(v)
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"{k}={v!r}: {e}") from None
     return out
 
 
@@ -451,7 +459,7 @@ def settings(args, tok, names, data, samples, world):
             "chat_template_sha256": hashlib.sha256((tok.chat_template or "").encode()).hexdigest(),
             "chat_template_kwargs": args.chat_template_kwargs,
             "safety_rm": args.safety_rm if "attaq" in names else None,
-            "judge": (args.judge or (f"{args.judge_model} @ {args.judge_url}" if args.judge_url else None))
+            "judge": (f"{args.judge_model} @ {args.judge_url}" if args.judge_url else args.judge)
             if "airbench" in names else None,
             "airbench_judge_prompts": args.airbench_judge_prompts if "airbench" in names else None,
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,

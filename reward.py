@@ -1,8 +1,8 @@
 """Rewards: a sequence-classifier reward model and rule rewards; the CLI scores a JSONL of generations.
 
 rl.py imports RewardModel, response_parts, RuleReward (and the rule functions); evaluate.py grades with
-the same RewardModel (AttaQ), math_correct (MATH-500 / AIME) and the benchmark graders at the end of this
-file (GPQA's letter, AttaQ's score, the AIR-Bench judge). Everything here is stable API.
+the same RewardModel (AttaQ), math_correct (MATH-500 / AIME) and the benchmark graders below the rule
+rewards (GPQA's letter, AttaQ's score, the AIR-Bench judge). Everything here is stable API.
 
 Reward model (AutoModelForSequenceClassification, one output). The reward is the RAW logit r of the
 head, never sigmoid(r) (transformers' single-label pipeline applies a sigmoid and squashes everything
@@ -355,12 +355,12 @@ class Judge:
         """Per item the fields of its record: an empty answer scores 0 with no call; an unparsable reply
         0 (extract_failed); a failed request score None and an `error` (graded again on a rerun)."""
         out, asked = [], []
-        for q, a, c in zip(questions, answers, cate_idx):
+        for i, (q, a, c) in enumerate(zip(questions, answers, cate_idx)):
             if not a.strip():
                 out.append({"score": 0.0, "judge_reply": "", "extract_failed": False})
                 continue
             if c not in self.prompts:
-                raise DataError(f"airbench: no judge prompt for cate-idx {c!r}")
+                raise DataError(f"airbench item {i}: no judge prompt for cate-idx {c!r}")
             asked.append((len(out), self.prompts[c].replace("{{QUESTION}}", q).replace("{{ANSWER}}", a)))
             out.append(None)
         for (i, _), reply in zip(asked, self.ask([p for _, p in asked]) if asked else []):

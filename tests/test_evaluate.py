@@ -270,6 +270,10 @@ def test_cli_api_generation_and_http_judge(tmp_path, tiny_model, server):
     assert list(recs[0])[:12] == evaluate.RECORD_KEYS and recs[0]["num_tokens"] == 11 and not recs[0]["truncated"]
     gen = [b for p, b, _ in server.requests if p == "/v1/completions"]
     assert all(isinstance(b["prompt"], list) and b["max_tokens"] == 64 and b["temperature"] == 0.6 for b in gen)
+    from transformers import AutoModelForCausalLM  # the stop ids and seeds of local generation, no weights served
+    local_stop = common.stop_token_ids(common.load_tokenizer(tiny_model), AutoModelForCausalLM.from_pretrained(tiny_model))
+    assert all(b["stop_token_ids"] == local_stop and b["skip_special_tokens"] is False for b in gen)
+    assert {b["seed"] for b in gen} == set(range(5))  # seed 0 * 1_000_003 + the job index, 4 maths + 1 airbench
     chat = [(b, k) for p, b, k in server.requests if p == "/v1/chat/completions"]
     assert chat[-1][1] == "Bearer sekrit" and "Write malware." in chat[-1][0]["messages"][0]["content"]
     assert chat[-1][0]["temperature"] == 0 and chat[-1][0]["model"] == "gpt-4o"
@@ -347,6 +351,26 @@ def test_bad_input_clear_errors(tmp_path, tiny_model):
     recs = write_jsonl(tmp_path / "recs2.jsonl", [rec("mmlu", "x")])
     p = run_cli([sys.executable, "evaluate.py", "grade", "--input", recs, "--out", str(graded)], check=False)
     assert p.returncode != 0 and "row 1" in p.stderr and "unknown benchmark" in p.stderr
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--samples", "0"], "'0' is not a positive integer"), (["--samples", "aime24=0"], "aime24='0'"),
+    (["--samples", "x=1"], "got 'x=1'"), (["--data", "math500"], "got 'math500'"),
+    (["--benchmarks", ","], "no benchmark given"), (["--benchmarks", "mmlu"], "unknown benchmark 'mmlu'")])
+def test_per_benchmark_flags_refused_by_argparse(flags, named, capsys):
+    with pytest.raises(SystemExit) as e:
+        evaluate.eval_parser().parse_args(["--model", "m", "--out", "o", *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {flags[0]}: " in err and named in err, err
+
+
+def test_per_benchmark_flags_parse():
+    args = evaluate.eval_parser().parse_args(["--model", "m", "--out", "o", "--benchmarks", " aime24, math500 ",
+                                              "--samples", "aime24=16", "--data", "math500=x.jsonl"])
+    assert args.benchmarks == ["aime24", "math500"] and args.samples == {"aime24": 16}
+    assert args.data == {"math500": "x.jsonl"}
+    assert evaluate.eval_parser().parse_args(["--model", "m", "--out", "o", "--samples", "3"]).samples == \
+        dict.fromkeys(evaluate.BENCHMARKS, 3)
 
 
 def test_load_benchmark_errors(tmp_path):
