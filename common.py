@@ -68,10 +68,11 @@ def cli_main(main):
 # --- flag validation: every CLI checks its flags with these before any model or data loads -----------
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every stage's --help: "(default: X)" after each flag that has a value, unless the help states it."""
+    """Every stage's --help: "(default: X)" after each flag that has a value, unless its help says
+    "(default ..." or "by default" itself."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False) or "default" in (action.help or ""):
+        if action.default in (None, False) or "(default" in (action.help or "") or "by default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 

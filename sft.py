@@ -102,7 +102,7 @@ def get_args(argv=None):
 
 def check_args(args):
     """Every flag value, before any model or data loads (the flag is named in the message)."""
-    check_min(args, "--epochs", "--max-steps", "--batch-size", "--micro-batch-size", "--max-len")
+    check_min(args, "--epochs", "--max-steps", "--stop-at", "--batch-size", "--micro-batch-size", "--max-len")
     check_min(args, "--save-every", "--keep-checkpoints", lo=0)
     check_training(args)  # --lr, --warmup-ratio, --weight-decay, --clip, --betas, --resume/--overwrite
     world = int(os.environ.get("WORLD_SIZE", 1))

@@ -17,9 +17,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, SFT_ROWS, build_tokenizer, torchrun, write_jsonl
+from conftest import ROOT, SFT_ROWS, torchrun, write_jsonl
+from test_reward import build_rm
 
 import common
+import entropy
 import evaluate
 import reward
 import rl
@@ -501,6 +503,7 @@ BAD_FLAGS = [  # (stage, bad flags, what stderr must name)
     ("sft", ["--save-every", "-1"], "--save-every"),
     ("sft", ["--batch-size", "0"], "--batch-size"),
     ("sft", ["--resume", "--overwrite"], "--overwrite"),
+    ("sft", ["--stop-at", "0"], "--stop-at"),
     ("rl", ["--temperature", "-1"], "--temperature"),
     ("rl", ["--temperature", "0"], "--temperature"),
     ("rl", ["--top-p", "1.5"], "--top-p"),
@@ -553,6 +556,23 @@ def test_bad_flag_refused_before_anything_loads(stage, bad, flag, tiny_model, fi
     assert not (tmp_path / "o").exists() and not (tmp_path / "missing").exists()
 
 
+@pytest.mark.parametrize("module,argv", [(sft, []), (rl, []), (entropy, []), (evaluate, []), (evaluate, ["grade"]),
+                                         (reward, [])], ids=["sft", "rl", "entropy", "evaluate", "grade", "reward"])
+def test_every_help_shows_every_default(module, argv, monkeypatch, capsys):
+    """Each flag with a value shows "(default: X)" in --help, unless its own help states the default."""
+    import argparse
+    parsers, real = [], argparse.ArgumentParser.parse_args
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", lambda self, *a, **k: parsers.append(self) or real(self, *a, **k))
+    with pytest.raises(SystemExit) as e:
+        (getattr(module, "get_args", None) or module.main)([*argv, "--help"])
+    text = "".join(capsys.readouterr().out.split())  # without whitespace: help lines wrap, also at hyphens
+    assert e.value.code == 0 and "(default:" in text
+    for act in parsers[-1]._actions:
+        if act.option_strings and act.default not in (None, False, argparse.SUPPRESS):
+            states = "(default" in (act.help or "") or "by default" in (act.help or "")
+            assert states or f"(default:{act.default})".replace(" ", "") in text, act.option_strings
+
+
 @pytest.mark.skipif(__import__("importlib").util.find_spec("wandb") is not None, reason="wandb is installed")
 @pytest.mark.parametrize("stage", ["sft", "rl"])
 def test_wandb_missing_fails_at_start(stage, tiny_model, files, tmp_path, no_loads, monkeypatch, capsys):
@@ -565,17 +585,13 @@ def test_wandb_missing_fails_at_start(stage, tiny_model, files, tmp_path, no_loa
 
 def test_reward_empty_input_and_nan_score(tmp_path, monkeypatch, capsys):
     """Failure 7: reward.py on an empty input, and an RM that returns NaN: exit 2, nothing written."""
-    from transformers import AutoModelForSequenceClassification, Qwen3Config
+    from transformers import AutoModelForSequenceClassification
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     code, _, err = cli(monkeypatch, capsys, reward, ["--input", empty, "--out", tmp_path / "a.jsonl", "--rule", "format"])
     assert code == 2 and "no records" in err and not (tmp_path / "a.jsonl").exists()
-    rm_dir = tmp_path / "nan_rm"
-    tok = build_tokenizer(rm_dir)
-    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_labels=1,
-                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    m = AutoModelForSequenceClassification.from_config(cfg)
+    rm_dir = build_rm(tmp_path / "nan_rm")
+    m = AutoModelForSequenceClassification.from_pretrained(rm_dir)
     with torch.no_grad():
         m.score.weight.fill_(float("nan"))
     m.save_pretrained(rm_dir)

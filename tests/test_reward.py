@@ -9,6 +9,7 @@ import torch
 import reward
 from common import UsageError
 from conftest import build_tokenizer, run_cli, write_jsonl
+from runs.tinymodels import qwen3_config
 
 LONG = " ".join(f"step{i} wait but" for i in range(300))  # a long reasoning trace
 
@@ -16,13 +17,10 @@ LONG = " ".join(f"step{i} wait but" for i in range(300))  # a long reasoning tra
 def build_rm(out_dir, style="chat", bias=0.0, seed=0):
     """A tiny sequence-classification RM saved with the conftest tokenizer. chat: Qwen3 + chat template;
     pair: DeBERTa-v2 and a tokenizer without a chat template (the OpenAssistant RM layout)."""
-    from transformers import AutoModelForSequenceClassification, DebertaV2Config, Qwen3Config
+    from transformers import AutoModelForSequenceClassification, DebertaV2Config
     tok = build_tokenizer(tempfile.mkdtemp())  # saved again below, possibly without its template
     if style == "chat":
-        cfg = Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=2048,
-                          num_labels=1, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                          eos_token_id=tok.eos_token_id)
+        cfg = qwen3_config(tok, hidden=32, layers=2, num_labels=1)
     else:
         cfg = DebertaV2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                               num_attention_heads=4, max_position_embeddings=512, num_labels=1,

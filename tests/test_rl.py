@@ -346,6 +346,24 @@ def test_teaching_logs_ratio_one_reward_std_reflection_entropy(tiny_model, tmp_p
         assert m["n_reflect"] >= 0 and m["ent_reflect"] >= 0
 
 
+def test_step_metrics_by_hand():
+    """reward, reward_std (population), reward_clipped, the token means and ratio0 of step_metrics, by hand."""
+    from types import SimpleNamespace
+    R, Rc = torch.tensor([0.0, 20.0, 4.0, -12.0]), torch.tensor([0.0, 10.0, 4.0, -10.0])  # raw; clipped shaped
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]]).bool()  # (4, 3): 8 response tokens
+    ent = torch.arange(12.0).view(4, 3)
+    ro = {"mask": mask, "ent": ent, "logp_old": torch.zeros(4, 3), "sampler": torch.full((4, 3), 0.5)}
+    reflect = torch.zeros(4, 3, dtype=torch.bool)
+    reflect[2, 1] = reflect[3, 0] = True  # entropies 7 and 9
+    st = {"loss": 4.0, "clipped": 2.0, "ratio0": 8.0, "ntok0": 8.0}
+    m = rl.step_metrics([{"truncated": i == 1} for i in range(4)], R, Rc, ro, torch.ones(4, 3), st, torch.tensor(1.5),
+                        1e-6, reflect, (1.0, 1.0, 1.0, 3.0), SimpleNamespace(epochs_per_rollout=1), 2)
+    assert m["reward"] == 3.0 and m["reward_std"] == pytest.approx(math.sqrt(140 - 9)) and m["reward_clipped"] == 1.0
+    assert m["kl"] == 1.0 and m["len"] == 2.0 and m["entropy"] == pytest.approx((0 + 1 + 3 + 6 + 7 + 8 + 9 + 10) / 8)
+    assert m["ent_reflect"] == 8.0 and m["n_reflect"] == 2 and m["ratio0"] == 1.0 and m["sampler_gap"] == 0.5
+    assert m["clip_frac"] == 0.25 and m["truncated"] == 0.25 and m["equal_groups"] == 0 and m["grad_norm"] == 1.5
+
+
 def test_reflection_tokens_inside_the_reasoning_only(tiny_model):
     tok = common.load_tokenizer(tiny_model)
     seqs = rl.reflection_ids(tok, "Wait")
