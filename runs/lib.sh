@@ -14,9 +14,11 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 PYTHONHASHSEED=0 TOKENIZERS_PARALLELI
 # The CPU's vector instruction set changes the float rounding of matmuls and reductions, hence every digit
 # (measured: on one AVX-512 machine, AVX2 kernels instead of AVX-512 ones change the tiny reward model's
 # weights in the first stage and every number after). Pin ATen, MKL and oneDNN to their AVX2 code paths, the
-# newest that every x86-64 CPU of the last decade has, so that another x86 machine takes the same paths
-# (MKL_CBWR is MKL's conditional numerical reproducibility). Not verified across CPU models; other
-# architectures (ARM) compute other digits. Override by exporting the variables before running.
+# newest that every x86-64 CPU of the last decade has (MKL_CBWR is MKL's conditional numerical
+# reproducibility). Measured on two CPU models (an Intel Xeon and an AMD EPYC, both AVX-512): each reruns
+# byte-identically, but their pinned tables still differ, so the pin buys reruns on one CPU model, not
+# agreement across models; other architectures (ARM) compute other digits. Override by exporting the
+# variables before running.
 if [ "$(uname -m)" = x86_64 ]; then
   export ATEN_CPU_CAPABILITY=${ATEN_CPU_CAPABILITY:-avx2} MKL_CBWR=${MKL_CBWR:-AVX2} \
     ONEDNN_MAX_CPU_ISA=${ONEDNN_MAX_CPU_ISA:-AVX2}

@@ -6,7 +6,7 @@
 #   -> entropy at reflection tokens -> the table (OUT/results.md), the entropy figures and the training
 #   curves (OUT/curves_{base,sft,rl}.png) beside it.
 #
-#   bash runs/tiny.sh            # full: 470-640 s wall, 540-730 s CPU (2 idle cores of a VM, 2026-12-01), 300-400 s of it the serial base training
+#   bash runs/tiny.sh            # full: 466-640 s wall, 540-730 s CPU (2 idle cores of a VM, Intel Xeon and AMD EPYC, 2026-12-01/02), 275-400 s of it the serial base training
 #   bash runs/tiny.sh --quick    # CI-sized (what tests/test_tiny.py runs, twice): a tiny world, one epoch
 #                                # each, two RL steps; its table shows the plumbing, not results
 #
