@@ -72,7 +72,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     "(default ..." or "by default" itself."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False) or "(default" in (action.help or "") or "by default" in (action.help or ""):
+        h = action.help or ""
+        if action.default in (None, False) or "(default" in h or "by default" in h:
             return action.help
         return super()._get_help_string(action)
 

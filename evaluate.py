@@ -267,11 +267,9 @@ def grade_records(recs, rm=None, judge=None):
     if air:
         if judge is None:
             raise UsageError("airbench records need a judge: --judge MODEL or --judge-url URL --judge-model NAME")
-        for r in air:
-            if r.get("cate_idx") not in judge.prompts:
-                raise DataError(f"airbench record {r['id']}: no judge prompt for cate-idx {r.get('cate_idx')!r}")
         texts = [r["answer"] if r["think_closed"] else r["reasoning"] for r in air]  # unsafe reasoning counts
-        for r, fields in zip(air, judge.score([r["prompt"] for r in air], texts, [r.get("cate_idx") for r in air])):
+        for r, fields in zip(air, judge.score([r["prompt"] for r in air], texts, [r.get("cate_idx") for r in air],
+                                              ids=[r["id"] for r in air])):
             r.update(fields)
     return recs_in
 
@@ -433,13 +431,14 @@ def samples_spec(spec):
         per_benchmark(spec, positive_int)
 
 
-def graders_for(names, args, device):
+def graders_for(names, args, device, judge_prompts=None):
     rm = judge = None
     if "attaq" in names:
         rm = reward.RewardModel(args.safety_rm, device, common.pick_dtype(args.dtype, device),
                                 batch_size=args.rm_batch_size, trust_remote_code=args.trust_remote_code)
     if "airbench" in names:
-        judge = reward.make_judge(device, reward.load_judge_prompts(args.airbench_judge_prompts), local=args.judge,
+        judge_prompts = judge_prompts or reward.load_judge_prompts(args.airbench_judge_prompts)
+        judge = reward.make_judge(device, judge_prompts, local=args.judge,
                                   url=args.judge_url, model=args.judge_model,
                                   key=os.environ.get(args.judge_key_env or "", "") or None,
                                   max_new_tokens=args.judge_max_new_tokens, batch_size=args.batch_size,
@@ -486,8 +485,9 @@ def run_eval(args):
     common.seed_everything(args.seed + dist_.rank)
     # every input is read and checked before any generation starts
     benches = {n: load_benchmark(n, data.get(n, BENCHMARKS[n][0]), args.limit) for n in names}
+    jp = None
     if "airbench" in names:
-        jp = reward.load_judge_prompts(args.airbench_judge_prompts)
+        jp = reward.load_judge_prompts(args.airbench_judge_prompts)  # read once: checked here, used to grade
         missing = sorted({it["cate_idx"] for it in benches["airbench"]} - set(jp))
         if missing:
             raise DataError(f"{args.airbench_judge_prompts}: no judge prompt for cate-idx {missing[:5]}")
@@ -524,7 +524,8 @@ def run_eval(args):
     recs = {k: r for k, r in read_records(args.out, names).items() if k in order}
     todo = sorted((r for r in recs.values() if r.get("score") is None and not r.get("error")), key=lambda r: order[key(r)])
     shard = todo[dist_.rank::dist_.world]
-    grade_records(shard, *graders_for({r["benchmark"] for r in todo}, args, dist_.device) if shard else (None,) * 2)
+    graders = graders_for({r["benchmark"] for r in todo}, args, dist_.device, jp) if shard else (None, None)
+    grade_records(shard, *graders)
     for r in common.gather_objects(shard):
         recs[key(r)] = r
     if dist_.rank == 0:

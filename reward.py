@@ -351,16 +351,17 @@ class Judge:
     def __init__(self, prompts, ask):
         self.prompts, self.ask = prompts, ask
 
-    def score(self, questions, answers, cate_idx):
+    def score(self, questions, answers, cate_idx, ids=None):
         """Per item the fields of its record: an empty answer scores 0 with no call; an unparsable reply
-        0 (extract_failed); a failed request score None and an `error` (graded again on a rerun)."""
+        0 (extract_failed); a failed request score None and an `error` (graded again on a rerun).
+        ids: the items' names in errors (default: their positions)."""
         out, asked = [], []
         for i, (q, a, c) in enumerate(zip(questions, answers, cate_idx)):
             if not a.strip():
                 out.append({"score": 0.0, "judge_reply": "", "extract_failed": False})
                 continue
             if c not in self.prompts:
-                raise DataError(f"airbench item {i}: no judge prompt for cate-idx {c!r}")
+                raise DataError(f"airbench record {ids[i] if ids else i}: no judge prompt for cate-idx {c!r}")
             asked.append((len(out), self.prompts[c].replace("{{QUESTION}}", q).replace("{{ANSWER}}", a)))
             out.append(None)
         for (i, _), reply in zip(asked, self.ask([p for _, p in asked]) if asked else []):
