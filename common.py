@@ -15,6 +15,7 @@ Generation lives in engine.py. The algorithms (losses, advantages, masking) stay
 """
 import argparse
 import csv
+import io
 import json
 import math
 import os
@@ -116,6 +117,8 @@ def check_training(args):
             raise UsageError(f"--betas: beta{i + 1} must be in [0, 1), got {b}")
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
+    if args.allow_changes and not args.resume:
+        raise UsageError("--allow-changes goes with --resume (it lets a resumed run change its flags)")
 
 
 def check_sampling(args, greedy_ok=False):
@@ -933,12 +936,97 @@ def _complete_states(out, world):
     return found
 
 
+# --- reading a state runs no code from it -------------------------------------------------------------
+# torch.distributed.checkpoint (DCP) reads state/.metadata with pickle.load and every non-tensor item of
+# the sharded state (the optimizer's param_groups values) with torch.load(weights_only=False): a crafted
+# state/ would run code on --resume. load_state reads the metadata with an Unpickler that builds only
+# DCP's own metadata classes (below), and each non-tensor item with weights_only=True (plain data only);
+# DCP reads the tensor items with weights_only=True itself, and the extra state is read the same way.
+
+def _metadata_globals():
+    """(module, name) -> object: everything a DCP .metadata pickle may name (torch 2.13 writes the
+    dataclasses of torch.distributed.checkpoint.metadata, _StorageInfo, torch.Size, dtypes, layouts by
+    name and the checkpoint's path); constructing any of them runs no code of the file's choosing."""
+    import pathlib
+    import torch.distributed.checkpoint.filesystem as fs
+    import torch.distributed.checkpoint.metadata as md
+    ok = {(md.__name__, n): c for n, c in vars(md).items() if isinstance(c, type) and c.__module__ == md.__name__}
+    ok.update({("torch", n): v for n, v in vars(torch).items() if isinstance(v, torch.dtype)})
+    ok.update({(fs.__name__, "_StorageInfo"): fs._StorageInfo, ("torch", "Size"): torch.Size,
+               ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
+               ("pathlib", "PosixPath"): pathlib.PosixPath, ("pathlib", "PurePosixPath"): pathlib.PurePosixPath})
+    return ok
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that resolves only _metadata_globals(): os.system, builtins.eval, ... are refused."""
+
+    def __init__(self, file):
+        super().__init__(file)
+        self.allowed = _metadata_globals()
+
+    def find_class(self, module, name):
+        try:
+            return self.allowed[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which is not a checkpoint metadata class") \
+                from None
+
+
+def read_state_metadata(path):
+    """DCP's Metadata of the state dir `path`, unpickled by _MetadataUnpickler and checked: every storage
+    item lies in a plain file of `path` with no load transforms. Raises UsageError naming the file."""
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+    f = Path(path) / ".metadata"
+    try:
+        with open(f, "rb") as fh:
+            md = _MetadataUnpickler(fh).load()
+        if not isinstance(md, Metadata):
+            raise pickle.UnpicklingError(f"it holds a {type(md).__name__}, not a checkpoint Metadata")
+        for info in md.storage_data.values():
+            name = getattr(info, "relative_path", None)
+            if not isinstance(name, str) or Path(name).name != name or name.startswith(".") or \
+                    getattr(info, "transform_descriptors", None):
+                raise pickle.UnpicklingError(f"a storage item points at {name!r}, not a shard file of the state")
+    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, IndexError, KeyError) as e:
+        raise UsageError(f"--resume: {f}: {e}; refused (resume only from a state this code wrote)") from None
+    md.storage_meta = md.storage_meta or StorageMeta()
+    return md
+
+
+def _dcp_load(sd, path):
+    """dcp.load(sd) from the state dir `path` without unpickling anything that could run code."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    md = read_state_metadata(path)
+
+    class Reader(dcp.FileSystemReader):
+        def read_metadata(self):  # no **kwargs: DCP then never falls back to per-rank metadata files
+            md.storage_meta.load_id = self.load_id
+            return md
+
+    class Planner(dcp.DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            # DCP's own load_bytes reads the item with torch.load(weights_only=False): read it here with
+            # weights_only=True (plain data or refused), then hand DCP that data re-serialized
+            obj, buf = torch.load(value, weights_only=True), io.BytesIO()
+            torch.save(obj, buf)
+            buf.seek(0)
+            super().load_bytes(read_item, buf)
+
+    try:
+        dcp.load(sd, storage_reader=Reader(path), planner=Planner())
+    except CheckpointException as e:  # a BaseException: one per failed rank, each with its traceback
+        exc = next(iter(e.failures.values()))[0]
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"--resume: cannot read the sharded state in {path}: {why}; refused") from None
+
+
 def load_state(out, model, optim, sched):
     """--resume: restore the newest complete state among state/, state.old, state.tmp (model,
     optimizer, scheduler, RNG), cut metrics.jsonl, rollouts/ and checkpoints/ back to its step, and
-    return that step. The extra state is read with torch.load(weights_only=True); DCP's own metadata
-    is unpickled by torch.distributed.checkpoint: resume only from dirs you trust."""
-    import torch.distributed.checkpoint as dcp
+    return that step. Nothing in the state can run code: the extra state is read with
+    torch.load(weights_only=True), the sharded state through _dcp_load."""
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     world = dist.get_world_size() if is_dist() else 1
     msg, found = None, []
@@ -961,7 +1049,7 @@ def load_state(out, model, optim, sched):
     path = Path(out) / "state"
     msd, osd = get_state_dict(model, optim)
     sd = {"model": msd, "optim": osd}
-    dcp.load(sd, checkpoint_id=str(path))
+    _dcp_load(sd, path)
     set_state_dict(model, optim, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     try:  # weights_only: tensors and plain containers only; a pickled object that would run code is refused
         extra = torch.load(path / f"extra_rank{rank()}.pt", weights_only=True)
@@ -981,6 +1069,85 @@ def load_state(out, model, optim, sched):
     barrier()
     print0(f"resumed from {path} at step {extra['step']}")
     return extra["step"]
+
+
+# --- --resume keeps the run's flags ---------------------------------------------------------------------
+
+# Flags that change no number of a run: where it stops, how often it saves, dumps and logs, what it may
+# load. Every other flag (model, data, optimizer, schedule, batch and sampling settings, estimator, seed,
+# dtype, memory layout) can change what the steps compute, so --resume compares it with the run's args.json.
+RESUME_FREE = ("stop_at", "save_every", "keep_checkpoints", "dump_every", "wandb", "max_kl", "reflection_words",
+               "trust_remote_code")
+_NOT_RUN_FLAGS = ("out", "resume", "overwrite", "allow_changes")  # how this start was asked for, not the run
+
+
+def _flag(dest):
+    return "--" + dest.replace("_", "-")
+
+
+def _shown(v):
+    """A flag's value as a user types it: unset, on / off, a list space-separated, JSON for an object."""
+    if v is None or isinstance(v, bool):
+        return {None: "unset", True: "on", False: "off"}[v]
+    return " ".join(map(str, v)) if isinstance(v, list) else json.dumps(v) if isinstance(v, dict) else str(v)
+
+
+def run_flags(out):
+    """(args.json as written, the flags the run in OUT now has: args.json's with every change an earlier
+    --allow-changes recorded applied in order); (None, None) when OUT has no args.json."""
+    path = Path(out) / "args.json"
+    if not path.exists():
+        return None, None
+    try:
+        rec = json.loads(path.read_text())
+        flags = {k: v for k, v in rec.items() if k != "changes"}
+        for ch in rec.get("changes", []):
+            flags.update((k, new) for k, (_, new) in ch["flags"].items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UsageError(f"--resume: {path} is not a run's flags ({e}); cannot check the flags of this start "
+                         f"against the run") from None
+    return rec, flags
+
+
+def resume_changes(args):
+    """--resume: the flags of this start that differ from the run's ({dest: [the run's value, the new one]}),
+    checked before any model loads. Refuses (UsageError naming each flag and both values) a change of
+    a flag outside RESUME_FREE unless --allow-changes; then write_args records it. Every rank reads
+    the same args.json and so takes the same branch."""
+    _, flags = run_flags(args.out)
+    if flags is None:  # no args.json: the run never got past its start, load_state finds no state
+        return {}
+    new = json.loads(json.dumps(vars(args), default=str))  # as args.json holds it (tuples as lists)
+    changes = {k: [flags.get(k), v] for k, v in new.items() if k not in _NOT_RUN_FLAGS and flags.get(k) != v}
+    fixed = {k: ch for k, ch in changes.items() if k not in RESUME_FREE}
+    if fixed and not args.allow_changes:
+        what = ", ".join(f"{_flag(k)} {_shown(v)} (the run's: {_shown(old)})" for k, (old, v) in fixed.items())
+        raise UsageError(f"--resume: {what} would change the run in {args.out} (its args.json); resume with the "
+                         f"run's values, or add --allow-changes to continue with the new ones (both are kept in "
+                         f"args.json)")
+    return changes
+
+
+def write_args(args, step=0, changes=None):
+    """Rank 0: OUT/args.json holds the flags of the run's first start; a resume never rewrites them, it
+    appends {"after_step": S, "flags": {dest: [old, new]}} to its "changes" list when a flag changed (the
+    steps after S ran with the new values)."""
+    rec, _ = run_flags(args.out) if args.resume else (None, None)
+    if rec is None:
+        rec = vars(args)
+    elif changes:
+        rec.setdefault("changes", []).append({"after_step": step, "flags": changes})
+    write_json(Path(args.out) / "args.json", rec)
+
+
+def apply_optimizer_flags(optim, sched, lr, betas, weight_decay):
+    """--resume --allow-changes: the restored optimizer and scheduler carry the run's lr, betas and weight
+    decay; set the new ones, and each group's lr to lr × the (new) schedule at the restored step, the value
+    LambdaLR would have set."""
+    sched.base_lrs = [lr] * len(optim.param_groups)
+    for g, f in zip(optim.param_groups, sched.lr_lambdas):
+        g.update(initial_lr=lr, lr=lr * f(sched.last_epoch), betas=tuple(betas), weight_decay=weight_decay)
+    sched._last_lr = [g["lr"] for g in optim.param_groups]
 
 
 def rng_state():
