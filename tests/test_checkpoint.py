@@ -293,3 +293,56 @@ def test_payload_in_metadata_refused_by_the_cli(sft_run, tiny_model, files, tmp_
     code, _, err = cli(monkeypatch, capsys, sft, [*sft_args(tiny_model, files["sft"], out), "--resume"])
     assert code == 2 and "state/.metadata: it names" in err and "not a checkpoint metadata class" in err, err
     assert "Traceback" not in err and not marker.exists()
+
+
+# --- 2. evaluate.py's resume fingerprint -------------------------------------------------------------------
+
+def eval_argv(model, data, out, *extra):
+    return ["--model", model, "--benchmarks", "math500", "--data", f"math500={data}", "--samples", "1",
+            "--max-new-tokens", "4", "--batch-size", "4", "--out", str(out), *extra]
+
+
+def maths(path, golds):
+    return write_jsonl(path, [{"problem": f"{i}*7?", "answer": g, "unique_id": f"p{i}"} for i, g in enumerate(golds)])
+
+
+def test_evaluate_rerun_refuses_stale_records(tiny_model, tmp_path, monkeypatch, capsys):
+    """Records made before a change are not reused: the model retrained at the same path, the data file
+    corrected at the same path, other --chat-template-kwargs; each refused (exit 2, what changed named,
+    the records untouched). A plain copy of the same files is reused without hashing twice, and
+    --overwrite starts anew."""
+    model, out = tmp_path / "model", tmp_path / "eval"
+    shutil.copytree(tiny_model, model)
+    data = maths(tmp_path / "m.jsonl", ["42", "42", "42"])
+    argv = eval_argv(str(model), data, out)
+    code, stdout, err = cli(monkeypatch, capsys, evaluate, argv)
+    assert code == 0 and "0 already in" in stdout, err
+    recs = (out / "math500.jsonl").read_bytes()
+
+    hashed = []
+    real = evaluate.file_sha256
+    monkeypatch.setattr(evaluate, "file_sha256", lambda p: hashed.append(os.path.basename(p)) or real(p))
+    code, stdout, err = cli(monkeypatch, capsys, evaluate, argv)
+    assert code == 0 and "3 already in" in stdout and hashed == [], (err, hashed)  # the (size, mtime) cache
+    shutil.copy(tiny_model + "/model.safetensors", model / "model.safetensors")  # the same bytes, a new mtime
+    code, stdout, err = cli(monkeypatch, capsys, evaluate, argv)
+    assert code == 0 and "3 already in" in stdout and hashed == ["model.safetensors"], (err, hashed)
+
+    def refused(argv, why):
+        code, _, err = cli(monkeypatch, capsys, evaluate, argv)
+        assert code == 2 and "math500.jsonl holds records made with other settings" in err and why in err, err
+        assert "--overwrite" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+        assert (out / "math500.jsonl").read_bytes() == recs
+
+    refused(argv + ["--chat-template-kwargs", '{"enable_thinking": false}'],
+            'chat_template_kwargs null -> {"enable_thinking": false}')
+    w = load_file(model / "model.safetensors")
+    w["model.norm.weight"] += 0.5  # "retrained": same shapes, same file size, other weights
+    save_file(w, model / "model.safetensors", metadata={"format": "pt"})
+    refused(argv, f"the files of {model} changed")
+    shutil.copy(tiny_model + "/model.safetensors", model / "model.safetensors")
+    maths(tmp_path / "m.jsonl", ["42", "43", "42"])  # a corrected gold answer
+    refused(argv, f"the rows of {data} changed")
+    code, stdout, err = cli(monkeypatch, capsys, evaluate, argv + ["--overwrite"])
+    assert code == 0 and "0 already in" in stdout, err
+    assert [json.loads(x)["gold"] for x in open(out / "math500.jsonl")] == ["42", "43", "42"]
