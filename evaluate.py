@@ -457,14 +457,15 @@ def settings(args, tok, names, data, samples, world):
     from importlib.metadata import version
 
     import transformers
-    return {"model": args.model, "api_url": args.api_url, "api_model": args.api_model, "benchmarks": names,
+    return {"model": args.model, "api_url": common.safe_url(args.api_url), "api_model": args.api_model,
+            "benchmarks": names,
             "data": {n: data.get(n, BENCHMARKS[n][0]) for n in names}, "samples": samples, "limit": args.limit,
             "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
             "seed": args.seed, "batch_size": args.batch_size, "world_size": world,
             "chat_template_sha256": hashlib.sha256((tok.chat_template or "").encode()).hexdigest(),
             "chat_template_kwargs": args.chat_template_kwargs,
             "safety_rm": args.safety_rm if "attaq" in names else None,
-            "judge": (f"{args.judge_model} @ {args.judge_url}" if args.judge_url else args.judge)
+            "judge": (f"{args.judge_model} @ {common.safe_url(args.judge_url)}" if args.judge_url else args.judge)
             if "airbench" in names else None,
             "airbench_judge_prompts": args.airbench_judge_prompts if "airbench" in names else None,
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,

@@ -394,7 +394,8 @@ def make_judge(device, prompts, *, local=None, url=None, model="gpt-4o", key=Non
                     "max_tokens": max_new_tokens}
             try:
                 return common.http_post(url.rstrip("/") + "/chat/completions", body, key, retries=retries,
-                                        timeout=timeout, parse=lambda d: d["choices"][0]["message"]["content"] or "")
+                                        timeout=timeout,
+                                        parse=lambda d: common.reply_text(d["choices"][0]["message"]["content"] or ""))
             except common.RequestFailed as e:
                 return e
 
