@@ -353,8 +353,9 @@ def add_grader_args(p):
       help="judge prompts: hub spec or local file with cate-idx, judge_prompt")
     a = p.add_argument_group("HTTP (--api-url generation and --judge-url)").add_argument
     a("--api-workers", type=int, default=16, help="concurrent requests")
-    a("--api-timeout", type=float, default=3600, help="seconds per request")
-    a("--api-retries", type=int, default=5, help="retries of a request after a timeout, 408/409/429/5xx or a malformed reply")
+    a("--api-timeout", type=float, default=3600, help="seconds per request, its whole reply included")
+    a("--api-retries", type=int, default=5, help="retries of a request after a timeout, a connection error, "
+      "408/409/429/5xx or a torn or malformed reply (waiting the server's Retry-After, up to 60 s, when given)")
     a("--max-failures", type=int, default=10, help="requests that may fail for good (each becomes a record with an "
       "`error`, scored as missing) before the run stops")
     a = p.add_argument_group("compute").add_argument
