@@ -15,7 +15,7 @@ import pytest
 import common
 import engine
 import evaluate
-from conftest import write_jsonl
+from conftest import serve_bounded, write_jsonl
 from test_faults import cli
 
 KEY = "sk-test-0123456789abcdef"
@@ -87,15 +87,7 @@ class Server:
         self.httpd.timeout = 0.2
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
 
-        def serve():
-            idle = 0.0
-            while not self.closed and len(self.requests) < 50 and idle < 30:
-                n = len(self.requests)
-                self.httpd.handle_request()
-                idle = 0.0 if len(self.requests) > n else idle + self.httpd.timeout
-            self.httpd.server_close()
-        self.thread = threading.Thread(target=serve, daemon=True)
-        self.thread.start()
+        self.thread = serve_bounded(self.httpd, lambda: len(self.requests), lambda: self.closed, 50, 30)
 
     def close(self):
         self.closed = True

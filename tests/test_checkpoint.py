@@ -14,30 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import SFT_ROWS, write_jsonl
-from test_faults import cli
+from conftest import write_jsonl
+from test_faults import Evil, cli, files  # noqa: F401 (files: a fixture)
 
 import common
 import evaluate
 import rl
 import sft
-
-
-class Evil:
-    """Pickles to a call of os.system that creates `marker`: what a crafted state could hold."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ckpt_data")
-    return {"sft": write_jsonl(d / "rows.jsonl", SFT_ROWS),
-            "rl": write_jsonl(d / "prompts.jsonl", [{"prompt": f"Tell me thing {i}."} for i in range(8)])}
 
 
 # --- 1. --resume compares the flags with the run's args.json ------------------------------------------

@@ -15,7 +15,7 @@ import common
 import evaluate
 import reward
 from common import DataError, UsageError
-from conftest import ROOT, SHARED_DATA, run_cli, torchrun, write_jsonl
+from conftest import ROOT, SHARED_DATA, run_cli, serve_bounded, torchrun, write_jsonl
 from test_reward import build_rm
 
 needs_data = pytest.mark.skipif(not (SHARED_DATA / "math500.jsonl").exists(), reason="../shared/data absent")
@@ -333,14 +333,7 @@ class GateServer:
         self.httpd.daemon_threads, self.httpd.timeout = True, 1.0
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
 
-        def serve():
-            idle = 0
-            while self.count < n and idle < 60:
-                c = self.count
-                self.httpd.handle_request()
-                idle = 0 if self.count > c else idle + 1
-            self.httpd.server_close()
-        threading.Thread(target=serve, daemon=True).start()
+        serve_bounded(self.httpd, lambda: self.count, lambda: False, n, 60)
 
 
 def test_grade_in_place_refused_while_evaluate_runs(tmp_path, tiny_model, capsys):
