@@ -997,6 +997,13 @@ def read_state_metadata(path):
     return md
 
 
+def _load_error(e):
+    """The line of a failed read that says what was wrong (for torch.load(weights_only=True): which global
+    it refused, not its advice to retry with weights_only=False)."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
+    return (lines[1] if len(lines) > 1 and lines[0].startswith("Weights only load failed") else lines[0]).rstrip(".")
+
+
 def _dcp_load(sd, path):
     """dcp.load(sd) from the state dir `path` without unpickling anything that could run code."""
     import torch.distributed.checkpoint as dcp
@@ -1020,8 +1027,7 @@ def _dcp_load(sd, path):
     try:
         dcp.load(sd, storage_reader=Reader(path), planner=Planner())
     except CheckpointException as e:  # a BaseException: one per failed rank, each with its traceback
-        exc = next(iter(e.failures.values()))[0]
-        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        why = _load_error(next(iter(e.failures.values()))[0])
         raise UsageError(f"--resume: cannot read the sharded state in {path}: {why}; refused") from None
 
 
@@ -1058,7 +1064,7 @@ def load_state(out, model, optim, sched):
         extra = torch.load(path / f"extra_rank{rank()}.pt", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UsageError(f"--resume: {path / f'extra_rank{rank()}.pt'} holds more than tensors and plain data, "
-                         f"refused (read with weights_only=True): {str(e).splitlines()[0]}") from None
+                         f"refused (read with weights_only=True): {_load_error(e)}") from None
     set_rng_state(extra["rng"])
     sched.load_state_dict(extra["sched"])
     truncate_metrics(out, extra["step"])
