@@ -1441,7 +1441,7 @@ def http_post(url, body, key=None, retries=5, backoff=1.0, timeout=3600, parse=N
                     raise RequestFailed(f"{where}: HTTP {e.code}: {text!r}") from None
                 why, wait = f"HTTP {e.code}", _retry_after(e.headers)
             except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, resets, torn replies
-                why = redact(f"{type(e).__name__}: {e}", key)
+                why = redact(" ".join(f"{type(e).__name__}: {e}".split()), key)  # one line: BadStatusLine has \r\n
             if deadline.fired:
                 why = f"timed out: no complete reply within {timeout:g} s"
         if attempt == retries:
