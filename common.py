@@ -15,13 +15,17 @@ Generation lives in engine.py. The algorithms (losses, advantages, masking) stay
 """
 import argparse
 import csv
+import http.client
+import io
 import json
 import math
 import os
 import pickle
 import random
 import shutil
+import socket
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -116,6 +120,8 @@ def check_training(args):
             raise UsageError(f"--betas: beta{i + 1} must be in [0, 1), got {b}")
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
+    if args.allow_changes and not args.resume:
+        raise UsageError("--allow-changes goes with --resume (it lets a resumed run change its flags)")
 
 
 def check_sampling(args, greedy_ok=False):
@@ -933,12 +939,103 @@ def _complete_states(out, world):
     return found
 
 
+# --- reading a state runs no code from it -------------------------------------------------------------
+# torch.distributed.checkpoint (DCP) reads state/.metadata with pickle.load and every non-tensor item of
+# the sharded state (the optimizer's param_groups values) with torch.load(weights_only=False): a crafted
+# state/ would run code on --resume. load_state reads the metadata with an Unpickler that builds only
+# DCP's own metadata classes (below), and each non-tensor item with weights_only=True (plain data only);
+# DCP reads the tensor items with weights_only=True itself, and the extra state is read the same way.
+
+def _metadata_globals():
+    """(module, name) -> object: everything a DCP .metadata pickle may name (torch 2.13 writes the
+    dataclasses of torch.distributed.checkpoint.metadata, _StorageInfo, torch.Size, dtypes, layouts by
+    name and the checkpoint's path); constructing any of them runs no code of the file's choosing."""
+    import pathlib
+    import torch.distributed.checkpoint.filesystem as fs
+    import torch.distributed.checkpoint.metadata as md
+    ok = {(md.__name__, n): c for n, c in vars(md).items() if isinstance(c, type) and c.__module__ == md.__name__}
+    ok.update({("torch", n): v for n, v in vars(torch).items() if isinstance(v, torch.dtype)})
+    ok.update({(fs.__name__, "_StorageInfo"): fs._StorageInfo, ("torch", "Size"): torch.Size,
+               ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
+               ("pathlib", "PosixPath"): pathlib.PosixPath, ("pathlib", "PurePosixPath"): pathlib.PurePosixPath})
+    return ok
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that resolves only _metadata_globals(): os.system, builtins.eval, ... are refused."""
+
+    def __init__(self, file):
+        super().__init__(file)
+        self.allowed = _metadata_globals()
+
+    def find_class(self, module, name):
+        try:
+            return self.allowed[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which is not a checkpoint metadata class") \
+                from None
+
+
+def read_state_metadata(path):
+    """DCP's Metadata of the state dir `path`, unpickled by _MetadataUnpickler and checked: every storage
+    item lies in a plain file of `path` with no load transforms. Raises UsageError naming the file."""
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+    f = Path(path) / ".metadata"
+    try:
+        with open(f, "rb") as fh:
+            md = _MetadataUnpickler(fh).load()
+        if not isinstance(md, Metadata):
+            raise pickle.UnpicklingError(f"it holds a {type(md).__name__}, not a checkpoint Metadata")
+        for info in md.storage_data.values():
+            name = getattr(info, "relative_path", None)
+            if not isinstance(name, str) or Path(name).name != name or name.startswith(".") or \
+                    getattr(info, "transform_descriptors", None):
+                raise pickle.UnpicklingError(f"a storage item points at {name!r}, not a shard file of the state")
+    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, IndexError, KeyError) as e:
+        raise UsageError(f"--resume: {f}: {e}; refused (resume only from a state this code wrote)") from None
+    md.storage_meta = md.storage_meta or StorageMeta()
+    return md
+
+
+def _load_error(e):
+    """The line of a failed read that says what was wrong (for torch.load(weights_only=True): which global
+    it refused, not its advice to retry with weights_only=False)."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
+    return (lines[1] if len(lines) > 1 and lines[0].startswith("Weights only load failed") else lines[0]).rstrip(".")
+
+
+def _dcp_load(sd, path):
+    """dcp.load(sd) from the state dir `path` without unpickling anything that could run code."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    md = read_state_metadata(path)
+
+    class Reader(dcp.FileSystemReader):
+        def read_metadata(self):  # no **kwargs: DCP then never falls back to per-rank metadata files
+            md.storage_meta.load_id = self.load_id
+            return md
+
+    class Planner(dcp.DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            # DCP's own load_bytes reads the item with torch.load(weights_only=False): read it here with
+            # weights_only=True (plain data or refused), then hand DCP that data re-serialized
+            obj, buf = torch.load(value, weights_only=True), io.BytesIO()
+            torch.save(obj, buf)
+            buf.seek(0)
+            super().load_bytes(read_item, buf)
+
+    try:
+        dcp.load(sd, storage_reader=Reader(path), planner=Planner())
+    except CheckpointException as e:  # a BaseException: one per failed rank, each with its traceback
+        why = _load_error(next(iter(e.failures.values()))[0])
+        raise UsageError(f"--resume: cannot read the sharded state in {path}: {why}; refused") from None
+
+
 def load_state(out, model, optim, sched):
     """--resume: restore the newest complete state among state/, state.old, state.tmp (model,
     optimizer, scheduler, RNG), cut metrics.jsonl, rollouts/ and checkpoints/ back to its step, and
-    return that step. The extra state is read with torch.load(weights_only=True); DCP's own metadata
-    is unpickled by torch.distributed.checkpoint: resume only from dirs you trust."""
-    import torch.distributed.checkpoint as dcp
+    return that step. Nothing in the state can run code: the extra state is read with
+    torch.load(weights_only=True), the sharded state through _dcp_load."""
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     world = dist.get_world_size() if is_dist() else 1
     msg, found = None, []
@@ -961,13 +1058,13 @@ def load_state(out, model, optim, sched):
     path = Path(out) / "state"
     msd, osd = get_state_dict(model, optim)
     sd = {"model": msd, "optim": osd}
-    dcp.load(sd, checkpoint_id=str(path))
+    _dcp_load(sd, path)
     set_state_dict(model, optim, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     try:  # weights_only: tensors and plain containers only; a pickled object that would run code is refused
         extra = torch.load(path / f"extra_rank{rank()}.pt", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UsageError(f"--resume: {path / f'extra_rank{rank()}.pt'} holds more than tensors and plain data, "
-                         f"refused (read with weights_only=True): {str(e).splitlines()[0]}") from None
+                         f"refused (read with weights_only=True): {_load_error(e)}") from None
     set_rng_state(extra["rng"])
     sched.load_state_dict(extra["sched"])
     truncate_metrics(out, extra["step"])
@@ -981,6 +1078,85 @@ def load_state(out, model, optim, sched):
     barrier()
     print0(f"resumed from {path} at step {extra['step']}")
     return extra["step"]
+
+
+# --- --resume keeps the run's flags ---------------------------------------------------------------------
+
+# Flags that change no number of a run: where it stops, how often it saves, dumps and logs, what it may
+# load. Every other flag (model, data, optimizer, schedule, batch and sampling settings, estimator, seed,
+# dtype, memory layout) can change what the steps compute, so --resume compares it with the run's args.json.
+RESUME_FREE = ("stop_at", "save_every", "keep_checkpoints", "dump_every", "wandb", "max_kl", "reflection_words",
+               "trust_remote_code")
+_NOT_RUN_FLAGS = ("out", "resume", "overwrite", "allow_changes")  # how this start was asked for, not the run
+
+
+def _flag(dest):
+    return "--" + dest.replace("_", "-")
+
+
+def _shown(v):
+    """A flag's value as a user types it: unset, on / off, a list space-separated, JSON for an object."""
+    if v is None or isinstance(v, bool):
+        return {None: "unset", True: "on", False: "off"}[v]
+    return " ".join(map(str, v)) if isinstance(v, list) else json.dumps(v) if isinstance(v, dict) else str(v)
+
+
+def run_flags(out):
+    """(args.json as written, the flags the run in OUT now has: args.json's with every change an earlier
+    --allow-changes recorded applied in order); (None, None) when OUT has no args.json."""
+    path = Path(out) / "args.json"
+    if not path.exists():
+        return None, None
+    try:
+        rec = json.loads(path.read_text())
+        flags = {k: v for k, v in rec.items() if k != "changes"}
+        for ch in rec.get("changes", []):
+            flags.update((k, new) for k, (_, new) in ch["flags"].items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UsageError(f"--resume: {path} is not a run's flags ({e}); cannot check the flags of this start "
+                         f"against the run") from None
+    return rec, flags
+
+
+def resume_changes(args):
+    """--resume: the flags of this start that differ from the run's ({dest: [the run's value, the new one]}),
+    checked before any model loads. Refuses (UsageError naming each flag and both values) a change of
+    a flag outside RESUME_FREE unless --allow-changes; then write_args records it. Every rank reads
+    the same args.json and so takes the same branch."""
+    _, flags = run_flags(args.out)
+    if flags is None:  # no args.json: the run never got past its start, load_state finds no state
+        return {}
+    new = json.loads(json.dumps(vars(args), default=str))  # as args.json holds it (tuples as lists)
+    changes = {k: [flags.get(k), v] for k, v in new.items() if k not in _NOT_RUN_FLAGS and flags.get(k) != v}
+    fixed = {k: ch for k, ch in changes.items() if k not in RESUME_FREE}
+    if fixed and not args.allow_changes:
+        what = ", ".join(f"{_flag(k)} {_shown(v)} (the run's: {_shown(old)})" for k, (old, v) in fixed.items())
+        raise UsageError(f"--resume: {what} would change the run in {args.out} (its args.json); resume with the "
+                         f"run's values, or add --allow-changes to continue with the new ones (both are kept in "
+                         f"args.json)")
+    return changes
+
+
+def write_args(args, step=0, changes=None):
+    """Rank 0: OUT/args.json holds the flags of the run's first start; a resume never rewrites them, it
+    appends {"after_step": S, "flags": {dest: [old, new]}} to its "changes" list when a flag changed (the
+    steps after S ran with the new values)."""
+    rec, _ = run_flags(args.out) if args.resume else (None, None)
+    if rec is None:
+        rec = vars(args)
+    elif changes:
+        rec.setdefault("changes", []).append({"after_step": step, "flags": changes})
+    write_json(Path(args.out) / "args.json", rec)
+
+
+def apply_optimizer_flags(optim, sched, lr, betas, weight_decay):
+    """--resume --allow-changes: the restored optimizer and scheduler carry the run's lr, betas and weight
+    decay; set the new ones, and each group's lr to lr × the (new) schedule at the restored step, the value
+    LambdaLR would have set."""
+    sched.base_lrs = [lr] * len(optim.param_groups)
+    for g, f in zip(optim.param_groups, sched.lr_lambdas):
+        g.update(initial_lr=lr, lr=lr * f(sched.last_epoch), betas=tuple(betas), weight_decay=weight_decay)
+    sched._last_lr = [g["lr"] for g in optim.param_groups]
 
 
 def rng_state():
@@ -1109,30 +1285,165 @@ class RequestFailed(UsageError):
     """An HTTP request that failed for good (after its retries, or a 4xx that retrying cannot fix)."""
 
 
+RETRY_AFTER_MAX = 60.0  # seconds: a server's Retry-After is honoured up to this
+
+
+def redact(text, key):
+    """`text` (str or bytes) with the API key replaced by [redacted], as sent and as a JSON body escapes it:
+    a server that echoes the request (a 401 body, a proxy's error page) never puts the key into a record,
+    an error or the terminal. With it goes the Authorization header, "Bearer KEY"."""
+    if not key:
+        return text
+    for k in dict.fromkeys((key, json.dumps(key)[1:-1])):
+        text = text.replace(k.encode(), b"[redacted]") if isinstance(text, bytes) else text.replace(k, "[redacted]")
+    return text
+
+
+def safe_url(url):
+    """A URL as it may be printed or written: a password in it (http://user:PASSWORD@host) replaced."""
+    import urllib.parse
+    u = urllib.parse.urlsplit(url or "")
+    return url if u.password is None else url.replace(f":{u.password}@", ":[redacted]@", 1)
+
+
+def reply_text(x):
+    """A text field of a server's reply, checked: a str that encodes as UTF-8. json.loads lets a lone
+    surrogate (\\ud800) through, which the JSONL writers cannot encode; ValueError / TypeError make
+    http_post treat the reply as malformed (retried, then an error record)."""
+    if not isinstance(x, str):
+        raise TypeError(f"a text field is a {type(x).__name__}, not a string")
+    x.encode("utf-8")  # UnicodeEncodeError, a ValueError, on a lone surrogate
+    return x
+
+
+def _retry_after(headers):
+    """Seconds a Retry-After header asks for (a number, or an HTTP date), within [0, RETRY_AFTER_MAX]; None
+    when absent or unreadable."""
+    import email.utils
+    v = headers.get("Retry-After") if headers is not None else None
+    if not v:
+        return None
+    try:
+        s = float(v)
+    except ValueError:
+        try:
+            s = email.utils.parsedate_to_datetime(v).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return None if s != s else min(max(s, 0.0), RETRY_AFTER_MAX)
+
+
+class _Deadline:
+    """A bound on one whole HTTP exchange (connect, request, status line, headers, body). urllib's timeout
+    bounds each socket operation, so a reply dripped a byte at a time never times out; at `seconds` this
+    timer shuts the connection's socket down, which ends the read waiting on it."""
+
+    def __init__(self, seconds):
+        self.fired, self.socks, self.lock = False, [], threading.Lock()
+        self.timer = threading.Timer(seconds, self.cut)
+        self.timer.daemon = True
+
+    def watch(self, sock):
+        with self.lock:
+            self.socks.append(sock)
+            if self.fired:
+                self._shut(sock)
+
+    def cut(self):
+        with self.lock:
+            self.fired = True
+            for sock in self.socks:
+                self._shut(sock)
+
+    @staticmethod
+    def _shut(sock):
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already closed
+
+    def __enter__(self):
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.timer.cancel()
+
+
+class _Watched:
+    """A connection (http.client's HTTP or HTTPS) that hands its socket to a _Deadline once connected."""
+
+    def __init__(self, *a, deadline, **kw):
+        super().__init__(*a, **kw)
+        self.deadline = deadline
+
+    def connect(self):
+        super().connect()
+        self.deadline.watch(self.sock)
+
+
+class _HTTPConnection(_Watched, http.client.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_Watched, http.client.HTTPSConnection):
+    pass
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def http_open(self, req):
+        return self.do_open(_HTTPConnection, req, deadline=self.deadline)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def https_open(self, req):
+        return self.do_open(_HTTPSConnection, req, deadline=self.deadline)
+
+
 def http_post(url, body, key=None, retries=5, backoff=1.0, timeout=3600, parse=None):
-    """POST JSON, return parse(decoded reply) (the reply itself without parse); retries with exponential
-    backoff on connection errors, timeouts, HTTP 408/409/429 and 5xx, and on malformed replies (not
-    JSON, or a shape `parse` rejects with KeyError/IndexError/TypeError/ValueError). Other HTTP errors
-    (400, 401, 404) stop at once. Raises RequestFailed."""
+    """POST JSON, return parse(decoded reply) (the reply itself without parse). `timeout` bounds the whole
+    exchange, the reply's last byte included (_Deadline). Retries with exponential backoff (or the
+    server's Retry-After, up to RETRY_AFTER_MAX s) on connection errors and resets, timeouts, torn
+    replies (a truncated body, a status line that is not HTTP), HTTP 408/409/429 and 5xx, and malformed
+    replies (not JSON, or a shape `parse` rejects with KeyError/IndexError/TypeError/ValueError/
+    AttributeError). Other HTTP errors (400, 401, 404) stop at once. Raises RequestFailed; the key
+    never appears in what it returns or raises (redact)."""
     headers = {"Content-Type": "application/json"}
     if key:
         headers["Authorization"] = f"Bearer {key}"
-    data = json.dumps(body).encode()
+    data, where = json.dumps(body).encode(), safe_url(url)
     for attempt in range(retries + 1):
-        try:
-            with urllib.request.urlopen(urllib.request.Request(url, data, headers), timeout=timeout) as r:
-                raw = r.read()
+        wait = None
+        with _Deadline(timeout) as deadline:
+            opener = urllib.request.build_opener(_HTTPHandler(deadline), _HTTPSHandler(deadline))
             try:
-                d = json.loads(raw)
-                return parse(d) if parse else d
-            except (ValueError, KeyError, IndexError, TypeError):
-                why = f"malformed reply {raw[:200]!r}"
-        except urllib.error.HTTPError as e:
-            if e.code < 500 and e.code not in (408, 409, 429):
-                raise RequestFailed(f"{url}: HTTP {e.code}: {e.read()[:300]!r}") from None
-            why = f"HTTP {e.code}"
-        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-            why = str(e)
+                with opener.open(urllib.request.Request(url, data, headers), timeout=timeout) as r:
+                    raw = redact(r.read(), key)
+                try:
+                    d = json.loads(raw)
+                    return parse(d) if parse else d
+                except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+                    why = f"malformed reply ({redact(str(e), key)[:200]}): {raw[:200]!r}"
+            except urllib.error.HTTPError as e:
+                if e.code < 500 and e.code not in (408, 409, 429):
+                    try:
+                        text = redact(e.read(1 << 16), key)[:300]  # redacted first: no piece of the key is left
+                    except (OSError, http.client.HTTPException):
+                        text = b""
+                    raise RequestFailed(f"{where}: HTTP {e.code}: {text!r}") from None
+                why, wait = f"HTTP {e.code}", _retry_after(e.headers)
+            except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, resets, torn replies
+                why = redact(" ".join(f"{type(e).__name__}: {e}".split()), key)  # one line: BadStatusLine has \r\n
+            if deadline.fired:
+                why = f"timed out: no complete reply within {timeout:g} s"
         if attempt == retries:
-            raise RequestFailed(f"{url}: {why} (after {retries + 1} tries)")
-        time.sleep(backoff * 2 ** attempt)
+            raise RequestFailed(f"{where}: {why} (after {retries + 1} tries)")
+        time.sleep(backoff * 2 ** attempt if wait is None else max(wait, backoff * 2 ** attempt))

@@ -175,11 +175,17 @@ def train_overlap(spec, benches, n=13):
 # --- generation -----------------------------------------------------------------------------------
 
 
+def prompt_ids(tok, j, args):
+    """The token ids a job's prompt is sent as, to the local model and to --api-url alike: the policy's chat
+    template with --chat-template-kwargs (the resume fingerprint hashes them too)."""
+    return common.render_prompt(tok, j["prompt"], args.chat_template_kwargs)
+
+
 def generate_local(model, jobs, args, dist_, tok):
     """engine.generate on this rank's jobs; fills completion, truncated, num_tokens. Each job's sampling
     noise is keyed by its global index `_i`, so the samples do not depend on the world size."""
     bar = tqdm(total=len(jobs), desc="generate", disable=dist_.rank != 0)
-    outs = engine.generate(model, [common.render_prompt(tok, j["prompt"], args.chat_template_kwargs) for j in jobs],
+    outs = engine.generate(model, [prompt_ids(tok, j, args) for j in jobs],
                            max_new_tokens=args.max_new_tokens,
                            stop_ids=common.stop_token_ids(tok, model, args.chat_template_kwargs),
                            pad_id=tok.pad_token_id, temperature=args.temperature, top_p=args.top_p,
@@ -217,7 +223,7 @@ def generate_api(jobs, args, tok, on_done):
         return len(failed) > args.max_failures
 
     bar = tqdm(total=len(jobs), desc="generate (api)", disable=common.rank() != 0)
-    engine.generate_api(args.api_url, [common.render_prompt(tok, j["prompt"], args.chat_template_kwargs) for j in jobs],
+    engine.generate_api(args.api_url, [prompt_ids(tok, j, args) for j in jobs],
                         model=args.api_model, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_p=args.top_p, seed=args.seed, row_ids=[j["_i"] for j in jobs],
                         stop_ids=common.stop_token_ids(tok, SimpleNamespace(generation_config=gc),
@@ -347,8 +353,9 @@ def add_grader_args(p):
       help="judge prompts: hub spec or local file with cate-idx, judge_prompt")
     a = p.add_argument_group("HTTP (--api-url generation and --judge-url)").add_argument
     a("--api-workers", type=int, default=16, help="concurrent requests")
-    a("--api-timeout", type=float, default=3600, help="seconds per request")
-    a("--api-retries", type=int, default=5, help="retries of a request after a timeout, 408/409/429/5xx or a malformed reply")
+    a("--api-timeout", type=float, default=3600, help="seconds per request, its whole reply included")
+    a("--api-retries", type=int, default=5, help="retries of a request after a timeout, a connection error, "
+      "408/409/429/5xx or a torn or malformed reply (waiting the server's Retry-After, up to 60 s, when given)")
     a("--max-failures", type=int, default=10, help="requests that may fail for good (each becomes a record with an "
       "`error`, scored as missing) before the run stops")
     a = p.add_argument_group("compute").add_argument
@@ -451,14 +458,15 @@ def settings(args, tok, names, data, samples, world):
     from importlib.metadata import version
 
     import transformers
-    return {"model": args.model, "api_url": args.api_url, "api_model": args.api_model, "benchmarks": names,
+    return {"model": args.model, "api_url": common.safe_url(args.api_url), "api_model": args.api_model,
+            "benchmarks": names,
             "data": {n: data.get(n, BENCHMARKS[n][0]) for n in names}, "samples": samples, "limit": args.limit,
             "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
             "seed": args.seed, "batch_size": args.batch_size, "world_size": world,
             "chat_template_sha256": hashlib.sha256((tok.chat_template or "").encode()).hexdigest(),
             "chat_template_kwargs": args.chat_template_kwargs,
             "safety_rm": args.safety_rm if "attaq" in names else None,
-            "judge": (f"{args.judge_model} @ {args.judge_url}" if args.judge_url else args.judge)
+            "judge": (f"{args.judge_model} @ {common.safe_url(args.judge_url)}" if args.judge_url else args.judge)
             if "airbench" in names else None,
             "airbench_judge_prompts": args.airbench_judge_prompts if "airbench" in names else None,
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
@@ -484,7 +492,8 @@ def run_eval(args):
     dist_ = common.init_dist()
     common.seed_everything(args.seed + dist_.rank)
     # every input is read and checked before any generation starts
-    benches = {n: load_benchmark(n, data.get(n, BENCHMARKS[n][0]), args.limit) for n in names}
+    rows = {n: load_benchmark(n, data.get(n, BENCHMARKS[n][0])) for n in names}  # every row: the fingerprint's
+    benches = {n: items[:args.limit] for n, items in rows.items()}
     jp = None
     if "airbench" in names:
         jp = reward.load_judge_prompts(args.airbench_judge_prompts)  # read once: checked here, used to grade
@@ -495,7 +504,8 @@ def run_eval(args):
     tok = common.load_tokenizer(args.model, args.trust_remote_code)
     jobs = build_jobs(benches, samples, args.seed, args.temperature)
     common.claim_out_dir(args.out, resume=True)  # a lock for the run's life (rank 0 holds it)
-    done = resume_records(args, names, fingerprint(args, tok, data, names), dist_.rank)
+    fp = fingerprint(args, tok, rows, jobs, names) if dist_.rank == 0 else (None, None)  # rank 0 checks the records
+    done = resume_records(args, names, *fp, dist_.rank)
     pending = [j for j in jobs if key(j) not in done]
     mine = pending[dist_.rank::dist_.world]
     common.print0(f"evaluate: {len(jobs)} samples over {', '.join(f'{n} {len(benches[n])}x{samples[n]}' for n in names)}"
@@ -552,12 +562,74 @@ def key(r):
     return r["benchmark"], str(r["id"]), int(r["sample"])
 
 
-def fingerprint(args, tok, data, names):
-    """What makes a record on disk reusable by this command: per benchmark, the settings a sample depends on."""
-    common_fp = {"model": args.model, "api_url": bool(args.api_url), "api_model": args.api_model,
-                 "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
-                 "seed": args.seed, "chat_template_sha256": hashlib.sha256((tok.chat_template or "").encode()).hexdigest()}
-    return {n: {**common_fp, "data": data.get(n, BENCHMARKS[n][0])} for n in names}
+# The files of a model dir that decide what it generates (from_pretrained reads them): weights, config,
+# generation config (stop ids), tokenizer and chat template, remote code. Not a training run's args.json,
+# metrics.jsonl or state/, nor what evaluate.py writes when --out is the model dir.
+MODEL_FILES = ("config.json", "generation_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+               "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json")
+MODEL_FILE_ENDS = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".model", ".tiktoken", ".py")
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_sha256(path, cache):
+    """sha256 over the MODEL_FILES of a local model dir, each by its content: a model retrained or replaced
+    at the same path gets another hash, a copy of the same model the same one. Hashing reads every byte
+    (~1.3 GB/s), so a file whose (size, mtime, inode) equal those in `cache` (kept in OUT/run.json by the
+    last run on OUT) reuses the hash recorded there; any other file is read again. Returns (hash, cache
+    for run.json); (None, None) for a hub id, which the fingerprint names instead."""
+    if not os.path.isdir(path):
+        return None, None
+    real, files, h = os.path.realpath(path), {}, hashlib.sha256()
+    old = cache["files"] if (cache or {}).get("dir") == real else {}
+    for name in sorted(os.listdir(path)):
+        f = os.path.join(path, name)
+        if not (name in MODEL_FILES or name.startswith("tokenizer") or name.endswith(MODEL_FILE_ENDS)) \
+                or not os.path.isfile(f):
+            continue
+        st = os.stat(f)
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+        sha = old[name][3] if old.get(name, [])[:3] == stamp else file_sha256(f)
+        files[name] = [*stamp, sha]
+        h.update(f"{name}\0{sha}\n".encode())
+    return h.hexdigest(), {"dir": real, "files": files}
+
+
+def fingerprint(args, tok, rows, jobs, names):
+    """What makes a record on disk reusable by this command, per benchmark: the sampling settings; the
+    model, by name and by the content of its files (model_sha256); the benchmark's data, by the sha256 of
+    every parsed row (before --limit, so a larger --limit reuses what a smaller one made); the rendering,
+    by the chat template, --chat-template-kwargs and the sha256 of the token ids the benchmark's first
+    prompt is sent as (anything else that changes prompt ids, the tokenizer included). Returns (per
+    benchmark fingerprint, the model files' hash cache for run.json)."""
+    model_hash, files = model_sha256(args.model, run_meta(args.out).get("model_files"))
+    sha = lambda x: hashlib.sha256(json.dumps(x, sort_keys=True).encode()).hexdigest()  # noqa: E731
+    common_fp = {"model": args.model, "model_sha256": model_hash, "api_url": bool(args.api_url),
+                 "api_model": args.api_model, "temperature": args.temperature, "top_p": args.top_p,
+                 "max_new_tokens": args.max_new_tokens, "seed": args.seed,
+                 "chat_template_sha256": hashlib.sha256((tok.chat_template or "").encode()).hexdigest(),
+                 "chat_template_kwargs": args.chat_template_kwargs}
+    first = {n: next(j for j in jobs if j["benchmark"] == n) for n in names}
+    return {n: {**common_fp, "data": args.data.get(n, BENCHMARKS[n][0]), "data_sha256": sha(rows[n]),
+                "prompt_sha256": sha(prompt_ids(tok, first[n], args))} for n in names}, files
+
+
+CHANGED = {"model_sha256": "the files of {model} changed (retrained or replaced at the same path?)",
+           "data_sha256": "the rows of {data} changed", "chat_template_sha256": "the chat template changed",
+           "prompt_sha256": "the prompt token ids changed (chat template, its kwargs or the tokenizer)"}
+
+
+def _changed(k, old, fp):
+    """One difference between a benchmark's recorded fingerprint and this command's `fp`, in words."""
+    if k in CHANGED:
+        return f"{k} (not recorded with those records)" if old is None else CHANGED[k].format(**fp)
+    return f"{k} {json.dumps(old)[:80]} -> {json.dumps(fp[k])[:80]}"
 
 
 def read_records(out, names, warn=False):
@@ -587,21 +659,28 @@ def extras(out, name, order):
     return [r for k, r in sorted(recs.items()) if k not in order]
 
 
-def resume_records(args, names, fp, rank):
-    """Rank 0: check that the records in --out were made with these settings (else --overwrite), drop
-    torn lines and failed (`error`) records so they are retried, rewrite the files compacted. Every
-    rank then gets the set of jobs already done."""
+def run_meta(out):
+    """OUT/run.json: per benchmark the fingerprint its records were made with, and the model files' hashes."""
+    path = os.path.join(out, "run.json")
+    return json.load(open(path)) if os.path.exists(path) else {}
+
+
+def resume_records(args, names, fp, model_files, rank):
+    """Rank 0: check that the records in --out were made with these settings (fingerprint; else
+    --overwrite), drop torn lines and failed (`error`) records so they are retried, rewrite the files
+    compacted, record the fingerprint (and the model files' hash cache) in OUT/run.json. Every rank then
+    gets the set of jobs already done."""
     msg = None
     if rank == 0:
-        meta_path = os.path.join(args.out, "run.json")
-        meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
+        meta_path, meta = os.path.join(args.out, "run.json"), run_meta(args.out)
         for n in names:
             path = os.path.join(args.out, f"{n}.jsonl")
             if os.path.exists(path) and args.overwrite:
                 os.remove(path)
             elif os.path.exists(path) and meta.get(n) != fp[n]:
-                diff = sorted(k for k in fp[n] if (meta.get(n) or {}).get(k) != fp[n][k])
-                msg = (f"--out {args.out}: {n}.jsonl holds records made with other settings ({', '.join(diff)}); "
+                was = meta.get(n) or {}
+                diff = [_changed(k, was.get(k), fp[n]) for k, v in fp[n].items() if was.get(k) != v]
+                msg = (f"--out {args.out}: {n}.jsonl holds records made with other settings: {'; '.join(diff)}; "
                        f"use another --out, or --overwrite to discard them")
                 break
         if msg is None:
@@ -613,7 +692,7 @@ def resume_records(args, names, fp, rank):
                 keep = [r for k, r in recs.items() if k[0] == n and not r.get("error")]
                 if os.path.exists(os.path.join(args.out, f"{n}.jsonl")):
                     common.write_jsonl(os.path.join(args.out, f"{n}.jsonl"), keep)
-            common.write_json(meta_path, {**meta, **fp})
+            common.write_json(meta_path, {**meta, **fp, "model_files": model_files})
     if common.is_dist():
         box = [msg]
         torch.distributed.broadcast_object_list(box, 0)
@@ -627,6 +706,9 @@ def resume_records(args, names, fp, rank):
 def run_grade(args):
     check_grader_args(args)
     common.check_out_file(args.out)
+    # the lock of the output's directory, held to the end: a running evaluate.py appending to its --out
+    # refuses grade's write there, and an evaluate.py started on that dir meanwhile is refused
+    common.claim_out_dir(os.path.dirname(os.path.abspath(args.out)), resume=True)
 
     def need(r):  # the string fields a record of r's benchmark must have
         b = r.get("benchmark")
@@ -648,6 +730,7 @@ def run_grade(args):
     print_table(summary)
     print(json.dumps(summary, indent=1))
     print(f"wrote {len(recs)} graded records to {args.out}")
+    common.release_out_dirs()
 
 
 def main(argv=None):

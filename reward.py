@@ -331,13 +331,22 @@ def parse_judge(reply):
     return x if 0.0 <= x <= 1.0 else None
 
 
+JUDGE_PLACEHOLDERS = ("{{QUESTION}}", "{{ANSWER}}")  # what Judge.score fills into each judge prompt
+
+
 def load_judge_prompts(spec):
-    """AIR-Bench judge prompts: {cate-idx: judge_prompt}."""
+    """AIR-Bench judge prompts: {cate-idx: judge_prompt}, each checked for both JUDGE_PLACEHOLDERS (a
+    prompt without {{ANSWER}} would have the judge score answers it never sees)."""
     out = {}
     for i, r in enumerate(common.read_table(spec), 1):
         for f in ("cate-idx", "judge_prompt"):
             if not str(r.get(f) or "").strip():
                 raise DataError(f"{spec}: row {i}: missing or empty field '{f}'")
+        missing = [p for p in JUDGE_PLACEHOLDERS if p not in str(r["judge_prompt"])]
+        if missing:
+            raise DataError(f"{spec}: row {i}: field 'judge_prompt' (cate-idx {str(r['cate-idx']).strip()}) lacks "
+                            f"the placeholder {' and '.join(missing)}: the judge would never see the "
+                            f"{' or '.join(m.strip('{}').lower() for m in missing)}")
         out[str(r["cate-idx"]).strip()] = r["judge_prompt"]
     return out
 
@@ -362,7 +371,8 @@ class Judge:
                 continue
             if c not in self.prompts:
                 raise DataError(f"airbench record {ids[i] if ids else i}: no judge prompt for cate-idx {c!r}")
-            asked.append((len(out), self.prompts[c].replace("{{QUESTION}}", q).replace("{{ANSWER}}", a)))
+            question, answer = JUDGE_PLACEHOLDERS
+            asked.append((len(out), self.prompts[c].replace(question, q).replace(answer, a)))
             out.append(None)
         for (i, _), reply in zip(asked, self.ask([p for _, p in asked]) if asked else []):
             if isinstance(reply, Exception):
@@ -384,7 +394,8 @@ def make_judge(device, prompts, *, local=None, url=None, model="gpt-4o", key=Non
                     "max_tokens": max_new_tokens}
             try:
                 return common.http_post(url.rstrip("/") + "/chat/completions", body, key, retries=retries,
-                                        timeout=timeout, parse=lambda d: d["choices"][0]["message"]["content"] or "")
+                                        timeout=timeout,
+                                        parse=lambda d: common.reply_text(d["choices"][0]["message"]["content"] or ""))
             except common.RequestFailed as e:
                 return e
 

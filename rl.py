@@ -53,12 +53,13 @@ import time
 
 import torch
 
-from common import (DataError, HelpFormatter, Logger, NonFiniteError, UsageError, all_reduce, build_optimizer,
-                    build_policy, chat_template_kwargs, check_finite, check_min, check_range, check_sampling,
-                    check_training, claim_out_dir, cli_main, clip_grad_norm, cosine_lr, gather_objects,
-                    hsdp_replicas, import_optional, init_dist, load_pairs, load_state, load_tokenizer, pad_right,
-                    pick_dtype, positions_from_mask, print0, read_table, release_out_dirs, render_prompt, save_hf,
-                    save_state, seed_everything, split_reasoning, stop_token_ids, write_json, write_jsonl)
+from common import (DataError, HelpFormatter, Logger, NonFiniteError, UsageError, all_reduce, apply_optimizer_flags,
+                    build_optimizer, build_policy, chat_template_kwargs, check_finite, check_min, check_range,
+                    check_sampling, check_training, claim_out_dir, cli_main, clip_grad_norm, cosine_lr,
+                    gather_objects, hsdp_replicas, import_optional, init_dist, load_pairs, load_state, load_tokenizer,
+                    pad_right, pick_dtype, positions_from_mask, print0, read_table, release_out_dirs, render_prompt,
+                    resume_changes, save_hf, save_state, seed_everything, split_reasoning, stop_token_ids,
+                    write_args, write_jsonl)
 import engine
 from entropy import DEFAULT_WORDS
 
@@ -289,7 +290,11 @@ def get_args(argv=None):
       "(default: one per node when torchrun spans nodes, else 1 = flat FSDP2)")
     a("--dtype", default=None, choices=["bf16", "fp32"], help="compute dtype (default: bf16 on CUDA, fp32 on CPU)")
     a = p.add_argument_group("checkpoints and logging").add_argument
-    a("--resume", action="store_true", help="continue from the newest complete state in OUT")
+    a("--resume", action="store_true", help="continue from the newest complete state in OUT, with the run's "
+      "flags (args.json); only --stop-at, --save-every, --keep-checkpoints, --dump-every, --max-kl, "
+      "--reflection-words, --wandb and --trust-remote-code may change")
+    a("--allow-changes", action="store_true", help="with --resume: continue with changed flags (args.json keeps "
+      "the run's and records each change with the step it took effect after)")
     a("--overwrite", action="store_true", help="replace a previous run in OUT (its state, metrics, rollouts)")
     a("--save-every", type=int, default=50,
       help="every N steps save the state and the export and keep OUT/checkpoints/step-N (and at the end)")
@@ -505,6 +510,7 @@ def main(argv=None):
     tok = load_tokenizer(args.model, args.trust_remote_code)
     rows, n_long = load_prompts(args, tok, rules)
     claim_out_dir(args.out, args.resume, args.overwrite)  # a lock for the run's life; refuses another run's dir
+    changes = resume_changes(args) if args.resume else {}  # a changed flag is refused unless --allow-changes
 
     # --------------------------------------------------------------------------- models
     policy, export_dtype = build_policy(args.model, d, dtype, args.grad_checkpointing, args.cpu_offload,
@@ -523,9 +529,11 @@ def main(argv=None):
     think_end = tok.convert_tokens_to_ids("</think>") if "</think>" in tok.get_vocab() else None
 
     step = load_state(args.out, policy, opt, sched) if args.resume else 0
+    if args.allow_changes and changes:  # the restored optimizer and scheduler still hold the run's values
+        apply_optimizer_flags(opt, sched, args.lr, args.betas, args.weight_decay)
     if d.rank == 0:
         os.makedirs(os.path.join(args.out, "rollouts"), exist_ok=True)
-        write_json(os.path.join(args.out, "args.json"), vars(args))
+        write_args(args, step, changes)
     log = Logger(args.out, args.max_steps, args.wandb, vars(args))
     stop = min(args.max_steps, args.stop_at or args.max_steps)
     print0(f"rl: {len(rows)} prompts ({n_long} dropped: longer than --max-prompt-len {args.max_prompt_len}), "
