@@ -237,7 +237,7 @@ def generate_api(jobs, args, tok, on_done):
                               f"retry the rest")
 
 
-class TooManyFailures(RuntimeError):
+class TooManyFailures(common.StopRun):
     pass
 
 # --- grading --------------------------------------------------------------------------------------
@@ -353,7 +353,7 @@ def add_grader_args(p):
       help="judge prompts: hub spec or local file with cate-idx, judge_prompt")
     a = p.add_argument_group("HTTP (--api-url generation and --judge-url)").add_argument
     a("--api-workers", type=int, default=16, help="concurrent requests")
-    a("--api-timeout", type=float, default=3600, help="seconds per request, its whole reply included")
+    a("--api-timeout", type=float, default=3600, help="seconds per request, its whole reply included (at most 86400)")
     a("--api-retries", type=int, default=5, help="retries of a request after a timeout, a connection error, "
       "408/409/429/5xx or a torn or malformed reply (waiting the server's Retry-After, up to 60 s, when given)")
     a("--max-failures", type=int, default=10, help="requests that may fail for good (each becomes a record with an "
@@ -365,8 +365,8 @@ def add_grader_args(p):
 
 
 def eval_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="subcommand: evaluate.py grade --help",
-                                formatter_class=common.HelpFormatter)
+    p = common.ArgumentParser(description=__doc__.split("\n")[0], epilog="subcommand: evaluate.py grade --help",
+                              formatter_class=common.HelpFormatter)
     a = p.add_argument_group("run").add_argument
     a("--model", required=True, help="policy checkpoint (hub id or dir); with --api-url only its tokenizer is used")
     a("--benchmarks", type=benchmark_list, default=",".join(BENCHMARKS), help=f"comma list of {', '.join(BENCHMARKS)}")
@@ -393,8 +393,8 @@ def eval_parser():
 
 
 def grade_parser():
-    p = argparse.ArgumentParser(prog="evaluate.py grade", description="re-grade saved generation records",
-                                formatter_class=common.HelpFormatter)
+    p = common.ArgumentParser(prog="evaluate.py grade", description="re-grade saved generation records",
+                              formatter_class=common.HelpFormatter)
     p.add_argument("--input", required=True, help="generation records (JSONL) written by evaluate.py or rl.py "
                                                  "(rl: graded as maths when a gold answer is present, else the "
                                                  "rollout's reward is kept as the score)")
@@ -473,10 +473,42 @@ def settings(args, tok, names, data, samples, world):
                          "math_verify": version("math-verify")}}
 
 
+MAX_API_TIMEOUT = 86400  # s: a day; far larger values overflow the socket's C timeout (OverflowError)
+
+
 def check_grader_args(args):
     common.check_min(args, "--rm-batch-size", "--judge-max-new-tokens", "--api-workers", "--batch-size")
     common.check_min(args, "--api-retries", "--max-failures", lo=0)
-    common.check_range(args, "--api-timeout", 0, lo_open=True)
+    common.check_range(args, "--api-timeout", 0, MAX_API_TIMEOUT, lo_open=True)
+
+
+def check_graders(names, args):
+    """The grading models of the benchmarks in `names`, before any generation: --safety-rm (AttaQ) a
+    sequence classifier, a local --judge (AIR-Bench) a causal LM whose tokenizer has a chat template."""
+    if "attaq" in names:
+        common.check_model(args.safety_rm, "--safety-rm", "seq-cls", trust_remote_code=args.trust_remote_code)
+    if "airbench" in names and args.judge and not args.judge_url:
+        common.check_model(args.judge, "--judge", trust_remote_code=args.trust_remote_code)
+        common.load_tokenizer(args.judge, args.trust_remote_code, what="--judge")  # it must have a chat template
+
+
+def check_context(jobs, tok, args, ctx):
+    """Before any generation: prompts that do not fit the model's context (ctx tokens, None: unknown) are
+    refused, counted and the first one named; samples whose prompt + --max-new-tokens can run past it are
+    counted in a warning."""
+    if not ctx:
+        return
+    lens = [len(common.render_prompt(tok, j["prompt"], args.chat_template_kwargs)) for j in jobs]
+    long = [(j, n) for j, n in zip(jobs, lens) if n >= ctx]
+    if long:
+        (j, n), name = long[0], long[0][0]["benchmark"]
+        raise DataError(f"{args.data.get(name, BENCHMARKS[name][0])}: {len(long)} of {len(jobs)} prompts do not fit "
+                        f"the context of --model {args.model} ({ctx} tokens), e.g. {name} id {j['id']} ({n} tokens); "
+                        f"drop them from the data or use a model with a longer context")
+    over = sum(n + args.max_new_tokens > ctx for n in lens)
+    if over:
+        common.print0(f"warning: {over} of {len(jobs)} samples may run past the context of --model {args.model} "
+                      f"({ctx} tokens): prompt + --max-new-tokens {args.max_new_tokens}")
 
 
 def run_eval(args):
@@ -489,6 +521,10 @@ def run_eval(args):
         raise UsageError("airbench needs a judge: --judge MODEL or --judge-url URL --judge-model NAME")
     if args.api_url and not args.api_model:
         raise UsageError("--api-url needs --api-model (the model name the server serves)")
+    common.check_out_dir(args.out)
+    # the model dirs before any weight is read (with --api-url only the tokenizer of --model is used)
+    cfg = None if args.api_url else common.check_model(args.model, "--model", trust_remote_code=args.trust_remote_code)
+    check_graders(names, args)
     dist_ = common.init_dist()
     common.seed_everything(args.seed + dist_.rank)
     # every input is read and checked before any generation starts
@@ -501,8 +537,9 @@ def run_eval(args):
         if missing:
             raise DataError(f"{args.airbench_judge_prompts}: no judge prompt for cate-idx {missing[:5]}")
     overlap = train_overlap(args.train_data, benches) if args.train_data else {}
-    tok = common.load_tokenizer(args.model, args.trust_remote_code)
+    tok = common.load_tokenizer(args.model, args.trust_remote_code, what="--model")
     jobs = build_jobs(benches, samples, args.seed, args.temperature)
+    check_context(jobs, tok, args, common.model_context(cfg) if cfg else None)
     common.claim_out_dir(args.out, resume=True)  # a lock for the run's life (rank 0 holds it)
     fp = fingerprint(args, tok, rows, jobs, names) if dist_.rank == 0 else (None, None)  # rank 0 checks the records
     done = resume_records(args, names, *fp, dist_.rank)
@@ -723,6 +760,7 @@ def run_grade(args):
     names = list(dict.fromkeys(r["benchmark"] for r in recs))
     if "airbench" in names and not (args.judge or args.judge_url):
         raise UsageError("airbench records need a judge: --judge MODEL or --judge-url URL --judge-model NAME")
+    check_graders(names, args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     grade_records(recs, *graders_for(names, args, device))
     common.write_jsonl(args.out, [ordered(r) for r in recs])
@@ -737,15 +775,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     grade = argv[:1] == ["grade"]
     args = grade_parser().parse_args(argv[1:]) if grade else eval_parser().parse_args(argv)
-    try:
-        run_grade(args) if grade else run_eval(args)
-    except UsageError as e:  # DataError included: the message names file, row and field
-        common.release_out_dirs()
-        common.die(str(e), 2)
-    except TooManyFailures as e:
-        common.release_out_dirs()
-        common.die(str(e), 1)
+    run_grade(args) if grade else run_eval(args)
 
 
 if __name__ == "__main__":
-    main()
+    common.cli_main(main)

@@ -37,23 +37,23 @@ Commands:
       sft.py --model deepseek-ai/DeepSeek-R1-Distill-Qwen-32B --data UCSC-VLAA/STAR-1 --out out/sft-32b \\
       --grad-checkpointing            # --replicate 2 is the default here: one replica per node
 """
-import argparse
 import math
 import os
 import time
 
 import torch
 
-from common import (DataError, HelpFormatter, Logger, UsageError, all_reduce, apply_optimizer_flags, build_optimizer,
-                    build_policy, chat_template_kwargs, check_finite, check_min, check_training, claim_out_dir,
-                    cli_main, clip_grad_norm, cosine_lr, hsdp_replicas, import_optional, init_dist, load_pairs,
-                    load_state, load_tokenizer, ngrams, packing_exact, pick_dtype, print0, release_out_dirs,
-                    render_sft, resume_changes, save_hf, save_state, seed_everything, write_args)
+from common import (ArgumentParser, DataError, HelpFormatter, Logger, UsageError, all_reduce, apply_optimizer_flags,
+                    build_optimizer, build_policy, chat_template_kwargs, check_finite, check_min, check_model,
+                    check_out_dir, check_training, claim_out_dir, cli_main, clip_grad_norm, cosine_lr, hsdp_replicas,
+                    import_optional, init_dist, load_pairs, load_state, load_tokenizer, ngrams, packing_exact,
+                    pick_dtype, print0, release_out_dirs, render_sft, resume_changes, save_hf, save_state,
+                    seed_everything, write_args)
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Supervised fine-tuning (response-only loss) on FSDP2.",
-                                formatter_class=HelpFormatter)
+    p = ArgumentParser(description="Supervised fine-tuning (response-only loss) on FSDP2.",
+                       formatter_class=HelpFormatter)
     a = p.add_argument_group("run").add_argument
     a("--model", required=True, help="hub id or local Hugging Face dir of the model to fine-tune")
     a("--data", required=True, help="hub id (id[:config]:split) or local .jsonl/.json/.csv/.parquet")
@@ -114,6 +114,8 @@ def check_args(args):
         raise UsageError(f"--batch-size {args.batch_size} must be divisible by the world size {world}")
     if args.wandb:
         import_optional("wandb", "--wandb")
+    check_out_dir(args.out)
+    check_model(args.model, "--model", trust_remote_code=args.trust_remote_code)
 
 
 def decontaminate(examples, files):
@@ -198,7 +200,7 @@ def main(argv=None):
     replicate = hsdp_replicas(args.replicate, d.world)
 
     # --------------------------------------------------------------------------- data (validated first)
-    tok = load_tokenizer(args.model, args.trust_remote_code)
+    tok = load_tokenizer(args.model, args.trust_remote_code, what="--model")
     examples = load_examples(args, tok)  # [(ids, loss mask)], validated before any model loads
     spe = math.ceil(len(examples) / args.batch_size)  # optimizer steps per epoch (the last batch may be short)
     total = args.max_steps or spe * args.epochs  # the schedule's length: --max-steps overrides --epochs

@@ -138,6 +138,7 @@ def state(tiny_model, files, tmp_path_factory):
     """A resumable OUT written by save_state after one AdamW step (plus args.json and metrics.jsonl, which a
     resume also reads), and the trained objects."""
     out = tmp_path_factory.mktemp("state") / "o"
+    out.mkdir()  # a stage's --out exists before its first save (claim_out_dir)
     policy, opt, sched = train_objects(tiny_model)
     torch.manual_seed(0)
     ids = torch.randint(0, policy.hf.config.vocab_size, (2, 9))

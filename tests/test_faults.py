@@ -92,13 +92,8 @@ def run(args, log, extra_env=None):
 def cli(monkeypatch, capsys, module, argv):
     """A stage's CLI in-process (the exit-code path of `python STAGE.py ARGV`): (exit code, stdout, stderr)."""
     capsys.readouterr()
-    if module in (sft, rl):
-        monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *map(str, argv)])
-        call = lambda: common.cli_main(module.main)  # noqa: E731
-    else:
-        call = lambda: module.main(list(map(str, argv)))  # noqa: E731
     try:
-        call()
+        common.cli_main(module.main, list(map(str, argv)))
         code = 0
     except SystemExit as e:
         code = e.code
