@@ -92,7 +92,7 @@ ARMS = [("grpo", True), ("grpo", False), ("rloo", True), ("reinforce++-baseline"
 @pytest.mark.parametrize("kind", ["equal", "1 ulp apart", "distinct"])
 def test_tied_groups_get_exactly_zero_and_every_group_its_exact_value(kind):
     """n = 2..32, values of both signs and many magnitudes: equal rewards -> exactly 0 under every baseline
-    (float32 statistics gave grpo ±10 on 11-68 % of such groups for n = 3, 5-8, 12, 16, 32); a group
+    (float32 statistics give grpo ±10 on 11-68 % of such groups for n = 3, 5-8, 12, 16, 32); a group
     with one reward 1 ulp up, or distinct rewards, gets its exact shaped reward (to float32 rounding)."""
     g = torch.Generator().manual_seed(0)
     values = T(0.3, 1.7, -2.9, 0.1, 7.77, -123.456, 1e-3, 3e4)
@@ -117,7 +117,7 @@ def test_tied_groups_get_exactly_zero_and_every_group_its_exact_value(kind):
     assert rl._equal_groups(R, 3) == 2  # the step log still counts them
 
 
-def test_the_issue_repro_prints_zeros():
+def test_grpo_on_three_tied_groups_of_eight_is_zero():
     R = torch.tensor([0.3] * 8 + [1.7] * 8 + [-2.9] * 8)
     assert rl.shaped_rewards(R, "grpo", 8).view(3, 8)[:, 0].tolist() == [0.0, 0.0, 0.0]
 
