@@ -47,16 +47,17 @@ nonzero probability is drawn by some uniform (any token whose probability exceed
 tokens below carry less than V·2^-52 = 3e-11 of mass in all). A float32 CDF with one 24-bit uniform per
 step drew the same rows 1.5e-3, 7.7e-4, 1.3e-3, 1.9e-4 away, and at top-p 1 left 6,699 (σ = 2) and
 53,905 (σ = 3) tokens, 1.4e-4 and 5.0e-4 of the mass, to no uniform at all.
-Cost per token (one row, one step) on one CPU core, same script, fastest of 10 calls on 8 rows (a shared
-2-core machine: ±50 % between runs): at top-p 1 the float32 CDF 1.0-1.3 ms, the float64 CDF 0.6-1.1 ms
-(its log-prob comes out of the same buffer, with no log-softmax pass); at top-p 0.95, 12.6-31 ms vs
+Cost per token (one row, one step) on one CPU core, same script, fastest of 10-20 calls on 8 rows, over
+five runs on a 2-core machine shared with other jobs: at top-p 1 the float32 CDF 0.49-1.33 ms, the
+float64 CDF 0.60-1.14 ms (no faster or slower beyond the noise: twice the bytes per logit, but its
+log-prob comes out of the same buffer, with no log-softmax pass); at top-p 0.95 12.6-31 ms and
 17-40 ms, both dominated by the sort. On a GPU, on paper (memory-bound; bytes moved per logit in eager
 PyTorch): the float64 CDF ~75-90 B (to float64, divide, max, subtract and exp in place, sum, cumsum),
 the float32 CDF ~40 B: at 64 rows x 152k, ~0.26 ms vs ~0.12 ms per decode step on an H100 (3.35 TB/s),
 beside ~4.5 ms for reading a 7B model's bf16 weights once; top-p adds the sort to both.
 The other exact candidate, an exponential race (Gumbel-max: argmin_v E_v / π(v), E_v = -log u_v with a
 hashed 53-bit uniform per (row, t, token)), needs no sort and no running sum at top-p 1 but hashes V
-numbers per row and step: 5-14 ms per token on the CPU (same script); unfused on a GPU, ~60 elementwise
+numbers per row and step: 5.2-13.9 ms per token on the CPU (same runs); unfused on a GPU, ~60 elementwise
 int64 / float64 ops x 16 B per logit (~10 GB, ~3 ms per step at 64 x 152k, the size of the decode step
 itself) unless written as one fused kernel. Its distribution cannot be enumerated (2^(53 V) joint
 uniforms), and top-p needs the sort anyway. So: the float64 CDF.
