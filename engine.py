@@ -2,13 +2,16 @@
 completions (token ids), finished / truncated flags and the sampler's log-probs out.
 
     outs = engine.generate(model, prompts, max_new_tokens=4096, stop_ids=[...], pad_id=0,
-                           temperature=1.0, top_p=1.0, batch_size=64, seed=0)
-    outs[i] = {"completion_ids": [...], "logp": [...], "finished": bool, "truncated": bool}
+                           temperature=1.0, top_p=1.0, batch_size=64, seed=0, vocab_size=len(tok))
+    outs[i] = {"completion_ids": [...], "logp": [...], "log_kept": [...], "finished": bool, "truncated": bool}
 
 `completion_ids` ends with the stop token when `finished`; `logp[t]` = log softmax(z_t / τ)[y_t], the
-log-probability of the sampled token under the temperature-scaled distribution before top-p (the same
-quantity rl.py recomputes as log π_old, so |sampler − π_old| measures the sampler's numerical gap).
-temperature 0 is greedy (logp is then log softmax(z_t)[y_t]).
+log-probability of the sampled token under the temperature-scaled distribution over every lm_head row,
+before top-p (the same quantity rl.py recomputes as log π_old, so |sampler − π_old| measures the
+sampler's numerical gap); `log_kept[t]` = log C_t, the log of the mass the draw was restricted to (the
+top-p nucleus of the ids below vocab_size), so logp[t] - log_kept[t] is the log-prob under the
+distribution actually sampled (log_kept is exactly 0 when nothing is cut). temperature 0 is greedy
+(logp is then log softmax(z_t)[y_t], log_kept 0).
 
 How it is fast (docs/design.md §1, issue 10). One decode step reads every weight once and the KV cache
 of every live row, so a decode step is memory-bound: the engine spends its bytes on those reads only.
@@ -28,12 +31,45 @@ of every live row, so a decode step is memory-bound: the engine spends its bytes
      copy of the last k tokens); finished rows free their slot; waiting prompts are prefilled into
      free slots; when none wait, live rows are compacted into the next smaller batch bucket.
   5. Sampling is a pure function of (seed, row id, token index) and the logits: one uniform
-     u = hash(seed, row, t) per row and step (a 32-bit integer hash computed on the device) picks
-     the token by inverse CDF over the (top-p filtered) probabilities. So the tokens do not depend on
-     the batch a row shares, its slot, compaction, the bucket, CUDA graphs or the number of ranks:
-     rl.py passes each sample's global index as its row id, and a rollout on 8 ranks samples what
-     one rank would (up to the logits' own floating-point differences between batch shapes).
+     u = hash(seed, row, t) per row and step (53 bits from two 32-bit integer hashes computed on the
+     device) picks the token by inverse CDF over float64 running sums of the kept probabilities. So
+     the tokens do not depend on the batch a row shares, its slot, compaction, the bucket, CUDA graphs
+     or the number of ranks: rl.py passes each sample's global index as its row id, and a rollout on 8
+     ranks samples what one rank would (up to the logits' own floating-point differences between batch
+     shapes). No .item(), no data-dependent shape, no host tensor: the step stays capturable.
 On the CPU the same code runs without graphs, so the tests exercise the real logic.
+
+The sampler draws the distribution it claims, to 3e-12 in total variation. Measured by exact
+enumeration (drawn_probabilities: which token each of the 2^53 uniforms selects, bisected per CDF
+position) on 152,064-token rows of logits 2·N(0, 1) (entropy 9.9 nats) and 3·N(0, 1), at top-p 1 and
+0.95 (`python bench/bench_sampler.py`): TV 3.2e-12, 1.3e-12, 3.2e-12, 3.1e-13, and every token of
+nonzero probability is drawn by some uniform (any token whose probability exceeds about 2^-52 is; the
+tokens below carry less than V·2^-52 = 3e-11 of mass in all). A float32 CDF with one 24-bit uniform per
+step drew the same rows 1.5e-3, 7.7e-4, 1.3e-3, 1.9e-4 away, and at top-p 1 left 6,699 (σ = 2) and
+53,905 (σ = 3) tokens, 1.4e-4 and 5.0e-4 of the mass, to no uniform at all.
+Cost per token (one row, one step) on one CPU core, same script, fastest of 10-20 calls on 8 rows, over
+five runs on a 2-core machine shared with other jobs: at top-p 1 the float32 CDF 0.49-1.33 ms, the
+float64 CDF 0.60-1.14 ms (no faster or slower beyond the noise: twice the bytes per logit, but its
+log-prob comes out of the same buffer, with no log-softmax pass); at top-p 0.95 12.6-31 ms and
+17-40 ms, both dominated by the sort. On a GPU, on paper (memory-bound; bytes moved per logit in eager
+PyTorch): the float64 CDF ~75-90 B (to float64, divide, max, subtract and exp in place, sum, cumsum),
+the float32 CDF ~40 B: at 64 rows x 152k, ~0.26 ms vs ~0.12 ms per decode step on an H100 (3.35 TB/s),
+beside ~4.5 ms for reading a 7B model's bf16 weights once; top-p adds the sort to both.
+The other exact candidate, an exponential race (Gumbel-max: argmin_v E_v / π(v), E_v = -log u_v with a
+hashed 53-bit uniform per (row, t, token)), needs no sort and no running sum at top-p 1 but hashes V
+numbers per row and step: 5.2-13.9 ms per token on the CPU (same runs); unfused on a GPU, ~60 elementwise
+int64 / float64 ops x 16 B per logit (~10 GB, ~3 ms per step at 64 x 152k, the size of the decode step
+itself) unless written as one fused kernel. Its distribution cannot be enumerated (2^(53 V) joint
+uniforms), and top-p needs the sort anyway. So: the float64 CDF.
+
+Embedding rows past the tokenizer are never sampled. Real checkpoints pad the lm_head (R1-Distill-Qwen-7B
+152,064 rows for 151,665 tokens; Qwen3 151,936 for 151,669): an id there decodes to nothing, so the
+reward model, the graders and entropy.py would see a text without it while rl.py trains on its id.
+Counting and warning would leave that mismatch in the data; masking costs only the mass a trained model
+puts on rows it never saw as targets. So generate(vocab_size=len(tok)) zeroes those rows before
+top-p, and the one distribution stays stated: π_old (rl.py's recomputation) is softmax(z / τ) over
+every row, the draw is from π_old restricted to K (the nucleus of the valid ids) and renormalised, and
+log_kept = log C measures the difference (rl.py logs its mean as kept_gap next to sampler_gap).
 
 The decode forward is written out here (`Decoder.layer`) for the Llama-family decoders that rl.py
 trains: Llama, Qwen2, Qwen3, Mistral (full attention). It calls the model's own modules (projections,
@@ -58,8 +94,9 @@ engine; docs/perf.md).
 
 Another backend (vLLM, SGLang) plugs in behind the same function: it receives the prompts as token ids
 and must return, per prompt, the completion ids (stop token included), per-token log-probs of the
-sampled tokens at temperature τ, and the finished / truncated flags; rl.py and evaluate.py need
-nothing else (rl.py recomputes π_old itself).
+sampled tokens at temperature τ before top-p, per-token log C (vLLM: its processed log-prob minus
+that one), and the finished / truncated flags; rl.py and evaluate.py need nothing else (rl.py
+recomputes π_old itself).
 `generate_api` (end of file) sends the same job to an OpenAI-compatible /completions server (vLLM,
 SGLang) for evaluate.py --api-url: token-id prompts in, text, truncated flag and token count out.
 """
@@ -81,7 +118,7 @@ DIRECT_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 
 
 # ------------------------------------------------------------------------------------------------
-# Sampling: inverse CDF with one hashed uniform per (seed, row, t)
+# Sampling: inverse CDF in float64 with one hashed 53-bit uniform per (seed, row, t)
 
 _M32 = 0xFFFFFFFF
 
@@ -102,32 +139,94 @@ def _mix32(x):
 
 
 def uniforms(seed, row, t):
-    """(B,) float32 in [0, 1): u = hash(seed, row, t) with 24 random bits. seed (1,), row, t (B,) int64."""
-    h = _mix32(_mix32(_mix32(seed) ^ row) ^ t)
-    return (h >> 8).float() / float(1 << 24)
+    """(B,) float64 u = k / 2^53 in [0, 1), k a 53-bit integer built from two 32-bit hashes of (seed, row, t)
+    that take the three in different orders (neither half is a function of the other). seed (1,), row, t (B,)
+    int64."""
+    hi = _mix32(_mix32(_mix32(seed) ^ row) ^ t)
+    lo = _mix32(_mix32(_mix32(seed ^ 0x5BD1E995) ^ t) ^ row)
+    return ((hi << 21) | (lo >> 11)).double() / float(1 << 53)
 
 
-def sample_next(z, temperature, top_p, seed, row, t):
-    """z (B, V) float32 logits -> (next token (B,), its log-prob (B,) under softmax(z / τ)).
+def kept_weights(z, temperature, top_p, vocab=None):
+    """The distribution the sampler draws from, as float64 weights in the order its CDF runs.
 
-    τ = 0: argmax. Otherwise the token whose CDF interval holds u = hash(seed, row, t), over the
-    probabilities softmax(z / τ) restricted to the top-p nucleus (the smallest set of most likely
-    tokens whose mass reaches top_p), renormalised. The reported log-prob is before top-p."""
-    if temperature == 0:
-        nxt = z.argmax(-1)
-        return nxt, torch.log_softmax(z, -1).gather(-1, nxt[:, None]).squeeze(-1)
-    logp = torch.log_softmax(z / temperature, -1)  # (B, V)
-    u = uniforms(seed, row, t)[:, None]  # (B, 1)
+    z (B, V) logits -> (w, order, log_total): w (B, V) = exp(z/τ - max z/τ) on the tokens that may be
+    drawn and 0 on the rest; order (B, V) the token id at each position (None: the positions are the ids);
+    log_total (B,) = log Σ_v exp(z_v/τ - max z/τ) over all V ids, so that log π(v) = log w_v - log_total
+    for a kept token, π = softmax(z / τ).
+    May be drawn: an id below `vocab` (the tokenizer's size; embedding rows past it have no token) inside
+    the top-p nucleus of those ids: ranked by probability, a token is kept while the mass ranked above it is
+    below top_p times the mass of the valid ids. Equal logits are ranked as transformers'
+    TopPLogitsWarper and vLLM rank them (an ascending stable sort, read from the top: the higher id first),
+    so a tie on the boundary keeps the same members as theirs (up to their float32 rounding of the sums)."""
+    V = z.shape[-1]
+    order = None
     if top_p < 1.0:
-        p, idx = logp.exp().sort(-1, descending=True)  # (B, V) most likely first
-        p = p * ((p.cumsum(-1) - p) < top_p)  # keep a token while the mass before it is < top_p
-        c = p.cumsum(-1)
-        j = torch.searchsorted(c, u * c[:, -1:], right=True).clamp(max=z.shape[-1] - 1)  # (B, 1)
-        nxt = idx.gather(-1, j).squeeze(-1)
-    else:
-        c = logp.exp().cumsum(-1)  # (B, V)
-        nxt = torch.searchsorted(c, u * c[:, -1:], right=True).clamp(max=z.shape[-1] - 1).squeeze(-1)
-    return nxt, logp.gather(-1, nxt[:, None]).squeeze(-1)
+        z, order = z.flip(-1).sort(dim=-1, descending=True, stable=True)  # (B, V) likeliest first; ties: higher id
+        order = (V - 1) - order
+    w = z.double()  # (B, V), one float64 buffer, updated in place
+    if temperature != 1.0:
+        w.div_(temperature)
+    w.sub_(w.max(-1, keepdim=True).values).exp_()  # (B, V) exp(z/τ - max z/τ)
+    log_total = w.sum(-1).log()  # (B,)
+    if vocab is not None and vocab < V:
+        if order is None:
+            w[:, vocab:] = 0.0
+        else:
+            w.mul_(order < vocab)
+    if order is None:
+        return w, None, log_total
+    c = w.cumsum(-1)  # (B, V)
+    above = torch.cat([torch.zeros_like(c[:, :1]), c[:, :-1]], -1)  # (B, V) the mass ranked above each token
+    return w.mul_(above < top_p * c[:, -1:]), order, log_total
+
+
+def invert_cdf(c, u):
+    """c (B, V) float64 running sums of the kept weights, u (B, Q) in [0, 1) -> (B, Q) the position j with
+    c[j-1] <= u·c[-1] < c[j]: position j is drawn with probability (c[j] - c[j-1]) / c[-1], up to the
+    rounding of c and of the product and the 2^-53 grid of u."""
+    return torch.searchsorted(c, u * c[:, -1:], right=True).clamp(max=c.shape[-1] - 1)
+
+
+def drawn_probabilities(z, temperature, top_p, vocab=None):
+    """z (1, V) -> (V,) float64: the exact probability that sample_next draws each token when u runs over
+    its grid k / 2^53 (no sampling: for each CDF position j, first[j] = the smallest k that invert_cdf sends
+    to a position >= j, a monotone function of k, bisected for every j at once; position j gets
+    first[j + 1] - first[j] of the 2^53 uniforms). tests/test_engine.py and bench/bench_sampler.py measure
+    the sampler's total variation with it."""
+    w, order, _ = kept_weights(z, temperature, top_p, vocab)
+    c = w.cumsum(-1)  # (1, V), as sample_next builds it
+    V = c.shape[-1]
+    j = torch.arange(V + 1, device=z.device)
+    lo, hi = torch.zeros_like(j), torch.full_like(j, 1 << 53)
+    while bool((lo < hi).any()):
+        mid = (lo + hi) // 2
+        up = invert_cdf(c, (mid.double() / float(1 << 53))[None, :])[0] >= j  # (V + 1,) uniform `mid` at or past j
+        lo, hi = torch.where(up | (lo == hi), lo, mid + 1), torch.where(up, mid, hi)
+    p = (lo[1:] - lo[:-1]).double() / float(1 << 53)  # (V,) per CDF position
+    return p if order is None else torch.zeros_like(p).scatter_(0, order[0], p)
+
+
+def sample_next(z, temperature, top_p, seed, row, t, vocab=None):
+    """z (B, V) float32 logits -> (next token (B,), log π(token) (B,), log C (B,)), π = softmax(z / τ).
+
+    τ = 0: argmax over the ids below `vocab`, log C = 0. Otherwise the token whose CDF interval holds
+    u = uniforms(seed, row, t), over kept_weights: a draw from π restricted to the kept set K (the top-p
+    nucleus of the tokenizer's ids) and renormalised, π(y) / C with C = Σ_{v in K} π(v). The reported
+    log-prob is log π(y) over all V ids, before top-p and the vocabulary cut (what rl.py recomputes as
+    log π_old); log π(y) - log C is the log-prob under the distribution actually sampled. log C is exactly
+    0 when nothing is cut (top_p = 1 and no row past `vocab`)."""
+    if temperature == 0:
+        nxt = z[:, :vocab].argmax(-1)
+        return nxt, torch.log_softmax(z, -1).gather(-1, nxt[:, None]).squeeze(-1), torch.zeros_like(z[:, 0])
+    w, order, log_total = kept_weights(z, temperature, top_p, vocab)
+    c = w.cumsum(-1)  # (B, V) the CDF over the kept tokens, unnormalised
+    j = invert_cdf(c, uniforms(seed, row, t)[:, None])  # (B, 1) the drawn position
+    nxt = (j if order is None else order.gather(-1, j)).squeeze(-1)
+    logp = (w.gather(-1, j).squeeze(-1).log() - log_total).float()
+    cut = top_p < 1.0 or (vocab is not None and vocab < z.shape[-1])
+    log_kept = (c[:, -1].log() - log_total).clamp(max=0).float() if cut else torch.zeros_like(logp)
+    return nxt, logp, log_kept
 
 
 # ------------------------------------------------------------------------------------------------
@@ -210,13 +309,13 @@ def direct_support(hf):
 class Decoder:
     """The decode state of one generate() call: a static KV cache, per-slot device state, CUDA graphs."""
 
-    def __init__(self, hf, rows, capacity, temperature, top_p, seed, graphs):
+    def __init__(self, hf, rows, capacity, temperature, top_p, seed, graphs, vocab=None):
         cfg, inner = hf.config, hf.model
         self.hf, self.inner, self.layers = hf, inner, list(inner.layers)
         a = self.layers[0].self_attn
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, a.head_dim
         self.rope = sys.modules[type(a).__module__].apply_rotary_pos_emb  # the model's own RoPE
-        self.temperature, self.top_p = temperature, top_p
+        self.temperature, self.top_p, self.vocab = temperature, top_p, vocab
         dev = inner.embed_tokens.weight.device
         self.dtype = inner.embed_tokens.weight.dtype
         self.device, self.rows, self.capacity = dev, rows, capacity
@@ -253,7 +352,7 @@ class Decoder:
     @torch.no_grad()
     def prefill(self, prompts, slots, row_ids):
         """Right-padded prompts (lists of ids) -> their K, V written into `slots`; the first token of
-        each sampled (t = 0). Returns (first tokens, their log-probs) as lists."""
+        each sampled (t = 0). Returns (first tokens, their log-probs, log C) as lists."""
         B, P = len(prompts), max(len(p) for p in prompts)
         lens = torch.tensor([len(p) for p in prompts], device=self.device)
         ids = common.pad_right(prompts, device=self.device)[0]  # (B, P)
@@ -274,11 +373,12 @@ class Decoder:
             x = self.layer(l, x, cos, sin, attend)
         z = self.logits(x[torch.arange(B, device=self.device), lens - 1])  # (B, V) at each prompt's last token
         rows = torch.tensor(row_ids, device=self.device)
-        nxt, logp = sample_next(z, self.temperature, self.top_p, self.seed, rows, torch.zeros_like(rows))
+        nxt, logp, kept = sample_next(z, self.temperature, self.top_p, self.seed, rows, torch.zeros_like(rows),
+                                      self.vocab)
         self.tok[slot_idx], self.lens[slot_idx], self.t[slot_idx], self.row[slot_idx] = nxt, lens, 1, rows
-        return nxt.tolist(), logp.tolist()
+        return nxt.tolist(), logp.tolist(), kept.tolist()
 
-    def step(self, Bb, Lb, hist_tok, hist_logp):
+    def step(self, Bb, Lb, hist_tok, hist_logp, hist_kept):
         """One decode step for slots [0, Bb), attention over cache columns [0, Lb): all device ops on
         static buffers, so it can be captured in a CUDA graph."""
         tok, lens = self.tok[:Bb], self.lens[:Bb]  # (Bb,)
@@ -296,33 +396,35 @@ class Decoder:
 
         for l in range(len(self.layers)):
             x = self.layer(l, x, cos, sin, attend)
-        nxt, logp = sample_next(self.logits(x[:, -1]), self.temperature, self.top_p, self.seed,
-                                self.row[:Bb], self.t[:Bb])
+        nxt, logp, kept = sample_next(self.logits(x[:, -1]), self.temperature, self.top_p, self.seed,
+                                      self.row[:Bb], self.t[:Bb], self.vocab)
         self.tok[:Bb] = nxt
         self.lens[:Bb] += 1
         self.t[:Bb] += 1
         c = self.col.expand(Bb)[:, None]
         hist_tok[:Bb].scatter_(1, c, nxt[:, None])
         hist_logp[:Bb].scatter_(1, c, logp[:, None])
+        hist_kept[:Bb].scatter_(1, c, kept[:, None])
         self.col += 1
 
-    def run(self, Bb, Lb, hist_tok, hist_logp):
+    def run(self, Bb, Lb, hist_tok, hist_logp, hist_kept):
         """step(), replayed from a CUDA graph captured on first use of (Bb, Lb) when graphs are on."""
         if self.graphs is None:
-            return self.step(Bb, Lb, hist_tok, hist_logp)
+            return self.step(Bb, Lb, hist_tok, hist_logp, hist_kept)
         g = self.graphs.get((Bb, Lb))
         if g is None:
-            state = [x.clone() for x in (self.tok, self.lens, self.t, self.col, hist_tok, hist_logp)]
+            hist = (hist_tok, hist_logp, hist_kept)
+            state = [x.clone() for x in (self.tok, self.lens, self.t, self.col, *hist)]
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):  # warm-up (allocator, lazy inits) outside the graph
-                self.step(Bb, Lb, hist_tok, hist_logp)
+                self.step(Bb, Lb, *hist)
             torch.cuda.current_stream().wait_stream(s)
             self.pool = self.pool or torch.cuda.graph_pool_handle()
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=self.pool):
-                self.step(Bb, Lb, hist_tok, hist_logp)
-            for x, saved in zip((self.tok, self.lens, self.t, self.col, hist_tok, hist_logp), state):
+                self.step(Bb, Lb, *hist)
+            for x, saved in zip((self.tok, self.lens, self.t, self.col, *hist), state):
                 x.copy_(saved)  # undo the warm-up step (its K/V write is overwritten by the real one)
             self.graphs[(Bb, Lb)] = g
         g.replay()
@@ -343,7 +445,7 @@ def _bucket(n, buckets):
     return next((b for b in buckets if b >= n), buckets[-1])
 
 
-def _validate(prompts, max_new, temperature, top_p, batch_size, check_every):
+def _validate(prompts, max_new, temperature, top_p, batch_size, check_every, vocab_size=None):
     if not all(isinstance(n, int) and n >= 1 for n in max_new):
         raise ValueError("max_new_tokens must be >= 1")
     if any(len(p) == 0 for p in prompts):
@@ -351,6 +453,8 @@ def _validate(prompts, max_new, temperature, top_p, batch_size, check_every):
     if temperature < 0 or not 0 < top_p <= 1 or batch_size < 1 or check_every < 1:
         raise ValueError(f"engine.generate: need temperature >= 0, 0 < top_p <= 1, batch_size >= 1, check_every >= 1 "
                          f"(got {temperature}, {top_p}, {batch_size}, {check_every})")
+    if vocab_size is not None and vocab_size < 1:
+        raise ValueError(f"engine.generate: vocab_size must be >= 1 (got {vocab_size})")
 
 
 _logged = set()
@@ -365,16 +469,18 @@ def _log_once(msg):
 @torch.no_grad()
 def generate(model, prompts, *, max_new_tokens, stop_ids, pad_id, temperature=1.0, top_p=1.0, batch_size=64,
              seed=0, row_ids=None, progress=None, check_every=16, len_bucket=LEN_BUCKET, batch_buckets=BATCH_BUCKETS,
-             graphs=None, simple=False, kv_budget=0.85):
+             graphs=None, simple=False, kv_budget=0.85, vocab_size=None):
     """Sample one completion per prompt (a list of token ids). Returns one dict per prompt, in order
     (see the module docstring). max_new_tokens: an int, or one int per prompt. row_ids: the id hashed
-    into each prompt's sampling noise (default 0..n-1; rl.py passes global sample indices). graphs:
+    into each prompt's sampling noise (default 0..n-1; rl.py passes global sample indices). vocab_size:
+    the tokenizer's size len(tok); ids at or past it (embedding rows with no token) are never sampled
+    (default: every row of the lm_head may be). graphs:
     CUDA graphs on/off (default: on when the model is on CUDA). simple=True forces the simple path
     (the model's own forward and cache) that non-Llama-family models take; with check_every=1 it is
     the plain eager KV-cache loop (bench/bench_rollout.py's baseline)."""
     n = len(prompts)
     max_new = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * n
-    _validate(prompts, max_new, temperature, top_p, batch_size, check_every)
+    _validate(prompts, max_new, temperature, top_p, batch_size, check_every, vocab_size)
     if n == 0:
         return []
     row_ids = list(range(n)) if row_ids is None else list(row_ids)
@@ -385,7 +491,7 @@ def generate(model, prompts, *, max_new_tokens, stop_ids, pad_id, temperature=1.
         if not simple:
             _log_once(f"{type(hf).__name__}: {why}; using the simple path (model's own cache, static batches)")
         return _generate_simple(hf, prompts, max_new, stop_set, pad_id, temperature, top_p, batch_size, seed,
-                                row_ids, progress, check_every)
+                                row_ids, progress, check_every, vocab_size)
 
     dev = hf.model.embed_tokens.weight.device
     graphs = dev.type == "cuda" if graphs is None else graphs
@@ -401,27 +507,30 @@ def generate(model, prompts, *, max_new_tokens, stop_ids, pad_id, temperature=1.
         if fit < rows:
             _log_once(f"KV cache for {rows} rows x {capacity} tokens does not fit; decoding {max(fit, 1)} rows at a time")
             rows = max(fit, 1)
-    dec = Decoder(hf, rows, capacity, temperature, top_p, seed, graphs)
+    dec = Decoder(hf, rows, capacity, temperature, top_p, seed, graphs, vocab_size)
     hist_tok = torch.zeros(rows, k, dtype=torch.long, device=dev)
     hist_logp = torch.zeros(rows, k, dtype=torch.float32, device=dev)
+    hist_kept = torch.zeros(rows, k, dtype=torch.float32, device=dev)
 
     out = [None] * n
-    toks, logps = [[] for _ in range(n)], [[] for _ in range(n)]
+    toks, logps, kepts = [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
     slot_row = [-1] * rows  # which prompt each slot decodes (-1: free)
     queue = list(range(n))
     refill_min = max(1, rows // 8)  # prefill waiting prompts in groups, not one by one
 
     def finish(i, fin):
         nn_ = len(toks[i])
-        out[i] = {"completion_ids": toks[i], "logp": logps[i], "finished": fin, "truncated": not fin and nn_ >= max_new[i]}
+        out[i] = {"completion_ids": toks[i], "logp": logps[i], "log_kept": kepts[i], "finished": fin,
+                  "truncated": not fin and nn_ >= max_new[i]}
         if progress is not None:
             progress.update(1)
 
-    def take(i, tok_list, logp_list):
+    def take(i, tok_list, logp_list, kept_list):
         """Append new tokens of prompt i up to its stop token or limit; True when it is done."""
-        for x, lp in zip(tok_list, logp_list):
+        for x, lp, kp in zip(tok_list, logp_list, kept_list):
             toks[i].append(x)
             logps[i].append(lp)
+            kepts[i].append(kp)
             if x in stop_set:
                 finish(i, True)
                 return True
@@ -440,9 +549,9 @@ def generate(model, prompts, *, max_new_tokens, stop_ids, pad_id, temperature=1.
             for j in range(0, len(new), budget):
                 grp = new[j:j + budget]
                 slots = free[j:j + len(grp)]
-                first, first_lp = dec.prefill([prompts[i] for i in grp], slots, [row_ids[i] for i in grp])
-                for i, s, x, lp in zip(grp, slots, first, first_lp):
-                    slot_row[s] = -1 if take(i, [x], [lp]) else i
+                first, first_lp, first_kp = dec.prefill([prompts[i] for i in grp], slots, [row_ids[i] for i in grp])
+                for i, s, x, lp, kp in zip(grp, slots, first, first_lp, first_kp):
+                    slot_row[s] = -1 if take(i, [x], [lp], [kp]) else i
             continue
         if live == 0:
             break
@@ -464,17 +573,17 @@ def generate(model, prompts, *, max_new_tokens, stop_ids, pad_id, temperature=1.
         Lb = min(capacity, math.ceil((int(dec.lens[:Bb].max()) + k) / len_bucket) * len_bucket)
         dec.col.zero_()
         for _ in range(k):
-            dec.run(Bb, Lb, hist_tok, hist_logp)
-        ht, hl = hist_tok[:Bb].tolist(), hist_logp[:Bb].tolist()  # the one host sync per k steps
+            dec.run(Bb, Lb, hist_tok, hist_logp, hist_kept)
+        ht, hl, hk = (h[:Bb].tolist() for h in (hist_tok, hist_logp, hist_kept))  # the one host sync per k steps
         for s in range(Bb):
             i = slot_row[s]
-            if i >= 0 and take(i, ht[s], hl[s]):
+            if i >= 0 and take(i, ht[s], hl[s], hk[s]):
                 slot_row[s] = -1
     return out
 
 
 def _generate_simple(hf, prompts, max_new, stop_set, pad_id, temperature, top_p, batch_size, seed, row_ids,
-                     progress, check_every):
+                     progress, check_every, vocab_size=None):
     """The model's own forward and KV cache (any architecture, e.g. hybrid Mamba caches), static batches
     of left-padded prompts, the same sampler; stops checked every `check_every` steps."""
     dev = next(hf.parameters()).device
@@ -494,26 +603,28 @@ def _generate_simple(hf, prompts, max_new, stop_set, pad_id, temperature, top_p,
         stop = torch.tensor(sorted(stop_set) or [-1], device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         limit_t = torch.tensor(limit, device=dev)
-        toks, logps, cache, cur = [], [], None, ids
+        toks, logps, kepts, cache, cur = [], [], [], None, ids
         for t in range(max(limit)):
             o = hf(input_ids=cur, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
                    logits_to_keep=1)
             cache = o.past_key_values
-            nxt, lp = sample_next(o.logits[:, -1].float(), temperature, top_p, seed_t, rows, torch.full_like(rows, t))
+            nxt, lp, kp = sample_next(o.logits[:, -1].float(), temperature, top_p, seed_t, rows,
+                                      torch.full_like(rows, t), vocab_size)
             toks.append(nxt)
             logps.append(lp)
+            kepts.append(kp)
             done = done | torch.isin(nxt, stop) | (t + 1 >= limit_t)
             cur, pos = nxt[:, None], pos[:, -1:] + 1
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             if (t + 1) % check_every == 0 and bool(done.all()):
                 break
-        toks, logps = torch.stack(toks, 1).tolist(), torch.stack(logps, 1).tolist()  # (B, steps)
+        toks, logps, kepts = (torch.stack(x, 1).tolist() for x in (toks, logps, kepts))  # (B, steps)
         for i in range(B):
             n_ = next((j + 1 for j, x in enumerate(toks[i][:limit[i]]) if x in stop_set), None)
             fin = n_ is not None
             n_ = n_ or min(len(toks[i]), limit[i])
-            out.append({"completion_ids": toks[i][:n_], "logp": logps[i][:n_], "finished": fin,
-                        "truncated": not fin and n_ >= limit[i]})
+            out.append({"completion_ids": toks[i][:n_], "logp": logps[i][:n_], "log_kept": kepts[i][:n_],
+                        "finished": fin, "truncated": not fin and n_ >= limit[i]})
         if progress is not None:
             progress.update(B)
     return out

@@ -189,7 +189,8 @@ def generate_local(model, jobs, args, dist_, tok):
                            max_new_tokens=args.max_new_tokens,
                            stop_ids=common.stop_token_ids(tok, model, args.chat_template_kwargs),
                            pad_id=tok.pad_token_id, temperature=args.temperature, top_p=args.top_p,
-                           batch_size=args.batch_size, seed=args.seed, row_ids=[j["_i"] for j in jobs], progress=bar)
+                           batch_size=args.batch_size, seed=args.seed, row_ids=[j["_i"] for j in jobs], progress=bar,
+                           vocab_size=len(tok))
     bar.close()
     for j, o in zip(jobs, outs):
         ids = o["completion_ids"][:-1] if o["finished"] else o["completion_ids"]  # drop the stop token

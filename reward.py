@@ -411,7 +411,7 @@ def make_judge(device, prompts, *, local=None, url=None, model="gpt-4o", key=Non
         bar = tqdm(total=len(ps), desc="judge (local)", disable=common.rank() != 0)
         outs = engine.generate(jm, [common.render_prompt(jtok, p) for p in ps], max_new_tokens=max_new_tokens,
                                stop_ids=common.stop_token_ids(jtok, jm), pad_id=jtok.pad_token_id, temperature=0,
-                               batch_size=batch_size, progress=bar)
+                               batch_size=batch_size, progress=bar, vocab_size=len(jtok))
         bar.close()
         return [jtok.decode(o["completion_ids"], skip_special_tokens=True) for o in outs]
     return Judge(prompts, ask)

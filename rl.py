@@ -14,12 +14,15 @@ One step (docs/design.md §3, as OpenRLHF implements REINFORCE++, which the pape
         L(θ) = -(1/N_tok) Σ_t min(ρ_t A_t, clip(ρ_t, 1-ε_low, 1+ε_high) A_t),
         ρ_t = exp(clamp(log π_θ(y_t) - log π_old(y_t), -20, 20))
      ONE token mean over every response token of the optimizer step (N_tok all-reduced), so the
-     loss does not depend on the micro-batch split or the number of ranks.
+     loss does not depend on the micro-batch split or the number of ranks (--loss-agg: other means).
 
 Ablation arms (--estimator): reinforce++-baseline (R minus the group mean, then global whitening),
-grpo (group z-score, no whitening), rloo (leave-one-out baseline, no whitening). --kl-in loss moves
-the KL out of the reward into the loss (β·k_t, recomputed from the current policy; k3 is the usual
-choice there).
+grpo (group z-score, no whitening), rloo (leave-one-out baseline, no whitening); --no-std drops grpo's
+division by the group std. --loss-agg replaces the token mean of step 5 by a sequence mean
+(loss_weights states each formula and its source); Dr. GRPO is --estimator grpo --no-std --loss-agg
+seq-mean-token-sum-norm. --kl-in loss moves the KL out of the reward into the loss (β·k_t, recomputed
+from the current policy; k3 is the usual choice there). --dual-clip is off, as in OpenRLHF (verl
+applies c = 3 always).
 
 Defaults reproduce the paper's run (STAR-1 prompts, REINFORCE++, k1 KL in the reward, clip 0.2,
 AdamW lr 5e-7, cosine with 3% warmup, 500 steps). Where the paper is silent, OpenRLHF's defaults:
@@ -33,9 +36,26 @@ FSDP2 shards once per rollout and decodes through a plain module whose parameter
 bf16 weights (no second copy), then engine.generate runs the static-KV-cache decoder (CUDA graphs,
 finished rows dropped) with no collective inside the decode loop: each rank samples its own prompts at
 its own pace, and the ranks meet after the rollout. Sampling noise is a hash of (seed + step, global
-sample index, token index), so a rollout does not depend on the number of ranks. Every step logs
-sampler_gap = mean |log π_sampler − log π_old| over response tokens (the sampler's numerical gap to
-the trainer's forward; 0 up to rounding when both run in the same precision).
+sample index, token index), so a rollout does not depend on the number of ranks.
+
+Which distribution π_old is. π_old(y_t) = softmax(z_t / τ)[y_t] over every row of the lm_head: the
+tempered policy before top-p, as OpenRLHF, verl and TRL recompute it. The sampler draws from π_old
+restricted to K_t = the top-p nucleus of the tokenizer's ids (engine.py never samples the embedding rows
+past len(tok)) and renormalised: π_b(y) = π_old(y) / C_t, C_t = Σ_{v in K_t} π_old(v). So the ratio's
+denominator is π_old, not the behaviour probability π_b, which is higher by -log C_t on every sampled
+token (0 at top-p 1, up to the unused rows' mass). Every step logs both, as means over response tokens:
+  sampler_gap = mean |log π_sampler - log π_old|  the sampler's numerical gap to the trainer's forward,
+                log π_sampler being its log-prob of the same full-softmax π (0 up to rounding when both
+                run in the same precision; bf16 decoding shows here)
+  kept_gap    = mean -log C_t                       what top-p and the unused rows cut away
+vLLM-based trainers compare vLLM's per-token log-prob with their π_old: with vLLM's processed log-probs
+(logprobs_mode processed_logprobs: after temperature and top-p, log π_b) their mean mismatch is our
+kept_gap plus a numerical part no larger than our sampler_gap; with its default raw log-probs (before
+temperature and top-p) it has no -log C in it (and at τ != 1 it compares different temperatures).
+There is no --top-p-in-ratio: the exact ratio π_θ(y | K_t) / π_b(y) needs Σ_{v in K_t} π_θ(v) at every
+response token of every training forward (the full [tokens, V] logits the fused head exists to avoid;
+and K_t is a set ranked by π_old, which only a stored copy of π_old's logits could recover after the
+first update); π_b in the denominator alone would start every ratio at 1 / C_t instead of 1.
 
 Commands:
   python rl.py --model out/sft --prompts rows.jsonl --out out/rl --rule refusal --max-steps 2
@@ -63,6 +83,7 @@ import engine
 from entropy import DEFAULT_WORDS
 
 ESTIMATORS = ("reinforce++", "reinforce++-baseline", "grpo", "rloo")
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -85,37 +106,48 @@ def kl_estimate(logp, ref_logp, kind="k1"):
     return k.clamp(-10, 10)
 
 
-def shaped_rewards(rewards, estimator="reinforce++", group_size=1):
+def shaped_rewards(rewards, estimator="reinforce++", group_size=1, std=True):
     """The scalar reward each sample gets on its last token, (B,) -> (B,): the RAW reward minus the
     group baseline (the arms), THEN clipped to [-10, 10], as OpenRLHF's
     openrlhf/trainer/ppo_utils/experience_maker.py compute_advantages_and_returns (baseline on the raw
     rewards) followed by openrlhf/models/utils.py compute_reward (clip, --reward.clip_range -10 10).
     reinforce++: clip(R); reinforce++-baseline: clip(R - mean_group R); grpo: clip((R - mean) / (std + 1e-9))
-    (unbiased std); rloo: clip(R - mean of the other n - 1)."""
+    (unbiased std), or with std=False (--no-std, Dr. GRPO, arXiv 2503.20783) clip(R - mean); rloo:
+    clip(R - mean of the other n - 1).
+    A group whose n rewards are all equal gets exactly 0 under every baseline, whatever n and the values:
+    the group statistics are taken in float64, where the sum of n equal float32 rewards is exact, so the
+    mean equals them and R - mean = 0 (in float32 the mean of n = 8 equal rewards can land one rounding
+    step off while the std is exactly 0, and grpo's (R - mean) / (0 + 1e-9) became ±10 after the clip); such
+    groups are also zeroed explicitly. Near-ties keep their exact z-score (1 ulp apart in a group of 2:
+    ±0.707; grpo's |A| <= (n - 1) / sqrt(n) always, so its clip never binds for n < 100)."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r} ({', '.join(ESTIMATORS)})")
-    R = rewards.float()  # (B,)
+    R = rewards.double()  # (B,)
     if estimator != "reinforce++":
         g = R.view(-1, group_size)  # (B / n, n)
-        if estimator == "reinforce++-baseline":
-            g = g - g.mean(1, keepdim=True)
-        elif estimator == "grpo":
-            g = (g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + 1e-9)
-        else:  # rloo: baseline = mean of the other n - 1 rewards of the group
-            g = g - (g.sum(1, keepdim=True) - g) / (group_size - 1)
-        R = g.reshape(-1)
-    return R.clamp(-10, 10)
+        tied = g.amax(1, keepdim=True) == g.amin(1, keepdim=True)  # (B / n, 1)
+        if estimator == "rloo":  # baseline = mean of the other n - 1 rewards of the group
+            a = g - (g.sum(1, keepdim=True) - g) / (group_size - 1)
+        else:
+            a = g - g.mean(1, keepdim=True)
+            if estimator == "grpo" and std:
+                a = a / (g.std(1, keepdim=True) + 1e-9)
+        R = a.masked_fill(tied, 0.0).reshape(-1)
+    return R.clamp(-10, 10).float()
 
 
 def compute_advantages(rewards, logp_old, logp_ref, mask, *, estimator="reinforce++", kl_coef=1e-3,
-                       kl_estimator="k1", kl_in="reward", group_size=1, gamma=1.0):
+                       kl_estimator="k1", kl_in="reward", group_size=1, gamma=1.0, std=True):
     """rewards (B,); logp_old, logp_ref (B, T); mask (B, T) bool, response tokens contiguous from the
     left; the group_size samples of one prompt are consecutive rows. Returns advantages (B, T), 0 off
-    the mask. Whitening (reinforce++, reinforce++-baseline) is over every response token on every rank.
-    γ discounts reinforce++ only: the arms need γ = 1 (OpenRLHF forces it for them, with a warning)."""
+    the mask. Whitening (reinforce++, reinforce++-baseline) is over every response token on every rank,
+    its sums in float64: a rollout whose returns are all equal whitens to exactly 0 (the float64 sum of
+    N equal float32 values is exact; in float32 the mean drifts off them and the 1e-8 variance floor
+    scaled the drift by 1e4). γ discounts reinforce++ only: the arms need γ = 1 (OpenRLHF forces it for
+    them, with a warning). std: grpo's division by the group std (False: Dr. GRPO)."""
     if gamma != 1.0 and estimator != "reinforce++":
         raise ValueError(f"gamma {gamma} with estimator {estimator!r}: the baseline arms use γ = 1 (as OpenRLHF)")
-    R = shaped_rewards(rewards, estimator, group_size)  # (B,)
+    R = shaped_rewards(rewards, estimator, group_size, std)  # (B,)
     m = mask.float()
     r = torch.zeros_like(m)  # (B, T) per-token rewards
     if kl_in == "reward":
@@ -132,16 +164,45 @@ def compute_advantages(rewards, logp_old, logp_ref, mask, *, estimator="reinforc
             G[:, t] = run
     G = G * m
     if estimator in ("reinforce++", "reinforce++-baseline"):  # global whitening across ranks
-        s = all_reduce(torch.stack([G.sum(), m.sum()]))
+        G, md = G.double(), m.double()
+        s = all_reduce(torch.stack([G.sum(), md.sum()]))
         mean = s[0] / s[1]
-        var = all_reduce(((G - mean).square() * m).sum()) / s[1]  # population variance
-        G = (G - mean) * torch.rsqrt(var.clamp(min=1e-8)) * m
+        var = all_reduce(((G - mean).square() * md).sum()) / s[1]  # population variance
+        G = ((G - mean) * torch.rsqrt(var.clamp(min=1e-8)) * md).float()
     return G
 
 
-def policy_loss(logp, logp_old, adv, mask, *, eps_low=0.2, eps_high=0.2, dual_clip=None):
-    """PPO-clip, summed over response tokens (the caller divides by the step's global token count).
-    Returns (loss, stats) with stats: clip_frac, n_clipped, n_tokens, ratio_mean (detached)."""
+def loss_weights(mask, loss_agg, n_seq, n_tok, max_len):
+    """(B, T) the weight w of each response token's loss ℓ in one optimizer step: Σ w·ℓ over the step's
+    micro-batches and ranks is the aggregate `loss_agg` of ℓ over the step's N = n_seq sequences y_b, with
+    n_tok = Σ_b |y_b| response tokens and L = max_len (--max-new-tokens):
+      token-mean               (1/n_tok) Σ_b Σ_t ℓ_bt         verl token-mean; TRL loss_type dapo (its default)
+      seq-mean-token-mean      (1/N) Σ_b (1/|y_b|) Σ_t ℓ_bt   verl seq-mean-token-mean; TRL grpo (GRPO's
+                                                              1/G Σ_i 1/|o_i| Σ_t, DeepSeekMath eq. 3)
+      seq-mean-token-sum       (1/N) Σ_b Σ_t ℓ_bt             verl seq-mean-token-sum
+      seq-mean-token-sum-norm  (1/(N·L)) Σ_b Σ_t ℓ_bt         Dr. GRPO (arXiv 2503.20783): a constant L in
+                                                              place of |y_b|; TRL dr_grpo. verl's mode of this
+                                                              name divides Σ_b Σ_t by L alone (its
+                                                              loss_scale_factor): N times ours, one constant
+    n_seq and n_tok count the WHOLE step (every rank, every micro-batch) and |y_b| and L belong to one
+    sequence, so the sum does not depend on how the step is split. A sequence-mean weighs a token by
+    1/|y_b| (short answers count more per token); the token-sum modes weigh a sequence by its length."""
+    m = mask.float()
+    if loss_agg == "token-mean":
+        return m / n_tok
+    if loss_agg == "seq-mean-token-mean":
+        return m / (m.sum(1, keepdim=True).clamp(min=1) * n_seq)
+    if loss_agg == "seq-mean-token-sum":
+        return m / n_seq
+    if loss_agg == "seq-mean-token-sum-norm":
+        return m / (n_seq * max_len)
+    raise ValueError(f"unknown loss aggregation {loss_agg!r} ({', '.join(LOSS_AGGS)})")
+
+
+def policy_loss(logp, logp_old, adv, mask, *, eps_low=0.2, eps_high=0.2, dual_clip=None, weight=None):
+    """PPO-clip, summed over response tokens with weights `weight` (B, T) (loss_weights; default 1 per
+    response token: the caller divides). Returns (loss, stats) with stats: clip_frac, n_clipped, n_tokens,
+    ratio_mean (detached, unweighted)."""
     m = mask.float()
     ratio = torch.exp((logp - logp_old).clamp(-20, 20))  # (B, T) ρ
     surr1 = ratio * adv
@@ -149,7 +210,7 @@ def policy_loss(logp, logp_old, adv, mask, *, eps_low=0.2, eps_high=0.2, dual_cl
     obj = torch.min(surr1, surr2)
     if dual_clip is not None:  # for A < 0 the objective never goes below c·A
         obj = torch.where(adv < 0, torch.max(obj, dual_clip * adv), obj)
-    loss = -(obj * m).sum()
+    loss = -(obj * (m if weight is None else weight)).sum()
     with torch.no_grad():
         clipped = ((surr2 < surr1).float() * m).sum()
         n = m.sum()
@@ -256,7 +317,8 @@ def get_args(argv=None):
     a("--samples-per-prompt", type=int, default=8, help="n samples per prompt (a group)")
     a("--max-new-tokens", type=int, default=4096, help="rollout length limit (less than the model's context)")
     a("--temperature", type=float, default=1.0, help="sampling temperature (also used for π_old/π)")
-    a("--top-p", type=float, default=1.0, help="nucleus sampling")
+    a("--top-p", type=float, default=1.0,
+      help="nucleus sampling (π_old and the ratio stay the full tempered softmax; kept_gap logs -log C)")
     a("--gen-batch-size", type=int, default=64, help="rows decoded at once on each rank (engine.py)")
     a("--max-prompt-len", type=int, default=1024,
       help="drop prompts longer than this many tokens (or than the model's context minus --max-new-tokens), "
@@ -309,7 +371,14 @@ def get_args(argv=None):
     a("--kl-in", default="reward", choices=["reward", "loss"], help="fold the KL into the reward or the loss")
     a("--gamma", type=float, default=1.0, help="discount γ of the returns (reinforce++ only; the arms use 1)")
     a("--eps-clip-high", type=float, default=None, help="clip-higher: ε_high (default --eps-clip)")
-    a("--dual-clip", type=float, default=None, help="dual-clip constant c > 1 (off by default)")
+    a("--no-std", action="store_true",
+      help="grpo without the division by the group std: A = clip(R - mean_group R) (Dr. GRPO; with it use "
+           "--loss-agg seq-mean-token-sum-norm)")
+    a("--loss-agg", default="token-mean", choices=LOSS_AGGS,
+      help="how a step's per-token losses become one number (loss_weights: formulas and sources)")
+    a("--dual-clip", type=float, default=None,
+      help="dual-clip constant c > 1: for A < 0 the objective never goes below c·A (off, as OpenRLHF; verl "
+           "applies c = 3 always, its clip_ratio_c)")
     a("--entropy-coef", type=float, default=0.0, help="entropy bonus weight (0: log only)")
     return p.parse_args(argv)
 
@@ -337,6 +406,8 @@ def check_args(args, world):
                          f"--train-batch ({args.train_batch}), and --train-batch divisible by the world size")
     if args.estimator in ("grpo", "rloo", "reinforce++-baseline") and n < 2:
         raise UsageError(f"--estimator {args.estimator} needs --samples-per-prompt >= 2")
+    if args.no_std and args.estimator != "grpo":
+        raise UsageError(f"--no-std is grpo's (Dr. GRPO); --estimator {args.estimator} divides by no group std")
     if args.estimator != "reinforce++" and args.gamma != 1.0:
         raise UsageError(f"--gamma {args.gamma}: --estimator {args.estimator} uses γ = 1 (as OpenRLHF forces for the arms)")
     if not args.reward_model and not args.rule:
@@ -395,12 +466,13 @@ def rollout(policy, tok, rows, step, args, d, dtype, stops):
         outs = engine.generate(gen_model, [r["prompt_ids"] for r in mine], max_new_tokens=args.max_new_tokens,
                                stop_ids=stops, pad_id=tok.pad_token_id, temperature=args.temperature,
                                top_p=args.top_p, batch_size=args.gen_batch_size, seed=args.seed + 100_003 * step,
-                               row_ids=sample_ids)
+                               row_ids=sample_ids, vocab_size=len(tok))
     items = []
     for r, o in zip(mine, outs):
         ids = o["completion_ids"]
         text = tok.decode(ids[:-1] if o["finished"] else ids, skip_special_tokens=False)
         items.append({"prompt_ids": r["prompt_ids"], "completion_ids": ids, "sampler_logp": o["logp"],
+                      "log_kept": o["log_kept"],
                       "prompt": r["prompt"], "id": r["id"], "gold": r["gold"], "completion": text,
                       "finished": o["finished"], "truncated": o["truncated"], "n_tokens": len(ids)})
     return items
@@ -409,7 +481,8 @@ def rollout(policy, tok, rows, step, args, d, dtype, stops):
 def score_rollout(policy, ref, items, args, d, autocast, pad_id):
     """3. π_old and π_ref log-probs (and π_old's entropy) of every sampled token, recomputed by the
     trainer in eval mode at the sampling temperature. Returns (B, T) tensors: logp_old, logp_ref, ent,
-    mask, sampler (the sampler's own log-probs), ids (the completion tokens)."""
+    mask, sampler (the sampler's own log-probs), log_kept (log C_t, the sampler's kept mass), ids (the
+    completion tokens)."""
     T = max(len(it["completion_ids"]) for it in items)
     old, refl, ents, masks = [], [], [], []
     offload = args.ref_offload and d.world == 1 and ref is not None
@@ -430,6 +503,7 @@ def score_rollout(policy, ref, items, args, d, autocast, pad_id):
     ro = {"logp_old": stack(old), "ent": stack(ents), "mask": stack(masks)}
     ro["logp_ref"] = stack(refl) if ref is not None else ro["logp_old"]
     ro["sampler"] = pad_right([it["sampler_logp"] for it in items], length=T, dtype=torch.float32, device=d.device)[0]
+    ro["log_kept"] = pad_right([it["log_kept"] for it in items], length=T, dtype=torch.float32, device=d.device)[0]
     ro["ids"] = pad_right([it["completion_ids"] for it in items], length=T, device=d.device)[0]
     return ro
 
@@ -450,9 +524,10 @@ def build_reference(args, d, dtype):
 
 def ppo_update(policy, opt, items, ro, adv, args, d, autocast, step, pad_id):
     """5. --epochs-per-rollout passes; each optimizer step takes train_batch / world of this rank's samples:
-        loss = Σ_t -min(ρ_t A_t, clip(ρ_t, 1-ε_low, 1+ε_high) A_t) [+ β k_t] [- c H_t],  over response tokens
-    backpropagated as loss · world / N_tok (N_tok all-reduced: FSDP averages gradients over ranks, so the
-    × world makes the result ONE global token mean). Returns the sums the log needs."""
+        loss = Σ_t w_t·(-min(ρ_t A_t, clip(ρ_t, 1-ε_low, 1+ε_high) A_t) [+ β k_t] [- c H_t]),  response tokens
+    w = loss_weights(--loss-agg) with the step's global counts (N_tok all-reduced), backpropagated as
+    loss · world (FSDP averages gradients over ranks: the × world makes the result ONE aggregate over the
+    global step). Returns the sums the log needs."""
     mask, share = ro["mask"], args.train_batch // d.world
     steps_per_rollout = len(items) * d.world // args.train_batch
     st_sum = {"loss": 0.0, "clipped": 0.0, "ratio0": 0.0, "ntok0": 0.0}
@@ -462,19 +537,21 @@ def ppo_update(policy, opt, items, ro, adv, args, d, autocast, step, pad_id):
         for s in range(steps_per_rollout):
             idx = perm[s * share:(s + 1) * share].tolist()
             n_tok = all_reduce(mask[idx].sum().float())
-            step_loss = 0.0
+            step_loss = 0.0  # this rank's share of the step's aggregate
             for j in range(0, len(idx), args.micro_batch_size):
                 mb = idx[j:j + args.micro_batch_size]
                 with autocast:
                     lp, e, m = response_logprobs(policy, [items[i] for i in mb], pad_id, args.temperature, d.device)
                 Tm = m.shape[1]
+                w = loss_weights(m, args.loss_agg, args.train_batch, n_tok, args.max_new_tokens)  # (b, Tm)
                 loss, st = policy_loss(lp, ro["logp_old"][mb, :Tm], adv[mb, :Tm], m, eps_low=args.eps_clip,
-                                       eps_high=args.eps_clip_high or args.eps_clip, dual_clip=args.dual_clip)
+                                       eps_high=args.eps_clip_high or args.eps_clip, dual_clip=args.dual_clip,
+                                       weight=w)
                 if args.kl_in == "loss" and args.kl_coef > 0:
-                    loss = loss + args.kl_coef * (kl_estimate(lp, ro["logp_ref"][mb, :Tm], args.kl_estimator) * m).sum()
+                    loss = loss + args.kl_coef * (kl_estimate(lp, ro["logp_ref"][mb, :Tm], args.kl_estimator) * w).sum()
                 if args.entropy_coef:
-                    loss = loss - args.entropy_coef * (e * m).sum()
-                (loss * d.world / n_tok).backward()
+                    loss = loss - args.entropy_coef * (e * w).sum()
+                (loss * d.world).backward()
                 step_loss += loss.item()
                 st_sum["loss"] += loss.item()
                 st_sum["clipped"] += st["n_clipped"].item()
@@ -489,7 +566,8 @@ def ppo_update(policy, opt, items, ro, adv, args, d, autocast, step, pad_id):
 
 
 def step_metrics(items, R, R_clipped, ro, kl, st, gnorm, lr, reflect, times, args, n):
-    """6. Token-weighted means over every rank's response tokens (one all-reduce), for the log line."""
+    """6. Token-weighted means over every rank's response tokens (one all-reduce), for the log line; loss is
+    the mean over the rollout's optimizer steps of each step's --loss-agg aggregate."""
     mf = ro["mask"].float()
     rf = reflect.float()
     t_gen, t_ref, t_upd, dt = times
@@ -497,18 +575,20 @@ def step_metrics(items, R, R_clipped, ro, kl, st, gnorm, lr, reflect, times, arg
                                     (kl * mf).sum().item(), (ro["ent"] * mf).sum().item(), mf.sum().item(),
                                     st["clipped"], st["loss"], sum(it["truncated"] for it in items),
                                     _equal_groups(R, n), ((ro["sampler"] - ro["logp_old"]).abs() * mf).sum().item(),
-                                    st["ratio0"], st["ntok0"], (ro["ent"] * rf).sum().item(), rf.sum().item()],
+                                    st["ratio0"], st["ntok0"], (ro["ent"] * rf).sum().item(), rf.sum().item(),
+                                    -(ro["log_kept"] * mf).sum().item()],
                                    dtype=torch.float64, device=R.device))
     (Rsum, R2sum, Rcsum, B, klsum, entsum, ntok, nclip, lsum, ntrunc, neq, gapsum, r0sum, ntok0, entr,
-     nref) = sums.tolist()
+     nref, cutsum) = sums.tolist()
     ent_all = torch.tensor(gather_objects(ro["ent"][ro["mask"]].float().cpu()[:20000].tolist()))
     q = torch.quantile(ent_all, torch.tensor([0.1, 0.5, 0.9])).tolist() if len(ent_all) else [0.0] * 3
     epochs = args.epochs_per_rollout
     return {"reward": Rsum / B, "reward_std": max(R2sum / B - (Rsum / B) ** 2, 0.0) ** 0.5,
             "reward_clipped": Rcsum / B, "kl": klsum / ntok, "entropy": entsum / ntok, "len": ntok / B,
             "ent_reflect": entr / max(nref, 1), "n_reflect": int(nref), "ratio0": r0sum / max(ntok0, 1),
-            "clip_frac": nclip / (ntok * epochs), "loss": lsum / (ntok * epochs), "grad_norm": gnorm.item(),
-            "lr": lr, "sampler_gap": gapsum / ntok, "gen tok/s": ntok / t_gen, "train tok/s": ntok * epochs / t_upd,
+            "clip_frac": nclip / (ntok * epochs), "loss": lsum / (B / args.train_batch * epochs),
+            "grad_norm": gnorm.item(), "lr": lr, "sampler_gap": gapsum / ntok, "kept_gap": cutsum / ntok,
+            "gen tok/s": ntok / t_gen, "train tok/s": ntok * epochs / t_upd,
             "entropy_p10": q[0], "entropy_p50": q[1], "entropy_p90": q[2], "truncated": ntrunc / B,
             "equal_groups": int(neq), "dt": dt, "t_gen": t_gen, "t_ref": t_ref, "t_update": t_upd}
 
@@ -579,7 +659,7 @@ def main(argv=None):
         t_ref = time.time() - t1
         adv = compute_advantages(R, ro["logp_old"], ro["logp_ref"], ro["mask"], estimator=args.estimator,  # 4.
                                  kl_coef=args.kl_coef, kl_estimator=args.kl_estimator, kl_in=args.kl_in,
-                                 group_size=n, gamma=args.gamma)
+                                 group_size=n, gamma=args.gamma, std=not args.no_std)
         kl = kl_estimate(ro["logp_old"], ro["logp_ref"], args.kl_estimator)
 
         t2 = time.time()
@@ -589,7 +669,7 @@ def main(argv=None):
         step += 1
 
         reflect = reflection_starts(ro["ids"], reflect_seqs) & reasoning_mask(ro["ids"], ro["mask"], think_end)
-        R_clipped = shaped_rewards(R, args.estimator, n)  # (B,) what the last token gets (logged next to R)
+        R_clipped = shaped_rewards(R, args.estimator, n, not args.no_std)  # (B,) the last token's (logged next to R)
         metrics = step_metrics(items, R, R_clipped, ro, kl, st, gnorm, lr, reflect,  # 6. log
                                (t_gen, t_ref, time.time() - t2, time.time() - t0), args, n)
         log.log(step, metrics)

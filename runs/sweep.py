@@ -167,14 +167,17 @@ def ablate(args):
             k = c["k"] if c else k  # rl_curve caps k at half the steps
             rows.append(r)
         per_arm[a] = rows
-    head = ["estimator"] + [c[0] for c in COLS]
+    head = ["estimator" if args.grid == "estimators" else "loss aggregation"] + [c[0] for c in COLS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for a in arms:
         cells = [a] + [fmt(*mean_ci([r[key] for r in per_arm[a]]), scale=sc, nd=nd) for _, key, sc, nd in COLS]
         lines.append("| " + " | ".join(cells) + " |")
     r0 = per_arm[arms[0]][0]
-    text = ["# Tiny world: the estimators side by side", "", *lines, "",
-            f"- Each arm: rl.py --estimator ARM from the same base model with the same budget, seeds "
+    what = {"estimators": ("the estimators", "rl.py --estimator ARM"),
+            "loss": ("the loss aggregations", "rl.py --loss-agg ARM (dr-grpo: --estimator grpo --no-std --loss-agg "
+                     "seq-mean-token-sum-norm)")}[args.grid]
+    text = [f"# Tiny world: {what[0]} side by side", "", *lines, "",
+            f"- Each arm: {what[1]} from the same base model with the same budget, seeds "
             f"{', '.join(seeds)} (the seed drives the rollout sampling and data order); mean ± 95% t-interval over "
             "the seeds (the interval says how much the seed alone moves a number).",
             f"- reward gain: mean RL reward (tiny RM logit + math rule) of the last {k} steps minus the first {k}; "
@@ -198,7 +201,9 @@ def main():
     f.add_argument("--steps", required=True, help="RL snapshot steps, space-separated")
     a = sub.add_parser("ablate", help="the estimator table")
     a.add_argument("--out", required=True, help="runs/ablate.sh's output dir")
-    a.add_argument("--arms", required=True, help="comma list of rl.py --estimator values")
+    a.add_argument("--arms", required=True, help="comma list of the grid's arms (runs/ablate.sh names them)")
+    a.add_argument("--grid", default="estimators", choices=["estimators", "loss"],
+                   help="which runs/ablate.sh grid: rl.py --estimator arms, or --loss-agg arms")
     a.add_argument("--seeds", required=True, help="seeds, space-separated")
     a.add_argument("--k", type=int, default=3, help="steps averaged at each end for the reward gain")
     args = p.parse_args()

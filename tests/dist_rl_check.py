@@ -1,10 +1,11 @@
 """Run under torchrun by tests/test_rl.py (one launch, two checks), rank 0 saving both results to OUT:
 
-1. the pure functions: each rank holds one half of a fixed batch; the advantages and the
-   global-token-mean loss gathered from both halves;
-2. one rl.py step on a FIXED rollout: the gradients before clipping must not depend on the world size
-   (FSDP2 averages gradients over ranks; rl.py's `loss * world / n_tok` turns that average back into
-   the global token mean). engine.generate is replaced by a function of the prompt alone (identical
+1. the pure functions: each rank holds one half of a fixed batch; the advantages and the aggregated
+   loss (every estimator, grpo without std, every --loss-agg) gathered from both halves;
+2. rl.py steps on a FIXED rollout (RUNS: the default token mean; a sequence mean with an entropy term):
+   the gradients before clipping must not depend on the world size (FSDP2 averages gradients over ranks;
+   rl.py's `loss * world`, with the step's global counts in the loss weights, turns that average back
+   into the global aggregate). engine.generate is replaced by a function of the prompt alone (identical
    on 1 and 2 ranks whatever the decoder's numerics), and clip_grad_norm_ by a wrapper that records
    every full gradient first. The 1-rank side calls `run` in the test process.
 
@@ -31,11 +32,17 @@ def batch():
     return rewards, logp_old, logp_ref, logp, mask
 
 
-def loss_and_adv(rewards, logp_old, logp_ref, logp, mask, estimator):
-    adv = rl.compute_advantages(rewards, logp_old, logp_ref, mask, estimator=estimator, kl_coef=0.05, group_size=2)
+CASES = [(est, True, "token-mean") for est in rl.ESTIMATORS] + [("grpo", False, "seq-mean-token-sum-norm")] + \
+    [("reinforce++", True, agg) for agg in rl.LOSS_AGGS[1:]]  # (estimator, std, loss_agg)
+
+
+def loss_and_adv(rewards, logp_old, logp_ref, logp, mask, estimator, std=True, loss_agg="token-mean"):
+    adv = rl.compute_advantages(rewards, logp_old, logp_ref, mask, estimator=estimator, kl_coef=0.05, group_size=2,
+                                std=std)
     n_tok = common.all_reduce(mask.sum().float())
-    loss, _ = rl.policy_loss(logp, logp_old, adv, mask)
-    return adv, common.all_reduce(loss.detach().clone()) / n_tok
+    w = rl.loss_weights(mask, loss_agg, 8, n_tok, 7)  # 8 sequences in all, at most 7 new tokens
+    loss, _ = rl.policy_loss(logp, logp_old, adv, mask, weight=w)
+    return adv, common.all_reduce(loss.detach().clone())
 
 
 TEXTS = ["Hmm, wait.", "\n</think>\n\nNo, I cannot help.", "But let me think", "ok\n</think>\n\nSure."]
@@ -47,7 +54,10 @@ def args(model, prompts, out):
             "--kl-coef", "0", "--save-every", "1000", "--dump-every", "0", "--seed", "0", "--max-new-tokens", "8"]
 
 
-def run(model, prompts, out):
+RUNS = [(), ("--loss-agg", "seq-mean-token-mean", "--entropy-coef", "0.01")]  # extra rl.py flags
+
+
+def run(model, prompts, out, *extra):
     """rl.main on the fixed rollout; returns the pre-clip gradients (full tensors, parameter order)."""
     tok = common.load_tokenizer(model)
     eos = tok.eos_token_id
@@ -59,7 +69,8 @@ def run(model, prompts, out):
             ids = tok.encode(TEXTS[(sum(p) + k) % len(TEXTS)], add_special_tokens=False)
             fin = k % 2 == 0
             ids = ids + [eos] if fin else ids
-            outs.append({"completion_ids": ids, "logp": [0.0] * len(ids), "finished": fin, "truncated": not fin})
+            outs.append({"completion_ids": ids, "logp": [0.0] * len(ids), "log_kept": [0.0] * len(ids), "finished": fin,
+                         "truncated": not fin})
         return outs
 
     grads = []
@@ -75,7 +86,7 @@ def run(model, prompts, out):
     generate = rl.engine.generate
     rl.engine.generate, torch.nn.utils.clip_grad_norm_ = fixed_rollout, record_then_clip
     try:
-        rl.main(args(model, prompts, out))
+        rl.main(args(model, prompts, out) + list(extra))
     finally:
         rl.engine.generate, torch.nn.utils.clip_grad_norm_ = generate, clip
     return grads
@@ -84,12 +95,13 @@ def run(model, prompts, out):
 if __name__ == "__main__":
     d = common.init_dist()
     out = {}
-    for est in rl.ESTIMATORS:
+    for case in CASES:
         full = batch()
         half = [x[d.rank * 4:(d.rank + 1) * 4] for x in full]
-        adv, loss = loss_and_adv(*half, est)
-        out[est] = (torch.cat(common.gather_objects([adv])), loss)
-    grads = run(*sys.argv[2:5])
+        adv, loss = loss_and_adv(*half, *case)
+        out[case] = (torch.cat(common.gather_objects([adv])), loss)
+    model, prompts, rl_out = sys.argv[2:5]
+    grads = [run(model, prompts, f"{rl_out}{k}", *extra) for k, extra in enumerate(RUNS)]
     if d.rank == 0:
         torch.save({"adv": out, "grads": grads}, sys.argv[1])
     common.finish()

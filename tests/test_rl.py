@@ -1,9 +1,11 @@
-"""rl.py: the estimators, the KL, the clipped loss (hand-computed), rank / micro-batch invariance,
-on-policy ratios, masks with pad == eos, learning, resume and the CLIs."""
+"""rl.py: the estimators (tied groups exactly 0), the KL, the clipped loss (hand-computed), the loss
+aggregations against verl's and TRL's formulas, rank / micro-batch invariance, on-policy ratios, masks
+with pad == eos, learning, resume and the CLIs."""
 import json
 import math
 import os
 import sys
+from decimal import Decimal, localcontext
 
 import pytest
 import torch
@@ -64,6 +66,87 @@ def test_grpo_group_zscore_not_whitened():
     adv = rl.compute_advantages(T(1, 3, 5, 5), z, z, mask, estimator="grpo", kl_coef=0.0, group_size=2)
     # group 1: mean 2, unbiased std sqrt(2); group 2: all equal -> 0
     assert torch.allclose(adv, torch.tensor([[-0.70711, -0.70711], [0.70711, 0], [0, 0], [0, 0]]), atol=1e-5)
+
+
+def group_reference(g, estimator, std=True):
+    """The shaped rewards of one group from their definitions, in 60-digit decimal arithmetic on the exact
+    float32 values (the mean of equal values is them exactly)."""
+    with localcontext() as ctx:
+        ctx.prec = 60
+        x = [Decimal(float(v)) for v in g]
+        n = len(x)
+        mean = sum(x) / n
+        if estimator == "rloo":
+            a = [v - (sum(x) - v) / (n - 1) for v in x]
+        elif estimator == "grpo" and std:
+            sd = (sum((v - mean) ** 2 for v in x) / (n - 1)).sqrt()
+            a = [(v - mean) / (sd + Decimal(1e-9)) for v in x]
+        else:
+            a = [v - mean for v in x]
+        return [float(min(max(v, Decimal(-10)), Decimal(10))) for v in a]
+
+
+ARMS = [("grpo", True), ("grpo", False), ("rloo", True), ("reinforce++-baseline", True)]
+
+
+@pytest.mark.parametrize("kind", ["equal", "1 ulp apart", "distinct"])
+def test_tied_groups_get_exactly_zero_and_every_group_its_exact_value(kind):
+    """n = 2..32, values of both signs and many magnitudes: equal rewards -> exactly 0 under every baseline
+    (float32 statistics give grpo ±10 on 11-68 % of such groups for n = 3, 5-8, 12, 16, 32); a group
+    with one reward 1 ulp up, or distinct rewards, gets its exact shaped reward (to float32 rounding)."""
+    g = torch.Generator().manual_seed(0)
+    values = T(0.3, 1.7, -2.9, 0.1, 7.77, -123.456, 1e-3, 3e4)
+    for n in range(2, 33):
+        if kind == "equal":
+            R = values[:, None].expand(-1, n).clone()  # (8, n)
+        elif kind == "1 ulp apart":
+            R = values[:, None].expand(-1, n).clone()
+            R[:, n // 2] = torch.nextafter(values, torch.full_like(values, math.inf))
+        else:
+            R = values[:, None] + torch.randn(len(values), n, generator=g) * 3
+        for est, std in ARMS:
+            got = rl.shaped_rewards(R.reshape(-1), est, n, std).view(len(values), n)
+            if kind == "equal":
+                assert (got == 0).all(), (n, est, std)
+            for row, out in zip(R, got):
+                ref = torch.tensor(group_reference(row, est, std), dtype=torch.float64)
+                assert torch.allclose(out.double(), ref, rtol=1e-6, atol=1e-30), (kind, n, est, std, out, ref)
+            if est == "grpo" and std:
+                assert got.abs().max() <= (n - 1) / math.sqrt(n) + 1e-5  # a z-score: the ±10 clip never binds
+    R = T(0.3, 0.3, 0.3, 1.7, 1.7, 1.7, 0.3, 0.3, 1.0)
+    assert rl._equal_groups(R, 3) == 2  # the step log still counts them
+
+
+def test_grpo_on_three_tied_groups_of_eight_is_zero():
+    R = torch.tensor([0.3] * 8 + [1.7] * 8 + [-2.9] * 8)
+    assert rl.shaped_rewards(R, "grpo", 8).view(3, 8)[:, 0].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_whitening_a_rollout_of_equal_returns_gives_exactly_zero():
+    """reinforce++ and reinforce++-baseline divide by the rollout's spread too: returns all equal (no KL,
+    one reward for every sample; or every group tied) must whiten to 0, not to rounding noise x 1e4."""
+    g = torch.Generator().manual_seed(0)
+    for B in (3, 5, 8, 17, 64):
+        for T_ in (1, 7, 33, 200):
+            mask = lengths_mask(torch.randint(1, T_ + 1, (B,), generator=g).tolist(), T_)
+            z = torch.zeros(B, T_)
+            for v in (0.3, 1.7, -2.9, 0.1, 7.7):
+                adv = rl.compute_advantages(torch.full((B,), v), z, z, mask, kl_coef=0.0)
+                assert (adv == 0).all(), (B, T_, v)
+            if B % 4 == 0:  # every group of 4 tied: shaped rewards 0, then whitened
+                R = T(0.3, 1.7, -2.9, 0.1).repeat_interleave(4).repeat(B)[:B]
+                adv = rl.compute_advantages(R, z, z, mask, estimator="reinforce++-baseline", kl_coef=0.0, group_size=4)
+                assert (adv == 0).all(), (B, T_)
+
+
+def test_no_std_is_dr_grpo_and_only_for_grpo(tmp_path):
+    R = T(1, 3, 5, 5, 0.5, 0.5)
+    assert torch.equal(rl.shaped_rewards(R, "grpo", 2, std=False), T(-1, 1, 0, 0, 0, 0))  # R - group mean
+    assert torch.equal(rl.shaped_rewards(R, "grpo", 2, std=False), rl.shaped_rewards(R, "reinforce++-baseline", 2))
+    with pytest.raises(common.UsageError, match="--no-std"):
+        rl.main(["--model", str(tmp_path / "none"), "--prompts", "x.jsonl", "--out", str(tmp_path / "o"),
+                 "--rule", "format", "--estimator", "rloo", "--no-std"])
+    assert not (tmp_path / "o").exists()
 
 
 def test_reinforcepp_baseline_subtracts_group_mean_then_whitens():
@@ -169,6 +252,67 @@ def test_policy_loss_clip_cases():
     assert math.isclose(rl.policy_loss(logp, logp_old, adv, m)[0].item(), -1.2, abs_tol=1e-5)
 
 
+def peer_batch():
+    g = torch.Generator().manual_seed(3)
+    B, T_ = 6, 9
+    mask = lengths_mask([9, 2, 5, 1, 7, 4], T_)
+    logp_old = -torch.rand(B, T_, generator=g) * 2
+    logp = logp_old + 0.5 * torch.randn(B, T_, generator=g)
+    adv = (torch.randn(B, 1, generator=g) * 2).expand(B, T_) * mask
+    return logp, logp_old, adv, mask
+
+
+def verl_pg_losses(logp, logp_old, adv, eps=0.2, clip_ratio_c=3.0):
+    """verl core_algos compute_policy_loss_vanilla's per-token loss, from its definition: ρ = exp(clamp(Δ, ±20)),
+    max(-Aρ, -A clip(ρ)), and for A < 0 the dual clip min(that, -A·c)."""
+    ratio = torch.exp((logp - logp_old).clamp(-20, 20))
+    clipped = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - eps, 1 + eps))
+    return torch.where(adv < 0, torch.minimum(clipped, -adv * clip_ratio_c), clipped)
+
+
+def test_loss_aggregations_equal_verl_and_trl_formulas_on_a_fixed_batch():
+    """Each --loss-agg against the peers' documented aggregations of the same per-token losses (verl
+    core_algos.agg_loss; TRL GRPOTrainer's loss_type), through policy_loss with loss_weights."""
+    logp, logp_old, adv, mask = peer_batch()
+    m = mask.float()
+    B, L = m.shape[0], 12  # L: the generation limit (--max-new-tokens)
+    for dual in (None, 3.0):
+        lmat = verl_pg_losses(logp, logp_old, adv, clip_ratio_c=dual or math.inf)  # (B, T)
+        seq_sum, lens = (lmat * m).sum(-1), m.sum(-1)
+        peers = {
+            "token-mean": [(lmat * m).sum() / m.sum()],                   # verl token-mean; TRL dapo
+            "seq-mean-token-mean": [(seq_sum / lens).mean()],               # verl seq-mean-token-mean; TRL grpo
+            "seq-mean-token-sum": [seq_sum.mean()],                         # verl seq-mean-token-sum
+            "seq-mean-token-sum-norm": [(lmat * m).sum() / (B * L),         # TRL dr_grpo
+                                        seq_sum.sum() / L / B],             # verl (loss_scale_factor L) / N
+        }
+        for agg, refs in peers.items():
+            w = rl.loss_weights(mask, agg, B, m.sum(), L)
+            ours, _ = rl.policy_loss(logp, logp_old, adv, mask, dual_clip=dual, weight=w)
+            for ref in refs:
+                assert torch.allclose(ours, ref, rtol=1e-6), (agg, dual, ours, ref)
+    # the default aggregation is today's: the plain sum divided by the step's token count
+    assert torch.allclose(rl.policy_loss(logp, logp_old, adv, mask)[0] / m.sum(),
+                          rl.policy_loss(logp, logp_old, adv, mask, weight=rl.loss_weights(mask, "token-mean", B,
+                                                                                          m.sum(), L))[0])
+
+
+@pytest.mark.parametrize("agg", rl.LOSS_AGGS)
+def test_loss_aggregation_does_not_depend_on_the_micro_batch_split(agg):
+    logp, logp_old, adv, mask = peer_batch()
+    n_seq, n_tok = mask.shape[0], mask.sum().float()
+    whole, _ = rl.policy_loss(logp, logp_old, adv, mask, weight=rl.loss_weights(mask, agg, n_seq, n_tok, 12))
+    for split in ([3, 3], [1, 4, 1], [5, 1], [1] * 6):
+        parts, i = 0.0, 0
+        for k in split:
+            s = slice(i, i + k)
+            Tm = int(mask[s].sum(1).max())  # a micro-batch is padded to its own longest row
+            w = rl.loss_weights(mask[s, :Tm], agg, n_seq, n_tok, 12)
+            parts = parts + rl.policy_loss(logp[s, :Tm], logp_old[s, :Tm], adv[s, :Tm], mask[s, :Tm], weight=w)[0]
+            i += k
+        assert torch.allclose(parts, whole, rtol=1e-6), (agg, split)
+
+
 @pytest.fixture(scope="module")
 def two_ranks(tiny_model, tmp_path_factory):
     """One torchrun launch of tests/dist_rl_check.py (both of its checks): its saved results."""
@@ -182,23 +326,27 @@ def test_whitening_and_loss_identical_on_one_and_two_ranks(two_ranks):
     sys.path.insert(0, os.path.dirname(__file__))
     import dist_rl_check
     two = two_ranks[0]["adv"]
-    for est in rl.ESTIMATORS:
-        adv, loss = dist_rl_check.loss_and_adv(*dist_rl_check.batch(), est)
-        assert torch.allclose(adv, two[est][0], atol=1e-6), est
-        assert abs(loss.item() - two[est][1].item()) < 1e-6, est
+    assert len(two) == len(dist_rl_check.CASES)
+    for case in dist_rl_check.CASES:
+        adv, loss = dist_rl_check.loss_and_adv(*dist_rl_check.batch(), *case)
+        assert torch.allclose(adv, two[case][0], atol=1e-6), case
+        assert abs(loss.item() - two[case][1].item()) < 1e-6, case
 
 
 def test_gradients_before_clipping_identical_on_one_and_two_ranks(tiny_model, two_ranks, tmp_path):
-    """One rl.py step on a fixed rollout (tests/dist_rl_check.py): FSDP2 averages gradients over the 2
-    ranks, `loss * world / n_tok` makes that the global token mean, so every gradient equals the 1-rank
-    one (`loss / n_tok` would halve them on 2 ranks)."""
+    """One rl.py step on a fixed rollout (tests/dist_rl_check.py), with the default token mean and with a
+    sequence mean (plus the entropy term, aggregated alike): FSDP2 averages gradients over the 2 ranks,
+    `loss * world` with the step's global counts in the weights makes that the global aggregate, so every
+    gradient equals the 1-rank one (without the × world they would be halved on 2 ranks)."""
     sys.path.insert(0, os.path.dirname(__file__))
     import dist_rl_check
-    one = dist_rl_check.run(tiny_model, two_ranks[1], str(tmp_path / "one"))
-    two = two_ranks[0]["grads"]
-    assert len(one) == len(two) > 0 and sum(g.norm() for g in one) > 0
-    for a, b in zip(one, two):
-        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-7), ((a - b).norm() / a.norm()).item()
+    for k, extra in enumerate(dist_rl_check.RUNS):
+        one = dist_rl_check.run(tiny_model, two_ranks[1], str(tmp_path / f"one{k}"), *extra)
+        two = two_ranks[0]["grads"][k]
+        assert len(one) == len(two) > 0 and sum(g.norm() for g in one) > 0
+        for a, b in zip(one, two):
+            assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-7), \
+                (extra, ((a - b).norm() / a.norm()).item())
 
 
 # ------------------------------------------------------------------------------------------------ masks and ratios
@@ -264,10 +412,13 @@ def metrics(out):
     return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
 
 
-def test_loss_invariant_to_micro_batch_split(tiny_model, tmp_path):
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_loss_invariant_to_micro_batch_split(tiny_model, tmp_path, agg):
     p = prompts_file(tmp_path)
-    rl.main(rl_args(tiny_model, p, tmp_path / "a", "--rule", "format", "--max-steps", "2", "--micro-batch-size", "16"))
-    rl.main(rl_args(tiny_model, p, tmp_path / "b", "--rule", "format", "--max-steps", "2", "--micro-batch-size", "3"))
+    rl.main(rl_args(tiny_model, p, tmp_path / "a", "--rule", "format", "--max-steps", "2", "--micro-batch-size", "16",
+                    "--loss-agg", agg))
+    rl.main(rl_args(tiny_model, p, tmp_path / "b", "--rule", "format", "--max-steps", "2", "--micro-batch-size", "3",
+                    "--loss-agg", agg))
     for x, y in zip(metrics(tmp_path / "a"), metrics(tmp_path / "b")):
         for k in ("reward", "kl", "loss", "grad_norm", "entropy"):
             assert abs(x[k] - y[k]) <= 1e-5 * max(1.0, abs(x[k])), (k, x[k], y[k])
@@ -343,7 +494,36 @@ def test_teaching_logs_ratio_one_reward_std_reflection_entropy(tiny_model, tmp_p
     for m in metrics(tmp_path / "t"):
         assert m["ratio0"] == 1.0  # the first optimizer step of every rollout is exactly on-policy
         assert m["reward_std"] >= 0 and "reward_clipped" in m and m["sampler_gap"] < 1e-5
+        assert m["kept_gap"] == 0.0  # top-p 1 and no embedding row past the tokenizer: nothing cut
         assert m["n_reflect"] >= 0 and m["ent_reflect"] >= 0
+
+
+def test_top_p_and_unused_rows_are_logged_as_kept_gap_and_pi_old_stays_the_full_softmax(tmp_path, monkeypatch):
+    """A policy with 13 embedding rows past its tokenizer, sampled at top-p 0.8: the sampler never draws
+    those ids and draws from the nucleus, π_old is the full tempered softmax (sampler_gap ~ 0, ratio0 = 1),
+    and kept_gap = mean -log C_t > 0 says how far the behaviour probability sits above π_old."""
+    from transformers import AutoModelForCausalLM
+    from runs.tinymodels import qwen3_config
+    d = tmp_path / "padded"
+    tok = build_tokenizer(d)
+    cfg = qwen3_config(tok, 32, 2)
+    cfg.vocab_size = len(tok) + 13
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
+    seen = []
+    generate = engine.generate
+
+    def spy(*a, **kw):
+        outs = generate(*a, **kw)
+        seen.extend(x for o in outs for x in o["completion_ids"])
+        return outs
+
+    monkeypatch.setattr(engine, "generate", spy)
+    rl.main(rl_args(str(d), prompts_file(tmp_path), tmp_path / "o", "--rule", "format", "--max-steps", "1",
+                    "--top-p", "0.8"))
+    m = metrics(tmp_path / "o")[0]
+    assert seen and max(seen) < len(tok)
+    assert m["kept_gap"] > 0.05 and m["sampler_gap"] < 1e-5 and m["ratio0"] == 1.0
 
 
 def test_step_metrics_by_hand():
@@ -352,16 +532,18 @@ def test_step_metrics_by_hand():
     R, Rc = torch.tensor([0.0, 20.0, 4.0, -12.0]), torch.tensor([0.0, 10.0, 4.0, -10.0])  # raw; clipped shaped
     mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]]).bool()  # (4, 3): 8 response tokens
     ent = torch.arange(12.0).view(4, 3)
-    ro = {"mask": mask, "ent": ent, "logp_old": torch.zeros(4, 3), "sampler": torch.full((4, 3), 0.5)}
+    ro = {"mask": mask, "ent": ent, "logp_old": torch.zeros(4, 3), "sampler": torch.full((4, 3), 0.5),
+          "log_kept": torch.where(mask, -0.25, -9.0)}  # off the mask: ignored
     reflect = torch.zeros(4, 3, dtype=torch.bool)
     reflect[2, 1] = reflect[3, 0] = True  # entropies 7 and 9
     st = {"loss": 4.0, "clipped": 2.0, "ratio0": 8.0, "ntok0": 8.0}
     m = rl.step_metrics([{"truncated": i == 1} for i in range(4)], R, Rc, ro, torch.ones(4, 3), st, torch.tensor(1.5),
-                        1e-6, reflect, (1.0, 1.0, 1.0, 3.0), SimpleNamespace(epochs_per_rollout=1), 2)
+                        1e-6, reflect, (1.0, 1.0, 1.0, 3.0), SimpleNamespace(epochs_per_rollout=1, train_batch=2), 2)
     assert m["reward"] == 3.0 and m["reward_std"] == pytest.approx(math.sqrt(140 - 9)) and m["reward_clipped"] == 1.0
     assert m["kl"] == 1.0 and m["len"] == 2.0 and m["entropy"] == pytest.approx((0 + 1 + 3 + 6 + 7 + 8 + 9 + 10) / 8)
     assert m["ent_reflect"] == 8.0 and m["n_reflect"] == 2 and m["ratio0"] == 1.0 and m["sampler_gap"] == 0.5
     assert m["clip_frac"] == 0.25 and m["truncated"] == 0.25 and m["equal_groups"] == 0 and m["grad_norm"] == 1.5
+    assert m["kept_gap"] == 0.25 and m["loss"] == 2.0  # 2 optimizer steps of 2 samples: their losses sum to 4
 
 
 def test_reflection_tokens_inside_the_reasoning_only(tiny_model):
