@@ -65,6 +65,7 @@ SGLang) for evaluate.py --api-url: token-id prompts in, text, truncated flag and
 """
 import math
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 
@@ -78,6 +79,7 @@ import common
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 LEN_BUCKET = 256
 DIRECT_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+last_call = {}  # the last direct-path generate(): rows, capacity, graphs captured, capture seconds (bench/)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -207,6 +209,55 @@ def direct_support(hf):
     return None
 
 
+def decode_attention(q, K, V, mask, scale):
+    """One new query per row against the cache: q (B, H, 1, hd), K, V (B, KV, Lb, hd), mask (B, 1, 1, Lb) bool
+    (True: a key the row may see) -> (B, H, 1, hd).
+
+    The G = H / KV query heads that share a KV head are folded into the query length, q -> (B, KV, G, hd)
+    (head h reads KV head h // G, as enable_gqa's repeat_interleave does), so query and key have equal
+    head counts and each KV head is read once for its G queries. Equal heads and a boolean mask with a
+    unit last stride is what PyTorch's fused CUDA kernels accept on every version we claim
+    (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp, torch 2.11 and 2.13): memory-efficient
+    attention takes any mask but, before the GQA support added in mid-2026, only equal head counts;
+    cuDNN attention takes a mask and is tried first on sm_90 / sm_10x with cuDNN > 9.15 (torch 2.13's
+    CUDA 13 wheel ships 9.20); flash attention never takes a mask. Unequal heads with a mask (the
+    enable_gqa form) fall to the math path on torch 2.11, which upcasts to fp32 and copies K, V per head."""
+    B, H, _, hd = q.shape
+    KV = K.shape[1]
+    o = F.scaled_dot_product_attention(q.reshape(B, KV, H // KV, hd), K, V, attn_mask=mask, scale=scale)
+    return o.reshape(B, H, 1, hd)  # (B, KV, G, hd) -> (B, H, 1, hd)
+
+
+def prefill_attention(q, k, v, scale):
+    """Causal self-attention over right-padded prompts: q (B, H, P, hd), k, v (B, KV, P, hd) -> (B, H, P, hd).
+
+    No mask: a prompt's tokens sit at columns [0, len), so the causal rule alone keeps every real query
+    on real keys (the pad queries past len see pads too, but nothing reads their outputs, and the cache
+    columns they write are masked until decoding overwrites them). is_causal with equal query and key
+    lengths and enable_gqa is flash attention's own form (bf16 / fp16 on sm_80 and newer, torch 2.11 and
+    2.13); fp32 takes memory-efficient attention where GQA is supported, else math."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+
+
+def attention_route(hf, rows=8, Lb=LEN_BUCKET, P=LEN_BUCKET):
+    """The SDPA backend PyTorch picks on hf's device and dtype for the engine's exact decode and prefill
+    layouts (torch._fused_sdp_choice on tensors shaped as the step's), e.g. 'decode EFFICIENT_ATTENTION,
+    prefill FLASH_ATTENTION'."""
+    from torch.nn.attention import SDPBackend
+    cfg, inner = hf.config, hf.model
+    hd = inner.layers[0].self_attn.head_dim
+    H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
+    w = inner.embed_tokens.weight
+    x = lambda *s: torch.zeros(s, dtype=w.dtype, device=w.device)  # noqa: E731
+    cache = x(rows, KV, 2 * Lb, hd)[:, :, :Lb]  # a column slice of the cache, as the step reads it
+    mask = torch.ones(rows, 1, 1, Lb, dtype=torch.bool, device=w.device)
+    names = {int(b.value): name for name, b in SDPBackend.__members__.items()}
+    dec = torch._fused_sdp_choice(x(rows, KV, H // KV, hd), cache, cache, mask, 0.0, False, scale=None)
+    pre = torch._fused_sdp_choice(x(rows, H, P, hd), x(rows, KV, P, hd), x(rows, KV, P, hd), None, 0.0, True,
+                                  scale=None, enable_gqa=True)
+    return f"decode {names[int(dec)]}, prefill {names[int(pre)]}"
+
+
 class Decoder:
     """The decode state of one generate() call: a static KV cache, per-slot device state, CUDA graphs."""
 
@@ -230,6 +281,7 @@ class Decoder:
         self.col = torch.zeros(1, dtype=torch.long, device=dev)
         self.graphs = {} if graphs else None
         self.pool = None
+        self.capture_s = 0.0  # seconds spent warming up and capturing graphs
 
     # one decoder layer; `attend(l, q, k, v)` is attention against the cache (decode) or the prompt (prefill)
     def layer(self, l, x, cos, sin, attend):
@@ -258,15 +310,12 @@ class Decoder:
         lens = torch.tensor([len(p) for p in prompts], device=self.device)
         ids = common.pad_right(prompts, device=self.device)[0]  # (B, P)
         pos = torch.arange(P, device=self.device).expand(B, P)  # (B, P)
-        valid = pos < lens[:, None]  # (B, P)
-        mask = (pos[:, None, :] <= pos[:, :, None]) & valid[:, None, :]  # (B, P, P): causal, real keys only
         slot_idx = torch.tensor(slots, device=self.device)
 
-        def attend(l, q, k, v):
+        def attend(l, q, k, v):  # causal, no mask: see prefill_attention
             self.K[l, :, :, :P].index_copy_(0, slot_idx, k)
             self.V[l, :, :, :P].index_copy_(0, slot_idx, v)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=self.layers[l].self_attn.scaling,
-                                                  enable_gqa=True)
+            return prefill_attention(q, k, v, self.layers[l].self_attn.scaling)
 
         x = self.inner.embed_tokens(ids)  # (B, P, D)
         cos, sin = self.inner.rotary_emb(x, pos)
@@ -291,8 +340,7 @@ class Decoder:
             K, V = self.K[l, :Bb], self.V[l, :Bb]  # (Bb, KV, capacity, hd)
             K.scatter_(2, at, k)
             V.scatter_(2, at, v)
-            return F.scaled_dot_product_attention(q, K[:, :, :Lb], V[:, :, :Lb], attn_mask=mask,
-                                                  scale=self.layers[l].self_attn.scaling, enable_gqa=True)
+            return decode_attention(q, K[:, :, :Lb], V[:, :, :Lb], mask, self.layers[l].self_attn.scaling)
 
         for l in range(len(self.layers)):
             x = self.layer(l, x, cos, sin, attend)
@@ -312,19 +360,29 @@ class Decoder:
             return self.step(Bb, Lb, hist_tok, hist_logp)
         g = self.graphs.get((Bb, Lb))
         if g is None:
+            t0 = time.perf_counter()
             state = [x.clone() for x in (self.tok, self.lens, self.t, self.col, hist_tok, hist_logp)]
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):  # warm-up (allocator, lazy inits) outside the graph
                 self.step(Bb, Lb, hist_tok, hist_logp)
-            torch.cuda.current_stream().wait_stream(s)
+            torch.cuda.synchronize()
             self.pool = self.pool or torch.cuda.graph_pool_handle()
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.pool):
-                self.step(Bb, Lb, hist_tok, hist_logp)
+            # capture_begin / capture_end, not `with torch.cuda.graph(...)`, which also empties the caching
+            # allocator before every capture: up to one capture per (batch bucket, length bucket) of a call,
+            # each followed by fresh cudaMallocs for what the cache had held
+            with torch.cuda.stream(s):
+                g.capture_begin(pool=self.pool)
+                try:
+                    self.step(Bb, Lb, hist_tok, hist_logp)
+                finally:
+                    g.capture_end()
+            torch.cuda.current_stream().wait_stream(s)
             for x, saved in zip((self.tok, self.lens, self.t, self.col, hist_tok, hist_logp), state):
                 x.copy_(saved)  # undo the warm-up step (its K/V write is overwritten by the real one)
             self.graphs[(Bb, Lb)] = g
+            self.capture_s += time.perf_counter() - t0
         g.replay()
 
     def move(self, src, dst, Lb):
@@ -351,6 +409,13 @@ def _validate(prompts, max_new, temperature, top_p, batch_size, check_every):
     if temperature < 0 or not 0 < top_p <= 1 or batch_size < 1 or check_every < 1:
         raise ValueError(f"engine.generate: need temperature >= 0, 0 < top_p <= 1, batch_size >= 1, check_every >= 1 "
                          f"(got {temperature}, {top_p}, {batch_size}, {check_every})")
+
+
+def free_memory(dev):
+    """Bytes a new allocation on CUDA device `dev` can take: the driver's free memory plus what PyTorch's
+    caching allocator holds reserved but unused (freed tensors it keeps for reuse, e.g. the previous
+    rollout's cache or the optimizer step's temporaries), which mem_get_info counts as used."""
+    return torch.cuda.mem_get_info(dev)[0] + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
 
 
 _logged = set()
@@ -397,11 +462,12 @@ def generate(model, prompts, *, max_new_tokens, stop_ids, pad_id, temperature=1.
         cfg = hf.config
         per_row = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * hf.model.layers[0].self_attn.head_dim \
             * capacity * hf.model.embed_tokens.weight.element_size()
-        fit = int(torch.cuda.mem_get_info(dev)[0] * kv_budget // per_row)
+        fit = int(free_memory(dev) * kv_budget // per_row)
         if fit < rows:
             _log_once(f"KV cache for {rows} rows x {capacity} tokens does not fit; decoding {max(fit, 1)} rows at a time")
             rows = max(fit, 1)
     dec = Decoder(hf, rows, capacity, temperature, top_p, seed, graphs)
+    _log_once(f"attention on {dev.type} {dec.dtype}: {attention_route(hf)}")
     hist_tok = torch.zeros(rows, k, dtype=torch.long, device=dev)
     hist_logp = torch.zeros(rows, k, dtype=torch.float32, device=dev)
 
@@ -470,6 +536,7 @@ def generate(model, prompts, *, max_new_tokens, stop_ids, pad_id, temperature=1.
             i = slot_row[s]
             if i >= 0 and take(i, ht[s], hl[s]):
                 slot_row[s] = -1
+    last_call.update(rows=rows, capacity=capacity, graphs=len(dec.graphs or ()), capture_s=dec.capture_s)
     return out
 
 
