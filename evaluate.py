@@ -382,6 +382,7 @@ def eval_parser():
     a("--api-model", default=None, help="model name sent to --api-url")
     a("--api-key-env", default=None, help="environment variable holding the --api-url key (none by default)")
     add_grader_args(p)
+    common.add_compute_flags(p.add_argument_group("distributed").add_argument)
     return p
 
 
@@ -481,7 +482,7 @@ def run_eval(args):
         raise UsageError("airbench needs a judge: --judge MODEL or --judge-url URL --judge-model NAME")
     if args.api_url and not args.api_model:
         raise UsageError("--api-url needs --api-model (the model name the server serves)")
-    dist_ = common.init_dist()
+    dist_ = common.init_dist(args.device, args.dist_timeout)
     common.seed_everything(args.seed + dist_.rank)
     # every input is read and checked before any generation starts
     benches = {n: load_benchmark(n, data.get(n, BENCHMARKS[n][0]), args.limit) for n in names}

@@ -53,9 +53,9 @@ import time
 
 import torch
 
-from common import (DataError, HelpFormatter, Logger, NonFiniteError, UsageError, all_reduce, build_optimizer,
-                    build_policy, chat_template_kwargs, check_finite, check_min, check_range, check_sampling,
-                    check_training, claim_out_dir, cli_main, clip_grad_norm, cosine_lr, gather_objects,
+from common import (DataError, HelpFormatter, Logger, NonFiniteError, UsageError, add_compute_flags, all_reduce,
+                    barrier, build_optimizer, build_policy, chat_template_kwargs, check_finite, check_min, check_range,
+                    check_sampling, check_training, claim_out_dir, cli_main, clip_grad_norm, cosine_lr, gather_objects,
                     hsdp_replicas, import_optional, init_dist, load_pairs, load_state, load_tokenizer, pad_right,
                     pick_dtype, positions_from_mask, print0, read_table, release_out_dirs, render_prompt, save_hf,
                     save_state, seed_everything, split_reasoning, stop_token_ids, write_json, write_jsonl)
@@ -288,6 +288,7 @@ def get_args(argv=None):
     a("--replicate", type=int, default=None, help="HSDP: N replicas, each sharding over world/N ranks "
       "(default: one per node when torchrun spans nodes, else 1 = flat FSDP2)")
     a("--dtype", default=None, choices=["bf16", "fp32"], help="compute dtype (default: bf16 on CUDA, fp32 on CPU)")
+    add_compute_flags(a)
     a = p.add_argument_group("checkpoints and logging").add_argument
     a("--resume", action="store_true", help="continue from the newest complete state in OUT")
     a("--overwrite", action="store_true", help="replace a previous run in OUT (its state, metrics, rollouts)")
@@ -494,7 +495,7 @@ def main(argv=None):
     import reward as rw
 
     # --------------------------------------------------------------------------- compute init
-    d = init_dist()
+    d = init_dist(args.device, args.dist_timeout)
     check_args(args, d.world)
     replicate = hsdp_replicas(args.replicate, d.world)
     seed_everything(args.seed)
@@ -543,6 +544,7 @@ def main(argv=None):
             R += rm.score([it["prompt"] for it in items], [it["completion"] for it in items], args.score_on).to(d.device)
         if rules is not None:
             R += torch.tensor([rules(it["completion"], it["gold"]) for it in items], device=d.device)
+        barrier()  # ranks meet here, outside a collective: rollout lengths (and RM time) differ between ranks
         if not torch.isfinite(all_reduce(R.sum().clone())):
             raise NonFiniteError(f"step {step + 1}: non-finite reward; stopped before the update, nothing written")
 

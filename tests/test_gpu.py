@@ -188,3 +188,109 @@ def test_engine_logs_its_attention_route_once(capsys):
     err = capsys.readouterr().err
     assert err.count("engine: attention on cpu torch.float32: decode ") == 1, err
     assert engine.last_call["rows"] == 1 and engine.last_call["graphs"] == 0
+
+
+# --- 5. no silent CPU run on a GPU machine; long waits that outlast the collective timeout ---------------
+
+import common  # noqa: E402
+from conftest import torchrun  # noqa: E402
+
+
+@pytest.fixture
+def no_usable_gpu(monkeypatch):
+    """This machine as a GPU box whose GPU torch cannot use: CUDA 13 torch, driver 535, nothing visible."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(common, "nvidia_driver", lambda: "535.104.05")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+
+def test_a_gpu_machine_without_a_usable_gpu_stops_with_the_cause(no_usable_gpu, monkeypatch):
+    for device in ("auto", "cuda"):
+        with pytest.raises(common.UsageError) as e:
+            common.resolve_device(device)
+        msg = str(e.value)
+        assert "535.104.05" in msg and "CUDA 13.0" in msg and ">= 580" in msg and "--device cpu" in msg, msg
+    assert common.resolve_device("cpu") == "cpu"  # asked for: runs on the CPU
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(common.UsageError, match="CUDA_VISIBLE_DEVICES=''"):
+        common.resolve_device("auto")
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(common.UsageError, match="CPU-only build"):
+        common.resolve_device("cuda")
+
+
+def test_a_machine_without_nvidia_runs_on_the_cpu_unless_cuda_is_asked(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(common, "nvidia_driver", lambda: None)
+    assert common.resolve_device("auto") == "cpu"
+    with pytest.raises(common.UsageError, match="--device cuda.*no NVIDIA driver"):
+        common.resolve_device("cuda")
+
+
+def test_nvidia_driver_version_is_read_from_proc(monkeypatch, tmp_path):
+    for line, want in (("NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023",
+                        "535.104.05"),
+                       ("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.65.06  Release Build", "580.65.06")):
+        f = tmp_path / "version"
+        f.write_text(line + "\nGCC version: gcc 12\n")
+        real_open = open
+        monkeypatch.setattr("builtins.open", lambda p, *a, **k: real_open(f if p == "/proc/driver/nvidia/version" else p,
+                                                                          *a, **k))
+        assert common.nvidia_driver() == want
+        monkeypatch.undo()
+
+
+def test_stage_cli_with_device_cuda_and_no_gpu_stops_before_loading(tiny_model, sft_rows, tmp_path):
+    out = tmp_path / "out"
+    p = run_cli([sys.executable, "sft.py", "--model", tiny_model, "--data", sft_rows, "--out", str(out),
+                 "--device", "cuda"], check=False, timeout=300)
+    assert p.returncode == 2 and "--device cuda, but torch sees no usable GPU" in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and not out.exists()
+    p = run_cli([sys.executable, "sft.py", "--model", tiny_model, "--data", sft_rows, "--out", str(out),
+                 "--dist-timeout", "0"], check=False, timeout=300)
+    assert p.returncode == 2 and "--dist-timeout must be a positive number" in p.stderr, p.stderr[-2000:]
+
+
+def test_init_dist_binds_the_gpu_and_sets_the_timeout(monkeypatch):
+    """The CUDA branch, with torch.cuda and init_process_group stood in: NCCL gets device_id and timeout."""
+    from datetime import timedelta
+    calls = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.setdefault("set_device", d))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda backend, **kw: calls.setdefault("init", (backend, kw)))
+    monkeypatch.setenv("RANK", "11")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    d = common.init_dist("auto", timeout_min=90)
+    assert d == common.Dist(11, 3, 16, torch.device("cuda", 3))
+    assert calls["set_device"] == torch.device("cuda", 3)
+    assert calls["init"] == ("nccl", {"timeout": timedelta(minutes=90), "device_id": torch.device("cuda", 3)})
+    monkeypatch.setenv("LOCAL_RANK", "8")
+    with pytest.raises(common.UsageError, match="local rank 8 but torch sees 8 GPU"):
+        common.init_dist("cuda")
+
+
+def test_uneven_waits_outlast_a_short_collective_timeout(tiny_model):
+    """2 gloo ranks, a 2 s timeout, 3 s of imbalance: a rank waiting for another's generation, a rank without
+    a grading shard gathering, ranks 1..N while rank 0 loads the checkpoint; the same wait inside a collective
+    is stopped."""
+    p = run_cli(torchrun(2) + ["tests/dist_wait_check.py", tiny_model], timeout=300)
+    log = p.stdout
+    for r in (0, 1):
+        assert f"rank {r}: waited for a slower rank's generation" in log, log
+        assert f"rank {r}: gathered [0, 1] after a slower rank's grading" in log, log
+        assert f"rank {r}: built the policy while rank 0 loaded slowly (weights agree: True)" in log, log
+    assert "a collective wait past the timeout stopped" in log, log
+
+
+def test_free_memory_counts_what_the_allocator_holds_unused(monkeypatch):
+    """The KV cache may take the driver's free memory plus the caching allocator's reserved-but-unused blocks."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev: (10 << 30, 80 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev: 30 << 30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev: 18 << 30)
+    assert engine.free_memory(torch.device("cuda", 0)) == 22 << 30
