@@ -158,12 +158,12 @@ DIST_TIMEOUT_MIN = 60.0
 def add_compute_flags(a):
     """--device and --dist-timeout (a: an argument group's add_argument), for the stages run under torchrun."""
     a("--device", default="auto", choices=["auto", "cuda", "cpu"],
-                   help="where to run: auto = CUDA when torch sees a GPU, else the CPU; auto stops with the likely "
-                        "cause when this machine has an NVIDIA GPU that torch cannot use; cuda stops when none is usable")
+      help="where to run: auto = CUDA when torch sees a GPU, else the CPU; auto stops with the likely cause when "
+           "this machine has an NVIDIA GPU that torch cannot use; cuda stops when none is usable")
     a("--dist-timeout", type=float, default=DIST_TIMEOUT_MIN, metavar="MIN",
-                   help="minutes a collective may wait under torchrun before the job is stopped (NCCL / gloo timeout). "
-                        "The long, uneven waits (one rank still generating, rank 0 loading the checkpoint or writing "
-                        "a save, another grading) wait outside any collective (`barrier`), without a time limit")
+      help="minutes a collective may wait under torchrun before the job is stopped (the NCCL / gloo timeout); the "
+           "long, uneven waits (a rank still generating, rank 0 loading the checkpoint or writing a save, another "
+           "grading) wait outside any collective, without a time limit")
 
 
 def nvidia_driver():
@@ -211,9 +211,10 @@ def resolve_device(device="auto"):
 
 
 def init_dist(device="auto", timeout_min=DIST_TIMEOUT_MIN):
-    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE: NCCL on CUDA (bound to this rank's GPU at init), gloo on the
-    CPU, both with a `timeout_min` collective timeout. Otherwise one process, no group. The device comes from
-    resolve_device (a GPU machine whose GPUs torch cannot use stops here, before any model loads)."""
+    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE: NCCL on CUDA (bound to this rank's GPU at init; CPU tensors
+    through gloo), gloo on the CPU, both with a `timeout_min` collective timeout. Otherwise one process, no
+    group. The device comes from resolve_device: a GPU machine whose GPUs torch cannot use stops here,
+    before any model loads."""
     from datetime import timedelta
     if not (isinstance(timeout_min, (int, float)) and 0 < timeout_min < math.inf):
         raise UsageError(f"--dist-timeout must be a positive number of minutes, got {timeout_min}")
@@ -227,9 +228,10 @@ def init_dist(device="auto", timeout_min=DIST_TIMEOUT_MIN):
             raise UsageError(f"local rank {local_rank} but torch sees {torch.cuda.device_count()} GPU(s): "
                              f"--nproc_per_node is larger than the GPUs visible (CUDA_VISIBLE_DEVICES?)")
         torch.cuda.set_device(dev)
-    if not dist.is_initialized():
+    if not dist.is_initialized():  # CUDA: NCCL for GPU tensors, gloo for CPU ones (--cpu-offload's gradient norm)
         kw = {"device_id": dev} if cuda else {}
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=timeout_min), **kw)
+        backend = "cuda:nccl,cpu:gloo" if cuda else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(minutes=timeout_min), **kw)
     return Dist(rank, local_rank, world, dev)
 
 
@@ -295,7 +297,7 @@ def pick_dtype(name, device):
 
 def comm_device():
     """Where a tensor for a collective lives: this rank's GPU under NCCL, else the CPU (gloo, one process)."""
-    if is_dist() and dist.get_backend() == "nccl":
+    if is_dist() and "nccl" in str(dist.get_backend()):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 

@@ -39,7 +39,8 @@ The decode forward is written out here (`Decoder.layer`) for the Llama-family de
 trains: Llama, Qwen2, Qwen3, Mistral (full attention). It calls the model's own modules (projections,
 norms, MLP, rotary embedding and apply_rotary_pos_emb from its modeling file), so the weights, the RoPE
 variant and the MLP are the checkpoint's; only attention over the static cache is ours
-(torch sdpa with a (rows, 1, q, Lb) mask). Every other architecture (hybrid Mamba models such as
+(`decode_attention`, `prefill_attention`: torch sdpa in layouts its fused CUDA kernels accept, the
+backend logged once per process). Every other architecture (hybrid Mamba models such as
 GraniteMoeHybrid, sliding-window or soft-capped models, remote code) takes the simple path, with one
 logged line: the model's own forward and cache, static batches, the same sampler and stop checks.
 
@@ -52,7 +53,9 @@ transformers' forward and cache, whose StaticCache keeps ONE cache position for 
 rows must share a left-padded layout, so a finished row can neither be refilled nor compacted away,
 and attention spans the whole preallocated buffer. The direct step owns the cache layout (per-row
 positions, rows left-aligned), reads only Lb columns, and is plain tensor code on static buffers
-that torch.cuda.graph captures without torch.compile. The GPU throughput of both routes is still to
+that a CUDA graph captures without torch.compile (bench/audit_step.py checks, in CI, that the step
+dispatches no host sync, no data-dependent size and no host tensor, and the same ops at every step of
+a bucket). The GPU throughput of both routes is still to
 be measured (bench/bench_rollout.py prints `generate` with a static cache + compile beside the
 engine; docs/perf.md).
 
@@ -215,13 +218,15 @@ def decode_attention(q, K, V, mask, scale):
 
     The G = H / KV query heads that share a KV head are folded into the query length, q -> (B, KV, G, hd)
     (head h reads KV head h // G, as enable_gqa's repeat_interleave does), so query and key have equal
-    head counts and each KV head is read once for its G queries. Equal heads and a boolean mask with a
-    unit last stride is what PyTorch's fused CUDA kernels accept on every version we claim
-    (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp, torch 2.11 and 2.13): memory-efficient
-    attention takes any mask but, before the GQA support added in mid-2026, only equal head counts;
-    cuDNN attention takes a mask and is tried first on sm_90 / sm_10x with cuDNN > 9.15 (torch 2.13's
-    CUDA 13 wheel ships 9.20); flash attention never takes a mask. Unequal heads with a mask (the
-    enable_gqa form) fall to the math path on torch 2.11, which upcasts to fp32 and copies K, V per head."""
+    head counts and each KV head is read once for its G queries. PyTorch's kernel selection
+    (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp and sdp_utils_cpp.h): flash attention never
+    takes a mask; memory-efficient attention takes any mask (bool or float, last stride 1) in bf16, fp16
+    and fp32, but unequal query / key head counts only where its GQA support exists, which torch 2.11
+    lacks; cuDNN attention takes a mask and unequal heads, and comes first on sm_90 / sm_10x with cuDNN
+    > 9.15 (torch 2.13's CUDA 13 wheel ships 9.20), last (after math) otherwise. So the enable_gqa form
+    with a mask lands on the math path on torch 2.11 (fp32 upcast, K and V copied per head); equal heads
+    with a mask get memory-efficient or cuDNN attention on 2.11 and 2.13 alike (bench/versions.py prints
+    the choice on the device)."""
     B, H, _, hd = q.shape
     KV = K.shape[1]
     o = F.scaled_dot_product_attention(q.reshape(B, KV, H // KV, hd), K, V, attn_mask=mask, scale=scale)
@@ -239,22 +244,20 @@ def prefill_attention(q, k, v, scale):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
 
 
-def attention_route(hf, rows=8, Lb=LEN_BUCKET, P=LEN_BUCKET):
-    """The SDPA backend PyTorch picks on hf's device and dtype for the engine's exact decode and prefill
-    layouts (torch._fused_sdp_choice on tensors shaped as the step's), e.g. 'decode EFFICIENT_ATTENTION,
-    prefill FLASH_ATTENTION'."""
+def attention_route(n_heads, n_kv, head_dim, dtype, device, rows=2, Lb=LEN_BUCKET, P=LEN_BUCKET):
+    """The SDPA backend PyTorch picks on `device` for the engine's exact decode and prefill layouts at these
+    head counts and dtype (torch._fused_sdp_choice on tensors laid out as the step's), e.g.
+    'decode EFFICIENT_ATTENTION, prefill FLASH_ATTENTION'. The selection reads head counts, head size,
+    dtype, strides and the mask's shape, not the sizes of the batch or the cache."""
     from torch.nn.attention import SDPBackend
-    cfg, inner = hf.config, hf.model
-    hd = inner.layers[0].self_attn.head_dim
-    H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
-    w = inner.embed_tokens.weight
-    x = lambda *s: torch.zeros(s, dtype=w.dtype, device=w.device)  # noqa: E731
-    cache = x(rows, KV, 2 * Lb, hd)[:, :, :Lb]  # a column slice of the cache, as the step reads it
-    mask = torch.ones(rows, 1, 1, Lb, dtype=torch.bool, device=w.device)
+    x = lambda *s: torch.zeros(s, dtype=dtype, device=device)  # noqa: E731
+    cache = x(rows, n_kv, 2 * Lb, head_dim)[:, :, :Lb]  # a column slice of the cache, as the step reads it
+    mask = torch.ones(rows, 1, 1, Lb, dtype=torch.bool, device=device)
     names = {int(b.value): name for name, b in SDPBackend.__members__.items()}
-    dec = torch._fused_sdp_choice(x(rows, KV, H // KV, hd), cache, cache, mask, 0.0, False, scale=None)
-    pre = torch._fused_sdp_choice(x(rows, H, P, hd), x(rows, KV, P, hd), x(rows, KV, P, hd), None, 0.0, True,
-                                  scale=None, enable_gqa=True)
+    dec = torch._fused_sdp_choice(x(rows, n_kv, n_heads // n_kv, head_dim), cache, cache, mask, 0.0, False,
+                                  scale=None)
+    k = x(rows, n_kv, P, head_dim)
+    pre = torch._fused_sdp_choice(x(rows, n_heads, P, head_dim), k, k, None, 0.0, True, scale=None, enable_gqa=True)
     return f"decode {names[int(dec)]}, prefill {names[int(pre)]}"
 
 
@@ -467,7 +470,10 @@ def generate(model, prompts, *, max_new_tokens, stop_ids, pad_id, temperature=1.
             _log_once(f"KV cache for {rows} rows x {capacity} tokens does not fit; decoding {max(fit, 1)} rows at a time")
             rows = max(fit, 1)
     dec = Decoder(hf, rows, capacity, temperature, top_p, seed, graphs)
-    _log_once(f"attention on {dev.type} {dec.dtype}: {attention_route(hf)}")
+    key = ("attention", dev.type, dec.dtype, dec.n_heads, dec.n_kv, dec.head_dim)
+    if key not in _logged:
+        _logged.add(key)
+        _log_once(f"attention on {dev.type} {dec.dtype}: {attention_route(*key[3:], dec.dtype, dev)}")
     hist_tok = torch.zeros(rows, k, dtype=torch.long, device=dev)
     hist_logp = torch.zeros(rows, k, dtype=torch.float32, device=dev)
 

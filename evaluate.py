@@ -642,7 +642,7 @@ def run_grade(args):
     names = list(dict.fromkeys(r["benchmark"] for r in recs))
     if "airbench" in names and not (args.judge or args.judge_url):
         raise UsageError("airbench records need a judge: --judge MODEL or --judge-url URL --judge-model NAME")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(common.resolve_device())  # a GPU machine whose GPU torch cannot use stops here
     grade_records(recs, *graders_for(names, args, device))
     common.write_jsonl(args.out, [ordered(r) for r in recs])
     summary = summarize(recs)

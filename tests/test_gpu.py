@@ -181,7 +181,8 @@ def test_prefill_attention_equals_the_masked_form_on_real_tokens():
         torch.testing.assert_close(out[b, :, :n], ref[b, :, :n], rtol=1e-12, atol=1e-12)
 
 
-def test_engine_logs_its_attention_route_once(capsys):
+def test_engine_logs_its_attention_route_once(capsys, monkeypatch):
+    monkeypatch.setattr(engine, "_logged", set())  # as in a fresh process
     model = audit_step.tiny_model("qwen2", "cpu")
     for _ in range(2):
         engine.generate(model, [[5, 6, 7]], max_new_tokens=3, stop_ids=[], pad_id=0, len_bucket=8, check_every=2)
@@ -269,7 +270,8 @@ def test_init_dist_binds_the_gpu_and_sets_the_timeout(monkeypatch):
     d = common.init_dist("auto", timeout_min=90)
     assert d == common.Dist(11, 3, 16, torch.device("cuda", 3))
     assert calls["set_device"] == torch.device("cuda", 3)
-    assert calls["init"] == ("nccl", {"timeout": timedelta(minutes=90), "device_id": torch.device("cuda", 3)})
+    want = {"timeout": timedelta(minutes=90), "device_id": torch.device("cuda", 3)}
+    assert calls["init"] == ("cuda:nccl,cpu:gloo", want)
     monkeypatch.setenv("LOCAL_RANK", "8")
     with pytest.raises(common.UsageError, match="local rank 8 but torch sees 8 GPU"):
         common.init_dist("cuda")
