@@ -515,6 +515,7 @@ def main(argv=None):
         print0("rl: dropout set to 0 in the policy and the reference (π_old, π and π_ref must be deterministic)")
     rm = rw.RewardModel(args.reward_model, d.device, batch_size=args.rm_batch_size, quant=args.rm_quant,
                         trust_remote_code=args.trust_remote_code) if args.reward_model else None
+    barrier()  # every rank holds its reward model (downloads take uneven time) before the first collective
     opt = build_optimizer(policy.parameters(), args.optim, args.lr, tuple(args.betas), args.weight_decay, d.device)
     warmup = max(1, round(args.warmup_ratio * args.max_steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, args.max_steps, warmup))
