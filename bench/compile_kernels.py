@@ -99,8 +99,9 @@ def ptxas_stats(ptx, arch):
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "k.ptx")
         open(src, "w").write(ptx)
-        p = subprocess.run([get_ptxas(arch).path, "-v", "--regAllocOptLevel=2", f"--gpu-name={sm_arch_from_capability(arch)}",
-                            src, "-o", os.path.join(d, "k.o")], capture_output=True, text=True, check=True)
+        cmd = [get_ptxas(arch).path, "-v", "--regAllocOptLevel=2", f"--gpu-name={sm_arch_from_capability(arch)}", src,
+               "-o", os.path.join(d, "k.o")]  # the flags triton's own make_cubin passes
+        p = subprocess.run(cmd, capture_output=True, text=True, check=True)
     log = p.stderr
     regs = int(re.search(r"Used (\d+) registers", log).group(1))
     st = int(re.search(r"(\d+) bytes spill stores", log).group(1))
@@ -110,7 +111,7 @@ def ptxas_stats(ptx, arch):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="80,90", help="compute capabilities to compile for, comma-separated (default 80,90)")
     p.add_argument("--dtypes", default="bf16,fp16,fp32", help="logits dtypes, comma-separated (default bf16,fp16,fp32)")
     p.add_argument("--vocab", default=",".join(map(str, VOCABS)),
@@ -132,9 +133,9 @@ def main():
     dtypes = [DTYPES[d] for d in args.dtypes.split(",")]
     jitted, launches = record_launches(dtypes, [int(v) for v in args.vocab.split(",")])
     print(f"triton {triton.__version__}, torch {torch.__version__}; {len(launches)} launches recorded")
-    print(f"{'kernel':<12} {'arch':>5} {'dtype':>6} {'BLOCK_V':>7} {'warps':>5} {'stages':>6} {'spec':>5} "
+    print(f"{'kernel':<12} {'arch':>5} {'dtype':>6} {'BLOCK_V':>7} {'warps':>5} {'stages':>6} {'V%16':>5} "
           f"{'regs':>4} {'smem B':>6} {'occup.':>6} {'spills':>6} {'s':>5}")
-    seen, failures, compiled = set(), 0, set()
+    seen, failures = set(), 0
     t_all = time.time()
     for arch in archs:
         target = GPUTarget("cuda", arch, 32)
@@ -149,7 +150,8 @@ def main():
                 continue
             seen.add(key)
             dt = next(v for k, v in signature.items() if v.startswith("*"))[1:]
-            aligned = "D" if any(len(v) for k, v in attrs.items() if signature[fn.arg_names[k[0]]] == "i32") else "-"
+            # "yes": V and the row stride are multiples of 16 (Triton specializes them as 16-aligned)
+            aligned = "yes" if any(len(v) for k, v in attrs.items() if signature[fn.arg_names[k[0]]] == "i32") else "no"
             t0 = time.time()
             try:
                 k = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options)
@@ -162,7 +164,6 @@ def main():
             occ = occupancy(regs, smem, k.metadata.num_warps, arch)
             spills = st + ld
             failures += spills > 0
-            compiled.add(fn.__name__)
             print(f"{fn.__name__:<12} sm_{arch:<3}{dt:>6} {kw['BLOCK_V']:>7} {k.metadata.num_warps:>5} "
                   f"{k.metadata.num_stages:>6} {aligned:>5} {regs:>4} {smem:>6} {occ:>6.0%} {spills:>6} "
                   f"{time.time() - t0:>5.1f}" + ("  SPILLS" if spills else ""))
