@@ -15,14 +15,16 @@ Generation lives in engine.py. The algorithms (losses, advantages, masking) stay
 """
 import argparse
 import csv
-import http.client
 import errno
+import glob
+import http.client
 import io
 import json
 import math
 import os
 import pickle
 import random
+import re
 import resource
 import shutil
 import socket
@@ -224,19 +226,87 @@ def _check_writable(d, flag):
 # 1. compute
 
 Dist = namedtuple("Dist", "rank local_rank world device")
+DIST_TIMEOUT_MIN = 60.0
 
 
-def init_dist():
-    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE: NCCL on CUDA, gloo on CPU. Otherwise one process, no group."""
-    cuda = torch.cuda.is_available()
+def add_compute_flags(a):
+    """--device and --dist-timeout (a: an argument group's add_argument), for the stages run under torchrun."""
+    a("--device", default="auto", choices=["auto", "cuda", "cpu"],
+      help="where to run: auto = CUDA when torch sees a GPU, else the CPU; auto stops with the likely cause when "
+           "this machine has an NVIDIA GPU that torch cannot use; cuda stops when none is usable")
+    a("--dist-timeout", type=float, default=DIST_TIMEOUT_MIN, metavar="MIN",
+      help="minutes a collective may wait under torchrun before the job is stopped (the NCCL / gloo timeout); the "
+           "long, uneven waits (a rank still generating, rank 0 loading the checkpoint or writing a save, another "
+           "grading) wait outside any collective, without a time limit")
+
+
+def nvidia_driver():
+    """The NVIDIA kernel driver's version when this machine has one loaded ('580.65.06'), '' when a GPU device
+    node exists but the version is unreadable, else None."""
+    try:
+        with open("/proc/driver/nvidia/version") as f:
+            m = re.search(r"Kernel Module\s+(?:for \S+\s+)?([\d.]+)", f.read())
+        return m.group(1) if m else ""
+    except OSError:
+        return "" if glob.glob("/dev/nvidia[0-9]*") else None
+
+
+def no_gpu_reason():
+    """Why torch sees no CUDA device, in one sentence naming the likely cause."""
+    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if torch.version.cuda is None:
+        return (f"this torch ({torch.__version__}) is a CPU-only build; install the CUDA build "
+                f"(README, 'GPU install')")
+    if cvd is not None and cvd.strip() in ("", "-1"):
+        return f"CUDA_VISIBLE_DEVICES={cvd!r} hides every GPU"
+    drv = nvidia_driver()
+    if drv is None:
+        return "no NVIDIA driver is loaded on this machine (/proc/driver/nvidia/version is missing)"
+    return (f"torch {torch.__version__} is built for CUDA {torch.version.cuda} and the NVIDIA driver "
+            f"{drv or '(version unknown)'} cannot run it: CUDA 13 builds need driver >= 580, CUDA 12.x builds "
+            f">= 525; update the driver or install torch from PyTorch's CUDA 12.x index (README, 'GPU install')")
+
+
+def resolve_device(device="auto"):
+    """'auto' | 'cuda' | 'cpu' -> 'cuda' or 'cpu'. No silent CPU run on a GPU machine: 'cuda' without a usable
+    GPU, or 'auto' on a machine with an NVIDIA driver but no GPU torch can use, stops with the likely cause;
+    'cpu' (or 'auto' on a machine without an NVIDIA GPU) runs on the CPU."""
+    if device not in ("auto", "cuda", "cpu"):
+        raise UsageError(f"--device must be auto, cuda or cpu, got {device!r}")
+    if device == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if device == "cuda" or nvidia_driver() is not None:
+        asked = "--device cuda" if device == "cuda" else "this machine has an NVIDIA GPU"
+        raise UsageError(f"{asked}, but torch sees no usable GPU: {no_gpu_reason()}. "
+                         f"Pass --device cpu to run on the CPU on purpose.")
+    return "cpu"
+
+
+def init_dist(device="auto", timeout_min=DIST_TIMEOUT_MIN):
+    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE: NCCL on CUDA (bound to this rank's GPU at init; CPU tensors
+    through gloo), gloo on the CPU, both with a `timeout_min` collective timeout. Otherwise one process, no
+    group. The device comes from resolve_device: a GPU machine whose GPUs torch cannot use stops here,
+    before any model loads."""
+    from datetime import timedelta
+    if not (isinstance(timeout_min, (int, float)) and 0 < timeout_min < math.inf):
+        raise UsageError(f"--dist-timeout must be a positive number of minutes, got {timeout_min}")
+    cuda = resolve_device(device) == "cuda"
     if "RANK" not in os.environ:
         return Dist(0, 0, 1, torch.device("cuda", 0) if cuda else torch.device("cpu"))
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    dev = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
-        torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return Dist(rank, local_rank, world, torch.device("cuda", local_rank) if cuda else torch.device("cpu"))
+        if local_rank >= torch.cuda.device_count():
+            raise UsageError(f"local rank {local_rank} but torch sees {torch.cuda.device_count()} GPU(s): "
+                             f"--nproc_per_node is larger than the GPUs visible (CUDA_VISIBLE_DEVICES?)")
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():  # CUDA: NCCL for GPU tensors, gloo for CPU ones (--cpu-offload's gradient norm)
+        kw = {"device_id": dev} if cuda else {}
+        backend = "cuda:nccl,cpu:gloo" if cuda else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(minutes=timeout_min), **kw)
+    return Dist(rank, local_rank, world, dev)
 
 
 def is_dist():
@@ -248,10 +318,12 @@ def rank():
 
 
 def finish():
-    """End a torchrun process cleanly: a barrier, then tear the process group down (a gloo group left
-    to the interpreter's exit can abort the process). Also releases the output-dir lock."""
+    """End a torchrun process cleanly: every rank here (`barrier`), a collective barrier, then tear the process
+    group down (a gloo group left to the interpreter's exit can abort the process). Also releases the
+    output-dir lock."""
     release_out_dirs()
     if is_dist():
+        barrier()
         dist.barrier()
         dist.destroy_process_group()
 
@@ -261,9 +333,24 @@ def print0(*a, **kw):
         print(*a, **kw, flush=True)
 
 
+_barriers = [0]
+
+
 def barrier():
-    if is_dist():
-        dist.barrier()
+    """Every rank reaches this point before any goes on, waiting OUTSIDE a collective: each rank adds 1 to a
+    counter in the process group's store, then polls it (every <= 0.5 s) until it reads the world size.
+    A collective barrier would wait inside NCCL / gloo, whose --dist-timeout stops the job; here a rank
+    may wait as long as another takes (generating, loading, writing a checkpoint, grading). A rank that
+    dies ends the job through torchrun. Ranks call barrier() in the same order (the key counts calls)."""
+    if not is_dist():
+        return
+    store = dist.distributed_c10d._get_default_store()
+    _barriers[0] += 1
+    key, world, pause = f"beyond_sft/barrier/{_barriers[0]}", dist.get_world_size(), 0.001
+    store.add(key, 1)
+    while store.add(key, 0) < world:
+        time.sleep(pause)
+        pause = min(2 * pause, 0.5)
 
 
 def seed_everything(seed):
@@ -282,6 +369,13 @@ def pick_dtype(name, device):
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
+def comm_device():
+    """Where a tensor for a collective lives: this rank's GPU under NCCL, else the CPU (gloo, one process)."""
+    if is_dist() and "nccl" in str(dist.get_backend()):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce(t, op="sum"):
     """In-place all-reduce across ranks (no-op in a single process). op: sum | max | min."""
     if is_dist():
@@ -291,9 +385,11 @@ def all_reduce(t, op="sum"):
 
 
 def gather_objects(items):
-    """Every rank gets the concatenation of all ranks' lists, in rank order."""
+    """Every rank gets the concatenation of all ranks' lists, in rank order. Ranks meet at `barrier` first:
+    they come here after uneven work (generation, grading), which must not wait inside the collective."""
     if not is_dist():
         return list(items)
+    barrier()
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, list(items))
     return [x for p in parts for x in p]
@@ -627,6 +723,7 @@ def build_policy(path, dist_, param_dtype, grad_ckpt=False, cpu_offload=False, t
         return Policy(hf), export_dtype
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     full = load_model(path, master_dtype, "cpu", trust_remote_code) if dist_.rank == 0 else None
+    barrier()  # ranks 1..N wait here, not inside the first collective, while rank 0 downloads and loads
     with torch.device("meta"):
         hf = AutoModelForCausalLM.from_config(cfg, dtype=master_dtype, trust_remote_code=trust_remote_code)
     if full is not None:
@@ -1105,7 +1202,7 @@ def check_finite(step, device, **values):
 def check_finite_weights(model, step):
     """The weights after an update are finite on every rank (a huge lr overflows them without a NaN
     gradient): save_hf calls it before anything is written, and the stages export before they save the state."""
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = comm_device()
     local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
     bad = torch.tensor(float(any(not torch.isfinite(p.detach()).all() for p in local)), device=device)
     all_reduce(bad, "max")

@@ -75,7 +75,8 @@ The decode forward is written out here (`Decoder.layer`) for the Llama-family de
 trains: Llama, Qwen2, Qwen3, Mistral (full attention). It calls the model's own modules (projections,
 norms, MLP, rotary embedding and apply_rotary_pos_emb from its modeling file), so the weights, the RoPE
 variant and the MLP are the checkpoint's; only attention over the static cache is ours
-(torch sdpa with a (rows, 1, q, Lb) mask). Every other architecture (hybrid Mamba models such as
+(`decode_attention`, `prefill_attention`: torch sdpa in layouts its fused CUDA kernels accept, the
+backend logged once per process). Every other architecture (hybrid Mamba models such as
 GraniteMoeHybrid, sliding-window or soft-capped models, remote code) takes the simple path, with one
 logged line: the model's own forward and cache, static batches, the same sampler and stop checks.
 
@@ -88,7 +89,9 @@ transformers' forward and cache, whose StaticCache keeps ONE cache position for 
 rows must share a left-padded layout, so a finished row can neither be refilled nor compacted away,
 and attention spans the whole preallocated buffer. The direct step owns the cache layout (per-row
 positions, rows left-aligned), reads only Lb columns, and is plain tensor code on static buffers
-that torch.cuda.graph captures without torch.compile. The GPU throughput of both routes is still to
+that a CUDA graph captures without torch.compile (bench/audit_step.py checks, in CI, that the step
+dispatches no host sync, no data-dependent size and no host tensor, and the same ops at every step of
+a bucket). The GPU throughput of both routes is still to
 be measured (bench/bench_rollout.py prints `generate` with a static cache + compile beside the
 engine; docs/perf.md).
 
@@ -102,6 +105,7 @@ SGLang) for evaluate.py --api-url: token-id prompts in, text, truncated flag and
 """
 import math
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 
@@ -115,6 +119,7 @@ import common
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 LEN_BUCKET = 256
 DIRECT_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+last_call = {}  # the last direct-path generate(): rows, capacity, graphs captured, capture seconds (bench/)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -306,6 +311,55 @@ def direct_support(hf):
     return None
 
 
+def decode_attention(q, K, V, mask, scale):
+    """One new query per row against the cache: q (B, H, 1, hd), K, V (B, KV, Lb, hd), mask (B, 1, 1, Lb) bool
+    (True: a key the row may see) -> (B, H, 1, hd).
+
+    The G = H / KV query heads that share a KV head are folded into the query length, q -> (B, KV, G, hd)
+    (head h reads KV head h // G, as enable_gqa's repeat_interleave does), so query and key have equal
+    head counts and each KV head is read once for its G queries. PyTorch's kernel selection
+    (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp and sdp_utils_cpp.h): flash attention never
+    takes a mask; memory-efficient attention takes any mask (bool or float, last stride 1) in bf16, fp16
+    and fp32, but unequal query / key head counts only where its GQA support exists, which torch 2.11
+    lacks; cuDNN attention takes a mask and unequal heads, and comes first on sm_90 / sm_10x with cuDNN
+    > 9.15 (torch 2.13's CUDA 13 wheel ships 9.20), last (after math) otherwise. So the enable_gqa form
+    with a mask lands on the math path on torch 2.11 (fp32 upcast, K and V copied per head); equal heads
+    with a mask get memory-efficient or cuDNN attention on 2.11 and 2.13 alike (bench/versions.py prints
+    the choice on the device)."""
+    B, H, _, hd = q.shape
+    KV = K.shape[1]
+    o = F.scaled_dot_product_attention(q.reshape(B, KV, H // KV, hd), K, V, attn_mask=mask, scale=scale)
+    return o.reshape(B, H, 1, hd)  # (B, KV, G, hd) -> (B, H, 1, hd)
+
+
+def prefill_attention(q, k, v, scale):
+    """Causal self-attention over right-padded prompts: q (B, H, P, hd), k, v (B, KV, P, hd) -> (B, H, P, hd).
+
+    No mask: a prompt's tokens sit at columns [0, len), so the causal rule alone keeps every real query
+    on real keys (the pad queries past len see pads too, but nothing reads their outputs, and the cache
+    columns they write are masked until decoding overwrites them). is_causal with equal query and key
+    lengths and enable_gqa is flash attention's own form (bf16 / fp16 on sm_80 and newer, torch 2.11 and
+    2.13); fp32 takes memory-efficient attention where GQA is supported, else math."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+
+
+def attention_route(n_heads, n_kv, head_dim, dtype, device, rows=2, Lb=LEN_BUCKET, P=LEN_BUCKET):
+    """The SDPA backend PyTorch picks on `device` for the engine's exact decode and prefill layouts at these
+    head counts and dtype (torch._fused_sdp_choice on tensors laid out as the step's), e.g.
+    'decode EFFICIENT_ATTENTION, prefill FLASH_ATTENTION'. The selection reads head counts, head size,
+    dtype, strides and the mask's shape, not the sizes of the batch or the cache."""
+    from torch.nn.attention import SDPBackend
+    x = lambda *s: torch.zeros(s, dtype=dtype, device=device)  # noqa: E731
+    cache = x(rows, n_kv, 2 * Lb, head_dim)[:, :, :Lb]  # a column slice of the cache, as the step reads it
+    mask = torch.ones(rows, 1, 1, Lb, dtype=torch.bool, device=device)
+    names = {int(b.value): name for name, b in SDPBackend.__members__.items()}
+    dec = torch._fused_sdp_choice(x(rows, n_kv, n_heads // n_kv, head_dim), cache, cache, mask, 0.0, False,
+                                  scale=None)
+    k = x(rows, n_kv, P, head_dim)
+    pre = torch._fused_sdp_choice(x(rows, n_heads, P, head_dim), k, k, None, 0.0, True, scale=None, enable_gqa=True)
+    return f"decode {names[int(dec)]}, prefill {names[int(pre)]}"
+
+
 class Decoder:
     """The decode state of one generate() call: a static KV cache, per-slot device state, CUDA graphs."""
 
@@ -329,6 +383,7 @@ class Decoder:
         self.col = torch.zeros(1, dtype=torch.long, device=dev)
         self.graphs = {} if graphs else None
         self.pool = None
+        self.capture_s = 0.0  # seconds spent warming up and capturing graphs
 
     # one decoder layer; `attend(l, q, k, v)` is attention against the cache (decode) or the prompt (prefill)
     def layer(self, l, x, cos, sin, attend):
@@ -357,15 +412,12 @@ class Decoder:
         lens = torch.tensor([len(p) for p in prompts], device=self.device)
         ids = common.pad_right(prompts, device=self.device)[0]  # (B, P)
         pos = torch.arange(P, device=self.device).expand(B, P)  # (B, P)
-        valid = pos < lens[:, None]  # (B, P)
-        mask = (pos[:, None, :] <= pos[:, :, None]) & valid[:, None, :]  # (B, P, P): causal, real keys only
         slot_idx = torch.tensor(slots, device=self.device)
 
-        def attend(l, q, k, v):
+        def attend(l, q, k, v):  # causal, no mask: see prefill_attention
             self.K[l, :, :, :P].index_copy_(0, slot_idx, k)
             self.V[l, :, :, :P].index_copy_(0, slot_idx, v)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=self.layers[l].self_attn.scaling,
-                                                  enable_gqa=True)
+            return prefill_attention(q, k, v, self.layers[l].self_attn.scaling)
 
         x = self.inner.embed_tokens(ids)  # (B, P, D)
         cos, sin = self.inner.rotary_emb(x, pos)
@@ -391,8 +443,7 @@ class Decoder:
             K, V = self.K[l, :Bb], self.V[l, :Bb]  # (Bb, KV, capacity, hd)
             K.scatter_(2, at, k)
             V.scatter_(2, at, v)
-            return F.scaled_dot_product_attention(q, K[:, :, :Lb], V[:, :, :Lb], attn_mask=mask,
-                                                  scale=self.layers[l].self_attn.scaling, enable_gqa=True)
+            return decode_attention(q, K[:, :, :Lb], V[:, :, :Lb], mask, self.layers[l].self_attn.scaling)
 
         for l in range(len(self.layers)):
             x = self.layer(l, x, cos, sin, attend)
@@ -413,20 +464,30 @@ class Decoder:
             return self.step(Bb, Lb, hist_tok, hist_logp, hist_kept)
         g = self.graphs.get((Bb, Lb))
         if g is None:
+            t0 = time.perf_counter()
             hist = (hist_tok, hist_logp, hist_kept)
             state = [x.clone() for x in (self.tok, self.lens, self.t, self.col, *hist)]
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):  # warm-up (allocator, lazy inits) outside the graph
                 self.step(Bb, Lb, *hist)
-            torch.cuda.current_stream().wait_stream(s)
+            torch.cuda.synchronize()
             self.pool = self.pool or torch.cuda.graph_pool_handle()
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.pool):
-                self.step(Bb, Lb, *hist)
+            # capture_begin / capture_end, not `with torch.cuda.graph(...)`, which also empties the caching
+            # allocator before every capture: up to one capture per (batch bucket, length bucket) of a call,
+            # each followed by fresh cudaMallocs for what the cache had held
+            with torch.cuda.stream(s):
+                g.capture_begin(pool=self.pool)
+                try:
+                    self.step(Bb, Lb, *hist)
+                finally:
+                    g.capture_end()
+            torch.cuda.current_stream().wait_stream(s)
             for x, saved in zip((self.tok, self.lens, self.t, self.col, *hist), state):
                 x.copy_(saved)  # undo the warm-up step (its K/V write is overwritten by the real one)
             self.graphs[(Bb, Lb)] = g
+            self.capture_s += time.perf_counter() - t0
         g.replay()
 
     def move(self, src, dst, Lb):
@@ -455,6 +516,13 @@ def _validate(prompts, max_new, temperature, top_p, batch_size, check_every, voc
                          f"(got {temperature}, {top_p}, {batch_size}, {check_every})")
     if vocab_size is not None and vocab_size < 1:
         raise ValueError(f"engine.generate: vocab_size must be >= 1 (got {vocab_size})")
+
+
+def free_memory(dev):
+    """Bytes a new allocation on CUDA device `dev` can take: the driver's free memory plus what PyTorch's
+    caching allocator holds reserved but unused (freed tensors it keeps for reuse, e.g. the previous
+    rollout's cache or the optimizer step's temporaries), which mem_get_info counts as used."""
+    return torch.cuda.mem_get_info(dev)[0] + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
 
 
 _logged = set()
@@ -503,11 +571,15 @@ def generate(model, prompts, *, max_new_tokens, stop_ids, pad_id, temperature=1.
         cfg = hf.config
         per_row = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * hf.model.layers[0].self_attn.head_dim \
             * capacity * hf.model.embed_tokens.weight.element_size()
-        fit = int(torch.cuda.mem_get_info(dev)[0] * kv_budget // per_row)
+        fit = int(free_memory(dev) * kv_budget // per_row)
         if fit < rows:
             _log_once(f"KV cache for {rows} rows x {capacity} tokens does not fit; decoding {max(fit, 1)} rows at a time")
             rows = max(fit, 1)
     dec = Decoder(hf, rows, capacity, temperature, top_p, seed, graphs, vocab_size)
+    key = ("attention", dev.type, dec.dtype, dec.n_heads, dec.n_kv, dec.head_dim)
+    if key not in _logged:
+        _logged.add(key)
+        _log_once(f"attention on {dev.type} {dec.dtype}: {attention_route(*key[3:], dec.dtype, dev)}")
     hist_tok = torch.zeros(rows, k, dtype=torch.long, device=dev)
     hist_logp = torch.zeros(rows, k, dtype=torch.float32, device=dev)
     hist_kept = torch.zeros(rows, k, dtype=torch.float32, device=dev)
@@ -579,6 +651,7 @@ def generate(model, prompts, *, max_new_tokens, stop_ids, pad_id, temperature=1.
             i = slot_row[s]
             if i >= 0 and take(i, ht[s], hl[s], hk[s]):
                 slot_row[s] = -1
+    last_call.update(rows=rows, capacity=capacity, graphs=len(dec.graphs or ()), capture_s=dec.capture_s)
     return out
 
 

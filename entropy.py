@@ -370,6 +370,7 @@ def get_args(argv=None):
     a("--batch-size", type=int, default=8, help="records per forward pass")
     a("--chunk-tokens", type=int, default=1024, help="positions per lm_head + kernel chunk (memory)")
     a("--dtype", choices=["bf16", "fp32"], default=None, help="model dtype (default bf16 on GPU, fp32 on CPU)")
+    common.add_compute_flags(a)
     return p.parse_args(argv)
 
 
@@ -471,7 +472,7 @@ def main(argv=None):
     mem_rows = mem_rows[:args.mem_limit] if args.mem_limit > 0 else mem_rows
 
     # --- compute: each rank scores its shard of the records, one model at a time ---
-    d = common.init_dist()
+    d = common.init_dist(args.device, args.dist_timeout)
     dtype = common.pick_dtype(args.dtype, d.device)
     results, mem_results, edges = [], [], {}
     for mname, mpath in models:

@@ -390,6 +390,7 @@ def eval_parser():
     a("--api-model", default=None, help="model name sent to --api-url")
     a("--api-key-env", default=None, help="environment variable holding the --api-url key (none by default)")
     add_grader_args(p)
+    common.add_compute_flags(p.add_argument_group("distributed").add_argument)
     return p
 
 
@@ -526,7 +527,7 @@ def run_eval(args):
     # the model dirs before any weight is read (with --api-url only the tokenizer of --model is used)
     cfg = None if args.api_url else common.check_model(args.model, "--model", trust_remote_code=args.trust_remote_code)
     check_graders(names, args)
-    dist_ = common.init_dist()
+    dist_ = common.init_dist(args.device, args.dist_timeout)
     common.seed_everything(args.seed + dist_.rank)
     # every input is read and checked before any generation starts
     rows = {n: load_benchmark(n, data.get(n, BENCHMARKS[n][0])) for n in names}  # every row: the fingerprint's
@@ -762,7 +763,7 @@ def run_grade(args):
     if "airbench" in names and not (args.judge or args.judge_url):
         raise UsageError("airbench records need a judge: --judge MODEL or --judge-url URL --judge-model NAME")
     check_graders(names, args)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(common.resolve_device())  # a GPU machine whose GPU torch cannot use stops here
     grade_records(recs, *graders_for(names, args, device))
     common.write_jsonl(args.out, [ordered(r) for r in recs])
     summary = summarize(recs)

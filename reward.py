@@ -447,7 +447,7 @@ def main(argv=None):
                                    + ["gold"] * ("math" in dict(rules.rules)))
     parts = [rules.parts(r["completion"], r.get("gold")) for r in recs]
     if args.reward_model:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = common.resolve_device()  # a GPU machine whose GPU torch cannot use stops here
         rm = RewardModel(args.reward_model, device, common.pick_dtype(args.dtype, device), args.rm_max_len,
                          args.rm_batch_size, args.rm_quant, args.rm_style, args.trust_remote_code,
                          args.chat_template_kwargs)

@@ -72,13 +72,14 @@ import time
 
 import torch
 
-from common import (ArgumentParser, DataError, HelpFormatter, Logger, NonFiniteError, StopRun, UsageError, all_reduce,
-                    apply_optimizer_flags, build_optimizer, build_policy, chat_template_kwargs, check_finite, check_min,
-                    check_model, check_out_dir, check_range, check_sampling, check_training, claim_out_dir, cli_main,
-                    clip_grad_norm, cosine_lr, gather_objects, hsdp_replicas, import_optional, init_dist, load_pairs,
-                    load_state, load_tokenizer, model_context, pad_right, pick_dtype, positions_from_mask, print0,
-                    read_table, release_out_dirs, render_prompt, resume_changes, save_hf, save_state, seed_everything,
-                    split_reasoning, stop_token_ids, write_args, write_jsonl)
+from common import (ArgumentParser, DataError, HelpFormatter, Logger, NonFiniteError, StopRun, UsageError,
+                    add_compute_flags, all_reduce, apply_optimizer_flags, barrier, build_optimizer, build_policy,
+                    chat_template_kwargs, check_finite, check_min, check_model, check_out_dir, check_range,
+                    check_sampling, check_training, claim_out_dir, cli_main, clip_grad_norm, cosine_lr, gather_objects,
+                    hsdp_replicas, import_optional, init_dist, load_pairs, load_state, load_tokenizer, model_context,
+                    pad_right, pick_dtype, positions_from_mask, print0, read_table, release_out_dirs, render_prompt,
+                    resume_changes, save_hf, save_state, seed_everything, split_reasoning, stop_token_ids, write_args,
+                    write_jsonl)
 import engine
 from entropy import DEFAULT_WORDS
 
@@ -351,6 +352,7 @@ def get_args(argv=None):
     a("--replicate", type=int, default=None, help="HSDP: N replicas, each sharding over world/N ranks "
       "(default: one per node when torchrun spans nodes, else 1 = flat FSDP2)")
     a("--dtype", default=None, choices=["bf16", "fp32"], help="compute dtype (default: bf16 on CUDA, fp32 on CPU)")
+    add_compute_flags(a)
     a = p.add_argument_group("checkpoints and logging").add_argument
     a("--resume", action="store_true", help="continue from the newest complete state in OUT, with the run's "
       "flags (args.json); only --stop-at, --save-every, --keep-checkpoints, --dump-every, --max-kl, "
@@ -598,7 +600,7 @@ def main(argv=None):
     import reward as rw
 
     # --------------------------------------------------------------------------- compute init
-    d = init_dist()
+    d = init_dist(args.device, args.dist_timeout)
     check_args(args, d.world)
     ctx = check_models(args)  # the model dirs, before any weight is read
     replicate = hsdp_replicas(args.replicate, d.world)
@@ -620,6 +622,7 @@ def main(argv=None):
         print0("rl: dropout set to 0 in the policy and the reference (π_old, π and π_ref must be deterministic)")
     rm = rw.RewardModel(args.reward_model, d.device, batch_size=args.rm_batch_size, quant=args.rm_quant,
                         trust_remote_code=args.trust_remote_code) if args.reward_model else None
+    barrier()  # every rank holds its reward model (downloads take uneven time) before the first collective
     opt = build_optimizer(policy.parameters(), args.optim, args.lr, tuple(args.betas), args.weight_decay, d.device)
     warmup = max(1, round(args.warmup_ratio * args.max_steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, args.max_steps, warmup))
@@ -651,6 +654,7 @@ def main(argv=None):
             R += rm.score([it["prompt"] for it in items], [it["completion"] for it in items], args.score_on).to(d.device)
         if rules is not None:
             R += torch.tensor([rules(it["completion"], it["gold"]) for it in items], device=d.device)
+        barrier()  # ranks meet here, outside a collective: rollout lengths (and RM time) differ between ranks
         if not torch.isfinite(all_reduce(R.sum().clone())):
             raise NonFiniteError(f"step {step + 1}: non-finite reward; stopped before the update, nothing written")
 

@@ -43,12 +43,12 @@ import time
 
 import torch
 
-from common import (ArgumentParser, DataError, HelpFormatter, Logger, UsageError, all_reduce, apply_optimizer_flags,
-                    build_optimizer, build_policy, chat_template_kwargs, check_finite, check_min, check_model,
-                    check_out_dir, check_training, claim_out_dir, cli_main, clip_grad_norm, cosine_lr, hsdp_replicas,
-                    import_optional, init_dist, load_pairs, load_state, load_tokenizer, ngrams, packing_exact,
-                    pick_dtype, print0, release_out_dirs, render_sft, resume_changes, save_hf, save_state,
-                    seed_everything, write_args)
+from common import (ArgumentParser, DataError, HelpFormatter, Logger, UsageError, add_compute_flags, all_reduce,
+                    apply_optimizer_flags, build_optimizer, build_policy, chat_template_kwargs, check_finite, check_min,
+                    check_model, check_out_dir, check_training, claim_out_dir, cli_main, clip_grad_norm, cosine_lr,
+                    hsdp_replicas, import_optional, init_dist, load_pairs, load_state, load_tokenizer, ngrams,
+                    packing_exact, pick_dtype, print0, release_out_dirs, render_sft, resume_changes, save_hf,
+                    save_state, seed_everything, write_args)
 
 
 def get_args(argv=None):
@@ -89,6 +89,7 @@ def get_args(argv=None):
     a("--replicate", type=int, default=None, help="HSDP: N replicas, each sharding over world/N ranks "
       "(default: one per node when torchrun spans nodes, else 1 = flat FSDP2)")
     a("--dtype", default=None, choices=["bf16", "fp32"], help="compute dtype (default: bf16 on CUDA, fp32 on CPU)")
+    add_compute_flags(a)
     a = p.add_argument_group("checkpoints and logging").add_argument
     a("--resume", action="store_true", help="continue from the newest complete state in OUT, with the run's "
       "flags (args.json); only --stop-at, --save-every, --keep-checkpoints, --dump-every, --max-kl, "
@@ -194,7 +195,7 @@ def main(argv=None):
     check_args(args)
 
     # --------------------------------------------------------------------------- compute init
-    d = init_dist()
+    d = init_dist(args.device, args.dist_timeout)
     seed_everything(args.seed)
     dtype = pick_dtype(args.dtype, d.device)
     replicate = hsdp_replicas(args.replicate, d.world)

@@ -110,6 +110,10 @@ def main():
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv_tok = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * torch.finfo(dtype).bits // 8
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    Lb = -(-(args.prompt + args.new) // engine.LEN_BUCKET) * engine.LEN_BUCKET  # the last length bucket
+    route = engine.attention_route(cfg.num_attention_heads, cfg.num_key_value_heads,
+                                   model.model.layers[0].self_attn.head_dim, dtype, device, args.batch, Lb, args.prompt)
+    print(f"attention (SDPA backend at batch {args.batch}, {Lb} cached tokens): {route}", flush=True)
     print(f"device {name} | torch {torch.__version__} | shape {args.shape} | batch {args.batch} | prompt {args.prompt} "
           f"| limit {args.new} | copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
 
@@ -132,22 +136,32 @@ def main():
                                               batch_size=args.batch),
         }
         print(f"\n{regime}: {useful:,} useful tokens (mean length {useful / args.batch:.0f})", flush=True)
-        print(f"{'path':<34}{'s':>9}{'useful tok/s':>14}{'x eager':>9}{'% of bound':>12}{'CPU s':>9}", flush=True)
-        t_eager = None
+        rows = {}  # key -> (label, wall s, CPU s, note); printed once every path has run, so x eager is known
         for key in args.paths.split(","):
             label = {"eager": "eager loop (dynamic cache)", "generate": "generate (dynamic cache)",
                      "static": "generate (static cache + compile)", "engine": "engine.generate"}[key]
-            first = ""
+            note = ""
             try:
                 if key in ("static", "engine"):  # compilation is cached across calls; graphs are captured per call
-                    first = f"  (first call {timed(paths[key], device):.2f} s)"
+                    note = f"first call {timed(paths[key], device):.2f} s"
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
                 t = timed(paths[key], device)
             except Exception as e:  # noqa: BLE001 -- a path that fails is reported, the others still run
                 print(f"{label:<34} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
                 continue
-            t_eager = t if key == "eager" else t_eager
-            ratio = t_eager / t if t_eager else float("nan")
-            print(f"{label:<34}{t:>9.2f}{useful / t:>14,.0f}{ratio:>9.2f}{100 * bound / t:>11.1f}%{timed.cpu:>9.2f}{first}", flush=True)
+            if key == "engine":
+                c = engine.last_call
+                note += f"; {c['graphs']} graphs captured in {c['capture_s']:.2f} s, {c['rows']} rows x {c['capacity']}"
+            if device.type == "cuda":
+                note += f"; peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+            rows[key] = (label, t, timed.cpu, note)
+            print(f"  {label}: {t:.2f} s", flush=True)
+        t_eager = rows["eager"][1] if "eager" in rows else float("nan")
+        print(f"{'path':<34}{'s':>9}{'useful tok/s':>14}{'x eager':>9}{'% of bound':>12}{'CPU s':>9}", flush=True)
+        for label, t, cpu, note in rows.values():
+            print(f"{label:<34}{t:>9.2f}{useful / t:>14,.0f}{t_eager / t:>9.2f}{100 * bound / t:>11.1f}%{cpu:>9.2f}"
+                  f"  {note.lstrip('; ')}", flush=True)
         print(f"{'bandwidth bound':<34}{bound:>9.2f}{useful / bound:>14,.0f}", flush=True)
 
 

@@ -19,7 +19,11 @@ def test_gpu_script_smoke_runs_without_the_missing_packages(tmp_path):
                 timeout=1800, check=False)
     log = (out / "gpu.log").read_text()
     assert p.returncode == 0, log[-6000:]
-    for stage in ("versions", "rollout-check", "rollout-1.5b", "kernels", "sft-sdpa", "rl-step", "family-tiny-llama"):
+    for stage in ("versions", "audit", "kernels-compile", "rollout-check", "rollout-1.5b", "kernels", "sft-sdpa", "rl-step",
+                  "family-tiny-llama"):
         assert f"=== {stage}: rc 0" in log, stage
     assert "check: greedy engine == generate on 4/4 rows" in log
-    assert "engine.generate" in log and "eager loop" in log
+    assert "decode (engine)" in log and "capture-safe" in log and "0 failure(s)" in log
+    rows = [line.split() for line in log.splitlines() if line.startswith("engine.generate ")]
+    assert len(rows) == 2 and all(float(r[3]) > 0 for r in rows), rows  # x eager, the engine timed first
+    assert "graphs captured" in log
