@@ -229,12 +229,23 @@ Dist = namedtuple("Dist", "rank local_rank world device")
 DIST_TIMEOUT_MIN = 60.0
 
 
+def dist_minutes(text):
+    """argparse type of --dist-timeout: minutes, finite, in (0, 10080] (a week; timedelta overflows past ~1e12)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want a number of minutes, got {text!r}") from None
+    if not (math.isfinite(v) and 0 < v <= 10080):
+        raise argparse.ArgumentTypeError(f"must be in (0, 10080] minutes (and finite), got {text}")
+    return v
+
+
 def add_compute_flags(a):
     """--device and --dist-timeout (a: an argument group's add_argument), for the stages run under torchrun."""
     a("--device", default="auto", choices=["auto", "cuda", "cpu"],
       help="where to run: auto = CUDA when torch sees a GPU, else the CPU; auto stops with the likely cause when "
            "this machine has an NVIDIA GPU that torch cannot use; cuda stops when none is usable")
-    a("--dist-timeout", type=float, default=DIST_TIMEOUT_MIN, metavar="MIN",
+    a("--dist-timeout", type=dist_minutes, default=DIST_TIMEOUT_MIN, metavar="MIN",
       help="minutes a collective may wait under torchrun before the job is stopped (the NCCL / gloo timeout); the "
            "long, uneven waits (a rank still generating, rank 0 loading the checkpoint or writing a save, another "
            "grading) wait outside any collective, without a time limit")

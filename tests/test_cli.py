@@ -257,7 +257,8 @@ def parser_of(module, argv=()):
 def test_every_float_flag_refuses_nan_and_inf(stage, tiny_model, files, tmp_path, no_loads,  # noqa: F811
                                               monkeypatch, capsys):
     module, base = command(stage, tiny_model, files, tmp_path)
-    flags = [(a.option_strings[0], a.nargs) for a in parser_of(module, base[:1])._actions if a.type is float]
+    floats = (float, common.dist_minutes)  # every flag that parses a float
+    flags = [(a.option_strings[0], a.nargs) for a in parser_of(module, base[:1])._actions if a.type in floats]
     assert flags, stage
     for flag, nargs in flags:
         for bad in ("nan", "inf"):
