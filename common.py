@@ -644,7 +644,8 @@ def read_jsonl(path):
 
 def read_generations(path, need=("completion",)):
     """Generation records (docs/design.md §2) from a JSONL file, refused unless the file exists, holds a
-    record, and every row has the fields `need` (names, or a function row -> names) as strings."""
+    record, and every row has the fields `need` (names, or a function row -> names) as strings; `thinking`
+    and `prompt_ids`, where present, must be true / false and a non-empty list of token ids."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
     recs = read_jsonl(path)
@@ -654,6 +655,12 @@ def read_generations(path, need=("completion",)):
         for f in need(r) if callable(need) else need:
             if not isinstance(r.get(f), str):
                 raise DataError(f"{path}: row {i}: field '{f}' is missing or not a string")
+        if not isinstance(r.get("thinking", True), bool):
+            raise DataError(f"{path}: row {i}: field 'thinking' is not true or false")
+        ids = r.get("prompt_ids")
+        if ids is not None and not (isinstance(ids, list) and ids and
+                                    all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in ids)):
+            raise DataError(f"{path}: row {i}: field 'prompt_ids' is not a non-empty list of token ids")
     return recs
 
 

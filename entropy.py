@@ -314,12 +314,6 @@ def read_records(path, temperature):
     recs = common.read_generations(path, need=("prompt", "completion"))
     for row, r in enumerate(recs, 1):
         r["row"] = row
-        ids = r.get("prompt_ids")
-        if ids is not None and not (isinstance(ids, list) and ids and
-                                    all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in ids)):
-            raise DataError(f"{path}: row {row}: field 'prompt_ids' is not a non-empty list of token ids")
-        if not isinstance(r.get("thinking", True), bool):
-            raise DataError(f"{path}: row {row}: field 'thinking' is not true or false")
     if temperature is None:
         temps = {0.6 if r.get("temperature") is None else r["temperature"] for r in recs}
         if len(temps) > 1:
