@@ -588,7 +588,7 @@ def end_of_turn(tok, chat_kwargs=None):
     return tail if tail.strip() else (tok.eos_token or "")
 
 
-def render_sft(tok, prompt, response, max_len=None, chat_kwargs=None, answer_only=False):
+def render_sft(tok, prompt, response, max_len=None, chat_kwargs=None, reasoning_when_off="refuse"):
     """SFT target: rendered prompt + the response text + end-of-turn, appended by hand, so templates that
     strip past reasoning (R1-Distill) cannot drop it. Returns (ids, loss_mask) with the mask True on the
     response and end-of-turn tokens. Longer than max_len: the LAST max_len tokens are kept (left truncation,
@@ -597,14 +597,15 @@ def render_sft(tok, prompt, response, max_len=None, chat_kwargs=None, answer_onl
 
     A prompt that opens the think block takes the response without its own leading <think>. A prompt that
     CLOSES it (thinking off) and a response that carries reasoning would make a target with two think
-    blocks: refused (UsageError) unless `answer_only`, which trains on the response's answer alone."""
+    blocks: reasoning_when_off "refuse" raises UsageError (sft.py), "drop" keeps the response's answer
+    alone (sft.py --answer-only), "keep" keeps the response as it is (the reward model's input)."""
     ptext = render_prompt_text(tok, prompt, chat_kwargs)
     state = think_state(ptext)
     if state == "open" and response.lstrip().startswith("<think>"):
         response = response.lstrip()[len("<think>"):].lstrip("\n")  # the template already opened it
-    elif state == "closed" and opens_think(response):
+    elif state == "closed" and opens_think(response) and reasoning_when_off != "keep":
         _, answer, closed = split_reasoning(response)
-        if not answer_only:
+        if reasoning_when_off == "refuse":
             raise UsageError("the prompt already closes the think block (thinking off) and the response carries "
                              "reasoning: the target would hold two think blocks")
         if not closed or not answer:

@@ -135,7 +135,8 @@ class RewardModel:
             return self.tok(prompt, response, add_special_tokens=True)["input_ids"]
         # prompt through the RM's template, response + end-of-turn appended by hand: templates that
         # strip past reasoning (R1-Distill style) would otherwise hide it from the RM (docs/design.md §2)
-        return common.render_sft(self.tok, prompt, response, chat_kwargs=self.chat_kwargs)[0]
+        return common.render_sft(self.tok, prompt, response, chat_kwargs=self.chat_kwargs,
+                                 reasoning_when_off="keep")[0]
 
     def encode(self, prompt, completion, score_on="full", thinking=True):
         """Token ids of one (prompt, completion) under the truncation rule (module docstring); `thinking`

@@ -140,11 +140,10 @@ def load_examples(args, tok):
     for r in rows:
         try:
             ids, mask = render_sft(tok, r["prompt"], r["response"], args.max_len, args.chat_template_kwargs,
-                                   args.answer_only)
+                                   "drop" if args.answer_only else "refuse")
         except UsageError as e:
-            raise DataError(f"{args.data}: row {r['row']}: {e}"
-                            f"{'' if args.answer_only else '; pass --answer-only to train on the answer alone'}"
-                            ) from None
+            hint = "" if args.answer_only else "; pass --answer-only to train on the answer alone"
+            raise DataError(f"{args.data}: row {r['row']}: {e}{hint}") from None
         if args.full_sequence:
             mask = [True] * len(ids)
         (examples if any(mask[1:]) else too_long).append((ids, mask))

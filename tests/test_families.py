@@ -342,6 +342,9 @@ def test_llama_sequence_classifier_reward_is_the_raw_last_token_logit(families, 
     print(f"llama RM: RewardModel vs hand max |dr| {d:.2e}")
     assert d <= 1e-5 and got.std() > 0
     assert "ok" in rm.tok.decode(rm.encode(prompts[0], comps[0]))  # the RM sees the reasoning
+    # also under an RM template whose prompt closes the think block (no two-think-block refusal: SFT's rule)
+    off = reward.RewardModel(rm_dir, "cpu", torch.float32, chat_kwargs={"enable_thinking": False})
+    assert "ok" in off.tok.decode(off.encode(prompts[0], comps[0]))
 
 
 # ------------------------------------------------------------------------------------------------ chat templates
@@ -514,7 +517,7 @@ def test_real_sft_mask(real_toks, star1, case):
     if state == "closed":
         with pytest.raises(common.UsageError, match="two think blocks"):
             common.render_sft(tok, row["question"], response, chat_kwargs=kw)
-        ids, mask = common.render_sft(tok, row["question"], response, chat_kwargs=kw, answer_only=True)
+        ids, mask = common.render_sft(tok, row["question"], response, chat_kwargs=kw, reasoning_when_off="drop")
         want = common.split_reasoning(response)[1] + eot
     else:
         ids, mask = common.render_sft(tok, row["question"], response, chat_kwargs=kw)
