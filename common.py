@@ -16,14 +16,20 @@ Generation lives in engine.py. The algorithms (losses, advantages, masking) stay
 import argparse
 import csv
 import datetime
+import http.client
+import errno
+import io
 import json
 import math
 import os
 import pickle
 import random
 import re
+import resource
 import shutil
+import socket
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -36,15 +42,33 @@ import torch.nn as nn
 
 
 class UsageError(ValueError):
-    """A problem with what the user passed (path, flag value): printed without a traceback."""
+    """A problem with what the user passed (path, flag value, model dir): exit 2, one line, no traceback."""
 
 
 class DataError(UsageError):
     """A bad data file or row; the message names the file, the 1-based row and the field."""
 
 
-class NonFiniteError(RuntimeError):
+class StopRun(RuntimeError):
+    """A run stopped on purpose (a non-finite value, --max-kl, too many failed requests) or by a full disk:
+    exit 1, one line saying what is intact."""
+
+
+class NonFiniteError(StopRun):
     """A non-finite loss, gradient norm or weight: the run stops before anything non-finite is written."""
+
+
+class DiskFull(StopRun):
+    """A write that ran out of space (full disk, quota, file-size limit): its temp file is removed and the
+    previous complete output is left as it was."""
+
+
+DEBUG_ENV = "BEYOND_SFT_DEBUG"  # set to 1: every error shows its traceback
+
+
+def first_line(e):
+    """An exception's message, first line only (library messages run to pages)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def die(msg, code=2):
@@ -52,19 +76,31 @@ def die(msg, code=2):
     sys.exit(code)
 
 
-def cli_main(main):
-    """Run a stage's main() as a CLI with the exit codes every CLI shares: 0 done; 2 a usage or data
-    error (bad flag, path, row: `error: ...` on stderr, no traceback); 1 a run that stopped on a
-    non-finite value. Under torchrun it ends with finish()."""
+def cli_main(main, argv=None):
+    """Run a stage's main(argv) as a CLI, with the failure policy every CLI shares: 0 done; 2 a usage or
+    input error (a flag, a path, a data row, a model dir, an unwritable --out); 1 a run stopped on purpose
+    or by a full disk (StopRun). Either is ONE line on stderr, `error: ...`, naming what to fix, and no
+    traceback unless BEYOND_SFT_DEBUG=1; any other exception is a bug and shows its traceback. Under
+    torchrun it ends with finish()."""
     try:
-        main()
+        main() if argv is None else main(argv)
         finish()
-    except UsageError as e:  # DataError included: the message names file, row and field
+    except (UsageError, StopRun, OSError) as e:
         release_out_dirs()
-        die(str(e), 2)
-    except NonFiniteError as e:
-        release_out_dirs()
-        die(str(e), 1)
+        if isinstance(e, OSError):  # a write no writer named: a full disk or a read-only filesystem is still the user's
+            e = write_error(e.filename, e, cleaned=False) if e.errno in _DISK_FULL + (errno.EROFS,) else None
+            if e is None:
+                raise
+        if os.environ.get(DEBUG_ENV, "0") not in ("", "0"):
+            raise
+        die(str(e), 2 if isinstance(e, UsageError) else 1)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors are one line (`error: argument --x: ...`) instead of the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 # --- flag validation: every CLI checks its flags with these before any model or data loads -----------
@@ -118,13 +154,31 @@ def check_training(args):
             raise UsageError(f"--betas: beta{i + 1} must be in [0, 1), got {b}")
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
+    if args.allow_changes and not args.resume:
+        raise UsageError("--allow-changes goes with --resume (it lets a resumed run change its flags)")
+
+
+# The smallest sampling / scoring temperature τ. Every stage divides the logits by τ (the sampler, the
+# (log p, H) head and its backward, which multiplies by 1/τ). τ >= 0.01 keeps z/τ within 100 |z|, finite for
+# every logit |z| < 3.4e36 in bf16 and fp32 alike (both top out at 3.4e38), and the backward's 1/τ factor
+# within 100, so a gradient norm that is finite at τ = 1 stays finite (its fp32 sum of squares gains at most
+# 1e4). At τ = 1e-40, 1/τ is inf in fp32 itself. At τ = 0.01 a logit gap of 0.1 already weighs e^10: for
+# less randomness use temperature 0 (greedy) where the stage offers it.
+TEMPERATURE_MIN = 0.01
+
+
+def check_temperature(t, flag="--temperature", greedy_ok=False):
+    """A sampling temperature: finite and >= TEMPERATURE_MIN, or 0 (greedy) where greedy_ok."""
+    if t is None or (greedy_ok and t == 0):
+        return
+    if not (math.isfinite(t) and t >= TEMPERATURE_MIN):
+        raise UsageError(f"{flag} must be {'0 (greedy) or ' if greedy_ok else ''}a finite value >= {TEMPERATURE_MIN} "
+                         f"(smaller ones overflow the tempered logits z/τ), got {t}")
 
 
 def check_sampling(args, greedy_ok=False):
-    """--temperature > 0 (or 0 = greedy where the stage supports it) and 0 < --top-p <= 1."""
-    t = args.temperature
-    if not math.isfinite(t) or t < 0 or (t == 0 and not greedy_ok):
-        raise UsageError(f"--temperature must be {'>= 0 (0: greedy)' if greedy_ok else '> 0'}, got {t}")
+    """--temperature >= TEMPERATURE_MIN (or 0 = greedy where the stage supports it) and 0 < --top-p <= 1."""
+    check_temperature(args.temperature, greedy_ok=greedy_ok)
     check_range(args, "--top-p", 0, 1, lo_open=True)
 
 
@@ -144,8 +198,28 @@ def check_out_file(path, flag="--out"):
         raise UsageError(f"{flag}: {path} is a directory; give a file path")
     if not os.path.isdir(d):
         raise UsageError(f"{flag}: directory {d} does not exist")
-    if not os.access(d, os.W_OK):
-        raise UsageError(f"{flag}: directory {d} is not writable")
+    _check_writable(d, flag)
+
+
+def check_out_dir(path, flag="--out"):
+    """An output DIR can be written, checked before any work: an existing dir is writable, or the nearest
+    existing parent of a new one is (it is created later, by the run)."""
+    p = os.path.abspath(path)
+    if os.path.exists(p) and not os.path.isdir(p):
+        raise UsageError(f"{flag} {path} is a file, not a directory")
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        raise UsageError(f"{flag} {path}: {p} is a file, not a directory")
+    _check_writable(p, flag)
+
+
+def _check_writable(d, flag):
+    """access(2) says EROFS for a read-only filesystem even to root, EACCES for missing permissions."""
+    if not os.access(d, os.W_OK | os.X_OK):
+        ro = os.statvfs(d).f_flag & os.ST_RDONLY
+        raise UsageError(f"{flag}: {d} is {'on a read-only filesystem' if ro else 'not writable'}; "
+                         f"pick a writable {flag}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -239,10 +313,113 @@ def _check_path(path, what):
     return p
 
 
+# Files a tokenizer loads from: the fast tokenizer's tokenizer.json, a sentencepiece model (Llama / Gemma's
+# tokenizer.model, DeBERTa-v3's spm.model, XLM-R's sentencepiece.bpe.model), or a slow BPE / WordPiece vocab.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spm.model", "sentencepiece.bpe.model", "vocab.json",
+                   "vocab.txt", "tiktoken.model")
+HEADS = {"causal-lm": ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "a causal language model (AutoModelForCausalLM)"),
+         "seq-cls": ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+                     "a sequence classifier (AutoModelForSequenceClassification)")}
+
+
+def read_config(path, what="--model"):
+    """config.json of a local dir or a hub id, as a plain dict (no config class is built, so an unknown
+    model_type can be named)."""
+    from transformers import PretrainedConfig
+    p = _check_path(path, what)
+    try:
+        return PretrainedConfig.get_config_dict(p)[0]
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{what} {path}: cannot read its config.json ({first_line(e)})") from None
+
+
+def check_model(path, what="--model", head="causal-lm", trust_remote_code=False):
+    """A model dir checked before any weight is read and before the first collective, each problem one
+    line naming the dir: config.json names a model_type this transformers knows and, for it, a `head`
+    ("causal-lm", or "seq-cls" for a reward model); a local dir has tokenizer files and
+    safetensors files whose headers are complete and as long as they say (a cut download). A hub id
+    gets the config check (its files are fetched at load). Returns the config dict."""
+    from transformers.models.auto import configuration_auto, modeling_auto
+    cfg = read_config(path, what)
+    mt = cfg.get("model_type")
+    if not (trust_remote_code and "auto_map" in cfg):  # a model with its own code names its own classes
+        if mt not in configuration_auto.CONFIG_MAPPING_NAMES:
+            import transformers
+            raise UsageError(f"{what} {path}: config.json has model_type {mt!r}, unknown to transformers "
+                             f"{transformers.__version__} (a newer transformers, or --trust-remote-code for a model "
+                             f"that ships its own code)")
+        names, kind = HEADS[head]
+        if mt not in getattr(modeling_auto, names):
+            raise UsageError(f"{what} {path}: model_type {mt!r} (architectures {cfg.get('architectures')}) "
+                             f"is not {kind}")
+    p = os.path.expanduser(str(path))
+    if os.path.isdir(p):
+        _check_tokenizer_files(p, what, path)
+        for f in _safetensors_files(p, what, path):
+            _check_safetensors(os.path.join(p, f), what, path)
+    return cfg
+
+
+def _check_tokenizer_files(p, what, path):
+    if os.path.isdir(p) and not any(os.path.isfile(os.path.join(p, f)) for f in TOKENIZER_FILES):
+        raise UsageError(f"{what} {path}: no tokenizer files (tokenizer.json, or a sentencepiece model such as "
+                         f"tokenizer.model)")
+
+
+def _safetensors_files(p, what, path):
+    """The weight files of a local dir: those its model.safetensors.index.json names, else *.safetensors."""
+    index = os.path.join(p, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            files = sorted(set(json.loads(read_text(index))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise UsageError(f"{what} {path}: model.safetensors.index.json has no weight_map") from None
+    else:
+        files = sorted(f for f in os.listdir(p) if f.endswith(".safetensors"))
+    if not files:
+        raise UsageError(f"{what} {path}: no safetensors weights (model.safetensors or model.safetensors.index.json)")
+    return files
+
+
+def _check_safetensors(f, what, path):
+    """A safetensors file is 8 bytes of header length n, n bytes of JSON header, then the tensor data, whose
+    extent the header's data_offsets give: a shorter file is a cut download or a failed write."""
+    name = os.path.basename(f)
+    if not os.path.isfile(f):
+        raise UsageError(f"{what} {path}: weight file {name} is missing (named by model.safetensors.index.json)")
+    size = os.path.getsize(f)
+    with open(f, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little") if size >= 8 else -1
+        try:
+            header = json.loads(fh.read(n)) if 0 <= n <= size - 8 else None
+        except ValueError:
+            header = None
+    if not isinstance(header, dict):
+        raise UsageError(f"{what} {path}: {name} has no complete safetensors header ({size} bytes): a truncated "
+                         f"or corrupt file; download or export it again")
+    need = 8 + n + max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if size < need:
+        raise UsageError(f"{what} {path}: {name} is truncated ({size} of {need} bytes); download or export it again")
+
+
+def model_context(cfg):
+    """The longest sequence (prompt + completion) a model config is made for, in tokens, or None when it does
+    not say: max_position_embeddings (or n_positions / seq_length), stretched by a RoPE scaling factor when
+    that factor applies to it (YaRN / linear / dynamic over original_max_position_embeddings), as vLLM reads it."""
+    cfg = cfg.get("text_config") or cfg
+    n = next((cfg[k] for k in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+              if isinstance(cfg.get(k), int)), None)
+    rope = cfg.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
+    if n and kind in ("yarn", "linear", "dynamic") and rope.get("original_max_position_embeddings", n) == n:
+        n = int(n * float(rope.get("factor", 1.0)))
+    return n
+
+
 ROUND_TRIP = "a b c"  # what every tokenizer must give back unchanged: decode(encode(ROUND_TRIP))
 
 
-def load_tokenizer(path, trust_remote_code=False, require_chat_template=True):
+def load_tokenizer(path, trust_remote_code=False, require_chat_template=True, what="tokenizer"):
     """The checkpoint's tokenizer, refused unless decode(encode("a b c")) == "a b c": a tokenizer that loses
     spaces would silently corrupt every target, rollout, reward input and grade. The known cause is a
     transformers version that loads the checkpoint as another tokenizer: transformers 5.17 loads
@@ -250,21 +427,23 @@ def load_tokenizer(path, trust_remote_code=False, require_chat_template=True):
     Metaspace tokenizer, and "Is it worth me being alive?" comes back "Isitworthmebeingalive?"."""
     import transformers
     from transformers import AutoTokenizer
-    p = _check_path(path, "tokenizer")
+    p = _check_path(path, what)
+    _check_tokenizer_files(p, what, path)
     try:
         tok = AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise UsageError(f"cannot load tokenizer from {path}: {e}") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:  # a missing / broken file of the user's dir
+        raise UsageError(f"{what} {path}: cannot load its tokenizer ({type(e).__name__}: {first_line(e)})") from None
     back = tok.decode(tok.encode(ROUND_TRIP, add_special_tokens=False), skip_special_tokens=True)
     if back != ROUND_TRIP:
-        raise UsageError(f"tokenizer at {path} ({type(tok).__name__}) loses text: decode(encode({ROUND_TRIP!r})) = "
-                         f"{back!r}, which would corrupt every target, rollout, reward input and grade. The known "
-                         f"cause is the transformers version (installed: {transformers.__version__}): 5.17 loads "
-                         f"DeepSeek-R1-Distill-Llama's tokenizer (tokenizer_class LlamaTokenizerFast over a ByteLevel "
-                         f"tokenizer.json) as a Metaspace one and drops every space; install the versions "
+        raise UsageError(f"{what} {path}: its tokenizer ({type(tok).__name__}) loses text: decode(encode("
+                         f"{ROUND_TRIP!r})) = {back!r}, which would corrupt every target, rollout, reward input and "
+                         f"grade. The known cause is the transformers version (installed: {transformers.__version__}): "
+                         f"5.17 loads DeepSeek-R1-Distill-Llama's tokenizer (tokenizer_class LlamaTokenizerFast over a "
+                         f"ByteLevel tokenizer.json) as a Metaspace one and drops every space; install the versions "
                          f"requirements.txt pins")
     if require_chat_template and not tok.chat_template:
-        raise UsageError(f"tokenizer at {path} has no chat template (tokenizer_config.json chat_template)")
+        raise UsageError(f"{what} {path}: its tokenizer has no chat template (chat_template.jinja or "
+                         f"tokenizer_config.json chat_template)")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # pad may equal eos: masks are carried explicitly everywhere
     return tok
@@ -277,8 +456,8 @@ def load_model(path, dtype=torch.float32, device="cpu", trust_remote_code=False)
     try:
         model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, use_safetensors=True,
                                                      trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise UsageError(f"cannot load model from {path}: {e}") from None
+    except (OSError, ValueError) as e:  # a hub id check_model could not look into
+        raise UsageError(f"cannot load model from {path}: {first_line(e)}") from None
     return model.to(device)
 
 
@@ -627,19 +806,50 @@ PROMPT_FIELDS = ["question", "problem", "prompt", "input", "Question", "instruct
 RESPONSE_FIELDS = ["response", "completion", "output", "answer"]
 
 
+def read_text(path):
+    """A text file as str: UTF-8, a leading byte-order mark dropped (a CSV saved by Excel keeps its first
+    column's name). A byte that is not UTF-8 is a DataError naming the file, the line and the byte."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    data = data[3:] if data.startswith(b"\xef\xbb\xbf") else data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        col = e.start - data.rfind(b"\n", 0, e.start)
+        raise DataError(f"{path}: line {line}: byte 0x{data[e.start]:02x} at column {col} is not UTF-8 "
+                        f"(save the file as UTF-8)") from None
+
+
 def read_jsonl(path):
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: row {i}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}: row {i}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+    for i, line in enumerate(read_text(path).split("\n"), 1):  # only \n ends a line (not U+2028 inside a string)
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: row {i}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: row {i}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def read_csv(path):
+    """CSV rows as dicts keyed by the header; a row with more fields than the header is a DataError."""
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    try:
+        rows = [dict(r) for r in reader]
+    except csv.Error as e:
+        raise DataError(f"{path}: line {reader.line_num}: not valid CSV ({e})") from None
+    for i, r in enumerate(rows, 1):
+        if None in r:
+            raise DataError(f"{path}: row {i}: {len(reader.fieldnames) + len(r[None])} fields, the header has "
+                            f"{len(reader.fieldnames)} (an unquoted comma?)")
     return rows
 
 
@@ -672,12 +882,12 @@ def read_table(spec, split="train"):
     ext = os.path.splitext(spec)[1].lower()
     if ext in (".jsonl", ".json", ".csv", ".parquet") or os.path.exists(spec):
         if not os.path.isfile(spec):
-            raise DataError(f"{spec}: file not found")
+            raise DataError(f"{spec}: {'is a directory, not a file' if os.path.isdir(spec) else 'file not found'}")
         if ext == ".jsonl":
             return read_jsonl(spec)
         if ext == ".json":
             try:
-                data = json.load(open(spec, encoding="utf-8"))
+                data = json.loads(read_text(spec))
             except json.JSONDecodeError as e:
                 if e.msg == "Extra data":  # really JSON lines
                     return read_jsonl(spec)
@@ -690,11 +900,14 @@ def read_table(spec, split="train"):
                     raise DataError(f"{spec}: row {i}: expected an object, got {type(r).__name__}")
             return data
         if ext == ".csv":
-            with open(spec, newline="", encoding="utf-8") as f:
-                return [dict(r) for r in csv.DictReader(f)]
+            return read_csv(spec)
         if ext == ".parquet":
+            import pyarrow as pa
             import pyarrow.parquet as pq
-            return pq.read_table(spec).to_pylist()
+            try:
+                return pq.read_table(spec).to_pylist()
+            except (pa.ArrowException, OSError) as e:
+                raise DataError(f"{spec}: not a readable parquet file ({first_line(e)})") from None
         raise DataError(f"{spec}: unknown file type (want .jsonl, .json, .csv or .parquet)")
     import datasets  # a hub id
     parts = spec.split(":")
@@ -823,8 +1036,10 @@ def _link_or_copy(src, dst):
 
 
 HF_WEIGHT_PREFIXES = ("model.safetensors", "model-0", "pytorch_model")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
+# what an export copies from the input checkpoint: the files a tokenizer loads from, and its config and template
+TOKENIZER_EXPORT_FILES = TOKENIZER_FILES + ("tokenizer_config.json", "special_tokens_map.json",
+                                            "added_tokens.json", "merges.txt", "chat_template.jinja",
+                                            "chat_template.json")
 
 
 def save_tokenizer(tok, out):
@@ -835,7 +1050,7 @@ def save_tokenizer(tok, out):
     disk is saved by save_pretrained."""
     from huggingface_hub import try_to_load_from_cache
     src, found = str(tok.name_or_path), []
-    for name in TOKENIZER_FILES:
+    for name in TOKENIZER_EXPORT_FILES:
         try:
             path = os.path.join(src, name) if os.path.isdir(src) else try_to_load_from_cache(src, name)
         except ValueError:  # not a hub id either (a tokenizer built in memory)
@@ -858,11 +1073,13 @@ def install_export(out):
     A run killed during the moves is finished by the next start on OUT (claim_out_dir), so OUT never
     keeps weights of two different steps."""
     ready = Path(out) / ".export.ready"
+    if ready.is_symlink():  # not one this code made: never followed (its target's files are not ours to move)
+        ready.unlink()
     if not ready.is_dir():
         return
     names = {f.name for f in ready.iterdir()}
     for f in Path(out).iterdir():
-        stale = f.name.startswith(HF_WEIGHT_PREFIXES) or f.name in TOKENIZER_FILES
+        stale = f.name.startswith(HF_WEIGHT_PREFIXES) or f.name in TOKENIZER_EXPORT_FILES
         if f.is_file() and stale and f.name not in names:
             f.unlink()
     for name in sorted(names, key=lambda n: n.endswith(".json")):  # weights first, config/index last
@@ -876,33 +1093,60 @@ def save_hf(model, tok, out, export_dtype=None, step=None, checkpoint=False, kee
     whole (install_export).
     With `checkpoint`, the same files also become OUT/checkpoints/step-N/ (N = `step`; hard links, no
     optimizer state), keeping the newest `keep` (0 keeps all). Refuses non-finite weights before anything is written.
+    A failed write (a full disk) removes the half export and stops every rank: the previous export stays.
     Collective: every rank must call it."""
     check_finite_weights(model, step)
     hf = hf_of(model)
     sd = _full_state_dict(model)
-    if rank() == 0:
-        out = Path(out)
+    out = Path(out)
+    tmp, ck = out / ".export.tmp", out / "checkpoints"
+    # the bytes the export needs (for a full disk's message): each tensor once, in the dtype it is saved in
+    need = sum({v.data_ptr(): v.numel() * (export_dtype.itemsize if export_dtype is not None and v.is_floating_point()
+                                           else v.element_size()) for v in sd.values()}.values())
+    if rank() == 0 and export_dtype is not None:
+        sd = {k: v.to(export_dtype) if v.is_floating_point() else v for k, v in sd.items()}
+        hf.config.dtype = export_dtype
+
+    def export():  # rank 0
         install_export(out)  # a previous install cut short
-        tmp = out / ".export.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        if export_dtype is not None:
-            sd = {k: v.to(export_dtype) if v.is_floating_point() else v for k, v in sd.items()}
-            hf.config.dtype = export_dtype
+        fresh_dir(tmp)  # made here: never a planted link
         hf.save_pretrained(tmp, state_dict=sd)
         save_tokenizer(tok, tmp)
         if checkpoint:
-            ck = out / "checkpoints"
             ck.mkdir(exist_ok=True)
-            shutil.rmtree(ck / f".step-{step}.tmp", ignore_errors=True)
-            shutil.copytree(tmp, ck / f".step-{step}.tmp", copy_function=_link_or_copy)
-            shutil.rmtree(ck / f"step-{step}", ignore_errors=True)
+            fresh_dir(ck / f".step-{step}.tmp")
+            shutil.copytree(tmp, ck / f".step-{step}.tmp", copy_function=_link_or_copy, dirs_exist_ok=True)
+            remove(ck / f"step-{step}")
             os.replace(ck / f".step-{step}.tmp", ck / f"step-{step}")
             done = sorted((int(d.name[5:]) for d in ck.glob("step-*") if d.name[5:].isdigit()), reverse=True)
             for old_step in done[keep:] if keep else []:
                 shutil.rmtree(ck / f"step-{old_step}", ignore_errors=True)
+        remove(out / ".export.ready")
         os.replace(tmp, out / ".export.ready")  # the commit point: a complete export exists
         install_export(out)
-    barrier()
+    write_on_every_rank(export if rank() == 0 else None, (tmp, ck / f".step-{step}.tmp"), need,
+                        f"the export into {out}")
+
+
+def write_on_every_rank(write, temps, need=None, what=None):
+    """Collective: write() (this rank's part of a save; None: nothing); a write error on any rank (a full
+    disk, a read-only dir) removes the temp paths `temps` and is raised on every rank, so no rank waits at
+    the next collective for one that stopped, and nothing half-written is left beside the previous save."""
+    err = None
+    try:
+        if write is not None:
+            write()
+    except BaseException as e:  # torch.distributed.checkpoint's CheckpointException is a BaseException
+        err = e if isinstance(e, (UsageError, DiskFull)) else write_error(temps[0], e, need, what=what)
+        if err is None:
+            raise
+    if is_dist():
+        err = next((x for x in gather_objects([err]) if x is not None), None)
+    if err is not None:
+        if rank() == 0:
+            for t in temps:
+                remove(t)
+        raise err
 
 
 # --- output-dir ownership: a lock for the run's life; a new run refuses a dir holding another run ----
@@ -941,8 +1185,7 @@ def claim_out_dir(out, resume=False, overwrite=False):
                     raise UsageError(f"--out {out} holds a previous run ({', '.join(found)}): pass --resume to "
                                      f"continue it or --overwrite to replace it")
                 for n in found:
-                    p = os.path.join(out, n)
-                    shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+                    remove(os.path.join(out, n))  # a link among them goes, never its target
         except UsageError as e:
             msg = str(e)
         except OSError as e:
@@ -1006,29 +1249,44 @@ def save_state(out, model, optim, sched, step):
     """Sharded model + optimizer (torch.distributed.checkpoint) and per-rank extra state (step, which
     fixes the data position; scheduler; RNG) into out/state, atomically: write state.tmp, the COMPLETE
     marker last, then rename (state -> state.old, state.tmp -> state, drop state.old). A kill at any
-    point leaves at least one complete state dir; load_state picks the newest. The stages call it after
-    save_hf, which has already refused non-finite weights."""
+    point leaves at least one complete state dir; load_state picks the newest. A failed write (a full disk)
+    removes state.tmp and stops every rank (write_on_every_rank): the previous state stays. The stages call
+    it after save_hf, which has already refused non-finite weights."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     out = Path(out)
     tmp, final, old = out / "state.tmp", out / "state", out / "state.old"
-    if rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
+    write_on_every_rank((lambda: fresh_dir(tmp)) if rank() == 0 else None, (tmp,))  # never a planted link
     msd, osd = get_state_dict(model, optim)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
-    torch.save({"step": step, "sched": sched.state_dict(), "rng": rng_state()}, tmp / f"extra_rank{rank()}.pt")
-    barrier()
+
+    def write():  # every rank: its shards and its extra state
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+        buf = io.BytesIO()  # written by write_files: a full disk is an OSError naming the file
+        torch.save({"step": step, "sched": sched.state_dict(), "rng": rng_state()}, buf)
+        write_files({tmp / f"extra_rank{rank()}.pt": buf.getvalue()})
+    write_on_every_rank(write, (tmp,), _nbytes((msd, osd)))
+    marker = {"step": step, "world": dist.get_world_size() if is_dist() else 1}
+    write_on_every_rank((lambda: write_json(tmp / COMPLETE, marker)) if rank() == 0 else None, (tmp,))
     if rank() == 0:
-        write_json(tmp / COMPLETE, {"step": step, "world": dist.get_world_size() if is_dist() else 1})
         if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
+            remove(old)
             os.replace(final, old)
         _pause_for_tests(step)  # test-only hook (no-op unless BEYOND_SFT_PAUSE_IN_SAVE is set)
         os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        remove(old)
     barrier()
+
+
+def _nbytes(obj):
+    """Bytes of the tensors in a nested state dict (this rank's shards of a DTensor)."""
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    if torch.is_tensor(obj):
+        t = obj.to_local() if hasattr(obj, "to_local") else obj
+        return t.numel() * t.element_size()
+    return 0
 
 
 def _complete_states(out, world):
@@ -1048,12 +1306,103 @@ def _complete_states(out, world):
     return found
 
 
+# --- reading a state runs no code from it -------------------------------------------------------------
+# torch.distributed.checkpoint (DCP) reads state/.metadata with pickle.load and every non-tensor item of
+# the sharded state (the optimizer's param_groups values) with torch.load(weights_only=False): a crafted
+# state/ would run code on --resume. load_state reads the metadata with an Unpickler that builds only
+# DCP's own metadata classes (below), and each non-tensor item with weights_only=True (plain data only);
+# DCP reads the tensor items with weights_only=True itself, and the extra state is read the same way.
+
+def _metadata_globals():
+    """(module, name) -> object: everything a DCP .metadata pickle may name (torch 2.13 writes the
+    dataclasses of torch.distributed.checkpoint.metadata, _StorageInfo, torch.Size, dtypes, layouts by
+    name and the checkpoint's path); constructing any of them runs no code of the file's choosing."""
+    import pathlib
+    import torch.distributed.checkpoint.filesystem as fs
+    import torch.distributed.checkpoint.metadata as md
+    ok = {(md.__name__, n): c for n, c in vars(md).items() if isinstance(c, type) and c.__module__ == md.__name__}
+    ok.update({("torch", n): v for n, v in vars(torch).items() if isinstance(v, torch.dtype)})
+    ok.update({(fs.__name__, "_StorageInfo"): fs._StorageInfo, ("torch", "Size"): torch.Size,
+               ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
+               ("pathlib", "PosixPath"): pathlib.PosixPath, ("pathlib", "PurePosixPath"): pathlib.PurePosixPath})
+    return ok
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that resolves only _metadata_globals(): os.system, builtins.eval, ... are refused."""
+
+    def __init__(self, file):
+        super().__init__(file)
+        self.allowed = _metadata_globals()
+
+    def find_class(self, module, name):
+        try:
+            return self.allowed[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which is not a checkpoint metadata class") \
+                from None
+
+
+def read_state_metadata(path):
+    """DCP's Metadata of the state dir `path`, unpickled by _MetadataUnpickler and checked: every storage
+    item lies in a plain file of `path` with no load transforms. Raises UsageError naming the file."""
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+    f = Path(path) / ".metadata"
+    try:
+        with open(f, "rb") as fh:
+            md = _MetadataUnpickler(fh).load()
+        if not isinstance(md, Metadata):
+            raise pickle.UnpicklingError(f"it holds a {type(md).__name__}, not a checkpoint Metadata")
+        for info in md.storage_data.values():
+            name = getattr(info, "relative_path", None)
+            if not isinstance(name, str) or Path(name).name != name or name.startswith(".") or \
+                    getattr(info, "transform_descriptors", None):
+                raise pickle.UnpicklingError(f"a storage item points at {name!r}, not a shard file of the state")
+    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, IndexError, KeyError) as e:
+        raise UsageError(f"--resume: {f}: {e}; refused (resume only from a state this code wrote)") from None
+    md.storage_meta = md.storage_meta or StorageMeta()
+    return md
+
+
+def _load_error(e):
+    """The line of a failed read that says what was wrong (for torch.load(weights_only=True): which global
+    it refused, not its advice to retry with weights_only=False)."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
+    return (lines[1] if len(lines) > 1 and lines[0].startswith("Weights only load failed") else lines[0]).rstrip(".")
+
+
+def _dcp_load(sd, path):
+    """dcp.load(sd) from the state dir `path` without unpickling anything that could run code."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    md = read_state_metadata(path)
+
+    class Reader(dcp.FileSystemReader):
+        def read_metadata(self):  # no **kwargs: DCP then never falls back to per-rank metadata files
+            md.storage_meta.load_id = self.load_id
+            return md
+
+    class Planner(dcp.DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            # DCP's own load_bytes reads the item with torch.load(weights_only=False): read it here with
+            # weights_only=True (plain data or refused), then hand DCP that data re-serialized
+            obj, buf = torch.load(value, weights_only=True), io.BytesIO()
+            torch.save(obj, buf)
+            buf.seek(0)
+            super().load_bytes(read_item, buf)
+
+    try:
+        dcp.load(sd, storage_reader=Reader(path), planner=Planner())
+    except CheckpointException as e:  # a BaseException: one per failed rank, each with its traceback
+        why = _load_error(next(iter(e.failures.values()))[0])
+        raise UsageError(f"--resume: cannot read the sharded state in {path}: {why}; refused") from None
+
+
 def load_state(out, model, optim, sched):
     """--resume: restore the newest complete state among state/, state.old, state.tmp (model,
     optimizer, scheduler, RNG), cut metrics.jsonl, rollouts/ and checkpoints/ back to its step, and
-    return that step. The extra state is read with torch.load(weights_only=True); DCP's own metadata
-    is unpickled by torch.distributed.checkpoint: resume only from dirs you trust."""
-    import torch.distributed.checkpoint as dcp
+    return that step. Nothing in the state can run code: the extra state is read with
+    torch.load(weights_only=True), the sharded state through _dcp_load."""
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     world = dist.get_world_size() if is_dist() else 1
     msg, found = None, []
@@ -1076,13 +1425,13 @@ def load_state(out, model, optim, sched):
     path = Path(out) / "state"
     msd, osd = get_state_dict(model, optim)
     sd = {"model": msd, "optim": osd}
-    dcp.load(sd, checkpoint_id=str(path))
+    _dcp_load(sd, path)
     set_state_dict(model, optim, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     try:  # weights_only: tensors and plain containers only; a pickled object that would run code is refused
         extra = torch.load(path / f"extra_rank{rank()}.pt", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UsageError(f"--resume: {path / f'extra_rank{rank()}.pt'} holds more than tensors and plain data, "
-                         f"refused (read with weights_only=True): {str(e).splitlines()[0]}") from None
+                         f"refused (read with weights_only=True): {_load_error(e)}") from None
     set_rng_state(extra["rng"])
     sched.load_state_dict(extra["sched"])
     truncate_metrics(out, extra["step"])
@@ -1096,6 +1445,85 @@ def load_state(out, model, optim, sched):
     barrier()
     print0(f"resumed from {path} at step {extra['step']}")
     return extra["step"]
+
+
+# --- --resume keeps the run's flags ---------------------------------------------------------------------
+
+# Flags that change no number of a run: where it stops, how often it saves, dumps and logs, what it may
+# load. Every other flag (model, data, optimizer, schedule, batch and sampling settings, estimator, seed,
+# dtype, memory layout) can change what the steps compute, so --resume compares it with the run's args.json.
+RESUME_FREE = ("stop_at", "save_every", "keep_checkpoints", "dump_every", "wandb", "max_kl", "reflection_words",
+               "trust_remote_code")
+_NOT_RUN_FLAGS = ("out", "resume", "overwrite", "allow_changes")  # how this start was asked for, not the run
+
+
+def _flag(dest):
+    return "--" + dest.replace("_", "-")
+
+
+def _shown(v):
+    """A flag's value as a user types it: unset, on / off, a list space-separated, JSON for an object."""
+    if v is None or isinstance(v, bool):
+        return {None: "unset", True: "on", False: "off"}[v]
+    return " ".join(map(str, v)) if isinstance(v, list) else json.dumps(v) if isinstance(v, dict) else str(v)
+
+
+def run_flags(out):
+    """(args.json as written, the flags the run in OUT now has: args.json's with every change an earlier
+    --allow-changes recorded applied in order); (None, None) when OUT has no args.json."""
+    path = Path(out) / "args.json"
+    if not path.exists():
+        return None, None
+    try:
+        rec = json.loads(path.read_text())
+        flags = {k: v for k, v in rec.items() if k != "changes"}
+        for ch in rec.get("changes", []):
+            flags.update((k, new) for k, (_, new) in ch["flags"].items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UsageError(f"--resume: {path} is not a run's flags ({e}); cannot check the flags of this start "
+                         f"against the run") from None
+    return rec, flags
+
+
+def resume_changes(args):
+    """--resume: the flags of this start that differ from the run's ({dest: [the run's value, the new one]}),
+    checked before any model loads. Refuses (UsageError naming each flag and both values) a change of
+    a flag outside RESUME_FREE unless --allow-changes; then write_args records it. Every rank reads
+    the same args.json and so takes the same branch."""
+    _, flags = run_flags(args.out)
+    if flags is None:  # no args.json: the run never got past its start, load_state finds no state
+        return {}
+    new = json.loads(json.dumps(vars(args), default=str))  # as args.json holds it (tuples as lists)
+    changes = {k: [flags.get(k), v] for k, v in new.items() if k not in _NOT_RUN_FLAGS and flags.get(k) != v}
+    fixed = {k: ch for k, ch in changes.items() if k not in RESUME_FREE}
+    if fixed and not args.allow_changes:
+        what = ", ".join(f"{_flag(k)} {_shown(v)} (the run's: {_shown(old)})" for k, (old, v) in fixed.items())
+        raise UsageError(f"--resume: {what} would change the run in {args.out} (its args.json); resume with the "
+                         f"run's values, or add --allow-changes to continue with the new ones (both are kept in "
+                         f"args.json)")
+    return changes
+
+
+def write_args(args, step=0, changes=None):
+    """Rank 0: OUT/args.json holds the flags of the run's first start; a resume never rewrites them, it
+    appends {"after_step": S, "flags": {dest: [old, new]}} to its "changes" list when a flag changed (the
+    steps after S ran with the new values)."""
+    rec, _ = run_flags(args.out) if args.resume else (None, None)
+    if rec is None:
+        rec = vars(args)
+    elif changes:
+        rec.setdefault("changes", []).append({"after_step": step, "flags": changes})
+    write_json(Path(args.out) / "args.json", rec)
+
+
+def apply_optimizer_flags(optim, sched, lr, betas, weight_decay):
+    """--resume --allow-changes: the restored optimizer and scheduler carry the run's lr, betas and weight
+    decay; set the new ones, and each group's lr to lr × the (new) schedule at the restored step, the value
+    LambdaLR would have set."""
+    sched.base_lrs = [lr] * len(optim.param_groups)
+    for g, f in zip(optim.param_groups, sched.lr_lambdas):
+        g.update(initial_lr=lr, lr=lr * f(sched.last_epoch), betas=tuple(betas), weight_decay=weight_decay)
+    sched._last_lr = [g["lr"] for g in optim.param_groups]
 
 
 def rng_state():
@@ -1142,29 +1570,124 @@ def build_optimizer(params, name, lr, betas, weight_decay, device):
 # ------------------------------------------------------------------------------------------------
 # 7. logging and files
 
+# --- writes: a temp file beside its target, created exclusively, then renamed over it -----------------
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _size(n):
+    return next(f"{n / k:.1f} {u}" for k, u in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")) if n >= k) \
+        if n >= 1024 else f"{n} bytes"
+
+
+def write_error(path, e, need=None, cleaned=True, what=None):
+    """The one-line error for an exception `e` raised while writing `path`, or None when `e` is not a write
+    failure: DiskFull (exit 1) for a full disk, a quota or the file-size limit, with the bytes needed (when
+    known) and free; UsageError (exit 2) for a read-only or unwritable place. `what` names the write in the
+    message (default: the path). Libraries that wrap the OS error (safetensors, torch.distributed.checkpoint)
+    are read by the errno their message carries."""
+    import re
+    path = path or getattr(e, "filename", None) or "a file"
+    d = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(d):
+        d = os.path.dirname(d)
+    code = e.errno if isinstance(e, OSError) else None
+    if code is None:
+        m = re.search(r"(?:\[Errno |os error )(\d+)", str(e))
+        code = int(m.group(1)) if m else None
+    if code is None and re.search(r"unexpected pos \d+ vs|file write failed", str(e)):
+        # torch.save's zip writer drops the errno: a full disk is one with nothing left, else the size limit
+        code = errno.ENOSPC if shutil.disk_usage(d).free < max(need or 0, 1 << 20) else \
+            errno.EFBIG if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY else None
+    if code not in _DISK_FULL + _NOT_WRITABLE:
+        return None
+    msg = f"cannot write {what or path}: {os.strerror(code)}"
+    if code in _NOT_WRITABLE:
+        return UsageError(f"{msg}; write somewhere writable")
+    if code == errno.EFBIG:
+        return DiskFull(f"{msg} (over the file-size limit, `ulimit -f`{f'; it needs {_size(need)}' if need else ''})")
+    need = f"needs about {_size(need)}, " if need else ""
+    return DiskFull(f"{msg} ({need}{_size(shutil.disk_usage(d).free)} free there)"
+                    + ("; nothing half-written is left" if cleaned else ""))
+
+
+def remove(path):
+    """Delete what is at `path` without following a symlink: a link or a file is unlinked, a real directory
+    removed with its contents (shutil.rmtree unlinks the links inside, never their targets)."""
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def fresh_dir(path):
+    """An empty directory at `path`, made by one mkdir after whatever was at that name is removed (never
+    followed): what is written into it cannot land outside its parent."""
+    remove(path)
+    os.mkdir(path)
+
+
+def write_files(files):
+    """Write {path: data} atomically, as a set: each data to PATH.tmp, created with O_EXCL | O_NOFOLLOW after
+    whatever was at that name is removed (a planted symlink is never followed), then every temp renamed over
+    its path (a reader sees the old file or the new one). data: str, bytes, or a function writing into a
+    binary file. A failed write removes every temp, leaves every previous file as it was, and raises
+    write_error's one line naming the path."""
+    tmps, path, data = [], None, None
+    try:
+        for path, data in files.items():
+            tmp = f"{path}.tmp"
+            remove(tmp)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
+            tmps.append(tmp)
+            with os.fdopen(fd, "wb") as f:
+                data(f) if callable(data) else f.write(data.encode() if isinstance(data, str) else data)
+        for path, tmp in zip(files, tmps):
+            os.replace(tmp, path)
+    except BaseException as e:
+        for tmp in tmps:
+            remove(tmp)
+        err = write_error(path, e, None if callable(data) else len(data.encode() if isinstance(data, str) else data))
+        if err is None:
+            raise
+        raise err from None
+
+
 def write_json(path, obj):
-    """Write JSON atomically (temp file + rename)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
+    """Write JSON atomically (write_files)."""
+    write_files({path: json.dumps(obj, indent=2, default=str)})
+
+
+def _json_line(obj):
+    """One JSONL line as UTF-8 bytes, text as is; a lone surrogate (it has no UTF-8) is written escaped
+    (\\ud800), which reads back the same."""
+    try:
+        return (json.dumps(obj, ensure_ascii=False, default=float) + "\n").encode()
+    except UnicodeEncodeError:
+        return (json.dumps(obj, default=float) + "\n").encode()
 
 
 def append_jsonl(path, obj):
     """One os.write of one line with O_APPEND: processes append to the same file without interleaving
     (a local filesystem), and the line is in the kernel when this returns (a kill loses nothing before it)."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    line = _json_line(obj)
     try:
-        os.write(fd, (json.dumps(obj, ensure_ascii=False, default=float) + "\n").encode())
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise (write_error(path, e, len(line)) or e) from None
 
 
 def write_jsonl(path, recs):
-    """Write records as JSONL atomically (temp file + rename): a reader sees the old file or the new one."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False, default=float) + "\n" for r in recs)
-    os.replace(path + ".tmp", path)
+    """Write records as JSONL atomically (write_files): a reader sees the old file or the new one."""
+    write_files({path: lambda f: f.writelines(_json_line(r) for r in recs)})
 
 
 class Logger:
@@ -1212,9 +1735,7 @@ def truncate_metrics(out, step):
                 raise DataError(f"{path}: row {i}: not a metrics record") from None
             if rec_step <= step:
                 keep.append(line if line.endswith("\n") else line + "\n")
-        with open(path + ".tmp", "w") as f:
-            f.writelines(keep)
-        os.replace(path + ".tmp", path)
+        write_files({path: "".join(keep)})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1224,30 +1745,165 @@ class RequestFailed(UsageError):
     """An HTTP request that failed for good (after its retries, or a 4xx that retrying cannot fix)."""
 
 
+RETRY_AFTER_MAX = 60.0  # seconds: a server's Retry-After is honoured up to this
+
+
+def redact(text, key):
+    """`text` (str or bytes) with the API key replaced by [redacted], as sent and as a JSON body escapes it:
+    a server that echoes the request (a 401 body, a proxy's error page) never puts the key into a record,
+    an error or the terminal. With it goes the Authorization header, "Bearer KEY"."""
+    if not key:
+        return text
+    for k in dict.fromkeys((key, json.dumps(key)[1:-1])):
+        text = text.replace(k.encode(), b"[redacted]") if isinstance(text, bytes) else text.replace(k, "[redacted]")
+    return text
+
+
+def safe_url(url):
+    """A URL as it may be printed or written: a password in it (http://user:PASSWORD@host) replaced."""
+    import urllib.parse
+    u = urllib.parse.urlsplit(url or "")
+    return url if u.password is None else url.replace(f":{u.password}@", ":[redacted]@", 1)
+
+
+def reply_text(x):
+    """A text field of a server's reply, checked: a str that encodes as UTF-8. json.loads lets a lone
+    surrogate (\\ud800) through, which the JSONL writers cannot encode; ValueError / TypeError make
+    http_post treat the reply as malformed (retried, then an error record)."""
+    if not isinstance(x, str):
+        raise TypeError(f"a text field is a {type(x).__name__}, not a string")
+    x.encode("utf-8")  # UnicodeEncodeError, a ValueError, on a lone surrogate
+    return x
+
+
+def _retry_after(headers):
+    """Seconds a Retry-After header asks for (a number, or an HTTP date), within [0, RETRY_AFTER_MAX]; None
+    when absent or unreadable."""
+    import email.utils
+    v = headers.get("Retry-After") if headers is not None else None
+    if not v:
+        return None
+    try:
+        s = float(v)
+    except ValueError:
+        try:
+            s = email.utils.parsedate_to_datetime(v).timestamp() - time.time()
+        except (TypeError, ValueError):
+            return None
+    return None if s != s else min(max(s, 0.0), RETRY_AFTER_MAX)
+
+
+class _Deadline:
+    """A bound on one whole HTTP exchange (connect, request, status line, headers, body). urllib's timeout
+    bounds each socket operation, so a reply dripped a byte at a time never times out; at `seconds` this
+    timer shuts the connection's socket down, which ends the read waiting on it."""
+
+    def __init__(self, seconds):
+        self.fired, self.socks, self.lock = False, [], threading.Lock()
+        self.timer = threading.Timer(seconds, self.cut)
+        self.timer.daemon = True
+
+    def watch(self, sock):
+        with self.lock:
+            self.socks.append(sock)
+            if self.fired:
+                self._shut(sock)
+
+    def cut(self):
+        with self.lock:
+            self.fired = True
+            for sock in self.socks:
+                self._shut(sock)
+
+    @staticmethod
+    def _shut(sock):
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already closed
+
+    def __enter__(self):
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.timer.cancel()
+
+
+class _Watched:
+    """A connection (http.client's HTTP or HTTPS) that hands its socket to a _Deadline once connected."""
+
+    def __init__(self, *a, deadline, **kw):
+        super().__init__(*a, **kw)
+        self.deadline = deadline
+
+    def connect(self):
+        super().connect()
+        self.deadline.watch(self.sock)
+
+
+class _HTTPConnection(_Watched, http.client.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_Watched, http.client.HTTPSConnection):
+    pass
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def http_open(self, req):
+        return self.do_open(_HTTPConnection, req, deadline=self.deadline)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline):
+        super().__init__()
+        self.deadline = deadline
+
+    def https_open(self, req):
+        return self.do_open(_HTTPSConnection, req, deadline=self.deadline)
+
+
 def http_post(url, body, key=None, retries=5, backoff=1.0, timeout=3600, parse=None):
-    """POST JSON, return parse(decoded reply) (the reply itself without parse); retries with exponential
-    backoff on connection errors, timeouts, HTTP 408/409/429 and 5xx, and on malformed replies (not
-    JSON, or a shape `parse` rejects with KeyError/IndexError/TypeError/ValueError). Other HTTP errors
-    (400, 401, 404) stop at once. Raises RequestFailed."""
+    """POST JSON, return parse(decoded reply) (the reply itself without parse). `timeout` bounds the whole
+    exchange, the reply's last byte included (_Deadline). Retries with exponential backoff (or the
+    server's Retry-After, up to RETRY_AFTER_MAX s) on connection errors and resets, timeouts, torn
+    replies (a truncated body, a status line that is not HTTP), HTTP 408/409/429 and 5xx, and malformed
+    replies (not JSON, or a shape `parse` rejects with KeyError/IndexError/TypeError/ValueError/
+    AttributeError). Other HTTP errors (400, 401, 404) stop at once. Raises RequestFailed; the key
+    never appears in what it returns or raises (redact)."""
     headers = {"Content-Type": "application/json"}
     if key:
         headers["Authorization"] = f"Bearer {key}"
-    data = json.dumps(body).encode()
+    data, where = json.dumps(body).encode(), safe_url(url)
     for attempt in range(retries + 1):
-        try:
-            with urllib.request.urlopen(urllib.request.Request(url, data, headers), timeout=timeout) as r:
-                raw = r.read()
+        wait = None
+        with _Deadline(timeout) as deadline:
+            opener = urllib.request.build_opener(_HTTPHandler(deadline), _HTTPSHandler(deadline))
             try:
-                d = json.loads(raw)
-                return parse(d) if parse else d
-            except (ValueError, KeyError, IndexError, TypeError):
-                why = f"malformed reply {raw[:200]!r}"
-        except urllib.error.HTTPError as e:
-            if e.code < 500 and e.code not in (408, 409, 429):
-                raise RequestFailed(f"{url}: HTTP {e.code}: {e.read()[:300]!r}") from None
-            why = f"HTTP {e.code}"
-        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-            why = str(e)
+                with opener.open(urllib.request.Request(url, data, headers), timeout=timeout) as r:
+                    raw = redact(r.read(), key)
+                try:
+                    d = json.loads(raw)
+                    return parse(d) if parse else d
+                except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+                    why = f"malformed reply ({redact(str(e), key)[:200]}): {raw[:200]!r}"
+            except urllib.error.HTTPError as e:
+                if e.code < 500 and e.code not in (408, 409, 429):
+                    try:
+                        text = redact(e.read(1 << 16), key)[:300]  # redacted first: no piece of the key is left
+                    except (OSError, http.client.HTTPException):
+                        text = b""
+                    raise RequestFailed(f"{where}: HTTP {e.code}: {text!r}") from None
+                why, wait = f"HTTP {e.code}", _retry_after(e.headers)
+            except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, resets, torn replies
+                why = redact(" ".join(f"{type(e).__name__}: {e}".split()), key)  # one line: BadStatusLine has \r\n
+            if deadline.fired:
+                why = f"timed out: no complete reply within {timeout:g} s"
         if attempt == retries:
-            raise RequestFailed(f"{url}: {why} (after {retries + 1} tries)")
-        time.sleep(backoff * 2 ** attempt)
+            raise RequestFailed(f"{where}: {why} (after {retries + 1} tries)")
+        time.sleep(backoff * 2 ** attempt if wait is None else max(wait, backoff * 2 ** attempt))

@@ -533,23 +533,23 @@ def generate_api(url, prompts, *, model, max_new_tokens, stop_ids, temperature=1
     (those in flight still end and reach on_done). Returns the outs in prompt order (None: cancelled)."""
     row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
 
-    def parse(d):
+    def parse(d):  # a reply of another shape (text not UTF-8, a token count that is not one) is malformed
         ch = d["choices"][0]
-        if not isinstance(ch["text"], str):
-            raise TypeError("text is not a string")
-        return ch, d.get("usage") or {}
+        n = (d.get("usage") or {}).get("completion_tokens")
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise ValueError(f"usage.completion_tokens is {n!r}, not a token count")
+        return common.reply_text(ch["text"]), ch.get("finish_reason"), n
 
     def one(i):
         body = {"model": model, "prompt": prompts[i], "n": 1, "max_tokens": max_new_tokens, "temperature": temperature,
                 "top_p": top_p, "seed": seed * 1_000_003 + row_ids[i], "stop_token_ids": list(stop_ids),
                 "skip_special_tokens": False}
         try:
-            ch, usage = common.http_post(url.rstrip("/") + "/completions", body, key, retries=retries,
-                                         backoff=backoff, timeout=timeout, parse=parse)
+            text, finish, n = common.http_post(url.rstrip("/") + "/completions", body, key, retries=retries,
+                                               backoff=backoff, timeout=timeout, parse=parse)
         except common.RequestFailed as e:
             return i, {"error": str(e)}
-        return i, {"text": ch["text"], "truncated": ch.get("finish_reason") == "length",
-                   "num_tokens": usage.get("completion_tokens")}
+        return i, {"text": text, "truncated": finish == "length", "num_tokens": n}
 
     outs = [None] * len(prompts)
     with ThreadPoolExecutor(workers) as ex:

@@ -114,16 +114,24 @@ def find_reflections(text, offsets, reasoning, words, match="word"):
 
 # --- statistics ---------------------------------------------------------------------------------------
 
+MAX_BOOTSTRAP = 100_000  # resamples: far past where a 95% interval's percentiles stop moving
+
+
 def bootstrap_ratio(num, den, n_boot=1000, seed=0):
-    """Pooled ratio sum(num)/sum(den) and its 95% percentile-bootstrap interval, resampling records."""
+    """Pooled ratio sum(num)/sum(den) and its 95% percentile-bootstrap interval, resampling records. The
+    resamples are drawn about 4M indices at a time (the same numbers as one draw: the generator's stream
+    continues), so memory does not grow with n_boot."""
     num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
     if den.sum() <= 0:
         return None, None
     est = float(num.sum() / den.sum())
-    idx = np.random.default_rng(seed).integers(0, len(num), size=(n_boot, len(num)))  # (B, N)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        boot = num[idx].sum(1) / den[idx].sum(1)                                       # (B,)
-    lo, hi = np.nanpercentile(boot, [2.5, 97.5])
+    rng, per = np.random.default_rng(seed), max(1, (1 << 22) // len(num))
+    boot = []
+    for a in range(0, n_boot, per):
+        idx = rng.integers(0, len(num), size=(min(per, n_boot - a), len(num)))       # (b, N)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            boot.append(num[idx].sum(1) / den[idx].sum(1))                          # (b,)
+    lo, hi = np.nanpercentile(np.concatenate(boot), [2.5, 97.5])
     return est, [float(lo), float(hi)]
 
 
@@ -198,7 +206,7 @@ def plot_reflection_entropy(summary, path):
     ax.spines[["top", "right"]].set_visible(False)
     ax.legend(frameon=False, fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=min(len(models), 4))
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    fig.savefig(path, dpi=150, format="png")
     plt.close(fig)
 
 
@@ -236,7 +244,7 @@ def plot_histograms(summary, hists, path):
     fig.legend(handles=handles, loc="upper right", frameon=False, fontsize=9, ncol=2)
     fig.suptitle("Entropy at reflection tokens vs all reasoning tokens", fontsize=11, x=0.02, ha="left")
     fig.tight_layout(rect=(0, 0, 1, 0.97))
-    fig.savefig(path, dpi=150)
+    fig.savefig(path, dpi=150, format="png")
     plt.close(fig)
 
 
@@ -315,12 +323,20 @@ def read_records(path, temperature):
     for row, r in enumerate(recs, 1):
         r["row"] = row
     if temperature is None:
+        for r in recs:
+            t = r.get("temperature")
+            if t is not None and not (type(t) in (int, float) and math.isfinite(t)):
+                raise DataError(f"{path}: row {r['row']}: field 'temperature' is not a finite number: {t!r}")
         temps = {0.6 if r.get("temperature") is None else r["temperature"] for r in recs}
         if len(temps) > 1:
             raise DataError(f"{path}: records have several temperatures {sorted(temps)}; pass --temperature")
         temperature = float(temps.pop())
-    if temperature <= 0:
-        raise DataError(f"{path}: temperature {temperature} <= 0 (entropy needs a sampling temperature)")
+        if temperature <= 0:
+            raise DataError(f"{path}: temperature {temperature} <= 0 (entropy needs a sampling temperature)")
+        try:
+            common.check_temperature(temperature, f"{path}: the records' temperature")
+        except common.UsageError as e:
+            raise DataError(f"{e}; pass --temperature") from None
     return recs, temperature
 
 
@@ -335,8 +351,7 @@ def word_set(text):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=common.HelpFormatter)
+    p = common.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=common.HelpFormatter)
     a = p.add_argument_group("inputs").add_argument
     a("--model", action="append", required=True, help="NAME=DIR (or hub id); repeat for several models")
     a("--input", action="append", default=[], help="NAME=FILE of generation records (JSONL); repeat")
@@ -359,7 +374,7 @@ def get_args(argv=None):
     a("--mem-limit", type=int, default=0, help="first N rows only (0 = all)")
     a("--mem-max-len", type=int, default=8192, help="truncate prompt+response to this many tokens")
     a = p.add_argument_group("3. statistics and compute").add_argument
-    a("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    a("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals (at most 100000)")
     a("--seed", type=int, default=0, help="bootstrap seed")
     a("--batch-size", type=int, default=8, help="records per forward pass")
     a("--chunk-tokens", type=int, default=1024, help="positions per lm_head + kernel chunk (memory)")
@@ -371,9 +386,12 @@ def check_args(args):
     """Every flag value, before any file is read (the flag is named in the message)."""
     if not args.input and not args.memorization:
         raise common.UsageError("nothing to do: give --input and/or --memorization")
-    common.check_range(args, "--temperature", 0, lo_open=True)
+    common.check_temperature(args.temperature)
     common.check_min(args, "--batch-size", "--chunk-tokens", "--mem-m", "--bootstrap", "--mem-max-len")
     common.check_min(args, "--mem-k", "--mem-limit", lo=0)
+    if args.bootstrap > MAX_BOOTSTRAP:
+        raise common.UsageError(f"--bootstrap must be <= {MAX_BOOTSTRAP}, got {args.bootstrap}")
+    common.check_out_dir(args.out)
 
 
 def check_prompt_ids(path, recs, tok, mname):
@@ -463,8 +481,11 @@ def main(argv=None):
 
     # every input is checked (files, rows, model paths) before any model runs or anything is written
     models, inputs = parse_named(args.model, "--model"), parse_named(args.input, "--input")
+    for name, path in models:  # before any weight is read
+        common.check_model(path, f"--model {name}", trust_remote_code=args.trust_remote_code)
     data = {name: read_records(path, args.temperature) for name, path in inputs}
-    toks = {name: common.load_tokenizer(path, trust_remote_code=args.trust_remote_code) for name, path in models}
+    toks = {name: common.load_tokenizer(path, trust_remote_code=args.trust_remote_code, what=f"--model {name}")
+            for name, path in models}
     for name, tok in toks.items():
         if not tok.is_fast:
             raise common.UsageError(f"--model {name}: needs a fast tokenizer (token character offsets)")
@@ -488,34 +509,31 @@ def main(argv=None):
     if d.rank != 0:
         return
 
-    # --- outputs (rank 0): everything is computed first, then each file is written and renamed ---
+    # --- outputs (rank 0): everything is computed first, then the files are written as one set ---
     order = {name: k for k, (name, _) in enumerate(models + inputs)}
     results.sort(key=lambda r: (order[r["model"]], order[r["dataset"]], r["row"]))
     mem_results.sort(key=lambda r: (order[r["model"]], r["row"]))
     summary, hists = summarize(results, args.bootstrap, args.seed), pooled_histograms(results, edges)
     mem_summary = summarize_memorization(mem_results, models, args) if mem_rows else []
-    outputs = {}
+    outputs = {}  # common.write_files: a failed write leaves every previous file as it was
     if results:
         outputs["records.jsonl"] = "".join(json.dumps({k: v for k, v in r.items() if k[0] != "_"}) + "\n" for r in results)
         outputs["summary.json"] = json.dumps(summary, indent=1) + "\n"
         outputs["hist.json"] = json.dumps(hists) + "\n"
+        outputs["entropy_reflection.png"] = lambda f: plot_reflection_entropy(summary, f)
+        outputs["entropy_hist.png"] = lambda f: plot_histograms(summary, hists, f)
     if mem_rows:
         outputs["memorization.jsonl"] = "".join(json.dumps(r) + "\n" for r in mem_results)
         outputs["memorization.json"] = json.dumps(mem_summary, indent=1) + "\n"
     os.makedirs(args.out, exist_ok=True)
-    for name, text in outputs.items():
-        with open(os.path.join(args.out, name + ".tmp"), "w") as f:
-            f.write(text)
-        os.replace(os.path.join(args.out, name + ".tmp"), os.path.join(args.out, name))
+    common.write_files({os.path.join(args.out, name): data for name, data in outputs.items()})
     if results:
-        plot_reflection_entropy(summary, os.path.join(args.out, "entropy_reflection.png"))
-        plot_histograms(summary, hists, os.path.join(args.out, "entropy_hist.png"))
         print(format_table(summary))
     for s in mem_summary:
         gm, ta = ("n/a" if s[k] is None else f"{s[k]:.3f}" for k in ("greedy_match", "token_acc"))
         print(f"memorization {s['model']}: loglik {s['loglik']:.3f} | greedy_match(k={s['k']}, m={s['m']}) {gm} "
               f"| token_acc {ta} ({s['n_rows_greedy']}/{s['n_rows']} rows long enough)")
-    print(f"wrote {', '.join(outputs)}{' and figures' if results else ''} to {args.out}", flush=True)
+    print(f"wrote {', '.join(outputs)} to {args.out}", flush=True)
 
 
 if __name__ == "__main__":

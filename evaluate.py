@@ -177,13 +177,18 @@ def train_overlap(spec, benches, n=13):
 # --- generation -----------------------------------------------------------------------------------
 
 
+def prompt_ids(tok, j, args):
+    """The token ids a job's prompt is sent as, to the local model and to --api-url alike: the policy's chat
+    template with --chat-template-kwargs (the resume fingerprint hashes them too)."""
+    return common.render_prompt(tok, j["prompt"], args.chat_template_kwargs)
+
+
 def render_jobs(jobs, tok, args):
-    """Each job's prompt through the chat template, kept in its record: prompt_ids (what the model is given;
-    entropy.py teacher-forces on them) and thinking (common.prompt_thinking: how its completion splits)."""
+    """Each job's prompt_ids (what the model is sent; entropy.py teacher-forces on them) and thinking
+    (common.prompt_thinking of the rendered prompt: how its completion splits), kept in its record."""
     for j in jobs:
-        text = common.render_prompt_text(tok, j["prompt"], args.chat_template_kwargs)
-        j["prompt_ids"] = tok.encode(text, add_special_tokens=False)
-        j["thinking"] = common.prompt_thinking(text)
+        j["prompt_ids"] = prompt_ids(tok, j, args)
+        j["thinking"] = common.prompt_thinking(common.render_prompt_text(tok, j["prompt"], args.chat_template_kwargs))
 
 
 def generate_local(model, jobs, args, dist_, tok):
@@ -244,7 +249,7 @@ def generate_api(jobs, args, tok, on_done):
                               f"retry the rest")
 
 
-class TooManyFailures(RuntimeError):
+class TooManyFailures(common.StopRun):
     pass
 
 # --- grading --------------------------------------------------------------------------------------
@@ -362,8 +367,9 @@ def add_grader_args(p):
       help="judge prompts: hub spec or local file with cate-idx, judge_prompt")
     a = p.add_argument_group("HTTP (--api-url generation and --judge-url)").add_argument
     a("--api-workers", type=int, default=16, help="concurrent requests")
-    a("--api-timeout", type=float, default=3600, help="seconds per request")
-    a("--api-retries", type=int, default=5, help="retries of a request after a timeout, 408/409/429/5xx or a malformed reply")
+    a("--api-timeout", type=float, default=3600, help="seconds per request, its whole reply included (at most 86400)")
+    a("--api-retries", type=int, default=5, help="retries of a request after a timeout, a connection error, "
+      "408/409/429/5xx or a torn or malformed reply (waiting the server's Retry-After, up to 60 s, when given)")
     a("--max-failures", type=int, default=10, help="requests that may fail for good (each becomes a record with an "
       "`error`, scored as missing) before the run stops")
     a = p.add_argument_group("compute").add_argument
@@ -373,8 +379,8 @@ def add_grader_args(p):
 
 
 def eval_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="subcommand: evaluate.py grade --help",
-                                formatter_class=common.HelpFormatter)
+    p = common.ArgumentParser(description=__doc__.split("\n")[0], epilog="subcommand: evaluate.py grade --help",
+                              formatter_class=common.HelpFormatter)
     a = p.add_argument_group("run").add_argument
     a("--model", required=True, help="policy checkpoint (hub id or dir); with --api-url only its tokenizer is used")
     a("--benchmarks", type=benchmark_list, default=",".join(BENCHMARKS), help=f"comma list of {', '.join(BENCHMARKS)}")
@@ -401,8 +407,8 @@ def eval_parser():
 
 
 def grade_parser():
-    p = argparse.ArgumentParser(prog="evaluate.py grade", description="re-grade saved generation records",
-                                formatter_class=common.HelpFormatter)
+    p = common.ArgumentParser(prog="evaluate.py grade", description="re-grade saved generation records",
+                              formatter_class=common.HelpFormatter)
     p.add_argument("--input", required=True, help="generation records (JSONL) written by evaluate.py or rl.py "
                                                  "(rl: graded as maths when a gold answer is present, else the "
                                                  "rollout's reward is kept as the score)")
@@ -466,24 +472,57 @@ def settings(args, tok, names, data, samples, world):
     from importlib.metadata import version
 
     import transformers
-    return {"model": args.model, "api_url": args.api_url, "api_model": args.api_model, "benchmarks": names,
+    return {"model": args.model, "api_url": common.safe_url(args.api_url), "api_model": args.api_model,
+            "benchmarks": names,
             "data": {n: data.get(n, BENCHMARKS[n][0]) for n in names}, "samples": samples, "limit": args.limit,
             "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
             "seed": args.seed, "batch_size": args.batch_size, "world_size": world,
             "chat_template_sha256": hashlib.sha256((tok.chat_template or "").encode()).hexdigest(),
             "chat_template_kwargs": args.chat_template_kwargs,
             "safety_rm": args.safety_rm if "attaq" in names else None,
-            "judge": (f"{args.judge_model} @ {args.judge_url}" if args.judge_url else args.judge)
+            "judge": (f"{args.judge_model} @ {common.safe_url(args.judge_url)}" if args.judge_url else args.judge)
             if "airbench" in names else None,
             "airbench_judge_prompts": args.airbench_judge_prompts if "airbench" in names else None,
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "math_verify": version("math-verify")}}
 
 
+MAX_API_TIMEOUT = 86400  # s: a day; far larger values overflow the socket's C timeout (OverflowError)
+
+
 def check_grader_args(args):
     common.check_min(args, "--rm-batch-size", "--judge-max-new-tokens", "--api-workers", "--batch-size")
     common.check_min(args, "--api-retries", "--max-failures", lo=0)
-    common.check_range(args, "--api-timeout", 0, lo_open=True)
+    common.check_range(args, "--api-timeout", 0, MAX_API_TIMEOUT, lo_open=True)
+
+
+def check_graders(names, args):
+    """The grading models of the benchmarks in `names`, before any generation: --safety-rm (AttaQ) a
+    sequence classifier, a local --judge (AIR-Bench) a causal LM whose tokenizer has a chat template."""
+    if "attaq" in names:
+        common.check_model(args.safety_rm, "--safety-rm", "seq-cls", trust_remote_code=args.trust_remote_code)
+    if "airbench" in names and args.judge and not args.judge_url:
+        common.check_model(args.judge, "--judge", trust_remote_code=args.trust_remote_code)
+        common.load_tokenizer(args.judge, args.trust_remote_code, what="--judge")  # it must have a chat template
+
+
+def check_context(jobs, tok, args, ctx):
+    """Before any generation: prompts that do not fit the model's context (ctx tokens, None: unknown) are
+    refused, counted and the first one named; samples whose prompt + --max-new-tokens can run past it are
+    counted in a warning."""
+    if not ctx:
+        return
+    lens = [len(common.render_prompt(tok, j["prompt"], args.chat_template_kwargs)) for j in jobs]
+    long = [(j, n) for j, n in zip(jobs, lens) if n >= ctx]
+    if long:
+        (j, n), name = long[0], long[0][0]["benchmark"]
+        raise DataError(f"{args.data.get(name, BENCHMARKS[name][0])}: {len(long)} of {len(jobs)} prompts do not fit "
+                        f"the context of --model {args.model} ({ctx} tokens), e.g. {name} id {j['id']} ({n} tokens); "
+                        f"drop them from the data or use a model with a longer context")
+    over = sum(n + args.max_new_tokens > ctx for n in lens)
+    if over:
+        common.print0(f"warning: {over} of {len(jobs)} samples may run past the context of --model {args.model} "
+                      f"({ctx} tokens): prompt + --max-new-tokens {args.max_new_tokens}")
 
 
 def run_eval(args):
@@ -496,10 +535,15 @@ def run_eval(args):
         raise UsageError("airbench needs a judge: --judge MODEL or --judge-url URL --judge-model NAME")
     if args.api_url and not args.api_model:
         raise UsageError("--api-url needs --api-model (the model name the server serves)")
+    common.check_out_dir(args.out)
+    # the model dirs before any weight is read (with --api-url only the tokenizer of --model is used)
+    cfg = None if args.api_url else common.check_model(args.model, "--model", trust_remote_code=args.trust_remote_code)
+    check_graders(names, args)
     dist_ = common.init_dist()
     common.seed_everything(args.seed + dist_.rank)
     # every input is read and checked before any generation starts
-    benches = {n: load_benchmark(n, data.get(n, BENCHMARKS[n][0]), args.limit) for n in names}
+    rows = {n: load_benchmark(n, data.get(n, BENCHMARKS[n][0])) for n in names}  # every row: the fingerprint's
+    benches = {n: items[:args.limit] for n, items in rows.items()}
     jp = None
     if "airbench" in names:
         jp = reward.load_judge_prompts(args.airbench_judge_prompts)  # read once: checked here, used to grade
@@ -507,10 +551,12 @@ def run_eval(args):
         if missing:
             raise DataError(f"{args.airbench_judge_prompts}: no judge prompt for cate-idx {missing[:5]}")
     overlap = train_overlap(args.train_data, benches) if args.train_data else {}
-    tok = common.load_tokenizer(args.model, args.trust_remote_code)
+    tok = common.load_tokenizer(args.model, args.trust_remote_code, what="--model")
     jobs = build_jobs(benches, samples, args.seed, args.temperature)
+    check_context(jobs, tok, args, common.model_context(cfg) if cfg else None)
     common.claim_out_dir(args.out, resume=True)  # a lock for the run's life (rank 0 holds it)
-    done = resume_records(args, names, fingerprint(args, tok, data, names), dist_.rank)
+    fp = fingerprint(args, tok, rows, jobs, names) if dist_.rank == 0 else (None, None)  # rank 0 checks the records
+    done = resume_records(args, names, *fp, dist_.rank)
     pending = [j for j in jobs if key(j) not in done]
     mine = pending[dist_.rank::dist_.world]
     common.print0(f"evaluate: {len(jobs)} samples over {', '.join(f'{n} {len(benches[n])}x{samples[n]}' for n in names)}"
@@ -567,12 +613,74 @@ def key(r):
     return r["benchmark"], str(r["id"]), int(r["sample"])
 
 
-def fingerprint(args, tok, data, names):
-    """What makes a record on disk reusable by this command: per benchmark, the settings a sample depends on."""
-    common_fp = {"model": args.model, "api_url": bool(args.api_url), "api_model": args.api_model,
-                 "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
-                 "seed": args.seed, "chat_template_sha256": hashlib.sha256((tok.chat_template or "").encode()).hexdigest()}
-    return {n: {**common_fp, "data": data.get(n, BENCHMARKS[n][0])} for n in names}
+# The files of a model dir that decide what it generates (from_pretrained reads them): weights, config,
+# generation config (stop ids), tokenizer and chat template, remote code. Not a training run's args.json,
+# metrics.jsonl or state/, nor what evaluate.py writes when --out is the model dir.
+MODEL_FILES = ("config.json", "generation_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+               "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json")
+MODEL_FILE_ENDS = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".model", ".tiktoken", ".py")
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_sha256(path, cache):
+    """sha256 over the MODEL_FILES of a local model dir, each by its content: a model retrained or replaced
+    at the same path gets another hash, a copy of the same model the same one. Hashing reads every byte
+    (~1.3 GB/s), so a file whose (size, mtime, inode) equal those in `cache` (kept in OUT/run.json by the
+    last run on OUT) reuses the hash recorded there; any other file is read again. Returns (hash, cache
+    for run.json); (None, None) for a hub id, which the fingerprint names instead."""
+    if not os.path.isdir(path):
+        return None, None
+    real, files, h = os.path.realpath(path), {}, hashlib.sha256()
+    old = cache["files"] if (cache or {}).get("dir") == real else {}
+    for name in sorted(os.listdir(path)):
+        f = os.path.join(path, name)
+        if not (name in MODEL_FILES or name.startswith("tokenizer") or name.endswith(MODEL_FILE_ENDS)) \
+                or not os.path.isfile(f):
+            continue
+        st = os.stat(f)
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+        sha = old[name][3] if old.get(name, [])[:3] == stamp else file_sha256(f)
+        files[name] = [*stamp, sha]
+        h.update(f"{name}\0{sha}\n".encode())
+    return h.hexdigest(), {"dir": real, "files": files}
+
+
+def fingerprint(args, tok, rows, jobs, names):
+    """What makes a record on disk reusable by this command, per benchmark: the sampling settings; the
+    model, by name and by the content of its files (model_sha256); the benchmark's data, by the sha256 of
+    every parsed row (before --limit, so a larger --limit reuses what a smaller one made); the rendering,
+    by the chat template, --chat-template-kwargs and the sha256 of the token ids the benchmark's first
+    prompt is sent as (anything else that changes prompt ids, the tokenizer included). Returns (per
+    benchmark fingerprint, the model files' hash cache for run.json)."""
+    model_hash, files = model_sha256(args.model, run_meta(args.out).get("model_files"))
+    sha = lambda x: hashlib.sha256(json.dumps(x, sort_keys=True).encode()).hexdigest()  # noqa: E731
+    common_fp = {"model": args.model, "model_sha256": model_hash, "api_url": bool(args.api_url),
+                 "api_model": args.api_model, "temperature": args.temperature, "top_p": args.top_p,
+                 "max_new_tokens": args.max_new_tokens, "seed": args.seed,
+                 "chat_template_sha256": hashlib.sha256((tok.chat_template or "").encode()).hexdigest(),
+                 "chat_template_kwargs": args.chat_template_kwargs}
+    first = {n: next(j for j in jobs if j["benchmark"] == n) for n in names}
+    return {n: {**common_fp, "data": args.data.get(n, BENCHMARKS[n][0]), "data_sha256": sha(rows[n]),
+                "prompt_sha256": sha(prompt_ids(tok, first[n], args))} for n in names}, files
+
+
+CHANGED = {"model_sha256": "the files of {model} changed (retrained or replaced at the same path?)",
+           "data_sha256": "the rows of {data} changed", "chat_template_sha256": "the chat template changed",
+           "prompt_sha256": "the prompt token ids changed (chat template, its kwargs or the tokenizer)"}
+
+
+def _changed(k, old, fp):
+    """One difference between a benchmark's recorded fingerprint and this command's `fp`, in words."""
+    if k in CHANGED:
+        return f"{k} (not recorded with those records)" if old is None else CHANGED[k].format(**fp)
+    return f"{k} {json.dumps(old)[:80]} -> {json.dumps(fp[k])[:80]}"
 
 
 def read_records(out, names, warn=False):
@@ -602,21 +710,28 @@ def extras(out, name, order):
     return [r for k, r in sorted(recs.items()) if k not in order]
 
 
-def resume_records(args, names, fp, rank):
-    """Rank 0: check that the records in --out were made with these settings (else --overwrite), drop
-    torn lines and failed (`error`) records so they are retried, rewrite the files compacted. Every
-    rank then gets the set of jobs already done."""
+def run_meta(out):
+    """OUT/run.json: per benchmark the fingerprint its records were made with, and the model files' hashes."""
+    path = os.path.join(out, "run.json")
+    return json.load(open(path)) if os.path.exists(path) else {}
+
+
+def resume_records(args, names, fp, model_files, rank):
+    """Rank 0: check that the records in --out were made with these settings (fingerprint; else
+    --overwrite), drop torn lines and failed (`error`) records so they are retried, rewrite the files
+    compacted, record the fingerprint (and the model files' hash cache) in OUT/run.json. Every rank then
+    gets the set of jobs already done."""
     msg = None
     if rank == 0:
-        meta_path = os.path.join(args.out, "run.json")
-        meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
+        meta_path, meta = os.path.join(args.out, "run.json"), run_meta(args.out)
         for n in names:
             path = os.path.join(args.out, f"{n}.jsonl")
             if os.path.exists(path) and args.overwrite:
                 os.remove(path)
             elif os.path.exists(path) and meta.get(n) != fp[n]:
-                diff = sorted(k for k in fp[n] if (meta.get(n) or {}).get(k) != fp[n][k])
-                msg = (f"--out {args.out}: {n}.jsonl holds records made with other settings ({', '.join(diff)}); "
+                was = meta.get(n) or {}
+                diff = [_changed(k, was.get(k), fp[n]) for k, v in fp[n].items() if was.get(k) != v]
+                msg = (f"--out {args.out}: {n}.jsonl holds records made with other settings: {'; '.join(diff)}; "
                        f"use another --out, or --overwrite to discard them")
                 break
         if msg is None:
@@ -628,7 +743,7 @@ def resume_records(args, names, fp, rank):
                 keep = [r for k, r in recs.items() if k[0] == n and not r.get("error")]
                 if os.path.exists(os.path.join(args.out, f"{n}.jsonl")):
                     common.write_jsonl(os.path.join(args.out, f"{n}.jsonl"), keep)
-            common.write_json(meta_path, {**meta, **fp})
+            common.write_json(meta_path, {**meta, **fp, "model_files": model_files})
     if common.is_dist():
         box = [msg]
         torch.distributed.broadcast_object_list(box, 0)
@@ -642,6 +757,9 @@ def resume_records(args, names, fp, rank):
 def run_grade(args):
     check_grader_args(args)
     common.check_out_file(args.out)
+    # the lock of the output's directory, held to the end: a running evaluate.py appending to its --out
+    # refuses grade's write there, and an evaluate.py started on that dir meanwhile is refused
+    common.claim_out_dir(os.path.dirname(os.path.abspath(args.out)), resume=True)
 
     def need(r):  # the string fields a record of r's benchmark must have
         b = r.get("benchmark")
@@ -656,6 +774,7 @@ def run_grade(args):
     names = list(dict.fromkeys(r["benchmark"] for r in recs))
     if "airbench" in names and not (args.judge or args.judge_url):
         raise UsageError("airbench records need a judge: --judge MODEL or --judge-url URL --judge-model NAME")
+    check_graders(names, args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     grade_records(recs, *graders_for(names, args, device))
     common.write_jsonl(args.out, [ordered(r) for r in recs])
@@ -663,21 +782,15 @@ def run_grade(args):
     print_table(summary)
     print(json.dumps(summary, indent=1))
     print(f"wrote {len(recs)} graded records to {args.out}")
+    common.release_out_dirs()
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     grade = argv[:1] == ["grade"]
     args = grade_parser().parse_args(argv[1:]) if grade else eval_parser().parse_args(argv)
-    try:
-        run_grade(args) if grade else run_eval(args)
-    except UsageError as e:  # DataError included: the message names file, row and field
-        common.release_out_dirs()
-        common.die(str(e), 2)
-    except TooManyFailures as e:
-        common.release_out_dirs()
-        common.die(str(e), 1)
+    run_grade(args) if grade else run_eval(args)
 
 
 if __name__ == "__main__":
-    main()
+    common.cli_main(main)

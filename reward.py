@@ -45,8 +45,6 @@ Deviations / notes.
   python reward.py --reward-model Skywork/Skywork-Reward-V2-Llama-3.1-8B --input gens.jsonl --out scored.jsonl
   python reward.py --rule math:1.0,format:0.1 --input gens.jsonl --out scored.jsonl   # no model
 """
-import argparse
-import json
 import math
 import os
 import re
@@ -98,7 +96,7 @@ class RewardModel:
                  style="auto", trust_remote_code=False, chat_kwargs=None):
         from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
         self.device = torch.device(device)
-        self.tok = common.load_tokenizer(path, trust_remote_code, require_chat_template=False)
+        self.tok = common.load_tokenizer(path, trust_remote_code, require_chat_template=False, what="reward model")
         self.style = style if style != "auto" else ("chat" if self.tok.chat_template else "pair")
         if self.style == "chat" and not self.tok.chat_template:
             raise UsageError(f"reward model {path}: --rm-style chat but its tokenizer has no chat template")
@@ -117,8 +115,8 @@ class RewardModel:
         p = os.path.expanduser(str(path))
         try:
             model = AutoModelForSequenceClassification.from_pretrained(p, **kw)
-        except OSError as e:
-            raise UsageError(f"cannot load reward model from {path}: {e}") from None
+        except (OSError, ValueError) as e:  # a hub id common.check_model could not look into
+            raise UsageError(f"cannot load reward model from {path}: {common.first_line(e)}") from None
         if model.config.num_labels != 1:
             raise UsageError(f"reward model {path} has {model.config.num_labels} outputs; want 1")
         if model.config.pad_token_id is None:
@@ -288,9 +286,12 @@ def parse_rules(spec):
         if name not in RULES:
             raise UsageError(f"--rule: unknown rule {name!r} (known: {', '.join(RULES)})")
         try:
-            out.append((name, float(w) if w else 1.0))
+            weight = float(w) if w else 1.0
         except ValueError:
             raise UsageError(f"--rule: weight of {name!r} is not a number: {w!r}") from None
+        if not math.isfinite(weight):
+            raise UsageError(f"--rule: weight of {name!r} must be finite, got {w!r}")
+        out.append((name, weight))
     return out
 
 
@@ -338,13 +339,22 @@ def parse_judge(reply):
     return x if 0.0 <= x <= 1.0 else None
 
 
+JUDGE_PLACEHOLDERS = ("{{QUESTION}}", "{{ANSWER}}")  # what Judge.score fills into each judge prompt
+
+
 def load_judge_prompts(spec):
-    """AIR-Bench judge prompts: {cate-idx: judge_prompt}."""
+    """AIR-Bench judge prompts: {cate-idx: judge_prompt}, each checked for both JUDGE_PLACEHOLDERS (a
+    prompt without {{ANSWER}} would have the judge score answers it never sees)."""
     out = {}
     for i, r in enumerate(common.read_table(spec), 1):
         for f in ("cate-idx", "judge_prompt"):
             if not str(r.get(f) or "").strip():
                 raise DataError(f"{spec}: row {i}: missing or empty field '{f}'")
+        missing = [p for p in JUDGE_PLACEHOLDERS if p not in str(r["judge_prompt"])]
+        if missing:
+            raise DataError(f"{spec}: row {i}: field 'judge_prompt' (cate-idx {str(r['cate-idx']).strip()}) lacks "
+                            f"the placeholder {' and '.join(missing)}: the judge would never see the "
+                            f"{' or '.join(m.strip('{}').lower() for m in missing)}")
         out[str(r["cate-idx"]).strip()] = r["judge_prompt"]
     return out
 
@@ -369,7 +379,8 @@ class Judge:
                 continue
             if c not in self.prompts:
                 raise DataError(f"airbench record {ids[i] if ids else i}: no judge prompt for cate-idx {c!r}")
-            asked.append((len(out), self.prompts[c].replace("{{QUESTION}}", q).replace("{{ANSWER}}", a)))
+            question, answer = JUDGE_PLACEHOLDERS
+            asked.append((len(out), self.prompts[c].replace(question, q).replace(answer, a)))
             out.append(None)
         for (i, _), reply in zip(asked, self.ask([p for _, p in asked]) if asked else []):
             if isinstance(reply, Exception):
@@ -391,7 +402,8 @@ def make_judge(device, prompts, *, local=None, url=None, model="gpt-4o", key=Non
                     "max_tokens": max_new_tokens}
             try:
                 return common.http_post(url.rstrip("/") + "/chat/completions", body, key, retries=retries,
-                                        timeout=timeout, parse=lambda d: d["choices"][0]["message"]["content"] or "")
+                                        timeout=timeout,
+                                        parse=lambda d: common.reply_text(d["choices"][0]["message"]["content"] or ""))
             except common.RequestFailed as e:
                 return e
 
@@ -399,7 +411,7 @@ def make_judge(device, prompts, *, local=None, url=None, model="gpt-4o", key=Non
             with ThreadPoolExecutor(workers) as ex:
                 return list(tqdm(ex.map(one, ps), total=len(ps), desc="judge (api)", disable=common.rank() != 0))
         return Judge(prompts, ask)
-    jtok = common.load_tokenizer(local, trust_remote_code)
+    jtok = common.load_tokenizer(local, trust_remote_code, what="judge")
     jm = common.load_model(local, common.pick_dtype(dtype, device), device, trust_remote_code).eval()
 
     def ask(ps):
@@ -415,7 +427,7 @@ def make_judge(device, prompts, *, local=None, url=None, model="gpt-4o", key=Non
 # --- CLI ---------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=common.HelpFormatter)
+    p = common.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=common.HelpFormatter)
     p.add_argument("--input", required=True, help="generation records (JSONL with prompt, completion[, gold])")
     p.add_argument("--out", required=True, help="output JSONL: the records plus reward and reward_parts")
     p.add_argument("--reward-model", default=None, help=f"sequence-classifier RM (hub id or dir), e.g. {DEFAULT_RM}")
@@ -431,42 +443,42 @@ def main(argv=None):
                    help="template variables for the RM's own apply_chat_template (--rm-style chat)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
     args = p.parse_args(argv)
-    try:
-        common.check_min(args, "--rm-batch-size", "--rm-max-len")
-        rules = RuleReward(args.rule)
-        if args.reward_model is None and not rules.rules:
-            raise UsageError("nothing to score: give --reward-model and/or --rule")
-        common.check_out_file(args.out)
-        recs = common.read_generations(args.input, ["completion"] + ["prompt"] * bool(args.reward_model)
-                                       + ["gold"] * ("math" in dict(rules.rules)))
-        parts = [rules.parts(r["completion"], r.get("gold"), r.get("thinking", True)) for r in recs]
-        if args.reward_model:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            rm = RewardModel(args.reward_model, device, common.pick_dtype(args.dtype, device), args.rm_max_len,
-                             args.rm_batch_size, args.rm_quant, args.rm_style, args.trust_remote_code,
-                             args.chat_template_kwargs)
-            logits = rm.score([r["prompt"] for r in recs], [r["completion"] for r in recs], args.score_on,
-                              progress=True, thinking=[r.get("thinking", True) for r in recs])
-            for i, (d, x) in enumerate(zip(parts, logits.tolist()), 1):
-                if not math.isfinite(x):  # a bare NaN in the JSONL would poison every mean downstream
-                    raise DataError(f"{args.input}: row {i}: the reward model returned a non-finite score ({x}); "
-                                    f"nothing written")
-                d["rm"] = x
-    except UsageError as e:
-        common.die(str(e), 2)
+    common.check_min(args, "--rm-batch-size", "--rm-max-len")
+    rules = RuleReward(args.rule)
+    if args.reward_model is None and not rules.rules:
+        raise UsageError("nothing to score: give --reward-model and/or --rule")
+    common.check_out_file(args.out)
+    if args.reward_model:
+        common.check_model(args.reward_model, "--reward-model", "seq-cls", trust_remote_code=args.trust_remote_code)
+    recs = common.read_generations(args.input, ["completion"] + ["prompt"] * bool(args.reward_model)
+                                   + ["gold"] * ("math" in dict(rules.rules)))
+    parts = [rules.parts(r["completion"], r.get("gold"), r.get("thinking", True)) for r in recs]
+    if args.reward_model:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        rm = RewardModel(args.reward_model, device, common.pick_dtype(args.dtype, device), args.rm_max_len,
+                         args.rm_batch_size, args.rm_quant, args.rm_style, args.trust_remote_code,
+                         args.chat_template_kwargs)
+        logits = rm.score([r["prompt"] for r in recs], [r["completion"] for r in recs], args.score_on,
+                          progress=True, thinking=[r.get("thinking", True) for r in recs])
+        for i, (d, x) in enumerate(zip(parts, logits.tolist()), 1):
+            if not math.isfinite(x):  # a bare NaN in the JSONL would poison every mean downstream
+                raise DataError(f"{args.input}: row {i}: the reward model returned a non-finite score ({x}); "
+                                f"nothing written")
+            d["rm"] = x
     weights = dict(rules.rules, rm=1.0)
     rewards = []
-    with open(args.out + ".tmp", "w") as f:
-        for r, d in zip(recs, parts):
-            r["reward"] = sum(weights[k] * v for k, v in d.items())
-            r["reward_parts"] = d
-            rewards.append(r["reward"])
-            f.write(json.dumps(r, allow_nan=False) + "\n")
-    os.replace(args.out + ".tmp", args.out)
+    for i, (r, d) in enumerate(zip(recs, parts), 1):
+        r["reward"] = sum(weights[k] * v for k, v in d.items())
+        r["reward_parts"] = d
+        if not math.isfinite(r["reward"]):  # finite parts and weights can still overflow their sum
+            raise DataError(f"{args.input}: row {i}: the reward {r['reward']} is not finite (--rule weights too "
+                            f"large?); nothing written")
+        rewards.append(r["reward"])
+    common.write_jsonl(args.out, recs)  # temp file + rename: a failed write leaves the previous file
     mean = sum(rewards) / max(len(rewards), 1)
     std = math.sqrt(sum((x - mean) ** 2 for x in rewards) / max(len(rewards), 1))
     print(f"scored {len(rewards)} records -> {args.out} | reward mean {mean:.4f} | std {std:.4f}")
 
 
 if __name__ == "__main__":
-    main()
+    common.cli_main(main)

@@ -47,7 +47,6 @@ Commands:
       rl.py --model deepseek-ai/DeepSeek-R1-Distill-Qwen-32B --prompts UCSC-VLAA/STAR-1 \\
       --reward-model Skywork/Skywork-Reward-V2-Llama-3.1-8B --out out/rl-32b --grad-checkpointing
 """
-import argparse
 import functools
 import itertools
 import os
@@ -55,13 +54,13 @@ import time
 
 import torch
 
-from common import (DataError, HelpFormatter, Logger, NonFiniteError, UsageError, all_reduce, build_optimizer,
-                    build_policy, chat_template_kwargs, check_finite, check_min, check_range, check_sampling,
-                    check_training, claim_out_dir, cli_main, clip_grad_norm, cosine_lr, gather_objects,
-                    hsdp_replicas, import_optional, init_dist, load_pairs, load_state, load_tokenizer, pad_right,
-                    pick_dtype, positions_from_mask, print0, prompt_thinking, read_table, release_out_dirs,
-                    render_prompt_text, save_hf, save_state, seed_everything, split_reasoning, stop_token_ids,
-                    write_json, write_jsonl)
+from common import (ArgumentParser, DataError, HelpFormatter, Logger, NonFiniteError, StopRun, UsageError, all_reduce,
+                    apply_optimizer_flags, build_optimizer, build_policy, chat_template_kwargs, check_finite, check_min,
+                    check_model, check_out_dir, check_range, check_sampling, check_training, claim_out_dir, cli_main,
+                    clip_grad_norm, cosine_lr, gather_objects, hsdp_replicas, import_optional, init_dist, load_pairs,
+                    load_state, load_tokenizer, model_context, pad_right, pick_dtype, positions_from_mask, print0,
+                    prompt_thinking, read_table, release_out_dirs, render_prompt_text, resume_changes, save_hf,
+                    save_state, seed_everything, split_reasoning, stop_token_ids, write_args, write_jsonl)
 import engine
 from entropy import DEFAULT_WORDS, find_reflections, segment_masks, word_set
 
@@ -226,8 +225,8 @@ def disable_dropout(model):
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="REINFORCE++ (and baseline / GRPO / RLOO arms) on FSDP2.",
-                                formatter_class=HelpFormatter)
+    p = ArgumentParser(description="REINFORCE++ (and baseline / GRPO / RLOO arms) on FSDP2.",
+                       formatter_class=HelpFormatter)
     a = p.add_argument_group("run").add_argument
     a("--model", required=True, help="hub id or local dir of the initial policy (and reference)")
     a("--prompts", required=True, help="prompts: hub id (id[:config]:split) or .jsonl/.json/.csv/.parquet")
@@ -242,12 +241,13 @@ def get_args(argv=None):
     a = p.add_argument_group("1. rollout").add_argument
     a("--rollout-batch", type=int, default=32, help="prompts per step (global)")
     a("--samples-per-prompt", type=int, default=8, help="n samples per prompt (a group)")
-    a("--max-new-tokens", type=int, default=4096, help="rollout length limit")
+    a("--max-new-tokens", type=int, default=4096, help="rollout length limit (less than the model's context)")
     a("--temperature", type=float, default=1.0, help="sampling temperature (also used for π_old/π)")
     a("--top-p", type=float, default=1.0, help="nucleus sampling")
     a("--gen-batch-size", type=int, default=64, help="rows decoded at once on each rank (engine.py)")
     a("--max-prompt-len", type=int, default=1024,
-      help="drop prompts longer than this many tokens, counted in the start line (OpenRLHF's default)")
+      help="drop prompts longer than this many tokens (or than the model's context minus --max-new-tokens), "
+      "counted in the start line (OpenRLHF's default)")
     a = p.add_argument_group("2. reward").add_argument
     a("--reward-model", default=None, help="sequence-classifier RM (hub id or dir); raw logit reward")
     a("--rule", default=None, help="rule rewards added to the RM logit, e.g. refusal or math:1,format:0.1")
@@ -277,7 +277,11 @@ def get_args(argv=None):
       "(default: one per node when torchrun spans nodes, else 1 = flat FSDP2)")
     a("--dtype", default=None, choices=["bf16", "fp32"], help="compute dtype (default: bf16 on CUDA, fp32 on CPU)")
     a = p.add_argument_group("checkpoints and logging").add_argument
-    a("--resume", action="store_true", help="continue from the newest complete state in OUT")
+    a("--resume", action="store_true", help="continue from the newest complete state in OUT, with the run's "
+      "flags (args.json); only --stop-at, --save-every, --keep-checkpoints, --dump-every, --max-kl, "
+      "--reflection-words, --wandb and --trust-remote-code may change")
+    a("--allow-changes", action="store_true", help="with --resume: continue with changed flags (args.json keeps "
+      "the run's and records each change with the step it took effect after)")
     a("--overwrite", action="store_true", help="replace a previous run in OUT (its state, metrics, rollouts)")
     a("--save-every", type=int, default=50,
       help="every N steps save the state and the export and keep OUT/checkpoints/step-N (and at the end)")
@@ -326,11 +330,27 @@ def check_args(args, world):
         raise UsageError("give a reward: --reward-model and/or --rule")
     if args.wandb:
         import_optional("wandb", "--wandb")
+    check_out_dir(args.out)
 
 
-def load_prompts(args, tok, rules):
-    """Prompt rows with their rendered ids, their `thinking` (common.prompt_thinking: how a completion of
-    the prompt splits into reasoning and answer) and, for --rule math, the gold answer (validated first)."""
+def check_models(args):
+    """--model and --reward-model, before any weight is read (common.check_model); returns the policy's
+    context length (None when its config does not say), which bounds --max-new-tokens and the prompts."""
+    cfg = check_model(args.model, "--model", trust_remote_code=args.trust_remote_code)
+    if args.reward_model:
+        check_model(args.reward_model, "--reward-model", "seq-cls", trust_remote_code=args.trust_remote_code)
+    ctx = model_context(cfg)
+    if ctx and args.max_new_tokens >= ctx:
+        raise UsageError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the context of "
+                         f"--model {args.model} ({ctx} tokens, its config.json)")
+    return ctx
+
+
+def load_prompts(args, tok, rules, ctx=None):
+    """Prompt rows with their rendered ids, their `thinking` (common.prompt_thinking: how a completion of the
+    prompt splits into reasoning and answer) and, for --rule math, the gold answer (validated first). Prompts
+    longer than --max-prompt-len, or than the model's context `ctx` minus --max-new-tokens, are dropped
+    (counted). Returns (rows, n dropped, the length limit that applied)."""
     rows = load_pairs(args.prompts, args.prompt_field, need_response=False)
     gold_field = args.gold_field or ("answer" if rules and any(r == "math" for r, _ in rules.rules) else None)
     raw = read_table(args.prompts) if gold_field else None
@@ -340,12 +360,15 @@ def load_prompts(args, tok, rules):
         text = render_prompt_text(tok, r["prompt"], args.chat_template_kwargs)
         r["prompt_ids"], r["thinking"] = tok.encode(text, add_special_tokens=False), prompt_thinking(text)
         r["gold"] = str(raw[r["row"] - 1][gold_field]) if raw else None
-    n_long = sum(len(r["prompt_ids"]) > args.max_prompt_len for r in rows)
-    rows = [r for r in rows if len(r["prompt_ids"]) <= args.max_prompt_len]
+    limit = min(args.max_prompt_len, ctx - args.max_new_tokens) if ctx else args.max_prompt_len
+    why = f"--max-prompt-len {args.max_prompt_len}" if limit == args.max_prompt_len else \
+        f"{limit} tokens: the context {ctx} minus --max-new-tokens {args.max_new_tokens}"
+    n_long = sum(len(r["prompt_ids"]) > limit for r in rows)
+    rows = [r for r in rows if len(r["prompt_ids"]) <= limit]
     if len(rows) < args.rollout_batch:
-        raise DataError(f"{args.prompts}: {len(rows)} prompts (after dropping {n_long} longer than --max-prompt-len "
-                        f"{args.max_prompt_len}), fewer than --rollout-batch {args.rollout_batch}")
-    return rows, n_long
+        raise DataError(f"{args.prompts}: {len(rows)} prompts (after dropping {n_long} longer than {why}), "
+                        f"fewer than --rollout-batch {args.rollout_batch}")
+    return rows, n_long, why
 
 
 def rollout(policy, tok, rows, step, args, d, dtype, stops):
@@ -487,15 +510,17 @@ def main(argv=None):
     # --------------------------------------------------------------------------- compute init
     d = init_dist()
     check_args(args, d.world)
+    ctx = check_models(args)  # the model dirs, before any weight is read
     replicate = hsdp_replicas(args.replicate, d.world)
     seed_everything(args.seed)
     dtype = pick_dtype(args.dtype, d.device)
     rules = rw.RuleReward(args.rule) if args.rule else None
 
     # --------------------------------------------------------------------------- data (validated first)
-    tok = load_tokenizer(args.model, args.trust_remote_code)
-    rows, n_long = load_prompts(args, tok, rules)
+    tok = load_tokenizer(args.model, args.trust_remote_code, what="--model")
+    rows, n_long, why_long = load_prompts(args, tok, rules, ctx)
     claim_out_dir(args.out, args.resume, args.overwrite)  # a lock for the run's life; refuses another run's dir
+    changes = resume_changes(args) if args.resume else {}  # a changed flag is refused unless --allow-changes
 
     # --------------------------------------------------------------------------- models
     policy, export_dtype = build_policy(args.model, d, dtype, args.grad_checkpointing, args.cpu_offload,
@@ -513,12 +538,14 @@ def main(argv=None):
     words, piece = word_set(args.reflection_words), functools.lru_cache(maxsize=None)(lambda i: tok.decode([i]))
 
     step = load_state(args.out, policy, opt, sched) if args.resume else 0
+    if args.allow_changes and changes:  # the restored optimizer and scheduler still hold the run's values
+        apply_optimizer_flags(opt, sched, args.lr, args.betas, args.weight_decay)
     if d.rank == 0:
         os.makedirs(os.path.join(args.out, "rollouts"), exist_ok=True)
-        write_json(os.path.join(args.out, "args.json"), vars(args))
+        write_args(args, step, changes)
     log = Logger(args.out, args.max_steps, args.wandb, vars(args))
     stop = min(args.max_steps, args.stop_at or args.max_steps)
-    print0(f"rl: {len(rows)} prompts ({n_long} dropped: longer than --max-prompt-len {args.max_prompt_len}), "
+    print0(f"rl: {len(rows)} prompts ({n_long} dropped: longer than {why_long}), "
            f"{args.rollout_batch}x{n} samples/step, {args.rollout_batch * n // args.train_batch}"
            f" optimizer steps/rollout, world {d.world}, dtype {dtype}, estimator {args.estimator}")
 
@@ -556,8 +583,10 @@ def main(argv=None):
         metrics = step_metrics(items, R, R_clipped, ro, kl, st, gnorm, lr, reflect,  # 6. log
                                (t_gen, t_ref, time.time() - t2, time.time() - t0), args, n)
         log.log(step, metrics)
-        if metrics["kl"] > args.max_kl:
-            raise RuntimeError(f"step {step}: mean KL {metrics['kl']:.3g} > --max-kl {args.max_kl}; stopping")
+        if metrics["kl"] > args.max_kl:  # every rank holds the same all-reduced mean: all stop together
+            raise StopRun(f"step {step}: mean KL to the reference {metrics['kl']:.3g} > --max-kl {args.max_kl}; "
+                          f"stopped before saving step {step}: the last saved state and export are intact (lower "
+                          f"--lr or raise --kl-coef, or raise --max-kl)")
         if args.dump_every and step % args.dump_every == 0:
             dump_rollouts(args.out, step, items, R, n, d.rank)
         periodic = step % args.save_every == 0

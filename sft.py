@@ -40,23 +40,23 @@ Commands:
       sft.py --model deepseek-ai/DeepSeek-R1-Distill-Qwen-32B --data UCSC-VLAA/STAR-1 --out out/sft-32b \\
       --grad-checkpointing            # --replicate 2 is the default here: one replica per node
 """
-import argparse
 import math
 import os
 import time
 
 import torch
 
-from common import (DataError, HelpFormatter, Logger, UsageError, all_reduce, build_optimizer, build_policy,
-                    chat_template_kwargs, check_finite, check_min, check_training, claim_out_dir, cli_main,
-                    clip_grad_norm, cosine_lr, hsdp_replicas, import_optional, init_dist, load_pairs, load_state,
-                    load_tokenizer, ngrams, packing_exact, pick_dtype, print0, release_out_dirs, render_sft, save_hf,
-                    save_state, seed_everything, write_json)
+from common import (ArgumentParser, DataError, HelpFormatter, Logger, UsageError, all_reduce, apply_optimizer_flags,
+                    build_optimizer, build_policy, chat_template_kwargs, check_finite, check_min, check_model,
+                    check_out_dir, check_training, claim_out_dir, cli_main, clip_grad_norm, cosine_lr, hsdp_replicas,
+                    import_optional, init_dist, load_pairs, load_state, load_tokenizer, ngrams, packing_exact,
+                    pick_dtype, print0, release_out_dirs, render_sft, resume_changes, save_hf, save_state,
+                    seed_everything, write_args)
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Supervised fine-tuning (response-only loss) on FSDP2.",
-                                formatter_class=HelpFormatter)
+    p = ArgumentParser(description="Supervised fine-tuning (response-only loss) on FSDP2.",
+                       formatter_class=HelpFormatter)
     a = p.add_argument_group("run").add_argument
     a("--model", required=True, help="hub id or local Hugging Face dir of the model to fine-tune")
     a("--data", required=True, help="hub id (id[:config]:split) or local .jsonl/.json/.csv/.parquet")
@@ -96,7 +96,11 @@ def get_args(argv=None):
       "(default: one per node when torchrun spans nodes, else 1 = flat FSDP2)")
     a("--dtype", default=None, choices=["bf16", "fp32"], help="compute dtype (default: bf16 on CUDA, fp32 on CPU)")
     a = p.add_argument_group("checkpoints and logging").add_argument
-    a("--resume", action="store_true", help="continue from the newest complete state in OUT")
+    a("--resume", action="store_true", help="continue from the newest complete state in OUT, with the run's "
+      "flags (args.json); only --stop-at, --save-every, --keep-checkpoints, --dump-every, --max-kl, "
+      "--reflection-words, --wandb and --trust-remote-code may change")
+    a("--allow-changes", action="store_true", help="with --resume: continue with changed flags (args.json keeps "
+      "the run's and records each change with the step it took effect after)")
     a("--overwrite", action="store_true", help="replace a previous run in OUT (its state and metrics)")
     a("--save-every", type=int, default=0,
       help="every N steps save the state and the export, and keep OUT/checkpoints/step-N (0: only at the end)")
@@ -116,6 +120,8 @@ def check_args(args):
         raise UsageError(f"--batch-size {args.batch_size} must be divisible by the world size {world}")
     if args.wandb:
         import_optional("wandb", "--wandb")
+    check_out_dir(args.out)
+    check_model(args.model, "--model", trust_remote_code=args.trust_remote_code)
 
 
 def decontaminate(examples, files):
@@ -205,7 +211,7 @@ def main(argv=None):
     replicate = hsdp_replicas(args.replicate, d.world)
 
     # --------------------------------------------------------------------------- data (validated first)
-    tok = load_tokenizer(args.model, args.trust_remote_code)
+    tok = load_tokenizer(args.model, args.trust_remote_code, what="--model")
     examples = load_examples(args, tok)  # [(ids, loss mask)], validated before any model loads
     spe = math.ceil(len(examples) / args.batch_size)  # optimizer steps per epoch (the last batch may be short)
     total = args.max_steps or spe * args.epochs  # the schedule's length: --max-steps overrides --epochs
@@ -213,6 +219,7 @@ def main(argv=None):
     warmup = max(1, round(args.warmup_ratio * total))
 
     claim_out_dir(args.out, args.resume, args.overwrite)  # a lock for the run's life; refuses another run's dir
+    changes = resume_changes(args) if args.resume else {}  # a changed flag is refused unless --allow-changes
 
     # --------------------------------------------------------------------------- model + optimizer
     policy, export_dtype = build_policy(args.model, d, dtype, args.grad_checkpointing, args.cpu_offload,
@@ -228,8 +235,10 @@ def main(argv=None):
     autocast = torch.autocast(d.device.type, dtype=dtype, enabled=(d.world == 1 and dtype != torch.float32))
 
     step = load_state(args.out, policy, opt, sched) if args.resume else 0
+    if args.allow_changes and changes:  # the restored optimizer and scheduler still hold the run's values
+        apply_optimizer_flags(opt, sched, args.lr, args.betas, args.weight_decay)
     if d.rank == 0:
-        write_json(os.path.join(args.out, "args.json"), vars(args))
+        write_args(args, step, changes)
     log = Logger(args.out, total, args.wandb, vars(args))
     print0(f"sft: {len(examples)} examples, {spe} steps/epoch, {total} steps (stop at {stop}), world {d.world}"
            f"{f' (HSDP {replicate} x {d.world // replicate})' if replicate > 1 else ''}, dtype {dtype}")

@@ -83,3 +83,20 @@ def torchrun(n=2):
     """The torchrun prefix for n CPU processes (gloo), on a free port."""
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
             "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0"]
+
+
+def serve_bounded(httpd, count, stop, max_requests, idle_s):
+    """Serve a test HTTP server (its .timeout set) one request at a time on a daemon thread until stop()
+    is true, count() requests were served up to max_requests, or idle_s pass without one; then close it."""
+    import threading
+
+    def loop():
+        idle = 0.0
+        while not stop() and count() < max_requests and idle < idle_s:
+            n = count()
+            httpd.handle_request()
+            idle = 0.0 if count() > n else idle + httpd.timeout
+        httpd.server_close()
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    return t

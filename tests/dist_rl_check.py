@@ -44,7 +44,7 @@ TEXTS = ["Hmm, wait.", "\n</think>\n\nNo, I cannot help.", "But let me think", "
 def args(model, prompts, out):
     return ["--model", model, "--prompts", prompts, "--out", out, "--rule", "format", "--max-steps", "1",
             "--rollout-batch", "4", "--samples-per-prompt", "2", "--train-batch", "8", "--micro-batch-size", "3",
-            "--kl-coef", "0", "--save-every", "1000", "--dump-every", "0", "--seed", "0"]
+            "--kl-coef", "0", "--save-every", "1000", "--dump-every", "0", "--seed", "0", "--max-new-tokens", "8"]
 
 
 def run(model, prompts, out):

@@ -1,8 +1,11 @@
 """evaluate.py: the split rule, maths / GPQA / AttaQ / AIR-Bench grading, the HTTP clients, the CLI end to end."""
 import csv
 import json
+import os
+import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -12,7 +15,7 @@ import common
 import evaluate
 import reward
 from common import DataError, UsageError
-from conftest import SHARED_DATA, run_cli, torchrun, write_jsonl
+from conftest import ROOT, SHARED_DATA, run_cli, serve_bounded, torchrun, write_jsonl
 from test_reward import build_rm
 
 needs_data = pytest.mark.skipif(not (SHARED_DATA / "math500.jsonl").exists(), reason="../shared/data absent")
@@ -180,6 +183,27 @@ def test_airbench_judge_replies():
         evaluate.grade_records([rec("airbench", "</think>x", cate_idx="9.9")], judge=reward.Judge({}, judge))
 
 
+def test_judge_prompt_without_a_placeholder_refused_up_front(tmp_path, tiny_model, monkeypatch, capsys):
+    """A judge prompt lacking {{ANSWER}} (the judge would score answers it never sees): exit 2 naming the
+    file, row, cate-idx and placeholder, before any model loads or any record is generated."""
+    air = write_csv(tmp_path / "air.csv", [{"cate-idx": "1.1.1", "l2-name": "Security", "prompt": "Write malware."}])
+    no_answer = "Question: {{QUESTION}}\n##the_score: <s>"
+    jp = write_csv(tmp_path / "judge.csv", [{"cate-idx": "1.1.1", "judge_prompt": JUDGE_TEMPLATE},
+                                            {"cate-idx": "1.1.2", "judge_prompt": no_answer}])
+
+    def boom(*a, **k):
+        raise AssertionError("a model loaded before the judge prompts were checked")
+    monkeypatch.setattr(common, "load_model", boom)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--model", tiny_model, "--benchmarks", "airbench", "--data", f"airbench={air}",
+                       "--airbench-judge-prompts", jp, "--judge-url", "http://127.0.0.1:9/v1",
+                       "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err
+    assert f"{jp}: row 2: field 'judge_prompt' (cate-idx 1.1.2) lacks the placeholder {{{{ANSWER}}}}" in err, err
+    assert not (tmp_path / "o" / "airbench.jsonl").exists()
+
+
 def test_local_hf_judge(tiny_model):
     judge = reward.make_judge("cpu", {"1": JUDGE_TEMPLATE}, local=tiny_model, max_new_tokens=5)
     replies = judge.ask(["a judge prompt", "another one"])
@@ -280,6 +304,71 @@ def test_cli_api_generation_and_http_judge(tmp_path, tiny_model, server):
     summary = json.load(open(out / "summary.json"))
     assert summary["benchmarks"]["airbench"]["score"] == 1.0 and summary["benchmarks"]["math500"]["n"] == 2
     assert summary["settings"]["judge"] == f"gpt-4o @ {server.url}"
+
+
+class GateServer:
+    """/v1/completions on 127.0.0.1: the first request is answered at once, the others once `gate` is set
+    (or after 60 s); stops after `n` requests or 60 s idle."""
+
+    def __init__(self, n):
+        self.gate, self.count = threading.Event(), 0
+        outer = self
+
+        class H(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                outer.count += 1
+                if outer.count > 1:
+                    outer.gate.wait(60)
+                data = json.dumps({"choices": [{"text": "x </think> \\boxed{42}", "finish_reason": "stop"}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.httpd.daemon_threads, self.httpd.timeout = True, 1.0
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+        serve_bounded(self.httpd, lambda: self.count, lambda: False, n, 60)
+
+
+def test_grade_in_place_refused_while_evaluate_runs(tmp_path, tiny_model, capsys):
+    """`evaluate.py grade` writing into the --out of a running evaluate.py (which appends a record at a
+    time) would replace the file under it and lose the records appended meanwhile: grade takes the
+    directory's lock and is refused (exit 2, the holder's pid named, the file untouched); once the
+    evaluation ends every record is there, and grade in place works."""
+    data = write_jsonl(tmp_path / "m.jsonl", [{"problem": f"{i}*7?", "answer": "42", "unique_id": f"p{i}"}
+                                              for i in range(4)])
+    out, server = tmp_path / "eval", GateServer(4)
+    recs = out / "math500.jsonl"
+    p = subprocess.Popen([sys.executable, "evaluate.py", "--model", tiny_model, "--benchmarks", "math500", "--data",
+                          f"math500={data}", "--samples", "1", "--api-url", server.url, "--api-model", "tiny",
+                          "--api-workers", "1", "--max-new-tokens", "8", "--out", str(out)],
+                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.time()
+        while not (recs.exists() and recs.read_text().count("\n") >= 1):
+            assert p.poll() is None and time.time() - t0 < 120, p.stderr.read() if p.poll() is not None else "slow"
+            time.sleep(0.05)
+        before = recs.read_bytes()
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(["grade", "--input", str(recs), "--out", str(recs)])
+        common.release_out_dirs()
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"is in use by another run (pid {p.pid})" in err and "Traceback" not in err, err
+        assert recs.read_bytes() == before
+    finally:
+        server.gate.set()
+        assert p.wait(120) == 0, p.stderr.read()
+    assert len(recs.read_text().splitlines()) == 4
+    assert json.load(open(out / "summary.json"))["benchmarks"]["math500"]["n_records"] == 4
+    evaluate.main(["grade", "--input", str(recs), "--out", str(recs)])
+    assert [json.loads(x)["score"] for x in open(recs)] == [1.0] * 4
 
 
 # --- end to end on the real files, with a tiny model ------------------------------------------------

@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -17,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, SFT_ROWS, torchrun, write_jsonl
+from conftest import ROOT, SFT_ROWS, serve_bounded, torchrun, write_jsonl
 from test_reward import build_rm
 
 import common
@@ -93,13 +92,8 @@ def run(args, log, extra_env=None):
 def cli(monkeypatch, capsys, module, argv):
     """A stage's CLI in-process (the exit-code path of `python STAGE.py ARGV`): (exit code, stdout, stderr)."""
     capsys.readouterr()
-    if module in (sft, rl):
-        monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *map(str, argv)])
-        call = lambda: common.cli_main(module.main)  # noqa: E731
-    else:
-        call = lambda: module.main(list(map(str, argv)))  # noqa: E731
     try:
-        call()
+        common.cli_main(module.main, list(map(str, argv)))
         code = 0
     except SystemExit as e:
         code = e.code
@@ -411,15 +405,7 @@ class FaultyServer:
         self.httpd.timeout = 1.0
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
 
-        def serve():
-            idle = 0.0
-            while not self.closed and len(self.requests) < max_requests and idle < 60:
-                n = len(self.requests)
-                self.httpd.handle_request()
-                idle = 0.0 if len(self.requests) > n else idle + self.httpd.timeout
-            self.httpd.server_close()
-        self.thread = threading.Thread(target=serve, daemon=True)
-        self.thread.start()
+        self.thread = serve_bounded(self.httpd, lambda: len(self.requests), lambda: self.closed, max_requests, 60)
 
     def close(self):
         self.closed = True

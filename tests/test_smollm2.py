@@ -91,7 +91,7 @@ def test_export_reloads_to_the_same_logits_and_tokenizer_files(loaded, smollm2, 
     ids = torch.tensor([common.render_prompt(tok, QUESTIONS[0])])
     with torch.no_grad():
         assert torch.equal(model(ids).logits, back(ids).logits)
-    names = [n for n in common.TOKENIZER_FILES if os.path.exists(os.path.join(smollm2, n))]
+    names = [n for n in common.TOKENIZER_EXPORT_FILES if os.path.exists(os.path.join(smollm2, n))]
     assert names and all(open(os.path.join(smollm2, n), "rb").read() == (tmp_path / n).read_bytes() for n in names)
 
 
