@@ -8,6 +8,10 @@ Per family: SFT packed == unpacked loss through sft.py's own pack/collate and th
 generation with left padding == teacher-forced log-probs (rl.py's recompute); 2-rank FSDP2 SFT and RL
 steps == the 1-rank ones; export -> from_pretrained -> identical logits; entropy.py runs and its token
 entropies equal the Policy's. HSDP (2 x 2 gloo ranks, launched as two torchrun "nodes") == 1 rank.
+
+Then the families' REAL tokenizer files and chat templates (../shared/tokenizers, skipped when absent): the
+prompt, SFT mask, stop ids, think state, split / grade / rewards with thinking on and off, reflection counts
+on STAR-1, the reward model's input and the exported tokenizer files, per family / template / switch.
 """
 import datetime
 import functools
@@ -433,7 +437,8 @@ def entropy_main(argv):
 # architecture and the tokenizer's vocabulary size.
 
 SHARED_TOKENIZERS = ROOT.parent / "shared" / "tokenizers"
-SOLVED, REFUSED, THOUGHT = "The answer is $\\boxed{42}$.", "I'm sorry, but I can't help with that request.", "Six sevens. Wait, 42."
+SOLVED, THOUGHT = "The answer is $\\boxed{42}$.", "Six sevens. Wait, 42."
+REFUSED = "I'm sorry, but I can't help with that request."
 # case -> (tokenizer, architecture, template variables, where its prompt leaves the think block, its stop ids)
 REAL = {
     "r1qwen": ("r1qwen", "qwen2", {}, "open", [151643]),
