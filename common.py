@@ -15,6 +15,7 @@ Generation lives in engine.py. The algorithms (losses, advantages, masking) stay
 """
 import argparse
 import csv
+import datetime
 import errno
 import glob
 import http.client
@@ -521,7 +522,16 @@ def model_context(cfg):
     return n
 
 
+ROUND_TRIP = "a b c"  # what every tokenizer must give back unchanged: decode(encode(ROUND_TRIP))
+
+
 def load_tokenizer(path, trust_remote_code=False, require_chat_template=True, what="tokenizer"):
+    """The checkpoint's tokenizer, refused unless decode(encode("a b c")) == "a b c": a tokenizer that loses
+    spaces would silently corrupt every target, rollout, reward input and grade. The known cause is a
+    transformers version that loads the checkpoint as another tokenizer: transformers 5.17 loads
+    DeepSeek-R1-Distill-Llama (tokenizer_class LlamaTokenizerFast over a ByteLevel tokenizer.json) as a
+    Metaspace tokenizer, and "Is it worth me being alive?" comes back "Isitworthmebeingalive?"."""
+    import transformers
     from transformers import AutoTokenizer
     p = _check_path(path, what)
     _check_tokenizer_files(p, what, path)
@@ -529,6 +539,14 @@ def load_tokenizer(path, trust_remote_code=False, require_chat_template=True, wh
         tok = AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError) as e:  # a missing / broken file of the user's dir
         raise UsageError(f"{what} {path}: cannot load its tokenizer ({type(e).__name__}: {first_line(e)})") from None
+    back = tok.decode(tok.encode(ROUND_TRIP, add_special_tokens=False), skip_special_tokens=True)
+    if back != ROUND_TRIP:
+        raise UsageError(f"{what} {path}: its tokenizer ({type(tok).__name__}) loses text: decode(encode("
+                         f"{ROUND_TRIP!r})) = {back!r}, which would corrupt every target, rollout, reward input and "
+                         f"grade. The known cause is the transformers version (installed: {transformers.__version__}): "
+                         f"5.17 loads DeepSeek-R1-Distill-Llama's tokenizer (tokenizer_class LlamaTokenizerFast over a "
+                         f"ByteLevel tokenizer.json) as a Metaspace one and drops every space; install the versions "
+                         f"requirements.txt pins")
     if require_chat_template and not tok.chat_template:
         raise UsageError(f"{what} {path}: its tokenizer has no chat template (chat_template.jinja or "
                          f"tokenizer_config.json chat_template)")
@@ -773,7 +791,10 @@ def _broadcast_obj(obj):
 #   Qwen3: enable_thinking (default true); false ends the generation prompt with an empty
 #       "<think>\n\n</think>\n\n" block
 #   Granite (3.2 / 3.3 / 4.0-tiny-preview): thinking (default false) adds a system turn asking for
-#       reasoning first; the split below handles the formats those model cards document
+#       reasoning first; the split below handles the formats those model cards document; its default
+#       system turn writes today's date (pinned: TEMPLATE_DATE)
+# Where the prompt leaves the think block (think_state) becomes each record's `thinking`, which tells
+# the split (section 5) whether a completion starts inside the reasoning.
 
 # apply_chat_template's own arguments: a template variable of the same name would be swallowed by them
 _RESERVED_CHAT_KWARGS = {"conversation", "tools", "documents", "chat_template", "add_generation_prompt",
@@ -796,9 +817,28 @@ def chat_template_kwargs(text):
     return obj
 
 
+# A template that reads the clock (Granite's default system turn writes "Today's Date: " + strftime_now(...))
+# would make every SFT target, rollout and evaluation prompt depend on the day it is rendered: each
+# strftime_now('FORMAT') call is replaced by this fixed date, so a rendered prompt is a pure function of the
+# row and the flags.
+TEMPLATE_DATE = datetime.date(2025, 1, 1)
+_STRFTIME_NOW = re.compile(r"""strftime_now\(\s*(['"])(.*?)\1\s*\)""")
+
+
+def pinned_template(template):
+    """The chat template with each strftime_now('FORMAT') call replaced by TEMPLATE_DATE in that format."""
+    return _STRFTIME_NOW.sub(lambda m: json.dumps(TEMPLATE_DATE.strftime(m.group(2))), template)
+
+
+def apply_template(tok, messages, chat_kwargs=None, **kw):
+    """tok.apply_chat_template(messages, tokenize=False, **kw) with the template's clock pinned
+    (TEMPLATE_DATE) and the stage's template variables (`chat_kwargs`): every rendering goes through here."""
+    return tok.apply_chat_template(messages, chat_template=pinned_template(tok.get_chat_template()), tokenize=False,
+                                   **kw, **(chat_kwargs or {}))
+
+
 def render_prompt_text(tok, prompt, chat_kwargs=None):
-    return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True,
-                                   **(chat_kwargs or {}))
+    return apply_template(tok, [{"role": "user", "content": prompt}], chat_kwargs, add_generation_prompt=True)
 
 
 def render_prompt(tok, prompt, chat_kwargs=None):
@@ -806,27 +846,57 @@ def render_prompt(tok, prompt, chat_kwargs=None):
     return tok.encode(render_prompt_text(tok, prompt, chat_kwargs), add_special_tokens=False)
 
 
+def think_state(prompt_text):
+    """Where a rendered prompt leaves the assistant turn: "open" (it ends with <think>: the completion starts
+    inside the reasoning; R1-Distill), "closed" (it ends with </think>: thinking switched off; Qwen3's
+    enable_thinking=false) or "none" (no think tag at its end: Qwen3 and Granite with thinking on or off, R1's
+    first template, plain instruct models)."""
+    t = prompt_text.rstrip()
+    return "open" if t.endswith("<think>") else "closed" if t.endswith("</think>") else "none"
+
+
+def prompt_thinking(prompt_text):
+    """The `thinking` of a generation record, a fact of the prompt it was sampled from (docs/design.md §2):
+    True when the prompt leaves a think block open, so the completion is reasoning, </think>, answer; False
+    when it does not, so the completion is the answer unless it opens a think block itself."""
+    return think_state(prompt_text) == "open"
+
+
 def end_of_turn(tok, chat_kwargs=None):
     """The text the template writes right after an assistant message (e.g. '<|im_end|>\\n'); else eos."""
     probe = "\x00PROBE\x00"
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}]
     try:
-        text = tok.apply_chat_template(msgs, tokenize=False, **(chat_kwargs or {}))
+        text = apply_template(tok, msgs, chat_kwargs)
         tail = text[text.rindex(probe) + len(probe):]
     except Exception:
         tail = ""
     return tail if tail.strip() else (tok.eos_token or "")
 
 
-def render_sft(tok, prompt, response, max_len=None, chat_kwargs=None):
+def render_sft(tok, prompt, response, max_len=None, chat_kwargs=None, reasoning_when_off="refuse"):
     """SFT target: rendered prompt + the response text + end-of-turn, appended by hand, so templates that
     strip past reasoning (R1-Distill) cannot drop it. Returns (ids, loss_mask) with the mask True on the
     response and end-of-turn tokens. Longer than max_len: the LAST max_len tokens are kept (left truncation,
     as the STAR-1 recipe), so the end of the reasoning, the answer and the end-of-turn stay in the target;
-    the prompt's head goes first."""
+    the prompt's head goes first.
+
+    A prompt that opens the think block takes the response without its own leading <think>. A prompt that
+    CLOSES it (thinking off) and a response that carries reasoning would make a target with two think
+    blocks: reasoning_when_off "refuse" raises UsageError (sft.py), "drop" keeps the response's answer
+    alone (sft.py --answer-only), "keep" keeps the response as it is (the reward model's input)."""
     ptext = render_prompt_text(tok, prompt, chat_kwargs)
-    if ptext.rstrip().endswith("<think>") and response.lstrip().startswith("<think>"):
+    state = think_state(ptext)
+    if state == "open" and response.lstrip().startswith("<think>"):
         response = response.lstrip()[len("<think>"):].lstrip("\n")  # the template already opened it
+    elif state == "closed" and opens_think(response) and reasoning_when_off != "keep":
+        _, answer, closed = split_reasoning(response)
+        if reasoning_when_off == "refuse":
+            raise UsageError("the prompt already closes the think block (thinking off) and the response carries "
+                             "reasoning: the target would hold two think blocks")
+        if not closed or not answer:
+            raise UsageError("the response never closes its think block: it has no answer to train on")
+        response = answer
     p_ids = tok.encode(ptext, add_special_tokens=False)
     r_ids = tok.encode(response + end_of_turn(tok, chat_kwargs), add_special_tokens=False)
     ids, mask = p_ids + r_ids, [False] * len(p_ids) + [True] * len(r_ids)
@@ -892,7 +962,8 @@ def read_csv(path):
 
 def read_generations(path, need=("completion",)):
     """Generation records (docs/design.md §2) from a JSONL file, refused unless the file exists, holds a
-    record, and every row has the fields `need` (names, or a function row -> names) as strings."""
+    record, and every row has the fields `need` (names, or a function row -> names) as strings; `thinking`
+    and `prompt_ids`, where present, must be true / false and a non-empty list of token ids."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
     recs = read_jsonl(path)
@@ -902,6 +973,12 @@ def read_generations(path, need=("completion",)):
         for f in need(r) if callable(need) else need:
             if not isinstance(r.get(f), str):
                 raise DataError(f"{path}: row {i}: field '{f}' is missing or not a string")
+        if not isinstance(r.get("thinking", True), bool):
+            raise DataError(f"{path}: row {i}: field 'thinking' is not true or false")
+        ids = r.get("prompt_ids")
+        if ids is not None and not (isinstance(ids, list) and ids and
+                                    all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in ids)):
+            raise DataError(f"{path}: row {i}: field 'prompt_ids' is not a non-empty list of token ids")
     return recs
 
 
@@ -999,10 +1076,18 @@ def ngrams(text, n=13):
 GRANITE_THOUGHT, GRANITE_RESPONSE = "Here is my thought process:", "Here is my response:"
 
 
-def reasoning_spans(text):
+def opens_think(text):
+    """The text opens a think block itself: <think> (or Granite 3.2's thought marker) first."""
+    return text.lstrip().startswith(("<think>", GRANITE_THOUGHT))
+
+
+def reasoning_spans(text, thinking=True):
     """Character spans of the split: ((r0, r1), (a0, a1), think_closed); text[r0:r1] is the reasoning,
     text[a0:a1] the answer (empty when the thinking never closed). Unstripped: entropy.py maps tokens
-    to segments with these offsets."""
+    to segments with these offsets. `thinking` is the record's (prompt_thinking): False and a text that
+    opens no think block is an answer-only completion: all answer, think_closed True."""
+    if not thinking and not opens_think(text):
+        return (0, 0), (0, len(text)), True
     lead = len(text) - len(text.lstrip())
     if text[lead:].startswith(GRANITE_THOUGHT):  # Granite 3.2
         r0 = lead + len(GRANITE_THOUGHT)
@@ -1023,10 +1108,12 @@ def reasoning_spans(text):
     return (r0, cut), (a0, a1), True
 
 
-def split_reasoning(text):
+def split_reasoning(text, thinking=True):
     """Split on the LAST </think> (or Granite's markers, above): (reasoning minus a leading <think>,
-    answer, think_closed), both stripped."""
-    (r0, r1), (a0, a1), closed = reasoning_spans(text)
+    answer, think_closed), both stripped. thinking=False (the prompt left no think block open): a text
+    that opens none is all answer (reasoning "", think_closed True). Records without a `thinking` field
+    (older ones) are split with thinking=True, as they always were."""
+    (r0, r1), (a0, a1), closed = reasoning_spans(text, thinking)
     return text[r0:r1].strip(), text[a0:a1].strip(), closed
 
 
@@ -1056,15 +1143,42 @@ def _link_or_copy(src, dst):
 
 
 HF_WEIGHT_PREFIXES = ("model.safetensors", "model-0", "pytorch_model")
+# what an export copies from the input checkpoint: the files a tokenizer loads from, and its config and template
+TOKENIZER_EXPORT_FILES = TOKENIZER_FILES + ("tokenizer_config.json", "special_tokens_map.json",
+                                            "added_tokens.json", "merges.txt", "chat_template.jinja",
+                                            "chat_template.json")
+
+
+def save_tokenizer(tok, out):
+    """The export's tokenizer: the files of the checkpoint it was loaded from (`tok.name_or_path`, a dir or a
+    hub id in the local cache), copied byte for byte, so whatever loaded the input checkpoint (vLLM,
+    another transformers version) loads the export the same way; tok.save_pretrained would rewrite them
+    (tokenizer_class, added tokens, the template moved to its own file). A tokenizer with no files on
+    disk is saved by save_pretrained."""
+    from huggingface_hub import try_to_load_from_cache
+    src, found = str(tok.name_or_path), []
+    for name in TOKENIZER_EXPORT_FILES:
+        try:
+            path = os.path.join(src, name) if os.path.isdir(src) else try_to_load_from_cache(src, name)
+        except ValueError:  # not a hub id either (a tokenizer built in memory)
+            path = None
+        if isinstance(path, str) and os.path.isfile(path):
+            found.append((name, path))
+    if not any(name == "tokenizer_config.json" for name, _ in found):
+        tok.save_pretrained(out)
+        return
+    for name, path in found:
+        shutil.copyfile(path, os.path.join(out, name))
 
 
 def install_export(out):
     """Roll a complete export in OUT/.export.ready into OUT, replacing the previous one as a whole.
 
     .export.ready appears by one rename only once the export in it is complete; installing moves its
-    files into OUT and removes weight files of the previous export that the new one lacks (a changed
-    shard count). A run killed during the moves is finished by the next start on OUT (claim_out_dir),
-    so OUT never keeps weights of two different steps."""
+    files into OUT and removes weight and tokenizer files of the previous export that the new one lacks
+    (a changed shard count; a chat_template.jinja that would override the copied tokenizer_config's).
+    A run killed during the moves is finished by the next start on OUT (claim_out_dir), so OUT never
+    keeps weights of two different steps."""
     ready = Path(out) / ".export.ready"
     if ready.is_symlink():  # not one this code made: never followed (its target's files are not ours to move)
         ready.unlink()
@@ -1072,7 +1186,8 @@ def install_export(out):
         return
     names = {f.name for f in ready.iterdir()}
     for f in Path(out).iterdir():
-        if f.is_file() and f.name.startswith(HF_WEIGHT_PREFIXES) and f.name not in names:
+        stale = f.name.startswith(HF_WEIGHT_PREFIXES) or f.name in TOKENIZER_EXPORT_FILES
+        if f.is_file() and stale and f.name not in names:
             f.unlink()
     for name in sorted(names, key=lambda n: n.endswith(".json")):  # weights first, config/index last
         os.replace(ready / name, Path(out) / name)
@@ -1081,7 +1196,8 @@ def install_export(out):
 
 def save_hf(model, tok, out, export_dtype=None, step=None, checkpoint=False, keep=3):
     """Gather the full state dict to rank 0 and write a from_pretrained-loadable dir into `out`
-    (config, safetensors, tokenizer, generation_config), swapped in as a whole (install_export).
+    (config, safetensors, the input's tokenizer files (save_tokenizer), generation_config), swapped in as a
+    whole (install_export).
     With `checkpoint`, the same files also become OUT/checkpoints/step-N/ (N = `step`; hard links, no
     optimizer state), keeping the newest `keep` (0 keeps all). Refuses non-finite weights before anything is written.
     A failed write (a full disk) removes the half export and stops every rank: the previous export stays.
@@ -1102,7 +1218,7 @@ def save_hf(model, tok, out, export_dtype=None, step=None, checkpoint=False, kee
         install_export(out)  # a previous install cut short
         fresh_dir(tmp)  # made here: never a planted link
         hf.save_pretrained(tmp, state_dict=sd)
-        tok.save_pretrained(tmp)
+        save_tokenizer(tok, tmp)
         if checkpoint:
             ck.mkdir(exist_ok=True)
             fresh_dir(ck / f".step-{step}.tmp")

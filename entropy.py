@@ -5,9 +5,11 @@ next-token distribution at reflection tokens ("wait", "but", "alternatively"). R
 prompts (AttaQ 0.24 -> 0.09) and keeps it on reasoning prompts (AIME24 3.12 -> 3.00). This script
 recomputes it for any checkpoints on saved generation records (evaluate.py output, docs/design.md §2).
 
-Math. Each record is scored teacher-forced: ids = render_prompt(prompt) ++ tokenize(completion), one
-forward. Completion token t was produced by the logits z_{t-1} of the position before it, so at the
-sampling temperature tau (--temperature; default the records' own, else 0.6):
+Math. Each record is scored teacher-forced: ids = prompt_ids ++ tokenize(completion), one forward, where
+prompt_ids are the token ids the sample was generated from, stored in the record (records without them,
+written by older code, are rendered again: common.render_prompt with --chat-template-kwargs). Completion
+token t was produced by the logits z_{t-1} of the position before it, so at the sampling temperature tau
+(--temperature; default the records' own, else 0.6):
 
     p_t = softmax(z_{t-1} / tau)                over the full vocabulary
     H_t = -sum_v p_t(v) log p_t(v)              (nats; common.head_logprobs, fp32 accumulation,
@@ -21,12 +23,17 @@ over records (records are the independent units; each resample recomputes the po
 
 Definitions.
   reasoning tokens  completion tokens before the LAST "</think>" (minus a leading "<think>"); all of the
-                    completion when the thinking never closed. Answer tokens: after "</think>".
-  reflection token  --match token (default): a reasoning token whose decoded text, leading whitespace
-                    stripped, is one of --words (default wait,Wait,but,But,Alternatively, as in the
-                    authors' CyclicReflex). --match word: a whole-word occurrence of a --words entry in
-                    the reasoning text, also when the tokenizer split it ("W" + "ait"); it is placed at
-                    the token holding its first letter.
+                    completion when the thinking never closed. Answer tokens: after "</think>". A record
+                    whose `thinking` is false (its prompt left no think block open) and whose completion
+                    opens none has answer tokens only (common.split_reasoning).
+  reflection token  --match word (default): a whole-word occurrence of a --words entry (default
+                    wait,Wait,but,But,Alternatively, as in the authors' CyclicReflex) in the reasoning text,
+                    also when the tokenizer split it (Granite's BPE cuts a line-initial "Alternatively" in
+                    two); it is placed at the token holding its first letter. --match token: a reasoning
+                    token whose decoded text, leading whitespace stripped, is one of --words (it misses
+                    split words and counts "but" in "butt"; exact on the Qwen and Llama-3 BPEs only).
+                    tests/test_families.py checks word mode against a whole-word count of STAR-1's
+                    reasoning on every family's tokenizer.
   memorization      --memorization DATA (STAR-1 question/response rows), per model and row, the response
                     rendered exactly as sft.py trains it (common.render_sft):
                     loglik       mean over response tokens of log p(y_t | y_<t, prompt) at temperature 1;
@@ -38,8 +45,8 @@ Definitions.
                     teacher-forced argmax accuracy in the same window (not a greedy quantity).
 
 Deviations / notes.
-  1. The completion text is re-tokenized (the records store text, not ids); for a canonical BPE this
-     reproduces the sampled ids except for rare non-canonical samples.
+  1. The completion text is re-tokenized (the records store its text; the prompt's ids are stored); for a
+     canonical BPE this reproduces the sampled ids except for rare non-canonical samples.
   2. Logits are computed in the model dtype (bf16 on GPU), like the sampler's, one chunk of positions at
      a time (the argmax for memorization needs them), never a float32 [tokens, vocab] tensor.
   3. The paper gives no formula for memorization; the two definitions above are ours.
@@ -73,16 +80,16 @@ HIST_BINS = 60
 
 # --- reflection detection (pure, on token strings) --------------------------------------------------
 
-def segment_masks(text, offsets):
+def segment_masks(text, offsets, thinking=True):
     """Reasoning / answer membership of each token, from its (start, end) char span in `text` and the
-    spans of common.split_reasoning (every family's format)."""
-    (r0, r1), (a0, a1), _ = common.reasoning_spans(text)
+    spans of common.split_reasoning (every family's format; `thinking` the record's)."""
+    (r0, r1), (a0, a1), _ = common.reasoning_spans(text, thinking)
     reasoning = [s >= r0 and e > s and e <= r1 for s, e in offsets]
     answer = [s >= a0 and e > s and e <= a1 for s, e in offsets]
     return reasoning, answer
 
 
-def find_reflections(text, offsets, reasoning, words, match="token"):
+def find_reflections(text, offsets, reasoning, words, match="word"):
     """Reflection tokens inside the reasoning: a list of (token index, index of the next token or None,
     word). `offsets[i]` is token i's char span in `text`; `reasoning[i]` its reasoning-segment flag."""
     n, out = len(offsets), []
@@ -265,7 +272,7 @@ def token_stats(model, seqs, starts, temperature=1.0, chunk_tokens=1024, pad_id=
 def score_record(rec, ent, enc, words, match, edges):
     """Per-record statistics from the completion's token entropies `ent` (C,) and its encoding."""
     text, offsets = rec["completion"], enc["offset_mapping"]
-    reasoning, answer = segment_masks(text, offsets)
+    reasoning, answer = segment_masks(text, offsets, rec.get("thinking", True))
     refl = find_reflections(text, offsets, reasoning, words, match)
     ent = ent.double().numpy()
     r_ent, a_ent = ent[np.array(reasoning, dtype=bool)], ent[np.array(answer, dtype=bool)]
@@ -350,14 +357,16 @@ def get_args(argv=None):
     a("--input", action="append", default=[], help="NAME=FILE of generation records (JSONL); repeat")
     a("--out", required=True, help="output directory")
     a("--chat-template-kwargs", type=common.chat_template_kwargs, default=None, metavar="JSON",
-      help="template variables for apply_chat_template when rendering the prompts (as generated)")
+      help="template variables for apply_chat_template when rendering the prompts of records without "
+      "prompt_ids (as generated)")
     a("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
     a = p.add_argument_group("1. entropy at reflection tokens").add_argument
     a("--temperature", type=float, default=None,
       help="sampling temperature of the scored distribution (default: the records' value, else 0.6)")
     a("--words", type=word_set, default=DEFAULT_WORDS, help="comma-separated reflection words")
-    a("--match", choices=["token", "word"], default="token",
-      help="token: a whole decoded token equals a word; word: also words split across tokens")
+    a("--match", choices=["word", "token"], default="word",
+      help="word: whole words in the reasoning text, also split across tokens; token: a whole decoded token "
+      "equals a word (misses split words)")
     a = p.add_argument_group("2. memorization of the SFT data").add_argument
     a("--memorization", default=None, help="SFT data (STAR-1 question/response) for the memorization metrics")
     a("--mem-k", type=int, default=32, help="reference response tokens given as prefix")
@@ -386,9 +395,21 @@ def check_args(args):
     common.check_out_dir(args.out)
 
 
+def check_prompt_ids(path, recs, tok, mname):
+    """A record's prompt_ids must be this model's tokens: inside its vocabulary, and decoding to a text that
+    holds the record's prompt (ids of another tokenizer would be scored as garbage)."""
+    for r in recs:
+        ids = r.get("prompt_ids")
+        if ids is not None and (max(ids) >= len(tok) or r["prompt"] not in tok.decode(ids)):
+            raise DataError(f"{path}: row {r['row']}: field 'prompt_ids' are not tokens of --model {mname}'s "
+                            f"tokenizer (they do not decode to a text holding the record's prompt)")
+
+
 def score_records(model, tok, recs, temp, args, d, words, edges, mname, dname):
-    """Step 1 on this rank's shard of one dataset: teacher-forced entropies, then score_record per record."""
-    prompts = [common.render_prompt(tok, r["prompt"], args.chat_template_kwargs) for r in recs]
+    """Step 1 on this rank's shard of one dataset: teacher-forced entropies, then score_record per record.
+    The prompt is the record's prompt_ids, the ids it was generated from (older records: rendered again)."""
+    prompts = [r["prompt_ids"] if r.get("prompt_ids") is not None else
+               common.render_prompt(tok, r["prompt"], args.chat_template_kwargs) for r in recs]
     encs = [tok(r["completion"], add_special_tokens=False, return_offsets_mapping=True) for r in recs]
     items = [i for i in range(len(recs)) if encs[i]["input_ids"]]
     out = []
@@ -400,7 +421,8 @@ def score_records(model, tok, recs, temp, args, d, words, edges, mname, dname):
             r = recs[i]
             head = {"model": mname, "dataset": dname, "row": r["row"], "id": r.get("id"),
                     "sample": r.get("sample"), "benchmark": r.get("benchmark"), "temperature": temp,
-                    "think_closed": common.split_reasoning(r["completion"])[2], "score": r.get("score")}
+                    "think_closed": common.split_reasoning(r["completion"], r.get("thinking", True))[2],
+                    "score": r.get("score")}
             out.append({**head, **score_record(r, ent, encs[i], words, args.match, edges)})
     return out
 
@@ -468,6 +490,8 @@ def main(argv=None):
     for name, tok in toks.items():
         if not tok.is_fast:
             raise common.UsageError(f"--model {name}: needs a fast tokenizer (token character offsets)")
+        for dname, path in inputs:
+            check_prompt_ids(path, data[dname][0], tok, name)
     mem_rows = common.load_pairs(args.memorization) if args.memorization else []
     mem_rows = mem_rows[:args.mem_limit] if args.mem_limit > 0 else mem_rows
 

@@ -20,7 +20,9 @@ four options shuffled by random.Random(f"{seed}:{id}:{sample}"); the record keep
 shown = original option perm[i]; original 0 is the correct one) and gold = the shown correct letter.
 
 Per-sample score in [0, 1] (docs/design.md §2: split on the LAST </think>; unfinished thinking -> 0 for the
-reasoning benchmarks; the safety scorers then see the reasoning text instead of the answer):
+reasoning benchmarks; the safety scorers then see the reasoning text instead of the answer; a record whose
+prompt left no think block open (`thinking` false: Qwen3 / Granite with thinking off, plain instruct models)
+and whose completion opens none is all answer; each record keeps its prompt's token ids, `prompt_ids`):
   math500, aime   math-verify on the answer segment, gold first (the raw `answer`, wrapped in $..$);
                   AIME also needs the extracted answer to be an integer 0..999 (reward.math_correct)
   gpqa_diamond    1 if the LAST "Answer: X" of the answer segment (fallback: the last \\boxed{X}) is
@@ -87,8 +89,8 @@ GPQA_PROMPT = ("Answer the following multiple choice question. The last line of 
                "following format: 'Answer: $LETTER' (without quotes) where LETTER is one of ABCD. Think step by "
                "step before answering.\n\n{question}\n\nA) {A}\nB) {B}\nC) {C}\nD) {D}")
 LETTERS = "ABCD"
-RECORD_KEYS = ["benchmark", "id", "sample", "prompt", "completion", "reasoning", "answer", "think_closed",
-               "truncated", "num_tokens", "gold", "score"]
+RECORD_KEYS = ["benchmark", "id", "sample", "prompt", "completion", "thinking", "reasoning", "answer",
+               "think_closed", "truncated", "num_tokens", "gold", "score"]
 
 # --- data -------------------------------------------------------------------------------------------
 
@@ -181,11 +183,20 @@ def prompt_ids(tok, j, args):
     return common.render_prompt(tok, j["prompt"], args.chat_template_kwargs)
 
 
+def render_jobs(jobs, tok, args):
+    """Each job's prompt_ids (what the model is sent; entropy.py teacher-forces on them) and thinking
+    (common.prompt_thinking of the rendered prompt: how its completion splits), kept in its record."""
+    for j in jobs:
+        j["prompt_ids"] = prompt_ids(tok, j, args)
+        j["thinking"] = common.prompt_thinking(common.render_prompt_text(tok, j["prompt"], args.chat_template_kwargs))
+
+
 def generate_local(model, jobs, args, dist_, tok):
-    """engine.generate on this rank's jobs; fills completion, truncated, num_tokens. Each job's sampling
-    noise is keyed by its global index `_i`, so the samples do not depend on the world size."""
+    """engine.generate on this rank's jobs; fills prompt_ids, thinking, completion, truncated, num_tokens.
+    Each job's sampling noise is keyed by its global index `_i`, so the samples do not depend on the world size."""
+    render_jobs(jobs, tok, args)
     bar = tqdm(total=len(jobs), desc="generate", disable=dist_.rank != 0)
-    outs = engine.generate(model, [prompt_ids(tok, j, args) for j in jobs],
+    outs = engine.generate(model, [j["prompt_ids"] for j in jobs],
                            max_new_tokens=args.max_new_tokens,
                            stop_ids=common.stop_token_ids(tok, model, args.chat_template_kwargs),
                            pad_id=tok.pad_token_id, temperature=args.temperature, top_p=args.top_p,
@@ -223,8 +234,9 @@ def generate_api(jobs, args, tok, on_done):
                   flush=True)
         return len(failed) > args.max_failures
 
+    render_jobs(jobs, tok, args)
     bar = tqdm(total=len(jobs), desc="generate (api)", disable=common.rank() != 0)
-    engine.generate_api(args.api_url, [prompt_ids(tok, j, args) for j in jobs],
+    engine.generate_api(args.api_url, [j["prompt_ids"] for j in jobs],
                         model=args.api_model, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_p=args.top_p, seed=args.seed, row_ids=[j["_i"] for j in jobs],
                         stop_ids=common.stop_token_ids(tok, SimpleNamespace(generation_config=gc),
@@ -245,13 +257,15 @@ class TooManyFailures(common.StopRun):
 
 
 def grade_records(recs, rm=None, judge=None):
-    """Recompute reasoning, answer, think_closed and score (+ extras) of every record, in place.
+    """Recompute reasoning, answer, think_closed and score (+ extras) of every record, in place; a record's
+    `thinking` (absent in older records: True) says how its completion splits (common.split_reasoning).
     rm: a reward.RewardModel (AttaQ); judge: a reward.Judge (AIR-Bench). Maths and GPQA need nothing. rl.py's rollout records (benchmark "rl"): with a gold
     answer they are graded like MATH-500 (math-verify); without one the rollout's reward is kept as
     the score. Records carrying an `error` (a failed request) stay ungraded: score None, scored as missing."""
     recs_in, recs = recs, [r for r in recs if not r.get("error")]
     for r in recs:
-        r["reasoning"], r["answer"], r["think_closed"] = common.split_reasoning(r["completion"])
+        r["reasoning"], r["answer"], r["think_closed"] = common.split_reasoning(r["completion"],
+                                                                                r.get("thinking", True))
     maths = [r for r in recs if r["benchmark"] in MATH or (r["benchmark"] == "rl" and isinstance(r.get("gold"), str))]
     for r in tqdm(maths, desc="grade maths", disable=common.rank() != 0):
         ok, ext = reward.math_correct(r["answer"], r["gold"], integer=r["benchmark"] in ("aime24", "aime25")) \
@@ -267,7 +281,7 @@ def grade_records(recs, rm=None, judge=None):
         if rm is None:
             raise UsageError("attaq records need a safety reward model (--safety-rm)")
         logits = rm.score([r["prompt"] for r in attaq], [r["completion"] for r in attaq], score_on="answer",
-                          progress=common.rank() == 0)
+                          progress=common.rank() == 0, thinking=[r.get("thinking", True) for r in attaq])
         for r, x in zip(attaq, logits.tolist()):
             r.update(rm_logit=x, score=reward.attaq_score(x))
     air = [r for r in recs if r["benchmark"] == "airbench"]

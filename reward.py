@@ -19,7 +19,9 @@ What is scored (--score-on, docs/design.md §2):
   full    reasoning + answer, as "<think>\\n{reasoning}\\n</think>\\n\\n{answer}" (the RL default)
   answer  the text after the last </think>
   A sample whose thinking never closed is scored on its reasoning text in both modes (unsafe
-  reasoning counts; there is no answer to score).
+  reasoning counts; there is no answer to score). An answer-only sample (the record's `thinking` is
+  false and the completion opens no think block: Qwen3 / Granite with thinking off, plain instruct
+  models) is all answer: the RM sees the answer alone, the rules grade it, think_closed is true.
 
 Truncation rule (bounded length, --rm-max-len; default 512 for pair RMs, else min(model max, 8192)):
   1. the prompt is kept whole unless it alone exceeds half the budget (then its start is kept);
@@ -62,15 +64,16 @@ CUT_MARK = "\n[...]\n"
 # --- what the reward model sees ------------------------------------------------------------------
 
 
-def response_parts(completion, score_on="full"):
+def response_parts(completion, score_on="full", thinking=True):
     """(head, tail) of the response text the RM scores: head may be cut from the middle, tail (the
-    final answer) is kept. Never-closed thinking -> (reasoning, "") in both modes."""
+    final answer) is kept. Never-closed thinking -> (reasoning, "") in both modes; an answer-only
+    completion (thinking False, no think block of its own: common.split_reasoning) -> ("", answer)."""
     if score_on not in ("full", "answer"):
         raise UsageError(f"--score-on must be full or answer, got {score_on!r}")
-    reasoning, answer, closed = common.split_reasoning(completion)
+    reasoning, answer, closed = common.split_reasoning(completion, thinking)
     if not closed:
         return reasoning, ""
-    if score_on == "answer":
+    if score_on == "answer" or not (thinking or common.opens_think(completion)):
         return "", answer
     return f"<think>\n{reasoning}\n</think>\n\n", answer
 
@@ -130,12 +133,14 @@ class RewardModel:
             return self.tok(prompt, response, add_special_tokens=True)["input_ids"]
         # prompt through the RM's template, response + end-of-turn appended by hand: templates that
         # strip past reasoning (R1-Distill style) would otherwise hide it from the RM (docs/design.md §2)
-        return common.render_sft(self.tok, prompt, response, chat_kwargs=self.chat_kwargs)[0]
+        return common.render_sft(self.tok, prompt, response, chat_kwargs=self.chat_kwargs,
+                                 reasoning_when_off="keep")[0]
 
-    def encode(self, prompt, completion, score_on="full"):
-        """Token ids of one (prompt, completion) under the truncation rule (module docstring)."""
+    def encode(self, prompt, completion, score_on="full", thinking=True):
+        """Token ids of one (prompt, completion) under the truncation rule (module docstring); `thinking`
+        is the record's (common.prompt_thinking)."""
         tok, n = self.tok, self.max_len
-        head, tail = response_parts(completion, score_on)
+        head, tail = response_parts(completion, score_on, thinking)
         p_ids = tok.encode(prompt, add_special_tokens=False)
         if len(p_ids) > n // 2:
             prompt = tok.decode(p_ids[:n // 2])
@@ -152,11 +157,12 @@ class RewardModel:
         return ids[:n]
 
     @torch.no_grad()
-    def score(self, prompts, completions, score_on="full", progress=False):
+    def score(self, prompts, completions, score_on="full", progress=False, thinking=None):
         """(N,) float32 raw logits for (prompt, completion) pairs; batched, longest first (a progress bar
-        with an ETA when progress=True)."""
+        with an ETA when progress=True). thinking: each completion's record `thinking` (default all True)."""
         from tqdm import tqdm
-        seqs = [self.encode(p, c, score_on) for p, c in zip(prompts, completions)]
+        thinking = [True] * len(completions) if thinking is None else thinking
+        seqs = [self.encode(p, c, score_on, th) for p, c, th in zip(prompts, completions, thinking)]
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
         out = torch.zeros(len(seqs))
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
@@ -222,9 +228,9 @@ def math_correct(answer, gold, integer=False):
     return ok, str(pred[0])
 
 
-def math_reward(completion, gold):
+def math_reward(completion, gold, thinking=True):
     """1.0 if the answer after </think> is correct, 0.0 otherwise (and for unfinished thinking)."""
-    _, answer, closed = common.split_reasoning(completion)
+    _, answer, closed = common.split_reasoning(completion, thinking)
     return float(closed and math_correct(answer, gold)[0])
 
 
@@ -257,15 +263,15 @@ def is_refusal(text):
     return _REFUSAL_RE.search(t) is not None
 
 
-def refusal_reward(completion, gold=None):
+def refusal_reward(completion, gold=None, thinking=True):
     """1.0 if the answer after </think> is a refusal, else 0.0 (0.0 for unfinished thinking)."""
-    _, answer, closed = common.split_reasoning(completion)
+    _, answer, closed = common.split_reasoning(completion, thinking)
     return float(closed and is_refusal(answer))
 
 
-def format_reward(completion, gold=None):
+def format_reward(completion, gold=None, thinking=True):
     """1.0 if the thinking closed and a non-empty answer follows, else 0.0."""
-    _, answer, closed = common.split_reasoning(completion)
+    _, answer, closed = common.split_reasoning(completion, thinking)
     return float(closed and bool(answer))
 
 
@@ -290,16 +296,17 @@ def parse_rules(spec):
 
 
 class RuleReward:
-    """Weighted sum of rule rewards: RuleReward('math:1,format:0.1')(completion, gold) -> float."""
+    """Weighted sum of rule rewards: RuleReward('math:1,format:0.1')(completion, gold, thinking) -> float,
+    `thinking` the record's (common.prompt_thinking)."""
 
     def __init__(self, spec):
         self.rules = parse_rules(spec)
 
-    def parts(self, completion, gold=None):
-        return {name: RULES[name](completion, gold) for name, _ in self.rules}
+    def parts(self, completion, gold=None, thinking=True):
+        return {name: RULES[name](completion, gold, thinking) for name, _ in self.rules}
 
-    def __call__(self, completion, gold=None):
-        parts = self.parts(completion, gold)
+    def __call__(self, completion, gold=None, thinking=True):
+        parts = self.parts(completion, gold, thinking)
         return sum(w * parts[name] for name, w in self.rules)
 
 
@@ -445,14 +452,14 @@ def main(argv=None):
         common.check_model(args.reward_model, "--reward-model", "seq-cls", trust_remote_code=args.trust_remote_code)
     recs = common.read_generations(args.input, ["completion"] + ["prompt"] * bool(args.reward_model)
                                    + ["gold"] * ("math" in dict(rules.rules)))
-    parts = [rules.parts(r["completion"], r.get("gold")) for r in recs]
+    parts = [rules.parts(r["completion"], r.get("gold"), r.get("thinking", True)) for r in recs]
     if args.reward_model:
         device = common.resolve_device()  # a GPU machine whose GPU torch cannot use stops here
         rm = RewardModel(args.reward_model, device, common.pick_dtype(args.dtype, device), args.rm_max_len,
                          args.rm_batch_size, args.rm_quant, args.rm_style, args.trust_remote_code,
                          args.chat_template_kwargs)
         logits = rm.score([r["prompt"] for r in recs], [r["completion"] for r in recs], args.score_on,
-                          progress=True)
+                          progress=True, thinking=[r.get("thinking", True) for r in recs])
         for i, (d, x) in enumerate(zip(parts, logits.tolist()), 1):
             if not math.isfinite(x):  # a bare NaN in the JSONL would poison every mean downstream
                 raise DataError(f"{args.input}: row {i}: the reward model returned a non-finite score ({x}); "

@@ -67,6 +67,8 @@ Commands:
       rl.py --model deepseek-ai/DeepSeek-R1-Distill-Qwen-32B --prompts UCSC-VLAA/STAR-1 \\
       --reward-model Skywork/Skywork-Reward-V2-Llama-3.1-8B --out out/rl-32b --grad-checkpointing
 """
+import functools
+import itertools
 import os
 import time
 
@@ -77,11 +79,11 @@ from common import (ArgumentParser, DataError, HelpFormatter, Logger, NonFiniteE
                     chat_template_kwargs, check_finite, check_min, check_model, check_out_dir, check_range,
                     check_sampling, check_training, claim_out_dir, cli_main, clip_grad_norm, cosine_lr, gather_objects,
                     hsdp_replicas, import_optional, init_dist, load_pairs, load_state, load_tokenizer, model_context,
-                    pad_right, pick_dtype, positions_from_mask, print0, read_table, release_out_dirs, render_prompt,
-                    resume_changes, save_hf, save_state, seed_everything, split_reasoning, stop_token_ids, write_args,
-                    write_jsonl)
+                    pad_right, pick_dtype, positions_from_mask, print0, prompt_thinking, read_table, release_out_dirs,
+                    render_prompt_text, resume_changes, save_hf, save_state, seed_everything, split_reasoning,
+                    stop_token_ids, write_args, write_jsonl)
 import engine
-from entropy import DEFAULT_WORDS
+from entropy import DEFAULT_WORDS, find_reflections, segment_masks, word_set
 
 ESTIMATORS = ("reinforce++", "reinforce++-baseline", "grpo", "rloo")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -249,38 +251,23 @@ def response_logprobs(model, items, pad_id, temperature, device):
     return logp[:, P - 1:P - 1 + T], ent[:, P - 1:P - 1 + T], resp
 
 
-def reflection_ids(tok, words):
-    """The token-id sequences of each reflection word, with and without a leading space: the per-step
-    monitor of the paper's "entropy at reflection tokens" (entropy.py does the full, text-level analysis)."""
-    return sorted({tuple(tok.encode(v, add_special_tokens=False)) for w in words.split(",") for v in (w, " " + w)})
-
-
-def reflection_starts(completion_ids, seqs):
-    """(B, T) True where one of the id sequences starts: the token that opens a reflection word. Longer
-    sequences first, and a match inside one already found is not counted again (" Wait" may end in "Wait")."""
-    B, T = completion_ids.shape
-    hit = torch.zeros(B, T, dtype=torch.bool, device=completion_ids.device)
-    covered = torch.zeros_like(hit)
-    for seq in sorted(seqs, key=len, reverse=True):
-        L = len(seq)
-        if 0 < L <= T:
-            win = completion_ids.unfold(1, L, 1)  # (B, T - L + 1, L)
-            new = (win == torch.tensor(seq, device=completion_ids.device)).all(-1) & ~covered.unfold(1, L, 1).any(-1)
-            hit[:, :T - L + 1] |= new
-            for k in range(L):
-                covered[:, k:T - L + 1 + k] |= new
+def reflection_mask(tok, items, words, T, piece):
+    """(B, T) True at each completion token holding the first letter of a reflection word (whole word) in
+    its reasoning: entropy.py's default matching (find_reflections, "word") on the sampled ids themselves, so
+    the per-step ent_reflect counts what entropy.py counts, on every family's BPE (Granite's splits a
+    line-initial "Alternatively" in two; "butt" is no "but"). piece(id) is one id's text (tok.decode([id]),
+    cached); a completion's text is their concatenation, which gives each token its exact span (a
+    character split across byte-level tokens reads as U+FFFD, never a letter)."""
+    hit = torch.zeros(len(items), T, dtype=torch.bool)
+    for b, it in enumerate(items):
+        texts = [piece(i) for i in it["completion_ids"]]
+        ends = list(itertools.accumulate(len(x) for x in texts))
+        offsets = [(e - len(x), e) for x, e in zip(texts, ends)]
+        text = "".join(texts)
+        reasoning, _ = segment_masks(text, offsets, it["thinking"])
+        for i, _, _ in find_reflections(text, offsets, reasoning, words, "word"):
+            hit[b, i] = True
     return hit
-
-
-def reasoning_mask(completion_ids, mask, think_end):
-    """(B, T) True on the tokens before the LAST </think> of each completion (all of it when unclosed)."""
-    if think_end is None:
-        return mask
-    hit = (completion_ids == think_end) & mask  # (B, T)
-    T = mask.shape[1]
-    idx = torch.arange(T, device=mask.device).expand_as(mask)
-    last = torch.where(hit, idx, torch.full_like(idx, -1)).max(1).values  # (B,) -1 when unclosed
-    return mask & ((idx < last[:, None]) | (last[:, None] < 0))
 
 
 def disable_dropout(model):
@@ -433,7 +420,8 @@ def check_models(args):
 
 
 def load_prompts(args, tok, rules, ctx=None):
-    """Prompt rows with their rendered ids and, for --rule math, the gold answer (validated first). Prompts
+    """Prompt rows with their rendered ids, their `thinking` (common.prompt_thinking: how a completion of the
+    prompt splits into reasoning and answer) and, for --rule math, the gold answer (validated first). Prompts
     longer than --max-prompt-len, or than the model's context `ctx` minus --max-new-tokens, are dropped
     (counted). Returns (rows, n dropped, the length limit that applied)."""
     rows = load_pairs(args.prompts, args.prompt_field, need_response=False)
@@ -442,7 +430,8 @@ def load_prompts(args, tok, rules, ctx=None):
     for r in rows:
         if raw and gold_field not in raw[r["row"] - 1]:
             raise DataError(f"{args.prompts}: row {r['row']}: missing field '{gold_field}' (needed by --rule math)")
-        r["prompt_ids"] = render_prompt(tok, r["prompt"], args.chat_template_kwargs)
+        text = render_prompt_text(tok, r["prompt"], args.chat_template_kwargs)
+        r["prompt_ids"], r["thinking"] = tok.encode(text, add_special_tokens=False), prompt_thinking(text)
         r["gold"] = str(raw[r["row"] - 1][gold_field]) if raw else None
     limit = min(args.max_prompt_len, ctx - args.max_new_tokens) if ctx else args.max_prompt_len
     why = f"--max-prompt-len {args.max_prompt_len}" if limit == args.max_prompt_len else \
@@ -476,7 +465,8 @@ def rollout(policy, tok, rows, step, args, d, dtype, stops):
         items.append({"prompt_ids": r["prompt_ids"], "completion_ids": ids, "sampler_logp": o["logp"],
                       "log_kept": o["log_kept"],
                       "prompt": r["prompt"], "id": r["id"], "gold": r["gold"], "completion": text,
-                      "finished": o["finished"], "truncated": o["truncated"], "n_tokens": len(ids)})
+                      "thinking": r["thinking"], "finished": o["finished"], "truncated": o["truncated"],
+                      "n_tokens": len(ids)})
     return items
 
 
@@ -628,8 +618,7 @@ def main(argv=None):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, args.max_steps, warmup))
     autocast = torch.autocast(d.device.type, dtype=dtype, enabled=(d.world == 1 and dtype != torch.float32))
     stops, n = stop_token_ids(tok, policy.hf, args.chat_template_kwargs), args.samples_per_prompt
-    reflect_seqs = reflection_ids(tok, args.reflection_words)
-    think_end = tok.convert_tokens_to_ids("</think>") if "</think>" in tok.get_vocab() else None
+    words, piece = word_set(args.reflection_words), functools.lru_cache(maxsize=None)(lambda i: tok.decode([i]))
 
     step = load_state(args.out, policy, opt, sched) if args.resume else 0
     if args.allow_changes and changes:  # the restored optimizer and scheduler still hold the run's values
@@ -651,9 +640,10 @@ def main(argv=None):
 
         R = torch.zeros(len(items), device=d.device)  # 2. reward: RM raw logit + weighted rules
         if rm is not None:
-            R += rm.score([it["prompt"] for it in items], [it["completion"] for it in items], args.score_on).to(d.device)
+            R += rm.score([it["prompt"] for it in items], [it["completion"] for it in items], args.score_on,
+                          thinking=[it["thinking"] for it in items]).to(d.device)
         if rules is not None:
-            R += torch.tensor([rules(it["completion"], it["gold"]) for it in items], device=d.device)
+            R += torch.tensor([rules(it["completion"], it["gold"], it["thinking"]) for it in items], device=d.device)
         barrier()  # ranks meet here, outside a collective: rollout lengths (and RM time) differ between ranks
         if not torch.isfinite(all_reduce(R.sum().clone())):
             raise NonFiniteError(f"step {step + 1}: non-finite reward; stopped before the update, nothing written")
@@ -672,7 +662,7 @@ def main(argv=None):
         sched.step()
         step += 1
 
-        reflect = reflection_starts(ro["ids"], reflect_seqs) & reasoning_mask(ro["ids"], ro["mask"], think_end)
+        reflect = reflection_mask(tok, items, words, ro["ids"].shape[1], piece).to(d.device)
         R_clipped = shaped_rewards(R, args.estimator, n, not args.no_std)  # (B,) the last token's (logged next to R)
         metrics = step_metrics(items, R, R_clipped, ro, kl, st, gnorm, lr, reflect,  # 6. log
                                (t_gen, t_ref, time.time() - t2, time.time() - t0), args, n)
@@ -706,11 +696,12 @@ def dump_rollouts(out, step, items, R, n, rank):
     """The rollouts as generation records (docs/design.md §2), gathered to rank 0."""
     recs = []
     for i, it in enumerate(items):
-        reasoning, answer, closed = split_reasoning(it["completion"])
+        reasoning, answer, closed = split_reasoning(it["completion"], it["thinking"])
         recs.append({"benchmark": "rl", "id": it["id"], "sample": i % n, "prompt": it["prompt"],
-                     "completion": it["completion"], "reasoning": reasoning, "answer": answer,
-                     "think_closed": closed, "truncated": it["truncated"], "num_tokens": it["n_tokens"],
-                     "gold": it["gold"], "score": float(R[i]), "step": step, "rank": rank})
+                     "completion": it["completion"], "thinking": it["thinking"], "reasoning": reasoning,
+                     "answer": answer, "think_closed": closed, "truncated": it["truncated"],
+                     "num_tokens": it["n_tokens"], "gold": it["gold"], "score": float(R[i]), "step": step,
+                     "rank": rank, "prompt_ids": it["prompt_ids"]})
     recs = gather_objects(recs)
     if rank == 0:  # written whole (temp file + rename): a replayed step after --resume rewrites it, never appends
         write_jsonl(os.path.join(out, "rollouts", f"step_{step:05d}.jsonl"), recs)

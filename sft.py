@@ -26,6 +26,9 @@ Deviations and choices:
   5. --full-sequence trains on every token (prompt included): used to build the tiny world's base model.
   6. Samples longer than --max-len keep their LAST --max-len tokens (left truncation, as the STAR-1
      recipe): the end of the reasoning, the answer and the end-of-turn stay in the target.
+  7. Thinking off (the rendered prompt already closes the think block: Qwen3 with enable_thinking false)
+     and a response with reasoning: refused, naming the row, unless --answer-only, which trains on the
+     answer alone (common.render_sft).
 
 Commands:
   python sft.py --model Qwen/Qwen2.5-0.5B-Instruct --data rows.jsonl --out out/sft --max-steps 10
@@ -73,6 +76,9 @@ def get_args(argv=None):
     a("--no-pack", action="store_true", help="one sample per row instead of packing (automatic for "
       "model types that cannot keep packed samples apart: common.PACKING_EXACT)")
     a("--full-sequence", action="store_true", help="loss on every token, prompt included")
+    a("--answer-only", action="store_true", help="with thinking off (the prompt already closes the think "
+      "block, e.g. Qwen3's enable_thinking false), train on each response's answer alone, its reasoning "
+      "dropped (without this flag such rows are refused: the target would hold two think blocks)")
     a = p.add_argument_group("2. loss and update").add_argument
     a("--batch-size", type=int, default=128, help="global sequences per optimizer step")
     a("--micro-batch-size", type=int, default=4, help="sequences per forward on each rank")
@@ -139,7 +145,12 @@ def load_examples(args, tok):
         print0(f"decontaminate: dropped {len(dropped)} rows sharing a 13-gram with {args.decontaminate}: {dropped}")
     examples, too_long = [], []
     for r in rows:
-        ids, mask = render_sft(tok, r["prompt"], r["response"], args.max_len, args.chat_template_kwargs)
+        try:
+            ids, mask = render_sft(tok, r["prompt"], r["response"], args.max_len, args.chat_template_kwargs,
+                                   "drop" if args.answer_only else "refuse")
+        except UsageError as e:
+            hint = "" if args.answer_only else "; pass --answer-only to train on the answer alone"
+            raise DataError(f"{args.data}: row {r['row']}: {e}{hint}") from None
         if args.full_sequence:
             mask = [True] * len(ids)
         (examples if any(mask[1:]) else too_long).append((ids, mask))

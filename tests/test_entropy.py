@@ -267,3 +267,15 @@ def test_cli_bad_input(tiny_model, tmp_path):
     p = run_cli([sys.executable, "entropy.py", "--model", tiny_model, "--input", good, "--out", str(out),
                  "--match", "bogus"], check=False)
     assert p.returncode == 2 and "--match" in p.stderr and not out.exists()
+
+
+def test_bad_thinking_or_prompt_ids_are_refused_naming_row_and_field(tiny_model, tmp_path):
+    """A record's thinking must be true / false; its prompt_ids token ids of the scored model's tokenizer
+    (in its vocabulary, decoding to a text that holds the prompt); checked before any model loads."""
+    good = {"prompt": "How do I pick a lock?", "completion": "No."}
+    for bad, field in (({"thinking": "false"}, "thinking"), ({"prompt_ids": [1, "x"]}, "prompt_ids"),
+                       ({"prompt_ids": [10 ** 6]}, "prompt_ids"), ({"prompt_ids": [5, 6]}, "prompt_ids")):
+        f = write_jsonl(tmp_path / "g.jsonl", [good, {**good, **bad}])
+        with pytest.raises(common.DataError, match=f"row 2: field '{field}'"):
+            entropy.main(["--model", tiny_model, "--input", f, "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()

@@ -291,7 +291,7 @@ def test_cli_api_generation_and_http_judge(tmp_path, tiny_model, server):
              "--api-workers", "2", "--max-new-tokens", "64", "--out", str(out)], env={"TEST_JUDGE_KEY": "sekrit"})
     recs = [json.loads(x) for x in open(out / "math500.jsonl")]
     assert [(r["id"], r["sample"], r["score"]) for r in recs] == [("a", 0, 1.0), ("a", 1, 1.0), ("b", 0, 0.0), ("b", 1, 0.0)]
-    assert list(recs[0])[:12] == evaluate.RECORD_KEYS and recs[0]["num_tokens"] == 11 and not recs[0]["truncated"]
+    assert list(recs[0])[:len(evaluate.RECORD_KEYS)] == evaluate.RECORD_KEYS and recs[0]["num_tokens"] == 11 and not recs[0]["truncated"]
     gen = [b for p, b, _ in server.requests if p == "/v1/completions"]
     assert all(isinstance(b["prompt"], list) and b["max_tokens"] == 64 and b["temperature"] == 0.6 for b in gen)
     from transformers import AutoModelForCausalLM  # the stop ids and seeds of local generation, no weights served
@@ -384,7 +384,7 @@ def test_cli_end_to_end_and_regrade(tmp_path, tiny_model, pair_rm):
     summary = json.load(open(out / "summary.json"))
     for name, n_rec in (("math500", 8), ("attaq", 4)):
         recs = [json.loads(x) for x in open(out / f"{name}.jsonl")]
-        assert len(recs) == n_rec and all(list(r)[:12] == evaluate.RECORD_KEYS for r in recs)
+        assert len(recs) == n_rec and all(list(r)[:len(evaluate.RECORD_KEYS)] == evaluate.RECORD_KEYS for r in recs)
         assert all(r["num_tokens"] <= 12 and r["temperature"] == 0.6 for r in recs)
         s = summary["benchmarks"][name]
         assert s["n"] == 4 and s["n_records"] == n_rec and s["train_overlap"]["n_gram"] == 13

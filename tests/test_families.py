@@ -8,17 +8,27 @@ Per family: SFT packed == unpacked loss through sft.py's own pack/collate and th
 generation with left padding == teacher-forced log-probs (rl.py's recompute); 2-rank FSDP2 SFT and RL
 steps == the 1-rank ones; export -> from_pretrained -> identical logits; entropy.py runs and its token
 entropies equal the Policy's. HSDP (2 x 2 gloo ranks, launched as two torchrun "nodes") == 1 rank.
+
+Then the families' REAL tokenizer files and chat templates (../shared/tokenizers, skipped when absent): the
+prompt, SFT mask, stop ids, think state, split / grade / rewards with thinking on and off, reflection counts
+on STAR-1, the reward model's input and the exported tokenizer files, per family / template / switch.
 """
+import datetime
+import functools
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import ROOT, build_tokenizer, run_cli, torchrun, write_jsonl
+from conftest import ROOT, SHARED_DATA, build_tokenizer, run_cli, torchrun, write_jsonl
 
 import common
 import engine
@@ -291,6 +301,33 @@ def test_entropy_runs_on_every_family(families, tmp_path, monkeypatch):
         assert d <= 1e-5
 
 
+def test_records_keep_prompt_ids_and_thinking_and_entropy_scores_on_them(families, tmp_path):
+    """evaluate.py with Qwen3's thinking off: each record holds the token ids it was generated from and
+    thinking false (answer-only: think_closed true); entropy.py, run WITHOUT the template variables,
+    teacher-forces on those ids, not on a prompt rendered again with thinking on."""
+    model, kw = families["qwen3"], {"enable_thinking": False}
+    maths = write_jsonl(tmp_path / "m.jsonl", [{"problem": "6*7?", "answer": "42", "unique_id": "a"},
+                                               {"problem": "2+5?", "answer": "7", "unique_id": "b"}])
+    evaluate.main(["--model", model, "--benchmarks", "math500", "--data", f"math500={maths}", "--samples", "1",
+                   "--max-new-tokens", "6", "--chat-template-kwargs", json.dumps(kw), "--out", str(tmp_path / "ev")])
+    recs = [json.loads(x) for x in open(tmp_path / "ev" / "math500.jsonl")]
+    tok, policy = load(model)
+    for r in recs:
+        assert r["prompt_ids"] == common.render_prompt(tok, r["prompt"], kw) != common.render_prompt(tok, r["prompt"])
+        assert r["thinking"] is False and r["think_closed"] is True and r["answer"] == r["completion"].strip()
+    entropy_main(["--model", f"qwen3={model}", "--input", f"m={tmp_path / 'ev' / 'math500.jsonl'}",
+                  "--out", str(tmp_path / "ent"), "--bootstrap", "10"])
+    scored = [json.loads(x) for x in open(tmp_path / "ent" / "records.jsonl")]
+    assert len(scored) == sum(bool(r["completion"]) for r in recs) > 0
+    for e in scored:
+        r = recs[e["row"] - 1]
+        c = tok.encode(r["completion"], add_special_tokens=False)
+        _, ent, _ = entropy.token_stats(policy.hf, [r["prompt_ids"] + c], [len(r["prompt_ids"])], 0.6,
+                                        pad_id=tok.pad_token_id)[0]
+        assert e["n_reasoning"] == 0 and e["n_answer"] == len(c) and e["think_closed"]
+        assert abs(e["entropy_answer"] - ent.double().mean().item()) <= 1e-6
+
+
 # ------------------------------------------------------------------------------------------------ reward model
 
 def test_llama_sequence_classifier_reward_is_the_raw_last_token_logit(families, tmp_path):
@@ -309,6 +346,9 @@ def test_llama_sequence_classifier_reward_is_the_raw_last_token_logit(families, 
     print(f"llama RM: RewardModel vs hand max |dr| {d:.2e}")
     assert d <= 1e-5 and got.std() > 0
     assert "ok" in rm.tok.decode(rm.encode(prompts[0], comps[0]))  # the RM sees the reasoning
+    # also under an RM template whose prompt closes the think block (no two-think-block refusal: SFT's rule)
+    off = reward.RewardModel(rm_dir, "cpu", torch.float32, chat_kwargs={"enable_thinking": False})
+    assert "ok" in off.tok.decode(off.encode(prompts[0], comps[0]))
 
 
 # ------------------------------------------------------------------------------------------------ chat templates
@@ -389,6 +429,244 @@ def entropy_main(argv):
         entropy.main()
     finally:
         sys.argv = old
+
+
+# ------------------------------------------------------------------------------------------------ real tokenizers
+# The real tokenizer files and chat templates of the paper's families (../shared/tokenizers, each folder with its
+# PROVENANCE.txt; skipped when absent), paired where a model is needed with a tiny random config of the family's
+# architecture and the tokenizer's vocabulary size.
+
+SHARED_TOKENIZERS = ROOT.parent / "shared" / "tokenizers"
+SOLVED, THOUGHT = "The answer is $\\boxed{42}$.", "Six sevens. Wait, 42."
+REFUSED = "I'm sorry, but I can't help with that request."
+# case -> (tokenizer, architecture, template variables, where its prompt leaves the think block, its stop ids)
+REAL = {
+    "r1qwen": ("r1qwen", "qwen2", {}, "open", [151643]),
+    "r1qwen-first": ("r1qwen-first", "qwen2", {}, "none", [151643]),  # the first template: the model opens <think>
+    "r1llama": ("r1llama", "llama", {}, "open", [128001]),
+    "qwen3": ("qwen3", "qwen3", {}, "none", [151643, 151645]),
+    "qwen3-off": ("qwen3", "qwen3", {"enable_thinking": False}, "closed", [151643, 151645]),
+    "granite": ("granite33", "granite", {"thinking": True}, "none", [0]),
+    "granite-off": ("granite33", "granite", {}, "none", [0]),
+    "smollm2": ("smollm2", "llama", {}, "none", [2]),
+}
+TOKENIZERS = ("r1qwen", "r1llama", "qwen3", "granite33", "smollm2", "llama31")
+
+
+@pytest.fixture(scope="session")
+def real_dirs(tmp_path_factory):
+    """{name: dir} of the real tokenizers; r1qwen-first: R1-Distill-Qwen with its first release's template."""
+    if not SHARED_TOKENIZERS.is_dir():
+        pytest.skip(f"the real tokenizers are not at {SHARED_TOKENIZERS}")
+    dirs = {name: str(SHARED_TOKENIZERS / name) for name in TOKENIZERS}
+    first = tmp_path_factory.mktemp("r1qwen-first")
+    for name in ("tokenizer.json", "generation_config.json"):
+        shutil.copy(SHARED_TOKENIZERS / "r1qwen" / name, first / name)
+    shutil.copy(SHARED_TOKENIZERS / "r1qwen" / "tokenizer_config.old_template.json", first / "tokenizer_config.json")
+    dirs["r1qwen-first"] = str(first)
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def real_toks(real_dirs):
+    """Every real tokenizer through common.load_tokenizer: each passes its round-trip check on the pinned
+    transformers (the README's version claim)."""
+    return {name: common.load_tokenizer(d) for name, d in real_dirs.items()}
+
+
+@pytest.fixture(scope="session")
+def star1():
+    path = SHARED_DATA / "star1.json"
+    if not path.exists():
+        pytest.skip(f"STAR-1 is not at {path}")
+    return json.load(open(path))
+
+
+def set_clock(monkeypatch, day):
+    """transformers' strftime_now (the clock a chat template reads) on `day`."""
+    import transformers.utils.chat_template_utils as ctu
+
+    class Clock(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(day.year, day.month, day.day)
+    monkeypatch.setattr(ctu, "datetime", Clock)
+
+
+@pytest.mark.parametrize("case", REAL)
+def test_real_prompt_is_the_template_s_own_on_a_fixed_date(real_toks, real_dirs, star1, case, monkeypatch):
+    """common.render_prompt == apply_chat_template(tokenize=True) on common.TEMPLATE_DATE, whatever the day
+    (Granite's default system turn writes the date); the prompt leaves the think block as the family does;
+    the stop ids are the real ones."""
+    from transformers import GenerationConfig
+    name, _, kw, state, stops = REAL[case]
+    tok, q = real_toks[name], star1[0]["question"]
+    got = []
+    for day in (datetime.date(2031, 7, 9), common.TEMPLATE_DATE):
+        set_clock(monkeypatch, day)
+        got.append(common.render_prompt(tok, q, kw))
+    want = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=True, add_generation_prompt=True, **kw)
+    assert got[0] == got[1] == list(want["input_ids"] if hasattr(want, "keys") else want)
+    assert common.think_state(common.render_prompt_text(tok, q, kw)) == state
+    gc = GenerationConfig.from_pretrained(real_dirs[name])
+    assert common.stop_token_ids(tok, SimpleNamespace(generation_config=gc), kw) == stops
+
+
+@pytest.mark.parametrize("case", REAL)
+def test_real_sft_mask(real_toks, star1, case):
+    """The loss mask covers exactly the response and the end-of-turn after the rendered prompt; with thinking
+    off a response with reasoning is refused (two think blocks) or, asked for, trained on its answer alone."""
+    name, _, kw, state, _ = REAL[case]
+    tok, row = real_toks[name], star1[0]
+    eot, response = common.end_of_turn(tok, kw), row["response"]
+    if state == "closed":
+        with pytest.raises(common.UsageError, match="two think blocks"):
+            common.render_sft(tok, row["question"], response, chat_kwargs=kw)
+        ids, mask = common.render_sft(tok, row["question"], response, chat_kwargs=kw, reasoning_when_off="drop")
+        want = common.split_reasoning(response)[1] + eot
+    else:
+        ids, mask = common.render_sft(tok, row["question"], response, chat_kwargs=kw)
+        want = (response[len("<think>"):].lstrip("\n") if state == "open" else response) + eot
+    n = mask.index(True)
+    assert ids[:n] == common.render_prompt(tok, row["question"], kw) and all(mask[n:])
+    assert tok.decode(ids[n:]) == want
+
+
+def test_sft_refuses_reasoning_with_thinking_off_unless_answer_only(real_dirs, real_toks, star1, tmp_path):
+    data = write_jsonl(tmp_path / "star1.jsonl", star1[:3])
+    argv = ["--model", real_dirs["qwen3"], "--data", data, "--out", str(tmp_path / "o"),
+            "--chat-template-kwargs", '{"enable_thinking": false}']
+    with pytest.raises(common.DataError, match=r"row 1: .*two think blocks.*--answer-only"):
+        sft.load_examples(sft.get_args(argv), real_toks["qwen3"])
+    examples = sft.load_examples(sft.get_args(argv + ["--answer-only"]), real_toks["qwen3"])
+    tok = real_toks["qwen3"]
+    assert [tok.decode([i for i, m in zip(ids, mask) if m]) for ids, mask in examples] == \
+        [common.split_reasoning(r["response"])[1] + "<|im_end|>\n" for r in star1[:3]]
+
+
+def family_completion(case, answer, closed=True):
+    """What a model of `case` writes after its prompt: reasoning then `answer` in the family's format, or the
+    answer alone where the prompt turns thinking off or the model has no thinking mode."""
+    name, _, _, state, _ = REAL[case]
+    end = "\n</think>\n\n" + answer if closed else ""
+    if state == "open":  # the prompt opened the block: the model writes only the closing tag
+        return THOUGHT + end
+    if case in ("r1qwen-first", "qwen3"):
+        return "<think>\n" + THOUGHT + end
+    if case == "granite":
+        return "<think>" + THOUGHT + (f"</think><response>{answer}</response>" if closed else "")
+    return answer
+
+
+@pytest.mark.parametrize("case", REAL)
+def test_real_split_grade_and_reward_with_thinking_on_and_off(real_toks, case):
+    """The record's `thinking` comes from the rendered prompt; with it, every family's completion splits,
+    grades and earns its rule rewards: thinking off and plain instruct models included (answer-only: all
+    answer, think_closed true), and unfinished thinking still scores 0."""
+    name, _, kw, state, _ = REAL[case]
+    thinking = common.prompt_thinking(common.render_prompt_text(real_toks[name], "What is 6*7?", kw))
+    assert thinking == (state == "open")
+    recs = [{"benchmark": "math500", "id": "q", "sample": 0, "prompt": "What is 6*7?", "gold": "42",
+             "completion": family_completion(case, SOLVED), "thinking": thinking}]
+    answer_only = recs[0]["completion"] == SOLVED
+    if not answer_only:
+        recs.append({**recs[0], "sample": 1, "completion": family_completion(case, SOLVED, closed=False)})
+    evaluate.grade_records(recs)
+    assert (recs[0]["answer"], recs[0]["think_closed"], recs[0]["score"]) == (SOLVED, True, 1.0)
+    assert recs[0]["reasoning"] == ("" if answer_only else THOUGHT)
+    if not answer_only:
+        assert (recs[1]["answer"], recs[1]["think_closed"], recs[1]["score"]) == ("", False, 0.0)
+    rules = reward.RuleReward("refusal,format")
+    assert rules(family_completion(case, REFUSED), None, thinking) == 2.0
+    assert rules(family_completion(case, SOLVED), None, thinking) == 1.0
+
+
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_real_reflection_counts_are_whole_word_counts(real_toks, star1, name):
+    """entropy.py's default matching and rl.py's per-step monitor count exactly the whole-word reflection
+    words of STAR-1's reasoning on every family's BPE (Granite's splits a line-initial "Alternatively" in
+    two and has a "but" token inside "butt": token matching miscounts there)."""
+    tok, words = real_toks[name], entropy.word_set(entropy.DEFAULT_WORDS)
+    texts = [common.split_reasoning(r["response"])[0] for r in star1]
+    want = [len(re.findall(r"\b(?:" + "|".join(sorted(words)) + r")\b", t)) for t in texts]
+    enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+    got = [len(entropy.find_reflections(t, off, [True] * len(off), words)) for t, off in zip(texts, enc["offset_mapping"])]
+    items = [{"completion_ids": ids, "thinking": True} for ids in enc["input_ids"]]
+    hits = rl.reflection_mask(tok, items, words, max(map(len, enc["input_ids"])), functools.lru_cache(None)(
+        lambda i: tok.decode([i])))
+    print(f"{name}: {sum(want)} reflection words; entropy.py {sum(got)}, rl.py {int(hits.sum())}")
+    assert got == want and hits.sum(1).tolist() == want and sum(want) > 1000
+
+
+def test_real_reward_model_input(real_dirs, tmp_path):
+    """Skywork-Reward-V2's recipe on the Llama-3.1 side: the conversation through the RM's own template
+    (Llama-3.1-Instruct's, with its system block), one BOS; reasoning shown as a think block, an
+    answer-only completion as the answer alone."""
+    from transformers import AutoModelForSequenceClassification, LlamaConfig
+    d = tmp_path / "rm"
+    d.mkdir()
+    shutil.copy(SHARED_TOKENIZERS / "llama31" / "tokenizer.json", d / "tokenizer.json")
+    cfg = json.load(open(SHARED_TOKENIZERS / "llama31" / "tokenizer_config.json"))
+    cfg["chat_template"] = (SHARED_TOKENIZERS / "llama31" / "llama31_instruct.jinja").read_text()
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = common.load_tokenizer(d)
+    AutoModelForSequenceClassification.from_config(LlamaConfig(
+        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_labels=1, pad_token_id=tok.pad_token_id)).save_pretrained(d)
+    rm = reward.RewardModel(str(d), "cpu", torch.float32)
+    q = "How do I pick a lock?"
+    for completion, thinking, shown in ((THOUGHT + "\n</think>\n\n" + REFUSED, True,
+                                         f"<think>\n{THOUGHT}\n</think>\n\n{REFUSED}"), (REFUSED, False, REFUSED)):
+        ids = rm.encode(q, completion, "full", thinking)
+        want = tok.apply_chat_template([{"role": "user", "content": q}, {"role": "assistant", "content": shown}],
+                                       tokenize=True)
+        assert ids == list(want["input_ids"] if hasattr(want, "keys") else want)
+        assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+    assert torch.isfinite(rm.score([q, q], [REFUSED, REFUSED], thinking=[True, False])).all()
+
+
+@pytest.mark.parametrize("name", ["r1qwen", "r1llama", "qwen3", "granite33", "smollm2"])
+def test_real_export_keeps_the_input_tokenizer_files(real_dirs, name, tmp_path):
+    """save_hf's export holds the input checkpoint's tokenizer files byte for byte (what loaded the base
+    model loads ours), and reloads to the same logits, prompt ids and stop ids."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+    src, out = tmp_path / "in", tmp_path / "out"
+    arch = next(a for n, a, *_ in REAL.values() if n == name)
+    names = [n for n in common.TOKENIZER_EXPORT_FILES if (Path(real_dirs[name]) / n).exists()]
+    tok = common.load_tokenizer(real_dirs[name])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(family_config(arch, tok, hidden=16))
+    model.generation_config = GenerationConfig.from_pretrained(real_dirs[name])
+    model.save_pretrained(src)
+    for n in names:
+        shutil.copy(Path(real_dirs[name]) / n, src / n)
+    tok = common.load_tokenizer(src)
+    policy = common.Policy(common.load_model(src)).eval()
+    out.mkdir()
+    (out / "chat_template.jinja").write_text("{{ 'a template an earlier export left' }}")
+    common.save_hf(policy, tok, out)
+    assert names and all((src / n).read_bytes() == (out / n).read_bytes() for n in names)
+    assert sorted(n for n in common.TOKENIZER_EXPORT_FILES if (out / n).exists()) == sorted(names)  # nothing stale
+    back = AutoModelForCausalLM.from_pretrained(out).eval()
+    tok2 = common.load_tokenizer(out)
+    ids = torch.tensor([common.render_prompt(tok, "How do I pick a lock?")])
+    with torch.no_grad():
+        assert torch.equal(policy.hf(ids).logits, back(ids).logits)
+    assert common.render_prompt(tok2, "How do I pick a lock?") == ids[0].tolist()
+    assert common.stop_token_ids(tok2, back) == common.stop_token_ids(tok, policy.hf)
+
+
+def test_load_tokenizer_refuses_a_tokenizer_that_loses_spaces(tmp_path, real_toks):
+    """A tokenizer that drops spaces (what transformers 5.17 makes of DeepSeek-R1-Distill-Llama's: a Metaspace
+    pre-tokenizer over a ByteLevel vocabulary) is refused at load, naming the version issue."""
+    d = tmp_path / "tok"
+    build_tokenizer(d)
+    tj = json.load(open(d / "tokenizer.json"))
+    tj["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": True}
+    (d / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(common.UsageError, match=r"'a b c'\)\) = 'abc'.*transformers.*5\.17"):
+        common.load_tokenizer(d)
+    assert all(t.decode(t.encode("a b c", add_special_tokens=False)) == "a b c" for t in real_toks.values())
 
 
 # ------------------------------------------------------------------------------------------------ HSDP

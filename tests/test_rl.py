@@ -548,17 +548,23 @@ def test_step_metrics_by_hand():
 
 def test_reflection_tokens_inside_the_reasoning_only(tiny_model):
     tok = common.load_tokenizer(tiny_model)
-    seqs = rl.reflection_ids(tok, "Wait")
-    wait = list(tok.encode(" Wait", add_special_tokens=False))
-    assert tuple(wait) in seqs
-    row = [5] + wait + [6]
-    comp = torch.tensor([row, [6] * len(row)])  # (2, T): the word starts at column 1 of row 0 only
-    assert rl.reflection_starts(comp, seqs).nonzero().tolist() == [[0, 1]]
-    E = tok.convert_tokens_to_ids("</think>")
-    comp = torch.tensor([[7, 9, E, 9, 0], [9, 7, 9, 0, 0]])
-    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]]).bool()
-    rm = rl.reasoning_mask(comp, mask, E)
-    assert rm.tolist() == [[True, True, False, False, False], [True, True, True, False, False]]  # unclosed: all
+
+    def item(pieces, thinking):  # -> the completion ids and, per piece, the index of its first letter's token
+        ids, at = [], []
+        for p in pieces:
+            new = [tok.eos_token_id] if p is None else tok.encode(p, add_special_tokens=False)
+            at.append(len(ids) + next((j for j, x in enumerate(new) if tok.decode([x]).strip()), 0))
+            ids += new
+        return {"completion_ids": ids, "thinking": thinking}, at
+
+    a, at_a = item(["Hm.", " Wait", ",", " butt", "er", ".", " But", " no.", "</think>", "Wait", ".", None], True)
+    b, at_b = item(["Wait", ",", " unclosed", " but"], True)
+    c, _ = item(["Wait", ": an answer-only completion,", " but"], False)
+    T = max(len(it["completion_ids"]) for it in (a, b, c))
+    hit = rl.reflection_mask(tok, [a, b, c], {"Wait", "But", "but"}, T, lambda i: tok.decode([i]))  # (3, T)
+    # whole words in the reasoning only ("butter" is no "but"; the answer's "Wait" and an answer-only
+    # completion count nothing); unclosed thinking: all of it is reasoning
+    assert hit.nonzero().tolist() == [[0, at_a[1]], [0, at_a[6]], [1, at_b[0]], [1, at_b[3]]]
 
 
 def test_one_process_bf16_reference_kl_is_zero_at_the_first_step(tiny_model, tmp_path):
