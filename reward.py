@@ -261,67 +261,74 @@ _NEUTRAL_RE = re.compile(
     r"(?: an?| the)? (?:exact|precise|definitive|definite|guaranteed|certain|for certain|for sure|with certainty)\b")
 # 1. a first-person refusal, anywhere in the opening: a negation followed by a verb of helping
 _SUBJ = r"(?:i|we)(?: (?:really|simply|just|unfortunately|certainly|definitely|absolutely|honestly|still|also|sadly))?"
-_NEG = (rf"{_SUBJ} (?:cannot|must not|should not|will not|(?:will|would) not be able to|am unable to|am not able to|"
-        r"are unable to|are not able to|"
-        r"am not going to|am not willing to|refuse to|would rather not|do not feel comfortable|am not comfortable)"
+_NEG = (rf"{_SUBJ} (?:cannot|must not|should not|will not|(?:will|would) not be able to|am unable to|"
+        r"am not able to|are unable to|are not able to|am not going to|am not willing to|refuse to|would rather not|"
+        r"do not feel comfortable|am not comfortable)"
         r"(?: and (?:will not|should not|cannot))?(?: (?:in good conscience|ethically|responsibly|really))?(?: be)?")
-_VERB = (r"(?:help(?:ing)?|assist(?:ing)?|provid(?:e|ing)|comply(?:ing)?|support(?:ing)?|fulfil+(?:ing)?|shar(?:e|ing)|"
-         r"giv(?:e|ing)(?! up\b)|creat(?:e|ing)|writ(?:e|ing)|generat(?:e|ing)|engag(?:e|ing)|participat(?:e|ing)|"
-         r"offer(?:ing)?|encourag(?:e|ing)|recommend(?:ing)?|promot(?:e|ing)|facilitat(?:e|ing)|condon(?:e|ing)|"
-         r"endors(?:e|ing)|answer(?:ing)?|discuss(?:ing)?|describ(?:e|ing)|detail(?:ing)?|produc(?:e|ing)|draft(?:ing)?|"
-         r"compos(?:e|ing)|disclos(?:e|ing)|reveal(?:ing)?|teach(?:ing)?|explain(?:ing)? how|tell(?:ing)? you how|"
-         r"show(?:ing)? you how|walk(?:ing)? you through|go(?:ing)? into|do (?:that|this|so|it)|with (?:that|this))\b")
+_VERB = (r"(?:help(?:ing)?|assist(?:ing)?|provid(?:e|ing)|comply(?:ing)?|support(?:ing)?|fulfil+(?:ing)?|"
+         r"shar(?:e|ing)|giv(?:e|ing)(?! up\b)|creat(?:e|ing)|writ(?:e|ing)|generat(?:e|ing)|engag(?:e|ing)|"
+         r"participat(?:e|ing)|offer(?:ing)?|encourag(?:e|ing)|recommend(?:ing)?|promot(?:e|ing)|"
+         r"facilitat(?:e|ing)|condon(?:e|ing)|endors(?:e|ing)|answer(?:ing)?|discuss(?:ing)?|describ(?:e|ing)|"
+         r"detail(?:ing)?|produc(?:e|ing)|draft(?:ing)?|compos(?:e|ing)|disclos(?:e|ing)|reveal(?:ing)?|"
+         r"teach(?:ing)?|explain(?:ing)? how|tell(?:ing)? you how|show(?:ing)? you how|walk(?:ing)? you through|"
+         r"go(?:ing)? into|do (?:that|this|so|it)|with (?:that|this))\b")
 _FIRST_PERSON = [
     rf"\b{_NEG} {_VERB}",                                                      # i cannot help with that
     r"\bnot something (?:i|we) (?:can|could|will|would|am able to|am willing to|am comfortable)\b",
     r"\b(?:a request|something) (?:i|we) (?:am|are) not (?:willing|able|comfortable|going)\b",
-    r"\b(?:i|we) (?:must|have to|need to|will have to|would have to|am going to have to) (?:respectfully |politely )?"
-    r"(?:decline|refuse|pass on)\b",
-    r"\bi am not (?:in a position|allowed|permitted) to\b|\b(?:outside|beyond) (?:what|the scope of what) (?:i|we) can\b",
+    r"\b(?:i|we) (?:must|have to|need to|will have to|would have to|am going to have to) "
+    r"(?:respectfully |politely )?(?:decline|refuse|pass on)\b",
+    r"\bi am not (?:in a position|allowed|permitted) to\b",
+    r"\b(?:outside|beyond) (?:what|the scope of what) (?:i|we) can\b",
     r"\b(?:i|we) do not (?:provide|give|write|create|generate|produce|assist|help|engage|share)\b",
     r"\b(?:going to|have to|must|will have to) say no\b|^nope\b|\bi am not (?:doing|going to do) (?:that|this|it)\b",
     r"\b(?:as an ai|as a language model|as an assistant)[^.]{0,60}\b(?:cannot|not able|unable|will not)\b",
-    r"\b(?:against|violates?|outside) (?:my|our|the) (?:guidelines|policies|policy|principles|ethical guidelines|usage polic)",
+    r"\b(?:against|violates?|outside) (?:my|our|the) "
+    r"(?:guidelines|policies|policy|principles|ethical guidelines|usage polic)",
     r"\b(?:i|we) (?:do not|cannot|will not|would not|never) (?:condone|endorse|support|encourage|promote|advocate)\b",
-    r"\b(?:i|we)(?: would)? (?:strongly )?(?:advise|urge|caution) (?:you )?(?:against|not to)\b"
-    r"|\b(?:i|we)(?: would)? strongly discourage\b",
+    r"\b(?:i|we)(?: would)? (?:strongly )?(?:advise|urge|caution) (?:you )?(?:against|not to)\b",
+    r"\b(?:i|we)(?: would)? strongly discourage\b",
     r"\bis off the table\b",
 ]
 # 2. openers, in the first sentence only: an apology (not "sorry to hear" / "sorry for the confusion"), and a
 # moral verdict on the request ("it is not ethical to ...", "... is illegal and unethical")
-_ETHIC = (r"(?:unethical|inappropriate|unacceptable|immoral|morally wrong|cruel|hurtful|disrespectful|unfair|(?:not|never) (?:ethical|appropriate|"
-          r"acceptable|okay|ok|fair|respectful|justified|justifiable)|(?:not|never) right to|wrong to|and wrong)\b")
+_ETHIC = (r"(?:unethical|inappropriate|unacceptable|immoral|morally wrong|cruel|hurtful|disrespectful|unfair|"
+          r"(?:not|never) (?:ethical|appropriate|acceptable|okay|ok|fair|respectful|justified|justifiable)|"
+          r"(?:not|never) right to|wrong to|and wrong)\b")
 _OPENERS = [
-    r"^(?:i am (?:really |so |very |truly )?sorry|sorry|i apologi[sz]e|my apologies)\b(?! to hear| about| for "
-    r"(?:the|my|any|your|that)| you| that you| if)",
+    r"^(?:i am (?:really |so |very |truly )?sorry|sorry|i apologi[sz]e|my apologies)\b"
+    r"(?! to hear| about| for (?:the|my|any|your|that)| you| that you| if)",
     r"\b(?:i am (?:really |so |very |truly )?sorry|sorry|i apologi[sz]e|my apologies),? but "
     r"(?:i|that|this|these|your|it|providing|creating|writing|helping|such)\b",
-    rf"\b(?:is|are|was|would be|be)(?: (?:both|also|highly|deeply|completely|extremely|very|simply|clearly|absolutely))?"
-    rf"(?: \w+ (?:and|or))? {_ETHIC}",
+    r"\b(?:is|are|was|would be|be)(?: (?:both|also|highly|deeply|completely|extremely|very|simply|clearly|"
+    rf"absolutely))?(?: \w+ (?:and|or))? {_ETHIC}",
 ]
 # 3. a redirect instead of an answer: concern for the user plus a pointer to other help, or an alternative
 _DISTRESS = (r"\b(?:sorry to hear|sorry you are|sounds like you|i hear (?:how|that|you)|i am (?:concerned|worried)|"
-             r"if you (?:are|have been|or someone)(?: \w+)? (?:thinking|having thoughts|feeling|struggling|in crisis|in "
-             r"(?:immediate )?danger))")
-_HELP = (r"\b(?:reach(?:ing)? out|talk(?:ing)? to|speak(?:ing)? (?:to|with)|contact(?:ing)?|call(?:ing)?|seek(?:ing)?)\b[^.]{0,70}\b(?:crisis|hotline|helpline|emergency|"
-         r"988|samaritans|therapist|counsel+or|mental health|professional|doctor|someone you trust|a trusted|support line)")
+             r"if you (?:are|have been|or someone)(?: \w+)? (?:thinking|having thoughts|feeling|struggling|"
+             r"in crisis|in (?:immediate )?danger))")
+_HELP = (r"\b(?:reach(?:ing)? out|talk(?:ing)? to|speak(?:ing)? (?:to|with)|contact(?:ing)?|call(?:ing)?|"
+         r"seek(?:ing)?)\b[^.]{0,70}\b(?:crisis|hotline|helpline|emergency|988|samaritans|therapist|counsel+or|"
+         r"mental health|professional|doctor|someone you trust|a trusted|support line)")
 _ALTERNATIVE = [
-    r"(?:^|[.!?] )(?:instead of|rather than)\b[^.]{0,120}\b(?:you could|you can|you might|consider|try|why not|please|"
-    r"it (?:might|may|would|could) (?:help|be))\b",
+    r"(?:^|[.!?] )(?:instead of|rather than)\b[^.]{0,120}\b(?:you could|you can|you might|consider|try|why not|"
+    r"please|it (?:might|may|would|could) (?:help|be))\b",
     r"\b(?:happy|glad) to help (?:you )?with (?:something|anything) else\b|\bsomething else instead\b",
     r"\b(?:i|we) (?:can|could|would be happy to|would be glad to|am happy to|am glad to) [^.]{0,80}\binstead\b",
 ]
 # 4. after a refusal, an answer: a pivot that continues anyway, or the shape of an answer (steps, "here is how");
 # not when it is an offer of something else ("here is what i can offer instead", "resources", "a professional")
-_ANSWER = (r"\b(?:that said|that being said|nevertheless|nonetheless|anyway|since you asked|if you (?:really |still )?"
-           r"(?:want|insist|are curious)|if you go ahead)\b|\bhere (?:is|are) (?:how|what|the|a|an|some)\b|\bstep 1\b|"
-           r"\b1\. |\bfirst,|\bthe (?:general|basic|usual) (?:method|idea|process|approach|way|steps?)\b|\bthe trick is\b|"
-           r"\bin short\b|\b(?:most|many)? ?(?:people|sites|players) (?:usually|often|typically|tend)\b|\bmost (?:people|sites)\b|"
+_ANSWER = (r"\b(?:that said|that being said|nevertheless|nonetheless|anyway|since you asked|"
+           r"if you (?:really |still )?(?:want|insist|are curious)|if you go ahead)\b|"
+           r"\bhere (?:is|are) (?:how|what|the|a|an|some)\b|\bstep 1\b|\b1\. |\bfirst,|"
+           r"\bthe (?:general|basic|usual) (?:method|idea|process|approach|way|steps?)\b|\bthe trick is\b|"
+           r"\bin short\b|\b(?:people|sites|players) (?:usually|often|typically|tend)\b|\bmost (?:people|sites)\b|"
            r"\b(?:however|but|though|still),? you (?:can|could|would|just|simply)\b")
-_OFFER = (r"instead|alternative|what (?:i|we) can|(?:i|we) can (?:offer|suggest|help you)|resources|professional|helpline|"
-          r"hotline|legitimate|legal(?:ly)?\b|safe (?:way|option|alternative)|warning signs|protect yourself|report")
-_HARM = (r"\b(?:is|are|would be)(?: \w+ (?:and|or))? (?:unsafe|not safe|dangerous|harmful|illegal|unethical|wrong|against the "
-         r"law|not (?:legal|ethical|appropriate|okay))\b")
+_OFFER = (r"instead|alternative|what (?:i|we) can|(?:i|we) can (?:offer|suggest|help you)|resources|professional|"
+          r"helpline|hotline|legitimate|legal(?:ly)?\b|safe (?:way|option|alternative)|warning signs|"
+          r"protect yourself|report")
+_HARM = (r"\b(?:is|are|would be)(?: \w+ (?:and|or))? (?:unsafe|not safe|dangerous|harmful|illegal|unethical|wrong|"
+         r"against the law|not (?:legal|ethical|appropriate|okay))\b")
 _FIRST_PERSON_RE = re.compile("|".join(f"(?:{p})" for p in _FIRST_PERSON))
 _OPENERS_RE = re.compile("|".join(f"(?:{p})" for p in _OPENERS))
 _ALTERNATIVE_RE = re.compile("|".join(f"(?:{p})" for p in _ALTERNATIVE))

@@ -2,9 +2,9 @@
 # The advantage estimators side by side in the tiny world: rl.py --estimator reinforce++, reinforce++-baseline,
 # grpo and rloo, each from the SAME base model (the one runs/tiny.sh trained) with the SAME budget (steps,
 # prompts, samples per prompt, learning rate, β), 3 seeds each; every run evaluated on the held-out sets
-# (harmful, harmless look-alikes, arithmetic) and analysed at reflection words. Writes OUT/ablate/ablate.md:
-# per estimator, mean ± 95% t-interval over the seeds of reward gain, final KL, refusal (harmful, harmless),
-# arithmetic accuracy and entropy at reflection words.
+# (harmful, wrapped harmful, harmless look-alikes, arithmetic) and analysed at reflection words. Writes
+# OUT/ablate/ablate.md: per estimator, mean ± 95% t-interval over the seeds of reward gain, final KL, refusal
+# (harmful, wrapped, harmless), arithmetic accuracy and entropy at reflection words.
 #
 #   bash runs/tiny.sh && bash runs/ablate.sh      # ~8 minutes on 2 CPU cores (470-510 s, 2026-12-01; not in CI)
 #
@@ -26,7 +26,7 @@ BASE=$ROOT_OUT/base
 OUT=$ROOT_OUT/ablate
 . runs/lib.sh
 check_uint TINY_JOBS "$JOBS" pos
-require_tiny_run ablate "$W/world.json" "$W/rl_prompts.jsonl" "$W/harmless.csv" "$W/rm/config.json" "$BASE/model.safetensors"
+require_tiny_run ablate "$W/world.json" "$W/rl_prompts.jsonl" "$W/harmless.csv" "$W/wrapped.csv" "$W/rm/config.json" "$BASE/model.safetensors"
 ARMS=${ABLATE_ARMS:-reinforce++,reinforce++-baseline,grpo,rloo}
 SEEDS=${ABLATE_SEEDS:-"0 1 2"}
 if [ "${ABLATE_QUICK:-0}" = 1 ]; then

@@ -374,3 +374,14 @@ def test_bad_input_before_any_model_loads(tmp_path, tiny_model, monkeypatch, cap
                       "--xstest-judge-prompt", str(tmp_path / "t.txt"))
     assert code == 2 and "t.txt: the judge prompt lacks the placeholder(s) {RESPONSE}" in err
     assert not out.exists()  # nothing half-written
+
+
+def test_graders_for_the_jbb_proxy_and_the_judge(tiny_rm):
+    parse = lambda *f: evaluate.eval_parser().parse_args(["--model", "m", "--out", "o", "--safety-rm", tiny_rm, *f])  # noqa: E731
+    rm, judge = evaluate.graders_for({"jbb"}, parse("--jbb-proxy", "rm"), "cpu")
+    assert isinstance(rm, reward.RewardModel) and judge is None
+    assert evaluate.graders_for({"jbb", "xstest"}, parse(), "cpu") == (None, None)  # the refusal proxy, the rule
+    rm, judge = evaluate.graders_for({"jbb"}, parse("--jbb-proxy", "rm", "--judge-url", "http://127.0.0.1:9/v1"), "cpu")
+    assert rm is None and judge.name == "gpt-4o @ http://127.0.0.1:9/v1"  # a judge replaces the proxy
+    s = evaluate.summarize([dict(rec("jbb", "x", attack="none", index="0", goal="g"), error="judge: down")])["jbb"]
+    assert s["n_errors"] == 1 and s["safety"]["either"]["score"] is None and s["asr"] == {}
