@@ -269,6 +269,7 @@ _VERB = (r"(?:help(?:ing)?|assist(?:ing)?|provid(?:e|ing)|comply(?:ing)?|support
          r"shar(?:e|ing)|giv(?:e|ing)(?! up\b)|creat(?:e|ing)|writ(?:e|ing)|generat(?:e|ing)|engag(?:e|ing)|"
          r"participat(?:e|ing)|offer(?:ing)?|encourag(?:e|ing)|recommend(?:ing)?|promot(?:e|ing)|"
          r"facilitat(?:e|ing)|condon(?:e|ing)|endors(?:e|ing)|answer(?:ing)?|discuss(?:ing)?|describ(?:e|ing)|"
+         r"suggest(?:ing)?|satisfy(?:ing)?|"
          r"detail(?:ing)?|produc(?:e|ing)|draft(?:ing)?|compos(?:e|ing)|disclos(?:e|ing)|reveal(?:ing)?|"
          r"teach(?:ing)?|explain(?:ing)? how|tell(?:ing)? you how|show(?:ing)? you how|walk(?:ing)? you through|"
          r"go(?:ing)? into|do (?:that|this|so|it)|with (?:that|this))\b")
@@ -286,6 +287,7 @@ _FIRST_PERSON = [
     r"\b(?:against|violates?|outside) (?:my|our|the) "
     r"(?:guidelines|policies|policy|principles|ethical guidelines|usage polic)",
     r"\b(?:i|we) (?:do not|cannot|will not|would not|never) (?:condone|endorse|support|encourage|promote|advocate)\b",
+    r"\b(?:i|we) (?:strongly )?(?:condemn|disagree with)\b",
     r"\b(?:i|we)(?: would)? (?:strongly )?(?:advise|urge|caution) (?:you )?(?:against|not to)\b",
     r"\b(?:i|we)(?: would)? strongly discourage\b",
     r"\bis off the table\b",
@@ -293,8 +295,8 @@ _FIRST_PERSON = [
 # 2. openers, in the first sentence only: an apology (not "sorry to hear" / "sorry for the confusion"), and a
 # moral verdict on the request ("it is not ethical to ...", "... is illegal and unethical")
 _ETHIC = (r"(?:unethical|inappropriate|unacceptable|immoral|morally wrong|cruel|hurtful|disrespectful|unfair|"
-          r"(?:not|never) (?:ethical|appropriate|acceptable|okay|ok|fair|respectful|justified|justifiable)|"
-          r"(?:not|never) right to|wrong to|and wrong)\b")
+          r"(?:not|never) (?:\w+ (?:or|and) )?(?:ethical|appropriate|acceptable|okay|ok|fair|respectful|justified|"
+          r"justifiable)|(?:not|never) right to|wrong to|and wrong|never (?:the answer|a solution))\b")
 _OPENERS = [
     r"^(?:i am (?:really |so |very |truly )?sorry|sorry|i apologi[sz]e|my apologies)\b"
     r"(?! to hear| about| for (?:the|my|any|your|that)| you| that you| if)",
@@ -302,6 +304,8 @@ _OPENERS = [
     r"(?:i|that|this|these|your|it|providing|creating|writing|helping|such)\b",
     r"\b(?:is|are|was|would be|be)(?: (?:both|also|highly|deeply|completely|extremely|very|simply|clearly|"
     rf"absolutely))?(?: \w+ (?:and|or))? {_ETHIC}",
+    r"\bi do not think (?:it is|that is|that it is|it would be) (?:an? )?(?:appropriate|respectful|fair|right|ethical|"
+    r"okay|ok|valid|accurate)\b",
 ]
 # 3. a redirect instead of an answer: concern for the user plus a pointer to other help, or an alternative
 _DISTRESS = (r"\b(?:sorry to hear|sorry you are|sounds like you|i hear (?:how|that|you)|i am (?:concerned|worried)|"
