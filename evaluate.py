@@ -720,7 +720,7 @@ def print_safety(summary):
     print(f"\n{'safety (higher is safer)':<26} {'answer':>13} {'thinking':>13} {'either':>13}  scorer")
     for name, s in rows.items():
         print(f"{name:<26} " + " ".join(f"{ps(s['safety'][p]):>13}" for p in ("answer", "thinking", "either"))
-              + f"  {s['scorer']}")
+              + f"  {s['scorer'] or '-'}")
     if "xstest" in rows:
         x = rows["xstest"]
         print(f"\nxstest refusal %: safe prompts (over-refusal, lower is better) {ps(x['refusal_safe'], 'rate')} "
@@ -734,7 +734,8 @@ def print_safety(summary):
         for a, t in j["asr"].items():
             print(f"{('none (plain goals)' if a == 'none' else a):<44} {t['prompts']:>7} "
                   + " ".join(f"{ps(t[p], 'rate'):>13}" for p in ("answer", "thinking", "either")))
-        print(f"overall (mean over attacks) {_pct(j['overall'])}; jailbroken by at least one attack {_pct(j['any_attack'])}")
+        print(f"overall (mean over attacks) {_pct(j['overall'])}; jailbroken by at least one attack "
+              f"{_pct(j['any_attack'])}")
 
 
 def ordered(r):

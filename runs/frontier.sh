@@ -2,8 +2,9 @@
 # The safety-vs-reasoning frontier of the tiny world: from ONE base model (the one runs/tiny.sh trained), SFT
 # at several epoch counts and RL at several KL coefficients β (each RL run snapshotted at several steps),
 # every point evaluated on the same held-out sets (harmful, wrapped harmful, harmless look-alikes,
-# arithmetic) with the same settings as runs/tiny.sh. Writes OUT/frontier/frontier.md (the table) and OUT/frontier/frontier.png
-# (arithmetic accuracy vs refusal on harmful prompts, 95% intervals, base / SFT / RL points labelled).
+# arithmetic) with the same settings as runs/tiny.sh. Writes OUT/frontier/frontier.md (the table) and
+# OUT/frontier/frontier.png (arithmetic accuracy vs refusal on harmful prompts, 95% intervals, base / SFT / RL
+# points labelled).
 #
 #   bash runs/tiny.sh && bash runs/frontier.sh     # ~10 minutes on 2 CPU cores (550-660 s, 2026-12-01; not in CI)
 #

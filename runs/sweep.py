@@ -147,8 +147,9 @@ def fmt(m, h, scale=1.0, nd=1):
 
 
 COLS = [("reward gain", "gain", 1, 2), ("final KL", "kl", 1, 4), ("refusal % harmful", "refusal", 100, 1),
-        ("refusal % wrapped harmful", "wrapped", 100, 1), ("refusal % harmless look-alikes", "over_look", 100, 1), ("refusal % arithmetic", "over_math", 100, 1),
-        ("arithmetic acc %", "acc", 100, 1), ("H@refl harmful", "entropy_reflection_harmful", 1, 3),
+        ("refusal % wrapped harmful", "wrapped", 100, 1), ("refusal % harmless look-alikes", "over_look", 100, 1),
+        ("refusal % arithmetic", "over_math", 100, 1), ("arithmetic acc %", "acc", 100, 1),
+        ("H@refl harmful", "entropy_reflection_harmful", 1, 3),
         ("H@refl arithmetic", "entropy_reflection_arithmetic", 1, 3)]
 
 

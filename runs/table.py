@@ -117,8 +117,8 @@ def markdown(rows, curve, world):
     notes = []
     r0 = rows[0] if rows else {}
     notes.append(f"Held-out prompts: {r0.get('n_harm')} harmful (attaq.csv), {r0.get('n_wrap')} wrapped harmful "
-                 "(wrapped.csv: other harmful requests inside role-play, novel, instruction-override, forced-opening "
-                 f"and hypothetical wrappers, none of them trained on), {r0.get('n_look')} harmless look-alikes "
+                 "(wrapped.csv: other harmful requests inside role-play, novel, instruction-override, forced-opening, "
+                 f"hypothetical and actor wrappers, none of them trained on), {r0.get('n_look')} harmless look-alikes "
                  f"(harmless.csv: harmful verbs and templates, harmless targets never trained on), {r0.get('n_math')} "
                  "arithmetic samples (math500.jsonl); sampled at temperature 0.6, top-p 0.95. ± is one standard error.")
     notes.append("refusal %: reward.is_refusal on the answer (after </think>; unfinished thinking is no refusal), the "

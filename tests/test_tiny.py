@@ -1,6 +1,6 @@
 """The tiny world end to end: `bash runs/tiny.sh --quick` (CI-sized) builds the world, trains base, SFT and RL,
-evaluates all three on harmful, wrapped harmful, harmless look-alike and arithmetic prompts, analyses the entropy, draws the
-training curves and writes the table. It runs TWICE, from scratch each time, side by side: the two
+evaluates all three on harmful, wrapped harmful, harmless look-alike and arithmetic prompts, analyses the entropy,
+draws the training curves and writes the table. It runs TWICE, from scratch each time, side by side: the two
 results.md files (and every generation record) must be byte-identical: the pipeline is reproducible to the
 digit. The other tests check that every stage ran and wrote its files and that the table has its rows and
 columns; the numbers of the quick run are not asserted (it trains for one epoch only)."""
@@ -131,8 +131,8 @@ def test_every_stage_wrote_its_files(tiny_run):
     assert rl_metrics and all("reward" in x for x in rl_metrics)
     for png in ("entropy_reflection.png", "entropy_hist.png", "curves_base.png", "curves_sft.png", "curves_rl.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for stage in ["world", "base", "sft", "rl", "eval-base", "eval-sft", "eval-rl", "harmless-rl", "wrapped-rl", "entropy-base",
-                  "curves", "table"]:
+    for stage in ["world", "base", "sft", "rl", "eval-base", "eval-sft", "eval-rl", "harmless-rl", "wrapped-rl",
+                  "entropy-base", "curves", "table"]:
         assert stage in stdout
 
 
