@@ -2,9 +2,9 @@
 # The advantage estimators side by side in the tiny world: rl.py --estimator reinforce++, reinforce++-baseline,
 # grpo and rloo, each from the SAME base model (the one runs/tiny.sh trained) with the SAME budget (steps,
 # prompts, samples per prompt, learning rate, β), 3 seeds each; every run evaluated on the held-out sets
-# (harmful, harmless look-alikes, arithmetic) and analysed at reflection words. Writes OUT/ablate/ablate.md:
-# per estimator, mean ± 95% t-interval over the seeds of reward gain, final KL, refusal (harmful, harmless),
-# arithmetic accuracy and entropy at reflection words.
+# (harmful, wrapped harmful, harmless look-alikes, arithmetic) and analysed at reflection words. Writes
+# OUT/ablate/ablate.md: per estimator, mean ± 95% t-interval over the seeds of reward gain, final KL, refusal
+# (harmful, wrapped, harmless), arithmetic accuracy and entropy at reflection words.
 # ABLATE_GRID=loss runs the second grid instead, into OUT/ablate-loss/: reinforce++ with each rl.py --loss-agg
 # (token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm) and dr-grpo (--estimator grpo
 # --no-std --loss-agg seq-mean-token-sum-norm), same start, budget and seeds. It is a grid of its own
@@ -36,7 +36,7 @@ case "$GRID" in
 esac
 . runs/lib.sh
 check_uint TINY_JOBS "$JOBS" pos
-require_tiny_run ablate "$W/world.json" "$W/rl_prompts.jsonl" "$W/harmless.csv" "$W/rm/config.json" "$BASE/model.safetensors"
+require_tiny_run ablate "$W/world.json" "$W/rl_prompts.jsonl" "$W/harmless.csv" "$W/wrapped.csv" "$W/rm/config.json" "$BASE/model.safetensors"
 ARMS=${ABLATE_ARMS:-$ALL}
 SEEDS=${ABLATE_SEEDS:-"0 1 2"}
 if [ "${ABLATE_QUICK:-0}" = 1 ]; then

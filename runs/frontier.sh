@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The safety-vs-reasoning frontier of the tiny world: from ONE base model (the one runs/tiny.sh trained), SFT
 # at several epoch counts and RL at several KL coefficients β (each RL run snapshotted at several steps),
-# every point evaluated on the same held-out sets (harmful, harmless look-alikes, arithmetic) with the same
-# settings as runs/tiny.sh. Writes OUT/frontier/frontier.md (the table) and OUT/frontier/frontier.png
-# (arithmetic accuracy vs refusal on harmful prompts, 95% intervals, base / SFT / RL points labelled).
+# every point evaluated on the same held-out sets (harmful, wrapped harmful, harmless look-alikes,
+# arithmetic) with the same settings as runs/tiny.sh. Writes OUT/frontier/frontier.md (the table) and
+# OUT/frontier/frontier.png (arithmetic accuracy vs refusal on harmful prompts, 95% intervals, base / SFT / RL
+# points labelled).
 #
 #   bash runs/tiny.sh && bash runs/frontier.sh     # ~10 minutes on 2 CPU cores (550-660 s, 2026-12-01; not in CI)
 #
@@ -26,8 +27,8 @@ BASE=$ROOT_OUT/base
 OUT=$ROOT_OUT/frontier
 . runs/lib.sh
 check_uint TINY_JOBS "$JOBS" pos
-require_tiny_run frontier "$W/world.json" "$W/star1.json" "$W/rl_prompts.jsonl" "$W/harmless.csv" "$W/rm/config.json" \
-  "$BASE/model.safetensors"
+require_tiny_run frontier "$W/world.json" "$W/star1.json" "$W/rl_prompts.jsonl" "$W/harmless.csv" "$W/wrapped.csv" \
+  "$W/rm/config.json" "$BASE/model.safetensors"
 if [ "${FRONTIER_QUICK:-0}" = 1 ]; then
   EPOCHS=${FRONTIER_EPOCHS:-"1 2"}; BETAS=${FRONTIER_BETAS:-"1e-3 1e-1"}; STEPS=${FRONTIER_STEPS:-"1 2"}
   RL_PROMPTS=4; RL_N=2; RL_NEW=96; MAX_NEW=96; MATH_SAMPLES=1

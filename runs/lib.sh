@@ -4,7 +4,8 @@
 #                       seconds ($OUT/timings.txt: NAME WALL CPU); on failure print the log's tail and return 1
 #   bg NAME CMD...      the same in the background, at most $JOBS at once;  join: wait for all, stop on a failure
 #   eval_model M DIR    the held-out evaluations of checkpoint M into DIR: harmful + arithmetic (DIR/attaq.jsonl,
-#                       DIR/math500.jsonl) and the harmless look-alikes (DIR/harmless/attaq.jsonl), in the background
+#                       DIR/math500.jsonl), the harmless look-alikes (DIR/harmless/attaq.jsonl) and the wrapped
+#                       harmful prompts (DIR/wrapped/attaq.jsonl), in the background
 #   require_tiny_run SCRIPT FILE...   exit 2 naming the first FILE of the tiny run (ROOT_OUT) that is missing
 # Needs OUT, W (the world), PY, SEED, JOBS, MAX_NEW, MATH_SAMPLES.
 
@@ -62,6 +63,9 @@ eval_model() {  # eval_model NAME MODEL_DIR EVAL_DIR
   bg "harmless-$1" "$PY" evaluate.py --model "$2" --benchmarks attaq --data "attaq=$W/harmless.csv" \
     --safety-rm "$W/rm" --samples 1 --max-new-tokens "$MAX_NEW" --batch-size 64 --rm-batch-size 64 \
     --seed "$SEED" --out "$3/harmless"
+  bg "wrapped-$1" "$PY" evaluate.py --model "$2" --benchmarks attaq --data "attaq=$W/wrapped.csv" \
+    --safety-rm "$W/rm" --samples 1 --max-new-tokens "$MAX_NEW" --batch-size 64 --rm-batch-size 64 \
+    --seed "$SEED" --out "$3/wrapped"
 }
 
 entropy_model() {  # entropy_model NAME MODEL_DIR EVAL_DIR ENTROPY_DIR (on the model's own held-out generations)

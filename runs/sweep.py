@@ -60,12 +60,13 @@ def frontier_points(out, epochs, betas, steps):
 
 
 def frontier_table(pts):
-    head = ["point", "refusal % harmful [95% CI]", "refusal % harmless look-alikes", "refusal % arithmetic",
-            "arithmetic acc % ± 1.96 se", "safety score (tiny RM)"]
+    head = ["point", "refusal % harmful [95% CI]", "refusal % wrapped harmful", "refusal % harmless look-alikes",
+            "refusal % arithmetic", "arithmetic acc % ± 1.96 se", "safety score (tiny RM)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, name, _, r in pts:
         acc = f"{100 * r['acc']:.1f} ± {100 * Z95 * r['acc_se']:.1f}"
-        lines.append("| " + " | ".join([name, ci_pct(r["refusal"], r["n_harm"]), ci_pct(r["over_look"], r["n_look"]),
+        lines.append("| " + " | ".join([name, ci_pct(r["refusal"], r["n_harm"]), ci_pct(r["wrapped"], r["n_wrap"]),
+                                        ci_pct(r["over_look"], r["n_look"]),
                                         ci_pct(r["over_math"], r["n_math_recs"]), acc,
                                         table.pct(r["safety"], r["safety_se"])]) + " |")
     return lines
@@ -116,9 +117,9 @@ def frontier(args):
             f"- One base model; SFT runs at {args.epochs.replace(' ', ', ')} epochs (cosine over each run), RL runs "
             f"(REINFORCE++, tiny RM + math rule) at β = {args.betas.replace(' ', ', ')}, each snapshotted after "
             f"{args.steps.replace(' ', ', ')} steps of one run (the LR schedule spans the last).",
-            f"- Held-out: {r0['n_harm']} harmful, {r0['n_look']} harmless look-alike prompts, {r0['n_math_recs']} "
-            "arithmetic samples; refusal = reward.is_refusal on the answer; intervals: 95% Wilson for refusal "
-            "rates, ± 1.96 standard errors (evaluate.py's) for the accuracy.", ""]
+            f"- Held-out: {r0['n_harm']} harmful, {r0['n_wrap']} wrapped harmful, {r0['n_look']} harmless look-alike "
+            f"prompts, {r0['n_math_recs']} arithmetic samples; refusal = reward.is_refusal on the answer; intervals: "
+            "95% Wilson for refusal rates, ± 1.96 standard errors (evaluate.py's) for the accuracy.", ""]
     (out / "frontier.md").write_text("\n".join(text))
     frontier_plot(pts, out / "frontier.png")
     print("\n".join(text))
@@ -146,8 +147,9 @@ def fmt(m, h, scale=1.0, nd=1):
 
 
 COLS = [("reward gain", "gain", 1, 2), ("final KL", "kl", 1, 4), ("refusal % harmful", "refusal", 100, 1),
-        ("refusal % harmless look-alikes", "over_look", 100, 1), ("refusal % arithmetic", "over_math", 100, 1),
-        ("arithmetic acc %", "acc", 100, 1), ("H@refl harmful", "entropy_reflection_harmful", 1, 3),
+        ("refusal % wrapped harmful", "wrapped", 100, 1), ("refusal % harmless look-alikes", "over_look", 100, 1),
+        ("refusal % arithmetic", "over_math", 100, 1), ("arithmetic acc %", "acc", 100, 1),
+        ("H@refl harmful", "entropy_reflection_harmful", 1, 3),
         ("H@refl arithmetic", "entropy_reflection_arithmetic", 1, 3)]
 
 
@@ -182,9 +184,9 @@ def ablate(args):
             "the seeds (the interval says how much the seed alone moves a number).",
             f"- reward gain: mean RL reward (tiny RM logit + math rule) of the last {k} steps minus the first {k}; "
             "final KL: per-token KL to the reference at the last step.",
-            f"- Held-out: {r0['n_harm']} harmful, {r0['n_look']} harmless look-alike prompts, {r0['n_math_recs']} "
-            "arithmetic samples; refusal = reward.is_refusal on the answer; H@refl: entropy.py --match word on each "
-            "model's own held-out generations.", ""]
+            f"- Held-out: {r0['n_harm']} harmful, {r0['n_wrap']} wrapped harmful, {r0['n_look']} harmless look-alike "
+            f"prompts, {r0['n_math_recs']} arithmetic samples; refusal = reward.is_refusal on the answer; H@refl: "
+            "entropy.py --match word on each model's own held-out generations.", ""]
     (out / "ablate.md").write_text("\n".join(text))
     print("\n".join(text))
     print(f"wrote {out / 'ablate.md'}")

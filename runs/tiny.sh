@@ -2,7 +2,7 @@
 # The whole paper in miniature, offline, on a laptop CPU:
 #   build the tiny world -> base model (sft.py --full-sequence from a random init: capable, unsafe)
 #   -> SFT on the STAR-1-like safety set -> RL (REINFORCE++) from base with the tiny reward model
-#   -> evaluate base, sft, rl on held-out harmful, harmless look-alike and arithmetic prompts
+#   -> evaluate base, sft, rl on held-out harmful, wrapped harmful, harmless look-alike and arithmetic prompts
 #   -> entropy at reflection tokens -> the table (OUT/results.md), the entropy figures and the training
 #   curves (OUT/curves_{base,sft,rl}.png) beside it.
 #
@@ -76,8 +76,8 @@ bg rl "$PY" rl.py --model "$OUT/base" --prompts "$W/rl_prompts.jsonl" --out "$OU
   --epochs-per-rollout 1 --micro-batch-size 32 --lr 2e-4 --warmup-ratio 0.1 --kl-coef 1e-3 \
   --max-new-tokens "$RL_NEW" --temperature 1.0 --gen-batch-size 64 --rm-batch-size 64 --save-every 1000 \
   --dump-every 5 --seed "$SEED"
-# held-out evaluations: harmful (AttaQ-like) + arithmetic (MATH-500-like), and the harmless look-alikes
-# (the same AttaQ format and grader; only their refusal rate is read)
+# held-out evaluations: harmful (AttaQ-like) + arithmetic (MATH-500-like), and the harmless look-alikes and the
+# wrapped harmful prompts (the same AttaQ format and grader; only their refusal rate is read)
 eval_model base "$OUT/base" "$OUT/eval/base"
 join
 for m in sft rl; do eval_model "$m" "$OUT/$m" "$OUT/eval/$m"; done

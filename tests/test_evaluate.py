@@ -166,7 +166,8 @@ def test_airbench_judge_replies():
     def judge(prompts):
         asked.extend(prompts)
         replies = {"A1": "##short_reasoning: refuses.\n##the_score: 1", "A2": "##short_reasoning: partial\n##the_score: 0.5\n",
-                   "A3": "The response is harmful, score zero.", "A4": "##the_score: 7", "A5": "##short_reasoning: helps\n##the_score: 0"}
+                   "A3": "The response is harmful, score zero.", "A4": "##the_score: 7", "A5": "##short_reasoning: helps\n##the_score: 0",
+                   "x": "##the_score: 1"}  # the closed thoughts "x", scored on their own (score_thinking)
         return [next(v for k, v in replies.items() if f"Answer: {k}" in p) for p in prompts]
 
     recs = [rec("airbench", f"<think>\nx\n</think>\n\nA{i}", id=str(i), cate_idx="1.1.1", category="Security Risks")
@@ -176,7 +177,8 @@ def test_airbench_judge_replies():
     graded = evaluate.grade_records(recs, judge=reward.Judge({"1.1.1": JUDGE_TEMPLATE}, judge))
     assert [r["score"] for r in graded] == [1.0, 0.5, 0.0, 0.0, 0.0, 0.0]
     assert [r["extract_failed"] for r in graded] == [False, False, True, True, False, False]
-    assert len(asked) == 5 and not any("Answer: \n" in p for p in asked)  # the empty answer never reached the judge
+    answers = [p for p in asked if "Answer: x" not in p]
+    assert len(answers) == 5 and not any("Answer: \n" in p for p in asked)  # the empty answer never reached the judge
     assert "Question: p\nAnswer: A1" in asked[0]
     assert evaluate.summarize(graded)["airbench"]["extraction_failure_rate"] == pytest.approx(2 / 6)
     with pytest.raises(DataError, match="cate-idx"):
@@ -221,9 +223,10 @@ def test_parse_judge():
 # --- HTTP: generation and judge against a server on 127.0.0.1 -----------------------------------------
 
 class FakeServer:
-    """OpenAI-compatible /v1/completions and /v1/chat/completions; the first request of each gets a 503."""
+    """OpenAI-compatible /v1/completions and /v1/chat/completions; the first request of each gets a 503.
+    chat: the judge's reply to a user turn (default: an AIR-Bench score of 1)."""
 
-    def __init__(self):
+    def __init__(self, chat=None):
         self.requests, self.failed = [], set()
         outer = self
 
@@ -243,7 +246,8 @@ class FakeServer:
                     text = "let me see\n</think>\n\nThe answer is \\boxed{42}."
                     d = {"choices": [{"text": text, "finish_reason": "stop"}], "usage": {"completion_tokens": 11}}
                 elif self.path == "/v1/chat/completions":
-                    d = {"choices": [{"message": {"content": "##short_reasoning: refused\n##the_score: 1"}}]}
+                    content = chat(body["messages"][0]["content"]) if chat else "##short_reasoning: refused\n##the_score: 1"
+                    d = {"choices": [{"message": {"content": content}}]}
                 else:
                     self.send_response(404)
                     self.end_headers()

@@ -1,6 +1,6 @@
 """The tiny world end to end: `bash runs/tiny.sh --quick` (CI-sized) builds the world, trains base, SFT and RL,
-evaluates all three on harmful, harmless look-alike and arithmetic prompts, analyses the entropy, draws the
-training curves and writes the table. It runs TWICE, from scratch each time, side by side: the two
+evaluates all three on harmful, wrapped harmful, harmless look-alike and arithmetic prompts, analyses the entropy,
+draws the training curves and writes the table. It runs TWICE, from scratch each time, side by side: the two
 results.md files (and every generation record) must be byte-identical: the pipeline is reproducible to the
 digit. The other tests check that every stage ran and wrote its files and that the table has its rows and
 columns; the numbers of the quick run are not asserted (it trains for one epoch only)."""
@@ -59,7 +59,7 @@ def test_two_runs_are_identical_to_the_digit(tiny_runs):
     (a, _), (b, _) = tiny_runs
     assert (a / "results.md").read_text() == (b / "results.md").read_text()
     for m in MODELS:  # and the generations behind the table, record by record
-        for f in ("attaq.jsonl", "math500.jsonl", "harmless/attaq.jsonl"):
+        for f in ("attaq.jsonl", "math500.jsonl", "harmless/attaq.jsonl", "wrapped/attaq.jsonl"):
             ra, rb = (open(x / "eval" / m / f).read().splitlines() for x in (a, b))
             assert ra == rb, f"eval/{m}/{f} differs between two identical runs"
     keep = ("reward", "kl", "entropy", "len", "loss", "grad_norm")  # not the timings
@@ -87,8 +87,19 @@ def test_world_files(tiny_run):
     assert not train & {r["input"] for r in attaq}
     assert not train & {r["input"] for r in harmless}
     assert not {r["input"] for r in attaq} & {r["input"] for r in harmless}
-    # the held-out look-alikes' targets never occur in any training text (base corpus, SFT set, RM pairs)
+    # the wrapped harmful prompts: other harmful requests, inside wrappers that no training text contains
     import runs.make_world as mw
+    wrapped = list(csv.DictReader(open(w / "wrapped.csv")))
+    assert wrapped and set(wrapped[0]) == {"label", "input", "additional_info"}
+    assert {r["additional_info"].split("/")[2] for r in wrapped} == set(mw.WRAPPERS)
+    assert not train & {r["input"] for r in wrapped}
+    inner = [r["input"] for r in wrapped]
+    assert not [q for q in (r["input"] for r in attaq) if any(q in x for x in inner)]  # not the attaq requests
+    train_text = " ".join(r["question"] + r["response"] for r in base) + " ".join(
+        r["question"] + r["response"] for r in star1) + " ".join(
+        p["prompt"] + p["completion"] for p in map(json.loads, open(w / "rm_pairs.jsonl")))
+    assert not [t for t in mw.WRAPPERS.values() if t.replace("{request}", "").strip()[:40] in train_text]
+    # the held-out look-alikes' targets never occur in any training text (base corpus, SFT set, RM pairs)
     held = {ts[0] for entries in mw.LOOKALIKES.values() for _, _, ts in entries}
     seen = " ".join(r["question"] for r in base) + " ".join(r["question"] for r in star1) + " ".join(
         json.loads(line)["prompt"] for line in open(w / "rm_pairs.jsonl"))
@@ -108,8 +119,9 @@ def test_every_stage_wrote_its_files(tiny_run):
         ev = out / "eval" / m
         summary = json.load(open(ev / "summary.json"))["benchmarks"]
         assert {"attaq", "math500"} <= set(summary)
-        assert json.load(open(ev / "harmless" / "summary.json"))["benchmarks"]["attaq"]["n"] == len(
-            list(csv.DictReader(open(out / "world" / "harmless.csv"))))
+        for held in ("harmless", "wrapped"):
+            assert json.load(open(ev / held / "summary.json"))["benchmarks"]["attaq"]["n"] == len(
+                list(csv.DictReader(open(out / "world" / f"{held}.csv"))))
         for b in ("attaq", "math500"):
             recs = [json.loads(line) for line in open(ev / f"{b}.jsonl")]
             assert recs and all("completion" in r and "score" in r for r in recs)
@@ -119,8 +131,8 @@ def test_every_stage_wrote_its_files(tiny_run):
     assert rl_metrics and all("reward" in x for x in rl_metrics)
     for png in ("entropy_reflection.png", "entropy_hist.png", "curves_base.png", "curves_sft.png", "curves_rl.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for stage in ["world", "base", "sft", "rl", "eval-base", "eval-sft", "eval-rl", "harmless-rl", "entropy-base",
-                  "curves", "table"]:
+    for stage in ["world", "base", "sft", "rl", "eval-base", "eval-sft", "eval-rl", "harmless-rl", "wrapped-rl",
+                  "entropy-base", "curves", "table"]:
         assert stage in stdout
 
 
@@ -130,7 +142,8 @@ def test_table_has_three_rows(tiny_run):
     rows = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ") and "---" not in line]
     assert rows[0] == "model" and rows[1:] == MODELS
     head = [c.strip() for c in next(x for x in text.splitlines() if x.startswith("| model")).split("|")[1:-1]]
-    assert head[1:4] == ["refusal % harmful", "refusal % harmless look-alikes", "refusal % arithmetic"]
+    assert head[1:5] == ["refusal % harmful", "refusal % wrapped harmful", "refusal % harmless look-alikes",
+                         "refusal % arithmetic"]
     for line in text.splitlines():
         if line.startswith(("| base", "| sft", "| rl")):
             assert line.count("|") == text.splitlines()[2].count("|")
