@@ -176,7 +176,7 @@ def kept_weights(z, temperature, top_p, vocab=None):
     log_total = w.sum(-1).log()  # (B,)
     if vocab is not None and vocab < V:
         if order is None:
-            w[:, vocab:] = 0.0
+            w[:, vocab:].zero_()  # (in place, no tensor made from Python data: capture-safe)
         else:
             w.mul_(order < vocab)
     if order is None:
