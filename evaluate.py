@@ -122,11 +122,22 @@ RECORD_KEYS = ["benchmark", "id", "sample", "prompt", "completion", "thinking", 
 # --- data -------------------------------------------------------------------------------------------
 
 
+def first_prompts(items, limit):
+    """--limit: the first `limit` prompts of a benchmark's items; for jbb (items with an `attack`) the first
+    `limit` goals, each with all its attacks (load_jbb lists every goal's plain prompt first, in goal order)."""
+    if not limit:
+        return items
+    if not any("attack" in it for it in items):
+        return items[:limit]
+    goals = set([it["index"] for it in items if it["attack"] == "none"][:limit])
+    return [it for it in items if it["index"] in goals]
+
+
 def load_benchmark(name, spec, limit=None):
-    """Items of one benchmark (every row validated, then the first `limit` kept): dicts with id,
-    question, gold and extras (category, GPQA options, AIR-Bench cate_idx, XSTest label, JBB attack)."""
+    """Items of one benchmark (every row validated, then the first `limit` prompts kept, first_prompts): dicts
+    with id, question, gold and extras (category, GPQA options, AIR-Bench cate_idx, XSTest label, JBB attack)."""
     if name == "jbb":
-        return load_jbb(spec, limit)
+        return first_prompts(load_jbb(spec), limit)
     rows = common.read_table(spec)
     if not rows:
         raise DataError(f"{spec}: no rows")
@@ -167,7 +178,7 @@ def load_benchmark(name, spec, limit=None):
         else:
             raise UsageError(f"unknown benchmark {name!r} (known: {', '.join(BENCHMARKS)})")
         items.append(it)
-    return items[:limit] if limit else items
+    return first_prompts(items, limit)
 
 
 def jbb_files(spec):
@@ -186,14 +197,13 @@ def jbb_files(spec):
     return paths
 
 
-def load_jbb(spec, limit=None):
+def load_jbb(spec):
     """JailbreakBench attack artifacts (github.com/JailbreakBench/artifacts, attack-artifacts/METHOD/...): each
     file {"parameters": {"method", "model", ...}, "jailbreaks": [{"index", "goal", "behavior", "category",
     "prompt" (null where the attack found none), ...}]}. Items: every goal asked plainly (attack "none", the
     baseline) and every non-null jailbreak prompt (attack "METHOD@MODEL", the model it was found on); ids
     ATTACK/INDEX. A goal is known by its index and behavior (its wording differs slightly between some
-    artifact files: each record keeps its own file's goal). limit: the first N goals (by index), with all
-    their attacks."""
+    artifact files: each record keeps its own file's goal)."""
     if spec is None:
         raise UsageError("jbb reads JailbreakBench attack artifacts: --data jbb=PATH[,PATH...] or a folder of them "
                          "(github.com/JailbreakBench/artifacts, attack-artifacts/)")
@@ -239,14 +249,13 @@ def load_jbb(spec, limit=None):
                 attacks.append(dict(row, attack=attack, question=prompt))
     if not goals:
         raise DataError(f"{spec}: no jailbreaks")
-    order = sorted(goals, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))[:limit or None]
-    keep = set(order)
+    order = sorted(goals, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k))
 
     def item(r, attack, question):
         return {"id": f"{attack}/{r['index']}", "question": question, "gold": "refusal", "attack": attack,
                 **{k: r[k] for k in ("index", "goal", "behavior", "category")}}
     return [item(goals[k], "none", goals[k]["goal"]) for k in order] + \
-        [item(a, a["attack"], a["question"]) for a in attacks if a["index"] in keep]
+        [item(a, a["attack"], a["question"]) for a in attacks]
 
 
 def gpqa_prompt(question, options, seed, qid, sample):
@@ -987,7 +996,7 @@ def run_eval(args):
     common.seed_everything(args.seed + dist_.rank)
     # every input is read and checked before any generation starts
     rows = {n: load_benchmark(n, data.get(n, BENCHMARKS[n][0])) for n in names}  # every row: the fingerprint's
-    benches = {n: items[:args.limit] for n, items in rows.items()}
+    benches = {n: first_prompts(items, args.limit) for n, items in rows.items()}
     jp = None
     if "airbench" in names:
         jp = reward.load_judge_prompts(args.airbench_judge_prompts)  # read once: checked here, used to grade

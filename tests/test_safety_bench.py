@@ -2,11 +2,13 @@
 and the thinking scored with the same scorer as the answer (answer / thinking / either) on every safety
 benchmark; loaders, graders, summaries, a judge on 127.0.0.1, the CLI end to end, bad input."""
 import json
+import shutil
 import sys
 
 import pytest
 import torch
 
+import common
 import evaluate
 import reward
 from common import DataError, UsageError
@@ -295,8 +297,14 @@ def test_cli_xstest_and_jbb_with_a_judge_then_rerun(tmp_path, tiny_model):
 
 @needs_data
 def test_shared_data_local_and_grade(tmp_path, tiny_model, capsys):
+    # the tiny model with a 4096-token context: JailbreakBench's role-play (JBC) prompts run to ~1,500 tokens,
+    # past the tiny config's 1024 (evaluate refuses prompts that do not fit the context)
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(dict(cfg, max_position_embeddings=4096)))
     out = tmp_path / "eval"
-    evaluate.main(["--model", tiny_model, "--benchmarks", "xstest,jbb", "--data",
+    evaluate.main(["--model", str(model), "--benchmarks", "xstest,jbb", "--data",
                    f"xstest={SHARED_DATA / 'xstest.csv'},jbb={SHARED_DATA / 'jbb'}", "--limit", "2",
                    "--max-new-tokens", "6", "--out", str(out)])
     printed = capsys.readouterr().out
@@ -317,7 +325,7 @@ def test_bad_input_before_any_model_loads(tmp_path, tiny_model, monkeypatch, cap
 
     def fails(*flags):
         with pytest.raises(SystemExit) as e:
-            evaluate.main(["--model", tiny_model, "--out", str(out), "--max-new-tokens", "4", *flags])
+            common.cli_main(evaluate.main, ["--model", tiny_model, "--out", str(out), "--max-new-tokens", "4", *flags])
         return e.value.code, capsys.readouterr().err
     (tmp_path / "list.json").write_text(json.dumps([{"goal": "g", "prompt": "p"}]))
     code, err = fails("--benchmarks", "jbb", "--data", f"jbb={tmp_path / 'list.json'}")
