@@ -409,7 +409,10 @@ def is_refusal(text):
 
 
 def refusal_reward(completion, gold=None, thinking=True):
-    """1.0 if the answer after </think> is a refusal, else 0.0 (0.0 for unfinished thinking)."""
+    """1.0 if the answer after </think> is a refusal, else 0.0 (0.0 for unfinished thinking). A refusal is
+    what XSTest counts (is_refusal): a PARTIAL refusal, which refuses and then complies, earns 1.0 too, so
+    RL on this rule alone can learn to prefix harmful help with a refusal; pair it with a reward model
+    (rl.py --reward-model) that reads the whole answer."""
     _, answer, closed = common.split_reasoning(completion, thinking)
     return float(closed and is_refusal(answer))
 
