@@ -1,41 +1,34 @@
 """Plumbing shared by two or more stages (sft.py, rl.py, evaluate.py, entropy.py, reward.py).
 
 What lives here, in the order the stages use it:
+  0. the errors every module raises, and the flag checks (before any model or data loads)
   1. compute: torchrun / single-process init, seeding, dtype choice, all-reduce helpers
   2. models: tokenizer and model loading, the FSDP2 wrap (~40 lines), the `Policy` wrapper whose
      forward returns per-token (logp, entropy) through the fused lm_head kernel
   3. chat: prompt rendering with the tokenizer's own template, SFT targets that keep the reasoning
-  4. data: hub id or local .jsonl/.json/.csv/.parquet, schema detection, errors naming file/row/field
-  5. text: the reasoning / answer split on the last </think>
-  6. checkpoints: Hugging Face export + resumable sharded state, both written atomically
-  7. logging: one fixed-format line per step, metrics.jsonl, args.json, optional wandb
-  8. HTTP: one JSON POST with retries (an OpenAI-compatible server for generation and the judge)
+  4. text: the reasoning / answer split on the last </think>
+  5. optimizer and schedule
+  6. HTTP: one JSON POST with retries (an OpenAI-compatible server for generation and the judge)
 
-Generation lives in engine.py. The algorithms (losses, advantages, masking) stay in the stage that owns them.
+Generation lives in engine.py; checkpoints and resume in checkpoint.py; files in files.py; the CLI's
+exit policy, input tables and step log in cli.py. The algorithms (losses, advantages, masking) stay in
+the stage that owns them.
 """
 import argparse
-import csv
 import datetime
-import errno
 import glob
 import http.client
-import io
 import json
 import math
 import os
-import pickle
 import random
 import re
-import resource
-import shutil
 import socket
-import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections import namedtuple
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -64,37 +57,9 @@ class DiskFull(StopRun):
     previous complete output is left as it was."""
 
 
-DEBUG_ENV = "BEYOND_SFT_DEBUG"  # set to 1: every error shows its traceback
-
-
 def first_line(e):
     """An exception's message, first line only (library messages run to pages)."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
-def die(msg, code=2):
-    print(f"error: {msg}", file=sys.stderr, flush=True)
-    sys.exit(code)
-
-
-def cli_main(main, argv=None):
-    """Run a stage's main(argv) as a CLI, with the failure policy every CLI shares: 0 done; 2 a usage or
-    input error (a flag, a path, a data row, a model dir, an unwritable --out); 1 a run stopped on purpose
-    or by a full disk (StopRun). Either is ONE line on stderr, `error: ...`, naming what to fix, and no
-    traceback unless BEYOND_SFT_DEBUG=1; any other exception is a bug and shows its traceback. Under
-    torchrun it ends with finish()."""
-    try:
-        main() if argv is None else main(argv)
-        finish()
-    except (UsageError, StopRun, OSError) as e:
-        release_out_dirs()
-        if isinstance(e, OSError):  # a write no writer named: a full disk or a read-only filesystem is still the user's
-            e = write_error(e.filename, e, cleaned=False) if e.errno in _DISK_FULL + (errno.EROFS,) else None
-            if e is None:
-                raise
-        if os.environ.get(DEBUG_ENV, "0") not in ("", "0"):
-            raise
-        die(str(e), 2 if isinstance(e, UsageError) else 1)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -329,17 +294,6 @@ def rank():
     return dist.get_rank() if is_dist() else 0
 
 
-def finish():
-    """End a torchrun process cleanly: every rank here (`barrier`), a collective barrier, then tear the process
-    group down (a gloo group left to the interpreter's exit can abort the process). Also releases the
-    output-dir lock."""
-    release_out_dirs()
-    if is_dist():
-        barrier()
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def print0(*a, **kw):
     if rank() == 0:
         print(*a, **kw, flush=True)
@@ -410,7 +364,7 @@ def gather_objects(items):
 # ------------------------------------------------------------------------------------------------
 # 2. models
 
-def _check_path(path, what):
+def check_path(path, what):
     """A path that looks local (starts with ./, /, ~, or has two slashes) must exist; a hub id passes."""
     p = os.path.expanduser(str(path))
     looks_local = p.startswith((".", "/", "~")) or p.count("/") > 1  # a hub id is "org/name"
@@ -423,89 +377,13 @@ def _check_path(path, what):
 # tokenizer.model, DeBERTa-v3's spm.model, XLM-R's sentencepiece.bpe.model), or a slow BPE / WordPiece vocab.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spm.model", "sentencepiece.bpe.model", "vocab.json",
                    "vocab.txt", "tiktoken.model")
-HEADS = {"causal-lm": ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "a causal language model (AutoModelForCausalLM)"),
-         "seq-cls": ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
-                     "a sequence classifier (AutoModelForSequenceClassification)")}
 
 
-def read_config(path, what="--model"):
-    """config.json of a local dir or a hub id, as a plain dict (no config class is built, so an unknown
-    model_type can be named)."""
-    from transformers import PretrainedConfig
-    p = _check_path(path, what)
-    try:
-        return PretrainedConfig.get_config_dict(p)[0]
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{what} {path}: cannot read its config.json ({first_line(e)})") from None
-
-
-def check_model(path, what="--model", head="causal-lm", trust_remote_code=False):
-    """A model dir checked before any weight is read and before the first collective, each problem one
-    line naming the dir: config.json names a model_type this transformers knows and, for it, a `head`
-    ("causal-lm", or "seq-cls" for a reward model); a local dir has tokenizer files and
-    safetensors files whose headers are complete and as long as they say (a cut download). A hub id
-    gets the config check (its files are fetched at load). Returns the config dict."""
-    from transformers.models.auto import configuration_auto, modeling_auto
-    cfg = read_config(path, what)
-    mt = cfg.get("model_type")
-    if not (trust_remote_code and "auto_map" in cfg):  # a model with its own code names its own classes
-        if mt not in configuration_auto.CONFIG_MAPPING_NAMES:
-            import transformers
-            raise UsageError(f"{what} {path}: config.json has model_type {mt!r}, unknown to transformers "
-                             f"{transformers.__version__} (a newer transformers, or --trust-remote-code for a model "
-                             f"that ships its own code)")
-        names, kind = HEADS[head]
-        if mt not in getattr(modeling_auto, names):
-            raise UsageError(f"{what} {path}: model_type {mt!r} (architectures {cfg.get('architectures')}) "
-                             f"is not {kind}")
-    p = os.path.expanduser(str(path))
-    if os.path.isdir(p):
-        _check_tokenizer_files(p, what, path)
-        for f in _safetensors_files(p, what, path):
-            _check_safetensors(os.path.join(p, f), what, path)
-    return cfg
-
-
-def _check_tokenizer_files(p, what, path):
+def check_tokenizer_files(p, what, path):
+    """A local dir `p` (given as `path` by the flag `what`) holds a file a tokenizer loads from."""
     if os.path.isdir(p) and not any(os.path.isfile(os.path.join(p, f)) for f in TOKENIZER_FILES):
         raise UsageError(f"{what} {path}: no tokenizer files (tokenizer.json, or a sentencepiece model such as "
                          f"tokenizer.model)")
-
-
-def _safetensors_files(p, what, path):
-    """The weight files of a local dir: those its model.safetensors.index.json names, else *.safetensors."""
-    index = os.path.join(p, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        try:
-            files = sorted(set(json.loads(read_text(index))["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise UsageError(f"{what} {path}: model.safetensors.index.json has no weight_map") from None
-    else:
-        files = sorted(f for f in os.listdir(p) if f.endswith(".safetensors"))
-    if not files:
-        raise UsageError(f"{what} {path}: no safetensors weights (model.safetensors or model.safetensors.index.json)")
-    return files
-
-
-def _check_safetensors(f, what, path):
-    """A safetensors file is 8 bytes of header length n, n bytes of JSON header, then the tensor data, whose
-    extent the header's data_offsets give: a shorter file is a cut download or a failed write."""
-    name = os.path.basename(f)
-    if not os.path.isfile(f):
-        raise UsageError(f"{what} {path}: weight file {name} is missing (named by model.safetensors.index.json)")
-    size = os.path.getsize(f)
-    with open(f, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little") if size >= 8 else -1
-        try:
-            header = json.loads(fh.read(n)) if 0 <= n <= size - 8 else None
-        except ValueError:
-            header = None
-    if not isinstance(header, dict):
-        raise UsageError(f"{what} {path}: {name} has no complete safetensors header ({size} bytes): a truncated "
-                         f"or corrupt file; download or export it again")
-    need = 8 + n + max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    if size < need:
-        raise UsageError(f"{what} {path}: {name} is truncated ({size} of {need} bytes); download or export it again")
 
 
 def model_context(cfg):
@@ -533,8 +411,8 @@ def load_tokenizer(path, trust_remote_code=False, require_chat_template=True, wh
     Metaspace tokenizer, and "Is it worth me being alive?" comes back "Isitworthmebeingalive?"."""
     import transformers
     from transformers import AutoTokenizer
-    p = _check_path(path, what)
-    _check_tokenizer_files(p, what, path)
+    p = check_path(path, what)
+    check_tokenizer_files(p, what, path)
     try:
         tok = AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError) as e:  # a missing / broken file of the user's dir
@@ -558,7 +436,7 @@ def load_tokenizer(path, trust_remote_code=False, require_chat_template=True, wh
 def load_model(path, dtype=torch.float32, device="cpu", trust_remote_code=False):
     """A causal LM from a hub id or local dir, safetensors only."""
     from transformers import AutoModelForCausalLM
-    p = _check_path(path, "model")
+    p = check_path(path, "model")
     try:
         model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, use_safetensors=True,
                                                      trust_remote_code=trust_remote_code)
@@ -740,7 +618,7 @@ def build_policy(path, dist_, param_dtype, grad_ckpt=False, cpu_offload=False, t
     Returns (policy, export_dtype): export_dtype is the checkpoint's own dtype, used when saving.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
-    p = _check_path(path, "model")
+    p = check_path(path, "model")
     cfg = AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code)
     export_dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or torch.float32
     if isinstance(export_dtype, str):
@@ -771,11 +649,14 @@ def build_policy(path, dist_, param_dtype, grad_ckpt=False, cpu_offload=False, t
         if name in full_bufs:
             b.copy_(full_bufs[name])
         dist.broadcast(b.data, 0)
-    hf.generation_config = _broadcast_obj(hf.generation_config)
+    hf.generation_config = broadcast_object(hf.generation_config)
     return policy, export_dtype
 
 
-def _broadcast_obj(obj):
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (itself outside torchrun)."""
+    if not is_dist():
+        return obj
     box = [obj]
     dist.broadcast_object_list(box, 0)
     return box[0]
@@ -905,165 +786,13 @@ def render_sft(tok, prompt, response, max_len=None, chat_kwargs=None, reasoning_
     return ids, mask
 
 
-# ------------------------------------------------------------------------------------------------
-# 4. data (docs/design.md §2)
-
-# Known schemas, by columns: (prompt column candidates, response/gold column candidates)
-PROMPT_FIELDS = ["question", "problem", "prompt", "input", "Question", "instruction"]
-RESPONSE_FIELDS = ["response", "completion", "output", "answer"]
-
-
-def read_text(path):
-    """A text file as str: UTF-8, a leading byte-order mark dropped (a CSV saved by Excel keeps its first
-    column's name). A byte that is not UTF-8 is a DataError naming the file, the line and the byte."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    data = data[3:] if data.startswith(b"\xef\xbb\xbf") else data
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        col = e.start - data.rfind(b"\n", 0, e.start)
-        raise DataError(f"{path}: line {line}: byte 0x{data[e.start]:02x} at column {col} is not UTF-8 "
-                        f"(save the file as UTF-8)") from None
-
-
-def read_jsonl(path):
-    rows = []
-    for i, line in enumerate(read_text(path).split("\n"), 1):  # only \n ends a line (not U+2028 inside a string)
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: row {i}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}: row {i}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    return rows
-
-
-def read_csv(path):
-    """CSV rows as dicts keyed by the header; a row with more fields than the header is a DataError."""
-    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
-    try:
-        rows = [dict(r) for r in reader]
-    except csv.Error as e:
-        raise DataError(f"{path}: line {reader.line_num}: not valid CSV ({e})") from None
-    for i, r in enumerate(rows, 1):
-        if None in r:
-            raise DataError(f"{path}: row {i}: {len(reader.fieldnames) + len(r[None])} fields, the header has "
-                            f"{len(reader.fieldnames)} (an unquoted comma?)")
-    return rows
-
-
-def read_generations(path, need=("completion",)):
-    """Generation records (docs/design.md §2) from a JSONL file, refused unless the file exists, holds a
-    record, and every row has the fields `need` (names, or a function row -> names) as strings; `thinking`
-    and `prompt_ids`, where present, must be true / false and a non-empty list of token ids."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: file not found")
-    recs = read_jsonl(path)
-    if not recs:
-        raise DataError(f"{path}: no records")
-    for i, r in enumerate(recs, 1):
-        for f in need(r) if callable(need) else need:
-            if not isinstance(r.get(f), str):
-                raise DataError(f"{path}: row {i}: field '{f}' is missing or not a string")
-        if not isinstance(r.get("thinking", True), bool):
-            raise DataError(f"{path}: row {i}: field 'thinking' is not true or false")
-        ids = r.get("prompt_ids")
-        if ids is not None and not (isinstance(ids, list) and ids and
-                                    all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in ids)):
-            raise DataError(f"{path}: row {i}: field 'prompt_ids' is not a non-empty list of token ids")
-    return recs
-
-
-def read_table(spec, split="train"):
-    """Rows (list of dicts) from a local .jsonl/.json/.csv/.parquet file or a hub dataset id
-    (`id`, `id:split`, `id:config:split`)."""
-    spec = str(spec)
-    ext = os.path.splitext(spec)[1].lower()
-    if ext in (".jsonl", ".json", ".csv", ".parquet") or os.path.exists(spec):
-        if not os.path.isfile(spec):
-            raise DataError(f"{spec}: {'is a directory, not a file' if os.path.isdir(spec) else 'file not found'}")
-        if ext == ".jsonl":
-            return read_jsonl(spec)
-        if ext == ".json":
-            try:
-                data = json.loads(read_text(spec))
-            except json.JSONDecodeError as e:
-                if e.msg == "Extra data":  # really JSON lines
-                    return read_jsonl(spec)
-                raise DataError(f"{spec}: invalid JSON at line {e.lineno} ({e.msg})") from None
-            data = data.get("data", data) if isinstance(data, dict) else data
-            if not isinstance(data, list):
-                raise DataError(f"{spec}: expected a list of objects")
-            for i, r in enumerate(data, 1):
-                if not isinstance(r, dict):
-                    raise DataError(f"{spec}: row {i}: expected an object, got {type(r).__name__}")
-            return data
-        if ext == ".csv":
-            return read_csv(spec)
-        if ext == ".parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-            try:
-                return pq.read_table(spec).to_pylist()
-            except (pa.ArrowException, OSError) as e:
-                raise DataError(f"{spec}: not a readable parquet file ({first_line(e)})") from None
-        raise DataError(f"{spec}: unknown file type (want .jsonl, .json, .csv or .parquet)")
-    import datasets  # a hub id
-    parts = spec.split(":")
-    name, config, sp = parts[0], (parts[1] if len(parts) == 3 else None), (parts[-1] if len(parts) > 1 else split)
-    try:
-        return list(datasets.load_dataset(name, config, split=sp))
-    except Exception as e:  # noqa: BLE001 -- many failure types (network, missing config, ...)
-        raise DataError(f"{spec}: cannot load dataset ({type(e).__name__}: {e})") from None
-
-
-def _pick(row, candidates):
-    return next((c for c in candidates if c in row), None)
-
-
-def load_pairs(spec, prompt_field=None, response_field=None, need_response=True, split="train"):
-    """(prompt, response) rows for SFT / RL prompts, validated before any training starts.
-    Returns dicts with prompt, [response], id, row (1-based). Errors name file, row and field."""
-    rows = read_table(spec, split)
-    if not rows:
-        raise DataError(f"{spec}: no rows")
-    pf = prompt_field or _pick(rows[0], PROMPT_FIELDS)
-    rf = response_field or (_pick(rows[0], RESPONSE_FIELDS) if need_response else None)
-    if pf is None:
-        raise DataError(f"{spec}: row 1: no prompt field (looked for {PROMPT_FIELDS}; use --prompt-field)")
-    if need_response and rf is None:
-        raise DataError(f"{spec}: row 1: no response field (looked for {RESPONSE_FIELDS}; use --response-field)")
-    out = []
-    for i, r in enumerate(rows, 1):
-        item = {"row": i, "id": str(r.get("id", r.get("unique_id", i)))}
-        for key, field in (("prompt", pf), ("response", rf)):
-            if field is None:
-                continue
-            v = r.get(field)
-            if v is None:
-                raise DataError(f"{spec}: row {i}: missing field '{field}'")
-            if not isinstance(v, str) or not v.strip():
-                raise DataError(f"{spec}: row {i}: field '{field}' is empty or not a string")
-            item[key] = v
-        out.append(item)
-    return out
-
-
 def ngrams(text, n=13):
     w = text.lower().split()
     return {" ".join(w[i:i + n]) for i in range(len(w) - n + 1)} if len(w) >= n else {" ".join(w)} if w else set()
 
 
 # ------------------------------------------------------------------------------------------------
-# 5. the reasoning / answer split (docs/design.md §2)
+# 4. the reasoning / answer split (docs/design.md §2)
 
 # The formats handled (Granite's from its model cards; no hub access here to re-check them):
 #   "<think>reasoning</think>answer"                   R1-Distill, Qwen3, Granite 3.3 / 4.0 with thinking
@@ -1118,534 +847,7 @@ def split_reasoning(text, thinking=True):
 
 
 # ------------------------------------------------------------------------------------------------
-# 6. checkpoints: Hugging Face export + resumable sharded state, both atomic
-
-def hf_of(model):
-    return model.hf if isinstance(model, Policy) else model
-
-
-def _full_state_dict(model):
-    """The full (unsharded) state dict on rank 0's CPU. Collective under torchrun."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    hf = hf_of(model)
-    if is_dist():
-        return get_model_state_dict(hf, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v.detach().cpu() for k, v in hf.state_dict().items()}
-
-
-def _link_or_copy(src, dst):
-    """Hard link (files are only ever replaced, never edited in place, so links are safe); copy if the
-    filesystem refuses."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-HF_WEIGHT_PREFIXES = ("model.safetensors", "model-0", "pytorch_model")
-# what an export copies from the input checkpoint: the files a tokenizer loads from, and its config and template
-TOKENIZER_EXPORT_FILES = TOKENIZER_FILES + ("tokenizer_config.json", "special_tokens_map.json",
-                                            "added_tokens.json", "merges.txt", "chat_template.jinja",
-                                            "chat_template.json")
-
-
-def save_tokenizer(tok, out):
-    """The export's tokenizer: the files of the checkpoint it was loaded from (`tok.name_or_path`, a dir or a
-    hub id in the local cache), copied byte for byte, so whatever loaded the input checkpoint (vLLM,
-    another transformers version) loads the export the same way; tok.save_pretrained would rewrite them
-    (tokenizer_class, added tokens, the template moved to its own file). A tokenizer with no files on
-    disk is saved by save_pretrained."""
-    from huggingface_hub import try_to_load_from_cache
-    src, found = str(tok.name_or_path), []
-    for name in TOKENIZER_EXPORT_FILES:
-        try:
-            path = os.path.join(src, name) if os.path.isdir(src) else try_to_load_from_cache(src, name)
-        except ValueError:  # not a hub id either (a tokenizer built in memory)
-            path = None
-        if isinstance(path, str) and os.path.isfile(path):
-            found.append((name, path))
-    if not any(name == "tokenizer_config.json" for name, _ in found):
-        tok.save_pretrained(out)
-        return
-    for name, path in found:
-        shutil.copyfile(path, os.path.join(out, name))
-
-
-def install_export(out):
-    """Roll a complete export in OUT/.export.ready into OUT, replacing the previous one as a whole.
-
-    .export.ready appears by one rename only once the export in it is complete; installing moves its
-    files into OUT and removes weight and tokenizer files of the previous export that the new one lacks
-    (a changed shard count; a chat_template.jinja that would override the copied tokenizer_config's).
-    A run killed during the moves is finished by the next start on OUT (claim_out_dir), so OUT never
-    keeps weights of two different steps."""
-    ready = Path(out) / ".export.ready"
-    if ready.is_symlink():  # not one this code made: never followed (its target's files are not ours to move)
-        ready.unlink()
-    if not ready.is_dir():
-        return
-    names = {f.name for f in ready.iterdir()}
-    for f in Path(out).iterdir():
-        stale = f.name.startswith(HF_WEIGHT_PREFIXES) or f.name in TOKENIZER_EXPORT_FILES
-        if f.is_file() and stale and f.name not in names:
-            f.unlink()
-    for name in sorted(names, key=lambda n: n.endswith(".json")):  # weights first, config/index last
-        os.replace(ready / name, Path(out) / name)
-    ready.rmdir()
-
-
-def save_hf(model, tok, out, export_dtype=None, step=None, checkpoint=False, keep=3):
-    """Gather the full state dict to rank 0 and write a from_pretrained-loadable dir into `out`
-    (config, safetensors, the input's tokenizer files (save_tokenizer), generation_config), swapped in as a
-    whole (install_export).
-    With `checkpoint`, the same files also become OUT/checkpoints/step-N/ (N = `step`; hard links, no
-    optimizer state), keeping the newest `keep` (0 keeps all). Refuses non-finite weights before anything is written.
-    A failed write (a full disk) removes the half export and stops every rank: the previous export stays.
-    Collective: every rank must call it."""
-    check_finite_weights(model, step)
-    hf = hf_of(model)
-    sd = _full_state_dict(model)
-    out = Path(out)
-    tmp, ck = out / ".export.tmp", out / "checkpoints"
-    # the bytes the export needs (for a full disk's message): each tensor once, in the dtype it is saved in
-    need = sum({v.data_ptr(): v.numel() * (export_dtype.itemsize if export_dtype is not None and v.is_floating_point()
-                                           else v.element_size()) for v in sd.values()}.values())
-    if rank() == 0 and export_dtype is not None:
-        sd = {k: v.to(export_dtype) if v.is_floating_point() else v for k, v in sd.items()}
-        hf.config.dtype = export_dtype
-
-    def export():  # rank 0
-        install_export(out)  # a previous install cut short
-        fresh_dir(tmp)  # made here: never a planted link
-        hf.save_pretrained(tmp, state_dict=sd)
-        save_tokenizer(tok, tmp)
-        if checkpoint:
-            ck.mkdir(exist_ok=True)
-            fresh_dir(ck / f".step-{step}.tmp")
-            shutil.copytree(tmp, ck / f".step-{step}.tmp", copy_function=_link_or_copy, dirs_exist_ok=True)
-            remove(ck / f"step-{step}")
-            os.replace(ck / f".step-{step}.tmp", ck / f"step-{step}")
-            done = sorted((int(d.name[5:]) for d in ck.glob("step-*") if d.name[5:].isdigit()), reverse=True)
-            for old_step in done[keep:] if keep else []:
-                shutil.rmtree(ck / f"step-{old_step}", ignore_errors=True)
-        remove(out / ".export.ready")
-        os.replace(tmp, out / ".export.ready")  # the commit point: a complete export exists
-        install_export(out)
-    write_on_every_rank(export if rank() == 0 else None, (tmp, ck / f".step-{step}.tmp"), need,
-                        f"the export into {out}")
-
-
-def write_on_every_rank(write, temps, need=None, what=None):
-    """Collective: write() (this rank's part of a save; None: nothing); a write error on any rank (a full
-    disk, a read-only dir) removes the temp paths `temps` and is raised on every rank, so no rank waits at
-    the next collective for one that stopped, and nothing half-written is left beside the previous save."""
-    err = None
-    try:
-        if write is not None:
-            write()
-    except BaseException as e:  # torch.distributed.checkpoint's CheckpointException is a BaseException
-        err = e if isinstance(e, (UsageError, DiskFull)) else write_error(temps[0], e, need, what=what)
-        if err is None:
-            raise
-    if is_dist():
-        err = next((x for x in gather_objects([err]) if x is not None), None)
-    if err is not None:
-        if rank() == 0:
-            for t in temps:
-                remove(t)
-        raise err
-
-
-# --- output-dir ownership: a lock for the run's life; a new run refuses a dir holding another run ----
-
-_HELD = {}  # realpath of OUT -> open lock file (this process holds its flock)
-RUN_FILES = ("state", "state.old", "state.tmp", "metrics.jsonl", "checkpoints", "rollouts")
-
-
-def claim_out_dir(out, resume=False, overwrite=False):
-    """Make this run the owner of OUT: an exclusive fcntl.flock on OUT/.lock held until the process
-    ends (rank 0 holds it under torchrun). Without --resume a dir holding a previous run's state or
-    metrics is refused unless --overwrite, which deletes those (state*, metrics.jsonl, checkpoints/,
-    rollouts/) first. Also finishes an export install a killed run left half done. Collective."""
-    import fcntl
-    msg = None
-    if rank() == 0:
-        key = os.path.realpath(out)
-        try:
-            os.makedirs(out, exist_ok=True)
-            if key not in _HELD:
-                f = open(os.path.join(out, ".lock"), "a+")
-                try:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    f.seek(0)
-                    holder = f.read().strip() or "?"
-                    f.close()
-                    raise UsageError(f"--out {out} is in use by another run (pid {holder}); wait for it to finish "
-                                     f"or pick another --out")
-                f.seek(0), f.truncate(), f.write(f"{os.getpid()}\n"), f.flush()
-                _HELD[key] = f
-            install_export(out)
-            found = [n for n in RUN_FILES if os.path.exists(os.path.join(out, n))]
-            if not resume and found:
-                if not overwrite:
-                    raise UsageError(f"--out {out} holds a previous run ({', '.join(found)}): pass --resume to "
-                                     f"continue it or --overwrite to replace it")
-                for n in found:
-                    remove(os.path.join(out, n))  # a link among them goes, never its target
-        except UsageError as e:
-            msg = str(e)
-        except OSError as e:
-            msg = f"--out {out}: {e}"
-    if is_dist():
-        msg = _broadcast_obj(msg)
-    if msg:
-        if rank() == 0:
-            release_out_dirs(out)
-        raise UsageError(msg)
-
-
-def release_out_dirs(out=None):
-    """Drop this process's lock on OUT (all of them when out is None); the lock file stays."""
-    for key in [k for k in _HELD if out is None or k == os.path.realpath(out)]:
-        _HELD.pop(key).close()
-
-
-# --- the non-finite guard: nothing non-finite is ever stepped into or written ------------------------
-
-def check_finite(step, device, **values):
-    """Before opt.step(): every value (loss, grad_norm, ...; floats or tensors) checked on every rank,
-    ONE all-reduced flag vector (every rank takes the same branch, no collective is left hanging).
-    Raises NonFiniteError naming the step and what was non-finite: no step taken, nothing written."""
-    bad = torch.tensor([0.0 if math.isfinite(float(v)) else 1.0 for v in values.values()], device=device)
-    all_reduce(bad, "max")
-    if bad.any():
-        what = ", ".join(k for k, b in zip(values, bad.tolist()) if b)
-        raise NonFiniteError(f"step {step}: non-finite {what} (on at least one rank); stopped before the "
-                             f"optimizer step, nothing written: the last saved state and export are intact "
-                             f"(lower --lr, or check the data of this step)")
-
-
-def check_finite_weights(model, step):
-    """The weights after an update are finite on every rank (a huge lr overflows them without a NaN
-    gradient): save_hf calls it before anything is written, and the stages export before they save the state."""
-    device = comm_device()
-    local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
-    bad = torch.tensor(float(any(not torch.isfinite(p.detach()).all() for p in local)), device=device)
-    all_reduce(bad, "max")
-    if bad.item():
-        raise NonFiniteError(f"step {step}: the weights after the update are non-finite (is --lr too high?); "
-                             f"nothing written: the last saved state and export are intact")
-
-
-# --- resumable state ----------------------------------------------------------------------------------
-
-STATE_DIRS = ("state", "state.old", "state.tmp")
-COMPLETE = "COMPLETE"  # the completeness marker, written last in each state dir
-
-
-def _pause_for_tests(step):
-    """Test-only fault injection (tests/test_faults.py): BEYOND_SFT_PAUSE_IN_SAVE=STEP stops save_state at
-    that step between its two renames (state.old and state.tmp complete, no state/) until killed."""
-    if os.environ.get("BEYOND_SFT_PAUSE_IN_SAVE") == str(step):
-        print(f"paused in save_state at step {step}", file=sys.stderr, flush=True)
-        time.sleep(3600)
-
-
-def save_state(out, model, optim, sched, step):
-    """Sharded model + optimizer (torch.distributed.checkpoint) and per-rank extra state (step, which
-    fixes the data position; scheduler; RNG) into out/state, atomically: write state.tmp, the COMPLETE
-    marker last, then rename (state -> state.old, state.tmp -> state, drop state.old). A kill at any
-    point leaves at least one complete state dir; load_state picks the newest. A failed write (a full disk)
-    removes state.tmp and stops every rank (write_on_every_rank): the previous state stays. The stages call
-    it after save_hf, which has already refused non-finite weights."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-    out = Path(out)
-    tmp, final, old = out / "state.tmp", out / "state", out / "state.old"
-    write_on_every_rank((lambda: fresh_dir(tmp)) if rank() == 0 else None, (tmp,))  # never a planted link
-    msd, osd = get_state_dict(model, optim)
-
-    def write():  # every rank: its shards and its extra state
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
-        buf = io.BytesIO()  # written by write_files: a full disk is an OSError naming the file
-        torch.save({"step": step, "sched": sched.state_dict(), "rng": rng_state()}, buf)
-        write_files({tmp / f"extra_rank{rank()}.pt": buf.getvalue()})
-    write_on_every_rank(write, (tmp,), _nbytes((msd, osd)))
-    marker = {"step": step, "world": dist.get_world_size() if is_dist() else 1}
-    write_on_every_rank((lambda: write_json(tmp / COMPLETE, marker)) if rank() == 0 else None, (tmp,))
-    if rank() == 0:
-        if final.exists():
-            remove(old)
-            os.replace(final, old)
-        _pause_for_tests(step)  # test-only hook (no-op unless BEYOND_SFT_PAUSE_IN_SAVE is set)
-        os.replace(tmp, final)
-        remove(old)
-    barrier()
-
-
-def _nbytes(obj):
-    """Bytes of the tensors in a nested state dict (this rank's shards of a DTensor)."""
-    if isinstance(obj, dict):
-        return sum(_nbytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_nbytes(v) for v in obj)
-    if torch.is_tensor(obj):
-        t = obj.to_local() if hasattr(obj, "to_local") else obj
-        return t.numel() * t.element_size()
-    return 0
-
-
-def _complete_states(out, world):
-    """[(step, dir)] of the complete state dirs (COMPLETE marker and every rank's extra file)."""
-    found = []
-    for name in STATE_DIRS:
-        d = Path(out) / name
-        try:
-            marker = json.loads((d / COMPLETE).read_text())
-        except (OSError, ValueError):
-            continue
-        if marker.get("world") != world:
-            raise UsageError(f"--resume: {d} was written by {marker.get('world')} rank(s); resume with the same "
-                             f"number of processes ({world} now)")
-        if all((d / f"extra_rank{r}.pt").exists() for r in range(world)) and (d / ".metadata").exists():
-            found.append((int(marker["step"]), d))
-    return found
-
-
-# --- reading a state runs no code from it -------------------------------------------------------------
-# torch.distributed.checkpoint (DCP) reads state/.metadata with pickle.load and every non-tensor item of
-# the sharded state (the optimizer's param_groups values) with torch.load(weights_only=False): a crafted
-# state/ would run code on --resume. load_state reads the metadata with an Unpickler that builds only
-# DCP's own metadata classes (below), and each non-tensor item with weights_only=True (plain data only);
-# DCP reads the tensor items with weights_only=True itself, and the extra state is read the same way.
-
-def _metadata_globals():
-    """(module, name) -> object: everything a DCP .metadata pickle may name (torch 2.13 writes the
-    dataclasses of torch.distributed.checkpoint.metadata, _StorageInfo, torch.Size, dtypes, layouts by
-    name and the checkpoint's path); constructing any of them runs no code of the file's choosing."""
-    import pathlib
-    import torch.distributed.checkpoint.filesystem as fs
-    import torch.distributed.checkpoint.metadata as md
-    ok = {(md.__name__, n): c for n, c in vars(md).items() if isinstance(c, type) and c.__module__ == md.__name__}
-    ok.update({("torch", n): v for n, v in vars(torch).items() if isinstance(v, torch.dtype)})
-    ok.update({(fs.__name__, "_StorageInfo"): fs._StorageInfo, ("torch", "Size"): torch.Size,
-               ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
-               ("pathlib", "PosixPath"): pathlib.PosixPath, ("pathlib", "PurePosixPath"): pathlib.PurePosixPath})
-    return ok
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """pickle.Unpickler that resolves only _metadata_globals(): os.system, builtins.eval, ... are refused."""
-
-    def __init__(self, file):
-        super().__init__(file)
-        self.allowed = _metadata_globals()
-
-    def find_class(self, module, name):
-        try:
-            return self.allowed[(module, name)]
-        except KeyError:
-            raise pickle.UnpicklingError(f"it names {module}.{name}, which is not a checkpoint metadata class") \
-                from None
-
-
-def read_state_metadata(path):
-    """DCP's Metadata of the state dir `path`, unpickled by _MetadataUnpickler and checked: every storage
-    item lies in a plain file of `path` with no load transforms. Raises UsageError naming the file."""
-    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-    f = Path(path) / ".metadata"
-    try:
-        with open(f, "rb") as fh:
-            md = _MetadataUnpickler(fh).load()
-        if not isinstance(md, Metadata):
-            raise pickle.UnpicklingError(f"it holds a {type(md).__name__}, not a checkpoint Metadata")
-        for info in md.storage_data.values():
-            name = getattr(info, "relative_path", None)
-            if not isinstance(name, str) or Path(name).name != name or name.startswith(".") or \
-                    getattr(info, "transform_descriptors", None):
-                raise pickle.UnpicklingError(f"a storage item points at {name!r}, not a shard file of the state")
-    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, IndexError, KeyError) as e:
-        raise UsageError(f"--resume: {f}: {e}; refused (resume only from a state this code wrote)") from None
-    md.storage_meta = md.storage_meta or StorageMeta()
-    return md
-
-
-def _load_error(e):
-    """The line of a failed read that says what was wrong (for torch.load(weights_only=True): which global
-    it refused, not its advice to retry with weights_only=False)."""
-    lines = [x.strip() for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
-    return (lines[1] if len(lines) > 1 and lines[0].startswith("Weights only load failed") else lines[0]).rstrip(".")
-
-
-def _dcp_load(sd, path):
-    """dcp.load(sd) from the state dir `path` without unpickling anything that could run code."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-    md = read_state_metadata(path)
-
-    class Reader(dcp.FileSystemReader):
-        def read_metadata(self):  # no **kwargs: DCP then never falls back to per-rank metadata files
-            md.storage_meta.load_id = self.load_id
-            return md
-
-    class Planner(dcp.DefaultLoadPlanner):
-        def load_bytes(self, read_item, value):
-            # DCP's own load_bytes reads the item with torch.load(weights_only=False): read it here with
-            # weights_only=True (plain data or refused), then hand DCP that data re-serialized
-            obj, buf = torch.load(value, weights_only=True), io.BytesIO()
-            torch.save(obj, buf)
-            buf.seek(0)
-            super().load_bytes(read_item, buf)
-
-    try:
-        dcp.load(sd, storage_reader=Reader(path), planner=Planner())
-    except CheckpointException as e:  # a BaseException: one per failed rank, each with its traceback
-        why = _load_error(next(iter(e.failures.values()))[0])
-        raise UsageError(f"--resume: cannot read the sharded state in {path}: {why}; refused") from None
-
-
-def load_state(out, model, optim, sched):
-    """--resume: restore the newest complete state among state/, state.old, state.tmp (model,
-    optimizer, scheduler, RNG), cut metrics.jsonl, rollouts/ and checkpoints/ back to its step, and
-    return that step. Nothing in the state can run code: the extra state is read with
-    torch.load(weights_only=True), the sharded state through _dcp_load."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    world = dist.get_world_size() if is_dist() else 1
-    msg, found = None, []
-    try:
-        found = _complete_states(out, world)
-    except UsageError as e:
-        msg = str(e)
-    if is_dist():  # every rank must agree before any collective load
-        msg, found = _broadcast_obj((msg, found))
-    if msg:
-        raise UsageError(msg)
-    if not found:
-        raise UsageError(f"--resume: no complete resumable state in {out} (looked in {', '.join(STATE_DIRS)})")
-    step, path = max(found)
-    barrier()
-    if rank() == 0 and path.name != "state":  # make it state/ again, so the next save keeps it as state.old
-        shutil.rmtree(Path(out) / "state", ignore_errors=True)
-        os.replace(path, Path(out) / "state")
-    barrier()
-    path = Path(out) / "state"
-    msd, osd = get_state_dict(model, optim)
-    sd = {"model": msd, "optim": osd}
-    _dcp_load(sd, path)
-    set_state_dict(model, optim, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-    try:  # weights_only: tensors and plain containers only; a pickled object that would run code is refused
-        extra = torch.load(path / f"extra_rank{rank()}.pt", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UsageError(f"--resume: {path / f'extra_rank{rank()}.pt'} holds more than tensors and plain data, "
-                         f"refused (read with weights_only=True): {_load_error(e)}") from None
-    set_rng_state(extra["rng"])
-    sched.load_state_dict(extra["sched"])
-    truncate_metrics(out, extra["step"])
-    if rank() == 0:
-        for f in (Path(out) / "rollouts").glob("step_*.jsonl"):
-            if f.stem[5:].isdigit() and int(f.stem[5:]) > step:
-                f.unlink()
-        for d in (Path(out) / "checkpoints").glob("step-*"):
-            if d.name[5:].isdigit() and int(d.name[5:]) > step:
-                shutil.rmtree(d)
-    barrier()
-    print0(f"resumed from {path} at step {extra['step']}")
-    return extra["step"]
-
-
-# --- --resume keeps the run's flags ---------------------------------------------------------------------
-
-# Flags that change no number of a run: where it stops, how often it saves, dumps and logs, what it may
-# load. Every other flag (model, data, optimizer, schedule, batch and sampling settings, estimator, seed,
-# dtype, memory layout) can change what the steps compute, so --resume compares it with the run's args.json.
-RESUME_FREE = ("stop_at", "save_every", "keep_checkpoints", "dump_every", "wandb", "max_kl", "reflection_words",
-               "trust_remote_code")
-_NOT_RUN_FLAGS = ("out", "resume", "overwrite", "allow_changes")  # how this start was asked for, not the run
-
-
-def _flag(dest):
-    return "--" + dest.replace("_", "-")
-
-
-def _shown(v):
-    """A flag's value as a user types it: unset, on / off, a list space-separated, JSON for an object."""
-    if v is None or isinstance(v, bool):
-        return {None: "unset", True: "on", False: "off"}[v]
-    return " ".join(map(str, v)) if isinstance(v, list) else json.dumps(v) if isinstance(v, dict) else str(v)
-
-
-def run_flags(out):
-    """(args.json as written, the flags the run in OUT now has: args.json's with every change an earlier
-    --allow-changes recorded applied in order); (None, None) when OUT has no args.json."""
-    path = Path(out) / "args.json"
-    if not path.exists():
-        return None, None
-    try:
-        rec = json.loads(path.read_text())
-        flags = {k: v for k, v in rec.items() if k != "changes"}
-        for ch in rec.get("changes", []):
-            flags.update((k, new) for k, (_, new) in ch["flags"].items())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise UsageError(f"--resume: {path} is not a run's flags ({e}); cannot check the flags of this start "
-                         f"against the run") from None
-    return rec, flags
-
-
-def resume_changes(args):
-    """--resume: the flags of this start that differ from the run's ({dest: [the run's value, the new one]}),
-    checked before any model loads. Refuses (UsageError naming each flag and both values) a change of
-    a flag outside RESUME_FREE unless --allow-changes; then write_args records it. Every rank reads
-    the same args.json and so takes the same branch."""
-    _, flags = run_flags(args.out)
-    if flags is None:  # no args.json: the run never got past its start, load_state finds no state
-        return {}
-    new = json.loads(json.dumps(vars(args), default=str))  # as args.json holds it (tuples as lists)
-    changes = {k: [flags.get(k), v] for k, v in new.items() if k not in _NOT_RUN_FLAGS and flags.get(k) != v}
-    fixed = {k: ch for k, ch in changes.items() if k not in RESUME_FREE}
-    if fixed and not args.allow_changes:
-        what = ", ".join(f"{_flag(k)} {_shown(v)} (the run's: {_shown(old)})" for k, (old, v) in fixed.items())
-        raise UsageError(f"--resume: {what} would change the run in {args.out} (its args.json); resume with the "
-                         f"run's values, or add --allow-changes to continue with the new ones (both are kept in "
-                         f"args.json)")
-    return changes
-
-
-def write_args(args, step=0, changes=None):
-    """Rank 0: OUT/args.json holds the flags of the run's first start; a resume never rewrites them, it
-    appends {"after_step": S, "flags": {dest: [old, new]}} to its "changes" list when a flag changed (the
-    steps after S ran with the new values)."""
-    rec, _ = run_flags(args.out) if args.resume else (None, None)
-    if rec is None:
-        rec = vars(args)
-    elif changes:
-        rec.setdefault("changes", []).append({"after_step": step, "flags": changes})
-    write_json(Path(args.out) / "args.json", rec)
-
-
-def apply_optimizer_flags(optim, sched, lr, betas, weight_decay):
-    """--resume --allow-changes: the restored optimizer and scheduler carry the run's lr, betas and weight
-    decay; set the new ones, and each group's lr to lr × the (new) schedule at the restored step, the value
-    LambdaLR would have set."""
-    sched.base_lrs = [lr] * len(optim.param_groups)
-    for g, f in zip(optim.param_groups, sched.lr_lambdas):
-        g.update(initial_lr=lr, lr=lr * f(sched.last_epoch), betas=tuple(betas), weight_decay=weight_decay)
-    sched._last_lr = [g["lr"] for g in optim.param_groups]
-
-
-def rng_state():
-    s = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state()
-    return s
-
-
-def set_rng_state(s):
-    random.setstate(s["python"])
-    torch.set_rng_state(s["torch"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state(s["cuda"])
-
+# 5. optimizer and schedule
 
 def clip_grad_norm(model, max_norm):
     """Clip after the gradients are reduced; returns the global norm as a plain tensor (DTensor under FSDP2)."""
@@ -1675,178 +877,7 @@ def build_optimizer(params, name, lr, betas, weight_decay, device):
 
 
 # ------------------------------------------------------------------------------------------------
-# 7. logging and files
-
-# --- writes: a temp file beside its target, created exclusively, then renamed over it -----------------
-
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
-
-
-def _size(n):
-    return next(f"{n / k:.1f} {u}" for k, u in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")) if n >= k) \
-        if n >= 1024 else f"{n} bytes"
-
-
-def write_error(path, e, need=None, cleaned=True, what=None):
-    """The one-line error for an exception `e` raised while writing `path`, or None when `e` is not a write
-    failure: DiskFull (exit 1) for a full disk, a quota or the file-size limit, with the bytes needed (when
-    known) and free; UsageError (exit 2) for a read-only or unwritable place. `what` names the write in the
-    message (default: the path). Libraries that wrap the OS error (safetensors, torch.distributed.checkpoint)
-    are read by the errno their message carries."""
-    import re
-    path = path or getattr(e, "filename", None) or "a file"
-    d = os.path.dirname(os.path.abspath(path))
-    while not os.path.isdir(d):
-        d = os.path.dirname(d)
-    code = e.errno if isinstance(e, OSError) else None
-    if code is None:
-        m = re.search(r"(?:\[Errno |os error )(\d+)", str(e))
-        code = int(m.group(1)) if m else None
-    if code is None and re.search(r"unexpected pos \d+ vs|file write failed", str(e)):
-        # torch.save's zip writer drops the errno: a full disk is one with nothing left, else the size limit
-        code = errno.ENOSPC if shutil.disk_usage(d).free < max(need or 0, 1 << 20) else \
-            errno.EFBIG if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY else None
-    if code not in _DISK_FULL + _NOT_WRITABLE:
-        return None
-    msg = f"cannot write {what or path}: {os.strerror(code)}"
-    if code in _NOT_WRITABLE:
-        return UsageError(f"{msg}; write somewhere writable")
-    if code == errno.EFBIG:
-        return DiskFull(f"{msg} (over the file-size limit, `ulimit -f`{f'; it needs {_size(need)}' if need else ''})")
-    need = f"needs about {_size(need)}, " if need else ""
-    return DiskFull(f"{msg} ({need}{_size(shutil.disk_usage(d).free)} free there)"
-                    + ("; nothing half-written is left" if cleaned else ""))
-
-
-def remove(path):
-    """Delete what is at `path` without following a symlink: a link or a file is unlinked, a real directory
-    removed with its contents (shutil.rmtree unlinks the links inside, never their targets)."""
-    try:
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        else:
-            os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def fresh_dir(path):
-    """An empty directory at `path`, made by one mkdir after whatever was at that name is removed (never
-    followed): what is written into it cannot land outside its parent."""
-    remove(path)
-    os.mkdir(path)
-
-
-def write_files(files):
-    """Write {path: data} atomically, as a set: each data to PATH.tmp, created with O_EXCL | O_NOFOLLOW after
-    whatever was at that name is removed (a planted symlink is never followed), then every temp renamed over
-    its path (a reader sees the old file or the new one). data: str, bytes, or a function writing into a
-    binary file. A failed write removes every temp, leaves every previous file as it was, and raises
-    write_error's one line naming the path."""
-    tmps, path, data = [], None, None
-    try:
-        for path, data in files.items():
-            tmp = f"{path}.tmp"
-            remove(tmp)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
-            tmps.append(tmp)
-            with os.fdopen(fd, "wb") as f:
-                data(f) if callable(data) else f.write(data.encode() if isinstance(data, str) else data)
-        for path, tmp in zip(files, tmps):
-            os.replace(tmp, path)
-    except BaseException as e:
-        for tmp in tmps:
-            remove(tmp)
-        err = write_error(path, e, None if callable(data) else len(data.encode() if isinstance(data, str) else data))
-        if err is None:
-            raise
-        raise err from None
-
-
-def write_json(path, obj):
-    """Write JSON atomically (write_files)."""
-    write_files({path: json.dumps(obj, indent=2, default=str)})
-
-
-def _json_line(obj):
-    """One JSONL line as UTF-8 bytes, text as is; a lone surrogate (it has no UTF-8) is written escaped
-    (\\ud800), which reads back the same."""
-    try:
-        return (json.dumps(obj, ensure_ascii=False, default=float) + "\n").encode()
-    except UnicodeEncodeError:
-        return (json.dumps(obj, default=float) + "\n").encode()
-
-
-def append_jsonl(path, obj):
-    """One os.write of one line with O_APPEND: processes append to the same file without interleaving
-    (a local filesystem), and the line is in the kernel when this returns (a kill loses nothing before it)."""
-    line = _json_line(obj)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line)
-        finally:
-            os.close(fd)
-    except OSError as e:
-        raise (write_error(path, e, len(line)) or e) from None
-
-
-def write_jsonl(path, recs):
-    """Write records as JSONL atomically (write_files): a reader sees the old file or the new one."""
-    write_files({path: lambda f: f.writelines(_json_line(r) for r in recs)})
-
-
-class Logger:
-    """Rank 0: one fixed-format line per step, the same keys to out/metrics.jsonl (and wandb if asked)."""
-
-    def __init__(self, out, total_steps, wandb_project=None, args=None):
-        self.out, self.total, self.wandb, self.t0 = out, total_steps, None, time.time()
-        if rank() == 0 and wandb_project:
-            import wandb
-            self.wandb = wandb.init(project=wandb_project, config=args)
-
-    def log(self, step, metrics):
-        if rank() != 0:
-            return
-        rec = {"step": step, **{k: (float(v) if isinstance(v, (int, float, torch.Tensor)) else v)
-                               for k, v in metrics.items()}}
-        line = " | ".join(f"{k} {_fmt(v)}" for k, v in rec.items() if k != "step")
-        print(f"step {step}/{self.total} | {line}", flush=True)
-        append_jsonl(os.path.join(self.out, "metrics.jsonl"), rec)
-        if self.wandb is not None:
-            self.wandb.log(rec, step=step)
-
-
-def _fmt(v):
-    if isinstance(v, float):
-        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
-    return str(v)
-
-
-def truncate_metrics(out, step):
-    """On resume, drop metrics.jsonl lines past the restored step (they will be written again). A torn
-    last line (a kill mid-write) is dropped with a warning; a bad line elsewhere is a DataError."""
-    path = os.path.join(out, "metrics.jsonl")
-    if rank() == 0 and os.path.exists(path):
-        lines = [line for line in open(path) if line.strip()]
-        keep = []
-        for i, line in enumerate(lines, 1):
-            try:
-                rec = json.loads(line)
-                rec_step = rec["step"]
-            except (ValueError, KeyError, TypeError):
-                if i == len(lines):
-                    print(f"warning: {path}: dropped a torn last line (row {i}): {line[:80]!r}", flush=True)
-                    continue
-                raise DataError(f"{path}: row {i}: not a metrics record") from None
-            if rec_step <= step:
-                keep.append(line if line.endswith("\n") else line + "\n")
-        write_files({path: "".join(keep)})
-
-
-# ------------------------------------------------------------------------------------------------
-# 8. HTTP: evaluate.py's --api-url generation (engine.generate_api) and the AIR-Bench judge (reward.py)
+# 6. HTTP: evaluate.py's --api-url generation (engine.generate_api) and the AIR-Bench judge (reward.py)
 
 class RequestFailed(UsageError):
     """An HTTP request that failed for good (after its retries, or a 4xx that retrying cannot fix)."""

@@ -71,7 +71,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import cli
 import common
+import files
 from common import DataError
 
 DEFAULT_WORDS = "wait,Wait,but,But,Alternatively"
@@ -319,7 +321,7 @@ def parse_named(specs, flag):
 
 def read_records(path, temperature):
     """Generation records of one file, checked field by field; resolves the scoring temperature."""
-    recs = common.read_generations(path, need=("prompt", "completion"))
+    recs = cli.read_generations(path, need=("prompt", "completion"))
     for row, r in enumerate(recs, 1):
         r["row"] = row
     if temperature is None:
@@ -483,7 +485,7 @@ def main(argv=None):
     # every input is checked (files, rows, model paths) before any model runs or anything is written
     models, inputs = parse_named(args.model, "--model"), parse_named(args.input, "--input")
     for name, path in models:  # before any weight is read
-        common.check_model(path, f"--model {name}", trust_remote_code=args.trust_remote_code)
+        cli.check_model(path, f"--model {name}", trust_remote_code=args.trust_remote_code)
     data = {name: read_records(path, args.temperature) for name, path in inputs}
     toks = {name: common.load_tokenizer(path, trust_remote_code=args.trust_remote_code, what=f"--model {name}")
             for name, path in models}
@@ -492,7 +494,7 @@ def main(argv=None):
             raise common.UsageError(f"--model {name}: needs a fast tokenizer (token character offsets)")
         for dname, path in inputs:
             check_prompt_ids(path, data[dname][0], tok, name)
-    mem_rows = common.load_pairs(args.memorization) if args.memorization else []
+    mem_rows = cli.load_pairs(args.memorization) if args.memorization else []
     mem_rows = mem_rows[:args.mem_limit] if args.mem_limit > 0 else mem_rows
 
     # --- compute: each rank scores its shard of the records, one model at a time ---
@@ -516,7 +518,7 @@ def main(argv=None):
     mem_results.sort(key=lambda r: (order[r["model"]], r["row"]))
     summary, hists = summarize(results, args.bootstrap, args.seed), pooled_histograms(results, edges)
     mem_summary = summarize_memorization(mem_results, models, args) if mem_rows else []
-    outputs = {}  # common.write_files: a failed write leaves every previous file as it was
+    outputs = {}  # files.write_files: a failed write leaves every previous file as it was
     if results:
         outputs["records.jsonl"] = "".join(json.dumps({k: v for k, v in r.items() if k[0] != "_"}) + "\n" for r in results)
         outputs["summary.json"] = json.dumps(summary, indent=1) + "\n"
@@ -527,7 +529,7 @@ def main(argv=None):
         outputs["memorization.jsonl"] = "".join(json.dumps(r) + "\n" for r in mem_results)
         outputs["memorization.json"] = json.dumps(mem_summary, indent=1) + "\n"
     os.makedirs(args.out, exist_ok=True)
-    common.write_files({os.path.join(args.out, name): data for name, data in outputs.items()})
+    files.write_files({os.path.join(args.out, name): data for name, data in outputs.items()})
     if results:
         print(format_table(summary))
     for s in mem_summary:
@@ -538,4 +540,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.cli_main(main)
+    cli.cli_main(main)

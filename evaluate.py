@@ -89,7 +89,10 @@ from types import SimpleNamespace
 import torch
 from tqdm import tqdm
 
+import checkpoint
+import cli
 import common
+import files
 import engine
 import reward
 from common import DataError, UsageError
@@ -138,7 +141,7 @@ def load_benchmark(name, spec, limit=None):
     with id, question, gold and extras (category, GPQA options, AIR-Bench cate_idx, XSTest label, JBB attack)."""
     if name == "jbb":
         return first_prompts(load_jbb(spec), limit)
-    rows = common.read_table(spec)
+    rows = cli.read_table(spec)
     if not rows:
         raise DataError(f"{spec}: no rows")
     items = []
@@ -289,7 +292,7 @@ def build_jobs(benches, samples, seed, temperature):
 def train_overlap(spec, benches, n=13):
     """Per benchmark: how many questions share a 13-gram with a training prompt (common.ngrams)."""
     grams = set()
-    for row in common.load_pairs(spec, need_response=False):
+    for row in cli.load_pairs(spec, need_response=False):
         grams |= common.ngrams(row["prompt"], n)
     out = {}
     for name, items in benches.items():
@@ -953,9 +956,9 @@ def check_graders(names, args):
     """The grading models of the benchmarks in `names`, before any generation: --safety-rm (AttaQ) a
     sequence classifier, a local --judge (AIR-Bench) a causal LM whose tokenizer has a chat template."""
     if "attaq" in names:
-        common.check_model(args.safety_rm, "--safety-rm", "seq-cls", trust_remote_code=args.trust_remote_code)
+        cli.check_model(args.safety_rm, "--safety-rm", "seq-cls", trust_remote_code=args.trust_remote_code)
     if "airbench" in names and args.judge and not args.judge_url:
-        common.check_model(args.judge, "--judge", trust_remote_code=args.trust_remote_code)
+        cli.check_model(args.judge, "--judge", trust_remote_code=args.trust_remote_code)
         common.load_tokenizer(args.judge, args.trust_remote_code, what="--judge")  # it must have a chat template
 
 
@@ -990,7 +993,7 @@ def run_eval(args):
         raise UsageError("--api-url needs --api-model (the model name the server serves)")
     common.check_out_dir(args.out)
     # the model dirs before any weight is read (with --api-url only the tokenizer of --model is used)
-    cfg = None if args.api_url else common.check_model(args.model, "--model", trust_remote_code=args.trust_remote_code)
+    cfg = None if args.api_url else cli.check_model(args.model, "--model", trust_remote_code=args.trust_remote_code)
     check_graders(names, args)
     dist_ = common.init_dist(args.device, args.dist_timeout)
     common.seed_everything(args.seed + dist_.rank)
@@ -1008,7 +1011,7 @@ def run_eval(args):
     tok = common.load_tokenizer(args.model, args.trust_remote_code, what="--model")
     jobs = build_jobs(benches, samples, args.seed, args.temperature)
     check_context(jobs, tok, args, common.model_context(cfg) if cfg else None)
-    common.claim_out_dir(args.out, resume=True)  # a lock for the run's life (rank 0 holds it)
+    checkpoint.claim_out_dir(args.out, resume=True)  # a lock for the run's life (rank 0 holds it)
     fp = fingerprint(args, tok, rows, jobs, names) if dist_.rank == 0 else (None, None)  # rank 0 checks the records
     done = resume_records(args, names, *fp, dist_.rank)
     pending = [j for j in jobs if key(j) not in done]
@@ -1016,7 +1019,7 @@ def run_eval(args):
     common.print0(f"evaluate: {len(jobs)} samples over {', '.join(f'{n} {len(benches[n])}x{samples[n]}' for n in names)}"
                   f" on {dist_.world} rank(s); {len(jobs) - len(pending)} already in {args.out}, {len(pending)} to generate")
     # --- generate: each record appended to OUT/NAME.jsonl (one write, flushed) as soon as it exists ---
-    write = lambda j: common.append_jsonl(os.path.join(args.out, f"{j['benchmark']}.jsonl"), ordered(j))  # noqa: E731
+    write = lambda j: files.append_jsonl(os.path.join(args.out, f"{j['benchmark']}.jsonl"), ordered(j))  # noqa: E731
     if args.api_url:
         generate_api(mine, args, tok, on_done=write)
     elif mine:  # the model loaded once; generate_local a chunk at a time, so a kill loses at most one chunk
@@ -1048,9 +1051,9 @@ def run_eval(args):
         summary = summarize(allrecs)
         for n in names:
             summary.setdefault(n, {"score": None, "n": 0, "n_errors": 0})["train_overlap"] = overlap.get(n)
-            common.write_jsonl(os.path.join(args.out, f"{n}.jsonl"),
+            files.write_jsonl(os.path.join(args.out, f"{n}.jsonl"),
                                [ordered(r) for r in allrecs if r["benchmark"] == n] + extras(args.out, n, order))
-        common.write_json(os.path.join(args.out, "summary.json"),
+        files.write_json(os.path.join(args.out, "summary.json"),
                           {"benchmarks": summary, "settings": settings(args, tok, names, data, samples, dist_.world)})
         print_table(summary)
         print(f"wrote {', '.join(f'{n}.jsonl' for n in names)} and summary.json to {args.out}")
@@ -1058,7 +1061,7 @@ def run_eval(args):
         if n_err > args.max_failures:
             raise TooManyFailures(f"{n_err} records failed for good, more than --max-failures {args.max_failures}; "
                                   f"rerun the same command to retry them")
-    common.finish()
+    cli.finish()
 
 
 # --- resumable output: OUT/NAME.jsonl grows a record at a time; a rerun skips what is there ----------
@@ -1137,25 +1140,10 @@ def _changed(k, old, fp):
     return f"{k} {json.dumps(old)[:80]} -> {json.dumps(fp[k])[:80]}"
 
 
-def read_records(out, names, warn=False):
-    """{(benchmark, id, sample): record} from OUT/NAME.jsonl; a line that is not a JSON record (a torn
-    last line from a kill) is skipped; a later record of the same job replaces an earlier one."""
-    recs = {}
-    for n in names:
-        path = os.path.join(out, f"{n}.jsonl")
-        if not os.path.exists(path):
-            continue
-        bad = 0
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    r = json.loads(line)
-                    recs[key(r)] = r
-                except (ValueError, KeyError, TypeError):
-                    bad += line.strip() != ""
-        if bad and warn:
-            print(f"warning: {path}: skipped {bad} line(s) that are not records (a run killed mid-write)", flush=True)
-    return recs
+def read_records(out, names):
+    """{(benchmark, id, sample): record} of OUT/NAME.jsonl for every name (checkpoint.read_records: a torn
+    last line is dropped with a warning; a later record of the same job replaces an earlier one)."""
+    return {k: r for n in names for k, r in checkpoint.read_records(os.path.join(out, f"{n}.jsonl"), key).items()}
 
 
 def extras(out, name, order):
@@ -1189,19 +1177,16 @@ def resume_records(args, names, fp, model_files, rank):
                        f"use another --out, or --overwrite to discard them")
                 break
         if msg is None:
-            recs = read_records(args.out, names, warn=True)
+            recs = read_records(args.out, names)
             for r in recs.values():  # a failed judge call: keep the generation, grade it again
                 if str(r.get("error", "")).startswith("judge:"):
                     r.pop("error"), r.update(score=None)
             for n in names:
                 keep = [r for k, r in recs.items() if k[0] == n and not r.get("error")]
                 if os.path.exists(os.path.join(args.out, f"{n}.jsonl")):
-                    common.write_jsonl(os.path.join(args.out, f"{n}.jsonl"), keep)
-            common.write_json(meta_path, {**meta, **fp, "model_files": model_files})
-    if common.is_dist():
-        box = [msg]
-        torch.distributed.broadcast_object_list(box, 0)
-        msg = box[0]
+                    files.write_jsonl(os.path.join(args.out, f"{n}.jsonl"), keep)
+            files.write_json(meta_path, {**meta, **fp, "model_files": model_files})
+    msg = common.broadcast_object(msg)
     if msg:
         raise UsageError(msg)
     common.barrier()
@@ -1213,14 +1198,14 @@ def run_grade(args):
     common.check_out_file(args.out)
     # the lock of the output's directory, held to the end: a running evaluate.py appending to its --out
     # refuses grade's write there, and an evaluate.py started on that dir meanwhile is refused
-    common.claim_out_dir(os.path.dirname(os.path.abspath(args.out)), resume=True)
+    checkpoint.claim_out_dir(os.path.dirname(os.path.abspath(args.out)), resume=True)
 
     def need(r):  # the string fields a record of r's benchmark must have
         b = r.get("benchmark")
         return ["benchmark", "completion", "prompt"] + ["cate_idx"] * (b == "airbench") \
             + ["gold"] * (b in MATH or (b == "gpqa_diamond" and "perm" not in r)) + ["label"] * (b == "xstest") \
             + ["goal", "attack", "index"] * (b == "jbb")
-    recs = common.read_generations(args.input, need)
+    recs = cli.read_generations(args.input, need)
     for i, r in enumerate(recs, 1):
         if r["benchmark"] not in BENCHMARKS and r["benchmark"] != "rl":
             raise DataError(f"{args.input}: row {i}: field 'benchmark': unknown benchmark {r['benchmark']!r}")
@@ -1235,12 +1220,12 @@ def run_grade(args):
     templates = judge_templates(args, names)
     device = torch.device(common.resolve_device())  # a GPU machine whose GPU torch cannot use stops here
     grade_records(recs, *graders_for(names, args, device), templates=templates, jbb_proxy=args.jbb_proxy)
-    common.write_jsonl(args.out, [ordered(r) for r in recs])
+    files.write_jsonl(args.out, [ordered(r) for r in recs])
     summary = summarize(recs)
     print_table(summary)
     print(json.dumps(summary, indent=1))
     print(f"wrote {len(recs)} graded records to {args.out}")
-    common.release_out_dirs()
+    checkpoint.release_out_dirs()
 
 
 def main(argv=None):
@@ -1251,4 +1236,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.cli_main(main)
+    cli.cli_main(main)

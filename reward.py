@@ -54,7 +54,9 @@ from functools import lru_cache
 
 import torch
 
+import cli
 import common
+import files
 import engine
 from common import DataError, UsageError
 
@@ -115,7 +117,7 @@ class RewardModel:
         p = os.path.expanduser(str(path))
         try:
             model = AutoModelForSequenceClassification.from_pretrained(p, **kw)
-        except (OSError, ValueError) as e:  # a hub id common.check_model could not look into
+        except (OSError, ValueError) as e:  # a hub id cli.check_model could not look into
             raise UsageError(f"cannot load reward model from {path}: {common.first_line(e)}") from None
         if model.config.num_labels != 1:
             raise UsageError(f"reward model {path} has {model.config.num_labels} outputs; want 1")
@@ -531,7 +533,7 @@ def load_judge_prompts(spec):
     """AIR-Bench judge prompts: {cate-idx: judge_prompt}, each checked for both JUDGE_PLACEHOLDERS (a
     prompt without {{ANSWER}} would have the judge score answers it never sees)."""
     out = {}
-    for i, r in enumerate(common.read_table(spec), 1):
+    for i, r in enumerate(cli.read_table(spec), 1):
         for f in ("cate-idx", "judge_prompt"):
             if not str(r.get(f) or "").strip():
                 raise DataError(f"{spec}: row {i}: missing or empty field '{f}'")
@@ -634,8 +636,8 @@ def main(argv=None):
         raise UsageError("nothing to score: give --reward-model and/or --rule")
     common.check_out_file(args.out)
     if args.reward_model:
-        common.check_model(args.reward_model, "--reward-model", "seq-cls", trust_remote_code=args.trust_remote_code)
-    recs = common.read_generations(args.input, ["completion"] + ["prompt"] * bool(args.reward_model)
+        cli.check_model(args.reward_model, "--reward-model", "seq-cls", trust_remote_code=args.trust_remote_code)
+    recs = cli.read_generations(args.input, ["completion"] + ["prompt"] * bool(args.reward_model)
                                    + ["gold"] * ("math" in dict(rules.rules)))
     parts = [rules.parts(r["completion"], r.get("gold"), r.get("thinking", True)) for r in recs]
     if args.reward_model:
@@ -659,11 +661,11 @@ def main(argv=None):
             raise DataError(f"{args.input}: row {i}: the reward {r['reward']} is not finite (--rule weights too "
                             f"large?); nothing written")
         rewards.append(r["reward"])
-    common.write_jsonl(args.out, recs)  # temp file + rename: a failed write leaves the previous file
+    files.write_jsonl(args.out, recs)  # temp file + rename: a failed write leaves the previous file
     mean = sum(rewards) / max(len(rewards), 1)
     std = math.sqrt(sum((x - mean) ** 2 for x in rewards) / max(len(rewards), 1))
     print(f"scored {len(rewards)} records -> {args.out} | reward mean {mean:.4f} | std {std:.4f}")
 
 
 if __name__ == "__main__":
-    common.cli_main(main)
+    cli.cli_main(main)

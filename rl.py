@@ -74,14 +74,15 @@ import time
 
 import torch
 
-from common import (ArgumentParser, DataError, HelpFormatter, Logger, NonFiniteError, StopRun, UsageError,
-                    add_compute_flags, all_reduce, apply_optimizer_flags, barrier, build_optimizer, build_policy,
-                    chat_template_kwargs, check_finite, check_min, check_model, check_out_dir, check_range,
-                    check_sampling, check_training, claim_out_dir, cli_main, clip_grad_norm, cosine_lr, gather_objects,
-                    hsdp_replicas, import_optional, init_dist, load_pairs, load_state, load_tokenizer, model_context,
-                    pad_right, pick_dtype, positions_from_mask, print0, prompt_thinking, read_table, release_out_dirs,
-                    render_prompt_text, resume_changes, save_hf, save_state, seed_everything, split_reasoning,
-                    stop_token_ids, write_args, write_jsonl)
+import checkpoint
+import cli
+import files
+from common import (ArgumentParser, DataError, HelpFormatter, NonFiniteError, StopRun, UsageError, add_compute_flags,
+                    all_reduce, barrier, build_optimizer, build_policy, chat_template_kwargs, check_min, check_out_dir,
+                    check_range, check_sampling, check_training, clip_grad_norm, cosine_lr, gather_objects,
+                    hsdp_replicas, import_optional, init_dist, load_tokenizer, model_context, pad_right, pick_dtype,
+                    positions_from_mask, print0, prompt_thinking, render_prompt_text, seed_everything, split_reasoning,
+                    stop_token_ids)
 import engine
 from entropy import DEFAULT_WORDS, find_reflections, segment_masks, word_set
 
@@ -407,11 +408,11 @@ def check_args(args, world):
 
 
 def check_models(args):
-    """--model and --reward-model, before any weight is read (common.check_model); returns the policy's
+    """--model and --reward-model, before any weight is read (cli.check_model); returns the policy's
     context length (None when its config does not say), which bounds --max-new-tokens and the prompts."""
-    cfg = check_model(args.model, "--model", trust_remote_code=args.trust_remote_code)
+    cfg = cli.check_model(args.model, "--model", trust_remote_code=args.trust_remote_code)
     if args.reward_model:
-        check_model(args.reward_model, "--reward-model", "seq-cls", trust_remote_code=args.trust_remote_code)
+        cli.check_model(args.reward_model, "--reward-model", "seq-cls", trust_remote_code=args.trust_remote_code)
     ctx = model_context(cfg)
     if ctx and args.max_new_tokens >= ctx:
         raise UsageError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the context of "
@@ -424,9 +425,9 @@ def load_prompts(args, tok, rules, ctx=None):
     prompt splits into reasoning and answer) and, for --rule math, the gold answer (validated first). Prompts
     longer than --max-prompt-len, or than the model's context `ctx` minus --max-new-tokens, are dropped
     (counted). Returns (rows, n dropped, the length limit that applied)."""
-    rows = load_pairs(args.prompts, args.prompt_field, need_response=False)
+    rows = cli.load_pairs(args.prompts, args.prompt_field, need_response=False)
     gold_field = args.gold_field or ("answer" if rules and any(r == "math" for r, _ in rules.rules) else None)
-    raw = read_table(args.prompts) if gold_field else None
+    raw = cli.read_table(args.prompts) if gold_field else None
     for r in rows:
         if raw and gold_field not in raw[r["row"] - 1]:
             raise DataError(f"{args.prompts}: row {r['row']}: missing field '{gold_field}' (needed by --rule math)")
@@ -551,7 +552,7 @@ def ppo_update(policy, opt, items, ro, adv, args, d, autocast, step, pad_id):
                     st_sum["ratio0"] += (st["ratio_mean"] * st["n_tokens"]).item()
                     st_sum["ntok0"] += st["n_tokens"].item()
             gnorm = clip_grad_norm(policy, args.clip)
-            check_finite(step + 1, d.device, loss=step_loss, grad_norm=gnorm)  # before the update, every rank
+            checkpoint.check_finite(step + 1, d.device, loss=step_loss, grad_norm=gnorm)  # before the update, every rank
             opt.step()
             opt.zero_grad(set_to_none=True)
     return st_sum, gnorm
@@ -601,8 +602,8 @@ def main(argv=None):
     # --------------------------------------------------------------------------- data (validated first)
     tok = load_tokenizer(args.model, args.trust_remote_code, what="--model")
     rows, n_long, why_long = load_prompts(args, tok, rules, ctx)
-    claim_out_dir(args.out, args.resume, args.overwrite)  # a lock for the run's life; refuses another run's dir
-    changes = resume_changes(args) if args.resume else {}  # a changed flag is refused unless --allow-changes
+    checkpoint.claim_out_dir(args.out, args.resume, args.overwrite)  # a lock for the run's life; refuses another run's dir
+    changes = checkpoint.resume_changes(args) if args.resume else {}  # a changed flag is refused unless --allow-changes
 
     # --------------------------------------------------------------------------- models
     policy, export_dtype = build_policy(args.model, d, dtype, args.grad_checkpointing, args.cpu_offload,
@@ -620,13 +621,13 @@ def main(argv=None):
     stops, n = stop_token_ids(tok, policy.hf, args.chat_template_kwargs), args.samples_per_prompt
     words, piece = word_set(args.reflection_words), functools.lru_cache(maxsize=None)(lambda i: tok.decode([i]))
 
-    step = load_state(args.out, policy, opt, sched) if args.resume else 0
+    step = checkpoint.load_state(args.out, policy, opt, sched) if args.resume else 0
     if args.allow_changes and changes:  # the restored optimizer and scheduler still hold the run's values
-        apply_optimizer_flags(opt, sched, args.lr, args.betas, args.weight_decay)
+        checkpoint.apply_optimizer_flags(opt, sched, args.lr, args.betas, args.weight_decay)
     if d.rank == 0:
         os.makedirs(os.path.join(args.out, "rollouts"), exist_ok=True)
-        write_args(args, step, changes)
-    log = Logger(args.out, args.max_steps, args.wandb, vars(args))
+        checkpoint.write_args(args, step, changes)
+    log = cli.Logger(args.out, args.max_steps, args.wandb, vars(args))
     stop = min(args.max_steps, args.stop_at or args.max_steps)
     print0(f"rl: {len(rows)} prompts ({n_long} dropped: longer than {why_long}), "
            f"{args.rollout_batch}x{n} samples/step, {args.rollout_batch * n // args.train_batch}"
@@ -677,10 +678,10 @@ def main(argv=None):
         if periodic or step == stop:
             # the export first, then the state: a kill between them leaves an export AHEAD of the state,
             # which --resume recomputes bit-exactly and rewrites (never a stale export behind a finished state)
-            save_hf(policy, tok, args.out, export_dtype, step, checkpoint=periodic, keep=args.keep_checkpoints)
-            save_state(args.out, policy, opt, sched, step)
+            checkpoint.save_hf(policy, tok, args.out, export_dtype, step, checkpoint=periodic, keep=args.keep_checkpoints)
+            checkpoint.save_state(args.out, policy, opt, sched, step)
     print0(f"done: {args.out}")
-    release_out_dirs(args.out)
+    checkpoint.release_out_dirs(args.out)
     return policy
 
 
@@ -704,8 +705,8 @@ def dump_rollouts(out, step, items, R, n, rank):
                      "rank": rank, "prompt_ids": it["prompt_ids"]})
     recs = gather_objects(recs)
     if rank == 0:  # written whole (temp file + rename): a replayed step after --resume rewrites it, never appends
-        write_jsonl(os.path.join(out, "rollouts", f"step_{step:05d}.jsonl"), recs)
+        files.write_jsonl(os.path.join(out, "rollouts", f"step_{step:05d}.jsonl"), recs)
 
 
 if __name__ == "__main__":
-    cli_main(main)
+    cli.cli_main(main)

@@ -46,12 +46,12 @@ import time
 
 import torch
 
-from common import (ArgumentParser, DataError, HelpFormatter, Logger, UsageError, add_compute_flags, all_reduce,
-                    apply_optimizer_flags, build_optimizer, build_policy, chat_template_kwargs, check_finite, check_min,
-                    check_model, check_out_dir, check_training, claim_out_dir, cli_main, clip_grad_norm, cosine_lr,
-                    hsdp_replicas, import_optional, init_dist, load_pairs, load_state, load_tokenizer, ngrams,
-                    packing_exact, pick_dtype, print0, release_out_dirs, render_sft, resume_changes, save_hf,
-                    save_state, seed_everything, write_args)
+import checkpoint
+import cli
+from common import (ArgumentParser, DataError, HelpFormatter, UsageError, add_compute_flags, all_reduce,
+                    build_optimizer, build_policy, chat_template_kwargs, check_min, check_out_dir, check_training,
+                    clip_grad_norm, cosine_lr, hsdp_replicas, import_optional, init_dist, load_tokenizer, ngrams,
+                    packing_exact, pick_dtype, print0, render_sft, seed_everything)
 
 
 def get_args(argv=None):
@@ -122,14 +122,14 @@ def check_args(args):
     if args.wandb:
         import_optional("wandb", "--wandb")
     check_out_dir(args.out)
-    check_model(args.model, "--model", trust_remote_code=args.trust_remote_code)
+    cli.check_model(args.model, "--model", trust_remote_code=args.trust_remote_code)
 
 
 def decontaminate(examples, files):
     """Drop training rows whose prompt shares a 13-gram with any prompt of the eval files."""
     eval_grams = set()
     for f in files.split(","):
-        for r in load_pairs(f, need_response=False):
+        for r in cli.load_pairs(f, need_response=False):
             eval_grams |= ngrams(r["prompt"])
     keep = [e for e in examples if not (ngrams(e["prompt"]) & eval_grams)]
     dropped = [e["id"] for e in examples if ngrams(e["prompt"]) & eval_grams]
@@ -139,7 +139,7 @@ def decontaminate(examples, files):
 def load_examples(args, tok):
     """1. data: rows -> decontaminated -> rendered (ids, loss mask) pairs; rows with no target token left
     within --max-len are skipped (counted)."""
-    rows = load_pairs(args.data, args.prompt_field, args.response_field)
+    rows = cli.load_pairs(args.data, args.prompt_field, args.response_field)
     if args.decontaminate:
         rows, dropped = decontaminate(rows, args.decontaminate)
         print0(f"decontaminate: dropped {len(dropped)} rows sharing a 13-gram with {args.decontaminate}: {dropped}")
@@ -219,8 +219,8 @@ def main(argv=None):
     stop = min(total, args.stop_at or total)
     warmup = max(1, round(args.warmup_ratio * total))
 
-    claim_out_dir(args.out, args.resume, args.overwrite)  # a lock for the run's life; refuses another run's dir
-    changes = resume_changes(args) if args.resume else {}  # a changed flag is refused unless --allow-changes
+    checkpoint.claim_out_dir(args.out, args.resume, args.overwrite)  # a lock for the run's life; refuses another run's dir
+    changes = checkpoint.resume_changes(args) if args.resume else {}  # a changed flag is refused unless --allow-changes
 
     # --------------------------------------------------------------------------- model + optimizer
     policy, export_dtype = build_policy(args.model, d, dtype, args.grad_checkpointing, args.cpu_offload,
@@ -235,12 +235,12 @@ def main(argv=None):
     # One process keeps fp32 weights and autocasts; under FSDP2 the mixed-precision policy does it.
     autocast = torch.autocast(d.device.type, dtype=dtype, enabled=(d.world == 1 and dtype != torch.float32))
 
-    step = load_state(args.out, policy, opt, sched) if args.resume else 0
+    step = checkpoint.load_state(args.out, policy, opt, sched) if args.resume else 0
     if args.allow_changes and changes:  # the restored optimizer and scheduler still hold the run's values
-        apply_optimizer_flags(opt, sched, args.lr, args.betas, args.weight_decay)
+        checkpoint.apply_optimizer_flags(opt, sched, args.lr, args.betas, args.weight_decay)
     if d.rank == 0:
-        write_args(args, step, changes)
-    log = Logger(args.out, total, args.wandb, vars(args))
+        checkpoint.write_args(args, step, changes)
+    log = cli.Logger(args.out, total, args.wandb, vars(args))
     print0(f"sft: {len(examples)} examples, {spe} steps/epoch, {total} steps (stop at {stop}), world {d.world}"
            f"{f' (HSDP {replicate} x {d.world // replicate})' if replicate > 1 else ''}, dtype {dtype}")
 
@@ -270,7 +270,7 @@ def main(argv=None):
             ent_sum += (ent.detach() * lmask).sum().item() * weight
             tokens += int(ids.numel() * weight)
         gnorm = clip_grad_norm(policy, args.clip)
-        check_finite(step + 1, d.device, loss=loss_sum, grad_norm=gnorm)  # before the update, on every rank
+        checkpoint.check_finite(step + 1, d.device, loss=loss_sum, grad_norm=gnorm)  # before the update, on every rank
         lr = sched.get_last_lr()[0]
         opt.step()
         sched.step()
@@ -285,12 +285,12 @@ def main(argv=None):
         if periodic or step == stop:
             # the export first, then the state: a kill between them leaves an export AHEAD of the state,
             # which --resume recomputes bit-exactly and rewrites (never a stale export behind a finished state)
-            save_hf(policy, tok, args.out, export_dtype, step, checkpoint=periodic, keep=args.keep_checkpoints)
-            save_state(args.out, policy, opt, sched, step)
+            checkpoint.save_hf(policy, tok, args.out, export_dtype, step, checkpoint=periodic, keep=args.keep_checkpoints)
+            checkpoint.save_state(args.out, policy, opt, sched, step)
     print0(f"done: {args.out}")
-    release_out_dirs(args.out)
+    checkpoint.release_out_dirs(args.out)
     return policy
 
 
 if __name__ == "__main__":
-    cli_main(main)
+    cli.cli_main(main)

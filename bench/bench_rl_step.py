@@ -8,7 +8,6 @@ a temp dir, and reads the per-step timings rl.py logs (t_gen, t_ref, t_update) f
   python bench/bench_rl_step.py --shape tiny --rollout-batch 2 --samples 2 --new 8 --steps 2   # CPU smoke
 """
 import argparse
-import json
 import os
 import tempfile
 
@@ -16,7 +15,9 @@ import torch
 
 from shapes import save_random_model
 
+import cli
 import common
+import files
 import rl
 
 
@@ -35,7 +36,7 @@ def main():
     model_dir, out = os.path.join(tmp, "model"), os.path.join(tmp, "out")
     if d.rank == 0:
         save_random_model(args.shape, model_dir)
-        common.write_json(os.path.join(tmp, "p.json"), [{"prompt": f"Question {i}: what is {i} + {i}?"}
+        files.write_json(os.path.join(tmp, "p.json"), [{"prompt": f"Question {i}: what is {i} + {i}?"}
                                                         for i in range(args.rollout_batch * args.steps)])
     tmp = common.gather_objects([tmp])[0]  # rank 0's dir (also a barrier: its files are written)
     model_dir, out = os.path.join(tmp, "model"), os.path.join(tmp, "out")
@@ -46,8 +47,8 @@ def main():
              "--max-new-tokens", str(args.new), "--gen-batch-size", str(n), "--grad-checkpointing",
              "--save-every", "100000", "--dump-every", "0"])
     if d.rank == 0:
-        ms = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][1:] or \
-            [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+        ms = files.read_jsonl(os.path.join(out, "metrics.jsonl"), appended=True)
+        ms = ms[1:] or ms  # the first step is warm-up
         avg = {k: sum(m[k] for m in ms) / len(ms) for k in ("t_gen", "t_ref", "t_update", "dt", "len", "gen tok/s")}
         name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         print(f"device {name} x{d.world} | torch {torch.__version__} | shape {args.shape} | "
@@ -58,4 +59,4 @@ def main():
 
 if __name__ == "__main__":
     main()
-    common.finish()
+    cli.finish()

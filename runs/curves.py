@@ -10,8 +10,12 @@ last record of each step wins.
   python runs/curves.py a/metrics.jsonl b/metrics.jsonl --out a.png --out b.png               # one PNG each
 """
 import argparse
-import json
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import files  # noqa: E402
+from common import DataError  # noqa: E402
 
 # (key, panel title); a panel is drawn when any run has the key
 PANELS = [("reward", "reward (mean per sample)"), ("loss", "loss"), ("kl", "KL to the reference (per token)"),
@@ -19,19 +23,17 @@ PANELS = [("reward", "reward (mean per sample)"), ("loss", "loss"), ("kl", "KL t
 
 
 def read_metrics(path):
-    """{step: record}; stops with the file and line on a malformed row."""
+    """The records of a metrics.jsonl in step order, the last of each step (files.read_jsonl's torn-line rule);
+    stops with the file and row on a malformed one."""
+    try:
+        recs = files.read_jsonl(path, appended=True)
+    except DataError as e:
+        sys.exit(f"error: {e}")
     by_step = {}
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                sys.exit(f"error: {path}:{i}: not JSON ({e.msg})")
-            if not isinstance(r, dict) or "step" not in r:
-                sys.exit(f"error: {path}:{i}: no 'step' field")
-            by_step[int(r["step"])] = r
+    for i, r in enumerate(recs, 1):
+        if "step" not in r:
+            sys.exit(f"error: {path}: record {i}: no 'step' field")
+        by_step[int(r["step"])] = r
     if not by_step:
         sys.exit(f"error: {path}: no metrics rows")
     return [by_step[s] for s in sorted(by_step)]

@@ -11,12 +11,12 @@ model_completions/xstest_v2_completions_*.csv; its labels name the same three cl
 """
 import argparse
 import csv
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import files  # noqa: E402
 import reward  # noqa: E402
 
 
@@ -25,8 +25,7 @@ def rows(path):
     if path.endswith(".csv"):
         with open(path, newline="", encoding="utf-8") as f:
             return [(Path(path).stem, r["completion"], r["final_label"].strip()) for r in csv.DictReader(f)]
-    with open(path, encoding="utf-8") as f:
-        return [(r.get("set", Path(path).stem), r["text"], r["label"]) for r in map(json.loads, f) if r]
+    return [(r.get("set", Path(path).stem), r["text"], r["label"]) for r in files.read_jsonl(path)]
 
 
 def main():

@@ -40,9 +40,9 @@ def load(path):
 
 
 def read_jsonl(path):
-    if not os.path.exists(path):
-        return []
-    return [json.loads(line) for line in open(path) if line.strip()]
+    """The records of a file the stages append to (files.read_jsonl's torn-line rule); [] when it is absent."""
+    import files
+    return files.read_jsonl(path, appended=True) if os.path.exists(path) else []
 
 
 def pct(x, se=None):

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, ".")
+import cli  # noqa: E402
 import common  # noqa: E402
 import engine  # noqa: E402
 
@@ -50,4 +51,4 @@ if __name__ == "__main__":
     if d.rank == 0:
         json.dump({"collectives_during_decode": [r["calls"] for r in res], "unshard_aliases": [r["alias"] for r in res],
                    "completions": [r["completions"] for r in res], "kw": json.dumps(KW)}, open(sys.argv[1], "w"))
-    common.finish()
+    cli.finish()

@@ -4,6 +4,7 @@ import json
 import sys
 
 sys.path.insert(0, ".")
+import cli  # noqa: E402
 import common  # noqa: E402
 import rl  # noqa: E402
 import sft  # noqa: E402
@@ -13,4 +14,4 @@ if __name__ == "__main__":
     for stage, argv in json.load(open(sys.argv[1])):
         (sft if stage == "sft" else rl).main(argv)
         common.barrier()
-    common.finish()
+    cli.finish()

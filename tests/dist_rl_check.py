@@ -16,6 +16,7 @@ import sys
 import torch
 
 sys.path.insert(0, ".")
+import cli  # noqa: E402
 import common  # noqa: E402
 import rl  # noqa: E402
 
@@ -104,4 +105,4 @@ if __name__ == "__main__":
     grads = [run(model, prompts, f"{rl_out}{k}", *extra) for k, extra in enumerate(RUNS)]
     if d.rank == 0:
         torch.save({"adv": out, "grads": grads}, sys.argv[1])
-    common.finish()
+    cli.finish()

@@ -16,7 +16,7 @@ import common
 import engine
 import evaluate
 from conftest import serve_bounded, write_jsonl
-from test_faults import cli
+from test_faults import run_main
 
 KEY = "sk-test-0123456789abcdef"
 
@@ -178,7 +178,7 @@ def test_secrets_never_written_or_printed(tiny_model, tmp_path, serve, monkeypat
     out = tmp_path / "eval"
     monkeypatch.setenv("TEST_API_KEY", KEY)
     monkeypatch.setattr(common.time, "sleep", lambda s: None)
-    code, stdout, err = cli(monkeypatch, capsys, evaluate, [
+    code, stdout, err = run_main(monkeypatch, capsys, evaluate, [
         "--model", tiny_model, "--benchmarks", "math500", "--data", f"math500={data}", "--samples", "1",
         "--api-url", s.url, "--api-model", "tiny", "--api-key-env", "TEST_API_KEY", "--api-retries", "1",
         "--api-workers", "2", "--max-new-tokens", "8", "--out", out])

@@ -15,9 +15,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import write_jsonl
-from test_faults import Evil, cli, files  # noqa: F401 (files: a fixture)
+from test_faults import Evil, inputs, run_main  # noqa: F401 (inputs: a fixture)
 
+import checkpoint
 import common
+import files
 import evaluate
 import rl
 import sft
@@ -45,19 +47,19 @@ def other_model(tiny_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def sft_run(tiny_model, files, tmp_path_factory):
+def sft_run(tiny_model, inputs, tmp_path_factory):
     """An SFT run paused at step 2 of 4 (--stop-at 2): state/ and args.json in OUT."""
     out = tmp_path_factory.mktemp("sft_run") / "o"
-    sft.main(sft_args(tiny_model, files["sft"], out, "--stop-at", "2"))
-    common.release_out_dirs()
+    sft.main(sft_args(tiny_model, inputs["sft"], out, "--stop-at", "2"))
+    checkpoint.release_out_dirs()
     return out
 
 
 @pytest.fixture(scope="module")
-def rl_run(tiny_model, files, tmp_path_factory):
+def rl_run(tiny_model, inputs, tmp_path_factory):
     out = tmp_path_factory.mktemp("rl_run") / "o"
-    rl.main(rl_args(tiny_model, files["rl"], out, "--stop-at", "1"))
-    common.release_out_dirs()
+    rl.main(rl_args(tiny_model, inputs["rl"], out, "--stop-at", "1"))
+    checkpoint.release_out_dirs()
     return out
 
 
@@ -78,22 +80,22 @@ def no_model_loads(monkeypatch):
     ("rl", "--lr", "0.001", "0.003"),
     ("rl", "--estimator", "grpo", "reinforce++"),
 ], ids=lambda x: str(x).lstrip("-"))
-def test_resume_refuses_changed_flags(stage, flag, value, was, tiny_model, other_model, files, sft_run, rl_run,
+def test_resume_refuses_changed_flags(stage, flag, value, was, tiny_model, other_model, inputs, sft_run, rl_run,
                                       no_model_loads, monkeypatch, capsys):
     """A resume with a flag that changes the run: exit 2 before any model loads, the flag and both values
     named, args.json untouched."""
     value, was = (value.replace("OTHER", other_model), was.replace("TINY", tiny_model))
-    module, out, argv = (sft, sft_run, sft_args(tiny_model, files["sft"], sft_run)) if stage == "sft" else \
-        (rl, rl_run, rl_args(tiny_model, files["rl"], rl_run))
+    module, out, argv = (sft, sft_run, sft_args(tiny_model, inputs["sft"], sft_run)) if stage == "sft" else \
+        (rl, rl_run, rl_args(tiny_model, inputs["rl"], rl_run))
     before = (out / "args.json").read_bytes()
-    code, _, err = cli(monkeypatch, capsys, module, [*argv, flag, value, "--resume"])
+    code, _, err = run_main(monkeypatch, capsys, module, [*argv, flag, value, "--resume"])
     assert code == 2 and err.startswith("error: --resume: ") and "Traceback" not in err, err
     assert f"{flag} {value} (the run's: {was})" in err and "--allow-changes" in err, err
     assert len(err.strip().splitlines()) == 1
     assert (out / "args.json").read_bytes() == before
 
 
-def test_resume_with_free_flags_and_allow_changes(tiny_model, files, sft_run, tmp_path, monkeypatch, capsys):
+def test_resume_with_free_flags_and_allow_changes(tiny_model, inputs, sft_run, tmp_path, monkeypatch, capsys):
     """--stop-at / --save-every change freely; --allow-changes continues with a new --lr, which the
     resumed steps use (the restored optimizer and scheduler held the old one), and args.json keeps the
     run's flags plus each change with the step it took effect after; the next resume compares with the
@@ -101,10 +103,10 @@ def test_resume_with_free_flags_and_allow_changes(tiny_model, files, sft_run, tm
     out = tmp_path / "o"
     shutil.copytree(sft_run, out)
     first = json.loads((out / "args.json").read_text())
-    argv = sft_args(tiny_model, files["sft"], out)
-    code, _, err = cli(monkeypatch, capsys, sft, [*argv, "--allow-changes"])
+    argv = sft_args(tiny_model, inputs["sft"], out)
+    code, _, err = run_main(monkeypatch, capsys, sft, [*argv, "--allow-changes"])
     assert code == 2 and "--allow-changes goes with --resume" in err
-    code, _, err = cli(monkeypatch, capsys, sft, [*argv, "--lr", "5e-4", "--stop-at", "3", "--save-every", "1",
+    code, _, err = run_main(monkeypatch, capsys, sft, [*argv, "--lr", "5e-4", "--stop-at", "3", "--save-every", "1",
                                                   "--resume", "--allow-changes"])
     assert code == 0, err
     rec = json.loads((out / "args.json").read_text())
@@ -113,9 +115,9 @@ def test_resume_with_free_flags_and_allow_changes(tiny_model, files, sft_run, tm
                                                           "save_every": [0, 1]}}]
     lrs = [json.loads(x)["lr"] for x in open(out / "metrics.jsonl")]
     assert lrs[:2] == [1e-3, 1e-3] and lrs[2] == 5e-4 * common.cosine_lr(2, 4, 1)  # the new lr, on the schedule
-    code, _, err = cli(monkeypatch, capsys, sft, [*argv, "--resume"])  # --lr 1e-3: not the lr in force now
+    code, _, err = run_main(monkeypatch, capsys, sft, [*argv, "--resume"])  # --lr 1e-3: not the lr in force now
     assert code == 2 and "--lr 0.001 (the run's: 0.0005)" in err, err
-    code, _, err = cli(monkeypatch, capsys, sft, [*argv, "--lr", "5e-4", "--save-every", "1", "--resume"])
+    code, _, err = run_main(monkeypatch, capsys, sft, [*argv, "--lr", "5e-4", "--save-every", "1", "--resume"])
     assert code == 0, err
     rec = json.loads((out / "args.json").read_text())
     assert rec["changes"][1:] == [{"after_step": 3, "flags": {"stop_at": [3, None]}}]
@@ -134,7 +136,7 @@ def train_objects(model_dir):
 
 
 @pytest.fixture(scope="module")
-def state(tiny_model, files, tmp_path_factory):
+def state(tiny_model, inputs, tmp_path_factory):
     """A resumable OUT written by save_state after one AdamW step (plus args.json and metrics.jsonl, which a
     resume also reads), and the trained objects."""
     out = tmp_path_factory.mktemp("state") / "o"
@@ -144,17 +146,17 @@ def state(tiny_model, files, tmp_path_factory):
     ids = torch.randint(0, policy.hf.config.vocab_size, (2, 9))
     policy.hf(ids).logits.float().logsumexp(-1).mean().backward()
     opt.step(), sched.step()
-    common.save_state(out, policy, opt, sched, 1)
-    common.write_json(out / "args.json", vars(sft.get_args(sft_args(tiny_model, files["sft"], out))))
+    checkpoint.save_state(out, policy, opt, sched, 1)
+    files.write_json(out / "args.json", vars(sft.get_args(sft_args(tiny_model, inputs["sft"], out))))
     (out / "metrics.jsonl").write_text('{"step": 1, "loss": 1.5}\n')
     return out, (policy, opt, sched)
 
 
-def resume(out, model_dir, files):
+def resume(out, model_dir, inputs):
     """What --resume reads, in order: args.json (resume_changes), then the state (load_state)."""
-    common.resume_changes(sft.get_args(sft_args(model_dir, files["sft"], out, "--resume")))
+    checkpoint.resume_changes(sft.get_args(sft_args(model_dir, inputs["sft"], out, "--resume")))
     objs = train_objects(model_dir)
-    return common.load_state(out, *objs), objs
+    return checkpoint.load_state(out, *objs), objs
 
 
 _OPENED = None  # while a list: every file path Python opens is appended (an audit hook, below)
@@ -173,7 +175,7 @@ def _audit(event, args):
 sys.addaudithook(_audit)
 
 
-def test_honest_state_restores_bit_exactly(state, tiny_model, files):
+def test_honest_state_restores_bit_exactly(state, tiny_model, inputs):
     """The safe readers change no value: model, optimizer (tensors and param_groups), scheduler and step
     come back equal to what was saved. Also records which files a resume opens (the planted test below
     covers each of them)."""
@@ -181,7 +183,7 @@ def test_honest_state_restores_bit_exactly(state, tiny_model, files):
     out, (policy, opt, sched) = state
     _OPENED = []
     try:
-        step, (p2, o2, s2) = resume(out, tiny_model, files)
+        step, (p2, o2, s2) = resume(out, tiny_model, inputs)
     finally:
         opened, _OPENED = _OPENED, None
     assert step == 1
@@ -256,7 +258,7 @@ PLANTS = {"metadata": _plant_metadata,
 
 
 @pytest.mark.parametrize("where", list(PLANTS))
-def test_payload_in_any_state_file_never_runs(where, state, tiny_model, files, tmp_path):
+def test_payload_in_any_state_file_never_runs(where, state, tiny_model, inputs, tmp_path):
     """A pickle whose load would create a marker file, planted in each file a resume opens: the resume
     is refused (UsageError: exit 2, one line naming the file) and the marker never appears. DCP itself
     unpickles .metadata and reads the bytes items with torch.load(weights_only=False): both ran the call."""
@@ -264,7 +266,7 @@ def test_payload_in_any_state_file_never_runs(where, state, tiny_model, files, t
     shutil.copytree(state[0], out)
     PLANTS[where](out, marker)
     with pytest.raises(common.UsageError) as e:
-        resume(out, tiny_model, files)
+        resume(out, tiny_model, inputs)
     assert not marker.exists()
     msg = str(e.value)
     assert "\n" not in msg and ("--resume" in msg or "metrics.jsonl" in msg), msg
@@ -272,11 +274,11 @@ def test_payload_in_any_state_file_never_runs(where, state, tiny_model, files, t
         assert f"{os.system.__module__}.system" in msg, msg  # the refused call is named
 
 
-def test_payload_in_metadata_refused_by_the_cli(sft_run, tiny_model, files, tmp_path, monkeypatch, capsys):
+def test_payload_in_metadata_refused_by_the_cli(sft_run, tiny_model, inputs, tmp_path, monkeypatch, capsys):
     out, marker = tmp_path / "o", tmp_path / "pwned"
     shutil.copytree(sft_run, out)
     _plant_metadata(out, marker)
-    code, _, err = cli(monkeypatch, capsys, sft, [*sft_args(tiny_model, files["sft"], out), "--resume"])
+    code, _, err = run_main(monkeypatch, capsys, sft, [*sft_args(tiny_model, inputs["sft"], out), "--resume"])
     assert code == 2 and "state/.metadata: it names" in err and "not a checkpoint metadata class" in err, err
     assert "Traceback" not in err and not marker.exists()
 
@@ -301,21 +303,21 @@ def test_evaluate_rerun_refuses_stale_records(tiny_model, tmp_path, monkeypatch,
     shutil.copytree(tiny_model, model)
     data = maths(tmp_path / "m.jsonl", ["42", "42", "42"])
     argv = eval_argv(str(model), data, out)
-    code, stdout, err = cli(monkeypatch, capsys, evaluate, argv)
+    code, stdout, err = run_main(monkeypatch, capsys, evaluate, argv)
     assert code == 0 and "0 already in" in stdout, err
     recs = (out / "math500.jsonl").read_bytes()
 
     hashed = []
     real = evaluate.file_sha256
     monkeypatch.setattr(evaluate, "file_sha256", lambda p: hashed.append(os.path.basename(p)) or real(p))
-    code, stdout, err = cli(monkeypatch, capsys, evaluate, argv)
+    code, stdout, err = run_main(monkeypatch, capsys, evaluate, argv)
     assert code == 0 and "3 already in" in stdout and hashed == [], (err, hashed)  # the (size, mtime) cache
     shutil.copy(tiny_model + "/model.safetensors", model / "model.safetensors")  # the same bytes, a new mtime
-    code, stdout, err = cli(monkeypatch, capsys, evaluate, argv)
+    code, stdout, err = run_main(monkeypatch, capsys, evaluate, argv)
     assert code == 0 and "3 already in" in stdout and hashed == ["model.safetensors"], (err, hashed)
 
     def refused(argv, why):
-        code, _, err = cli(monkeypatch, capsys, evaluate, argv)
+        code, _, err = run_main(monkeypatch, capsys, evaluate, argv)
         assert code == 2 and "math500.jsonl holds records made with other settings" in err and why in err, err
         assert "--overwrite" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
         assert (out / "math500.jsonl").read_bytes() == recs
@@ -329,6 +331,6 @@ def test_evaluate_rerun_refuses_stale_records(tiny_model, tmp_path, monkeypatch,
     shutil.copy(tiny_model + "/model.safetensors", model / "model.safetensors")
     maths(tmp_path / "m.jsonl", ["42", "43", "42"])  # a corrected gold answer
     refused(argv, f"the rows of {data} changed")
-    code, stdout, err = cli(monkeypatch, capsys, evaluate, argv + ["--overwrite"])
+    code, stdout, err = run_main(monkeypatch, capsys, evaluate, argv + ["--overwrite"])
     assert code == 0 and "0 already in" in stdout, err
     assert [json.loads(x)["gold"] for x in open(out / "math500.jsonl")] == ["42", "43", "42"]

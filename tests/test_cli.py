@@ -1,4 +1,4 @@
-"""The failure policy every CLI shares (common.cli_main): an error the user can cause ends in ONE line on
+"""The failure policy every CLI shares (cli.cli_main): an error the user can cause ends in ONE line on
 stderr naming what to fix (the flag; the file with its line or row and field; the model dir and what in it
 is wrong; the path that is full or read-only), exit 2 for usage and input errors and 1 for a run stopped on
 purpose or by a full disk, no traceback unless BEYOND_SFT_DEBUG=1, nothing half-written left and nothing
@@ -16,14 +16,17 @@ import subprocess
 import pytest
 import torch
 
+import checkpoint
+import cli
 import common
+import files
 import entropy
 import evaluate
 import reward
 import rl
 import sft
 from conftest import write_jsonl
-from test_faults import cli, files, no_loads, rl_args, sft_args, stage_cmd  # noqa: F401 -- fixtures
+from test_faults import inputs, no_loads, run_main, rl_args, sft_args, stage_cmd  # noqa: F401 -- fixtures
 
 
 def one_error(code, err, want, *names):
@@ -52,14 +55,14 @@ def recs_file(path, n=2):
                               for i in range(n)])
 
 
-def command(stage, model, files, tmp, extra=()):
+def command(stage, model, inputs, tmp, extra=()):
     """test_faults.stage_cmd with a writable --out for grade and reward, and entropy.py."""
     if stage == "entropy":
         inputs = [] if "--input" in extra else ["--input", recs_file(tmp / "r.jsonl")]
         return entropy, ["--model", model, *inputs, "--out", tmp / "o", *extra]
     base = {"grade": ["--out", tmp / "g.jsonl"], "reward": ["--out", tmp / "s.jsonl"],
             "rl": ["--max-new-tokens", "8"]}.get(stage, [])  # within the tiny model's context of 1024
-    return stage_cmd(stage, model, files, tmp, [str(x) for x in (*base, *extra)])  # the last one of a flag wins
+    return stage_cmd(stage, model, inputs, tmp, [str(x) for x in (*base, *extra)])  # the last one of a flag wins
 
 
 def raising(e):
@@ -77,28 +80,28 @@ def leftovers(d):
 # --- the policy itself ----------------------------------------------------------------------------------
 
 def test_argparse_errors_are_one_line(monkeypatch, capsys, tmp_path):
-    code, _, err = cli(monkeypatch, capsys, entropy, ["--model", "m", "--input", "x", "--out", tmp_path,
+    code, _, err = run_main(monkeypatch, capsys, entropy, ["--model", "m", "--input", "x", "--out", tmp_path,
                                                       "--temperature", "hot"])
     one_error(code, err, 2, "argument --temperature", "invalid float value: 'hot'", "--help)")
-    code, _, err = cli(monkeypatch, capsys, sft, ["--model", "m"])
+    code, _, err = run_main(monkeypatch, capsys, sft, ["--model", "m"])
     one_error(code, err, 2, "required", "--data", "--out")
 
 
 def test_debug_env_shows_the_traceback_and_bugs_keep_theirs(monkeypatch, capsys):
     """BEYOND_SFT_DEBUG=1 re-raises a usage error; an unexpected exception is never turned into a line."""
     monkeypatch.setattr(sft, "get_args", raising(common.UsageError("--epochs bad")))
-    code, _, err = cli(monkeypatch, capsys, sft, [])
+    code, _, err = run_main(monkeypatch, capsys, sft, [])
     one_error(code, err, 2, "--epochs bad")
-    monkeypatch.setenv(common.DEBUG_ENV, "1")
+    monkeypatch.setenv(cli.DEBUG_ENV, "1")
     with pytest.raises(common.UsageError, match="--epochs bad"):
-        common.cli_main(sft.main, [])
-    monkeypatch.delenv(common.DEBUG_ENV)
+        cli.cli_main(sft.main, [])
+    monkeypatch.delenv(cli.DEBUG_ENV)
     monkeypatch.setattr(sft, "get_args", raising(KeyError("a bug")))
     with pytest.raises(KeyError):
-        common.cli_main(sft.main, [])
+        cli.cli_main(sft.main, [])
     monkeypatch.setattr(sft, "get_args", raising(OSError(2, "No such file", "x")))
     with pytest.raises(FileNotFoundError):  # not a write failure: a bug until something names its path
-        common.cli_main(sft.main, [])
+        cli.cli_main(sft.main, [])
 
 
 # --- input files: encodings, byte-order marks, parse errors ----------------------------------------------
@@ -110,7 +113,7 @@ BAD_UTF8 = (b'{"question": "q", "response": "r", "prompt": "p", "completion": "c
 @pytest.mark.parametrize("stage,flag", [("sft", "--data"), ("sft", "--decontaminate"), ("rl", "--prompts"),
                                         ("evaluate", "--data"), ("evaluate", "--train-data"), ("grade", "--input"),
                                         ("reward", "--input"), ("entropy", "--input")])
-def test_non_utf8_byte_names_file_and_line(stage, flag, tiny_model, files, tmp_path, no_weights,  # noqa: F811
+def test_non_utf8_byte_names_file_and_line(stage, flag, tiny_model, inputs, tmp_path, no_weights,  # noqa: F811
                                            monkeypatch, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(BAD_UTF8)
@@ -118,11 +121,11 @@ def test_non_utf8_byte_names_file_and_line(stage, flag, tiny_model, files, tmp_p
                                                    "answer": "2"}] * 2)
     if stage == "evaluate":
         data = bad if flag == "--data" else good
-        module, argv = command(stage, tiny_model, files, tmp_path, ["--data", f"math500={data}"]
+        module, argv = command(stage, tiny_model, inputs, tmp_path, ["--data", f"math500={data}"]
                                + (["--train-data", bad] if flag == "--train-data" else []))
     else:
-        module, argv = command(stage, tiny_model, files, tmp_path, [flag, bad])  # the last one wins
-    code, _, err = cli(monkeypatch, capsys, module, argv)
+        module, argv = command(stage, tiny_model, inputs, tmp_path, [flag, bad])  # the last one wins
+    code, _, err = run_main(monkeypatch, capsys, module, argv)
     one_error(code, err, 2, bad, "line 2", "byte 0xe9", "not UTF-8")
     assert not (tmp_path / "o").exists()
 
@@ -130,19 +133,19 @@ def test_non_utf8_byte_names_file_and_line(stage, flag, tiny_model, files, tmp_p
 def test_byte_order_marks_are_dropped(tmp_path):
     """Excel and Notepad save UTF-8 with a BOM: the first column keeps its name (AttaQ's 'input')."""
     (tmp_path / "a.csv").write_bytes(b"\xef\xbb\xbfinput,label\nHow do I pick a lock?,violence\n")
-    assert common.read_table(tmp_path / "a.csv") == [{"input": "How do I pick a lock?", "label": "violence"}]
+    assert cli.read_table(tmp_path / "a.csv") == [{"input": "How do I pick a lock?", "label": "violence"}]
     assert evaluate.load_benchmark("attaq", str(tmp_path / "a.csv"))[0]["category"] == "violence"
     (tmp_path / "b.jsonl").write_bytes(b'\xef\xbb\xbf{"question": "q", "response": "r"}\n')
-    assert common.load_pairs(str(tmp_path / "b.jsonl"))[0]["prompt"] == "q"
+    assert cli.load_pairs(str(tmp_path / "b.jsonl"))[0]["prompt"] == "q"
     (tmp_path / "c.json").write_bytes(b'\xef\xbb\xbf[{"question": "q", "response": "r"}]')
-    assert common.read_table(str(tmp_path / "c.json")) == [{"question": "q", "response": "r"}]
+    assert cli.read_table(str(tmp_path / "c.json")) == [{"question": "q", "response": "r"}]
 
 
 def test_a_json_string_may_hold_a_line_separator(tmp_path):
     """Only \\n ends a JSONL line: U+2028 inside a string (json.dumps(ensure_ascii=False) writes it raw) is text."""
     path = tmp_path / "r.jsonl"
-    common.write_jsonl(str(path), [{"completion": "a\u2028b"}, {"completion": "c"}])
-    assert common.read_jsonl(path) == [{"completion": "a\u2028b"}, {"completion": "c"}]
+    files.write_jsonl(str(path), [{"completion": "a\u2028b"}, {"completion": "c"}])
+    assert files.read_jsonl(path) == [{"completion": "a\u2028b"}, {"completion": "c"}]
 
 
 @pytest.mark.parametrize("name,content,named", [
@@ -155,7 +158,7 @@ def test_corrupt_files_are_named(name, content, named, tiny_model, tmp_path, no_
     path = tmp_path / name
     path.write_bytes(content)
     module, argv = command("rl", tiny_model, {"rl": path}, tmp_path)
-    code, _, err = cli(monkeypatch, capsys, module, argv)
+    code, _, err = run_main(monkeypatch, capsys, module, argv)
     one_error(code, err, 2, path, named)
     assert not (tmp_path / "o").exists()
 
@@ -196,15 +199,15 @@ BROKEN = [("no tokenizer.json", "no tokenizer files"), ("no tokenizer files", "n
 
 
 @pytest.mark.parametrize("what,named", BROKEN, ids=[w for w, _ in BROKEN])
-def test_broken_model_dir_named_before_any_weight_loads(what, named, tiny_model, files, tmp_path,  # noqa: F811
+def test_broken_model_dir_named_before_any_weight_loads(what, named, tiny_model, inputs, tmp_path,  # noqa: F811
                                                         no_weights, monkeypatch, capsys):
     d = broken_model(tiny_model, tmp_path / "m", what)
-    code, _, err = cli(monkeypatch, capsys, sft, ["--model", d, "--data", files["sft"], "--out", tmp_path / "o"])
+    code, _, err = run_main(monkeypatch, capsys, sft, ["--model", d, "--data", inputs["sft"], "--out", tmp_path / "o"])
     one_error(code, err, 2, f"--model {d}", named)
     assert not (tmp_path / "o").exists()
 
 
-def test_every_cli_checks_its_model_dirs(tiny_model, files, tmp_path, no_weights, monkeypatch, capsys):  # noqa: F811
+def test_every_cli_checks_its_model_dirs(tiny_model, inputs, tmp_path, no_weights, monkeypatch, capsys):  # noqa: F811
     """rl's --model and --reward-model (a sequence classifier), evaluate's --model, --safety-rm (AttaQ) and a
     local --judge (AIR-Bench, needs a chat template), reward.py's --reward-model, entropy.py's --model NAME:
     each refused before any weight is read and before any generation."""
@@ -218,10 +221,10 @@ def test_every_cli_checks_its_model_dirs(tiny_model, files, tmp_path, no_weights
     jp = write_jsonl(tmp_path / "jp.jsonl", [{"cate-idx": "1", "judge_prompt": "{{QUESTION}} {{ANSWER}}"}])
     ev = ["--model", tiny_model, "--out", tmp_path / "o", "--max-new-tokens", "4"]
     cases = [
-        (rl, ["--model", bad, "--prompts", files["rl"], "--out", tmp_path / "o", "--rule", "format"], f"--model {bad}"),
-        (rl, ["--model", tiny_model, "--prompts", files["rl"], "--out", tmp_path / "o", "--reward-model", not_rm],
+        (rl, ["--model", bad, "--prompts", inputs["rl"], "--out", tmp_path / "o", "--rule", "format"], f"--model {bad}"),
+        (rl, ["--model", tiny_model, "--prompts", inputs["rl"], "--out", tmp_path / "o", "--reward-model", not_rm],
          f"--reward-model {not_rm}: model_type 'vit' (architectures ['ViTModel']) is not a sequence classifier"),
-        (evaluate, ["--model", bad, "--benchmarks", "math500", "--data", f"math500={files['rl']}", "--out",
+        (evaluate, ["--model", bad, "--benchmarks", "math500", "--data", f"math500={inputs['rl']}", "--out",
                     tmp_path / "o"], f"--model {bad}"),
         (evaluate, [*ev, "--benchmarks", "attaq", "--data", f"attaq={attaq}", "--safety-rm", tmp_path / "none"],
          f"--safety-rm path does not exist: {tmp_path / 'none'}"),
@@ -231,7 +234,7 @@ def test_every_cli_checks_its_model_dirs(tiny_model, files, tmp_path, no_weights
         (reward, ["--input", recs, "--out", tmp_path / "s.jsonl", "--reward-model", bad], f"--reward-model {bad}"),
         (entropy, ["--model", f"x={bad}", "--input", recs, "--out", tmp_path / "o"], f"--model x {bad}")]
     for module, argv, named in cases:
-        code, _, err = cli(monkeypatch, capsys, module, argv)
+        code, _, err = run_main(monkeypatch, capsys, module, argv)
         one_error(code, err, 2, named)
         assert not (tmp_path / "o").exists() and not (tmp_path / "g.jsonl").exists()
 
@@ -254,15 +257,15 @@ def parser_of(module, argv=()):
 
 
 @pytest.mark.parametrize("stage", ["sft", "rl", "evaluate", "grade", "entropy"])
-def test_every_float_flag_refuses_nan_and_inf(stage, tiny_model, files, tmp_path, no_loads,  # noqa: F811
+def test_every_float_flag_refuses_nan_and_inf(stage, tiny_model, inputs, tmp_path, no_loads,  # noqa: F811
                                               monkeypatch, capsys):
-    module, base = command(stage, tiny_model, files, tmp_path)
+    module, base = command(stage, tiny_model, inputs, tmp_path)
     floats = (float, common.dist_minutes)  # every flag that parses a float
     flags = [(a.option_strings[0], a.nargs) for a in parser_of(module, base[:1])._actions if a.type in floats]
     assert flags, stage
     for flag, nargs in flags:
         for bad in ("nan", "inf"):
-            code, _, err = cli(monkeypatch, capsys, module, [*base, flag, bad] + ["0.9"] * ((nargs or 1) - 1))
+            code, _, err = run_main(monkeypatch, capsys, module, [*base, flag, bad] + ["0.9"] * ((nargs or 1) - 1))
             one_error(code, err, 2, flag, bad)
     assert not (tmp_path / "o").exists()
 
@@ -279,10 +282,10 @@ def test_every_float_flag_refuses_nan_and_inf(stage, tiny_model, files, tmp_path
     ("grade", ["--api-timeout", "1e30"], "--api-timeout must be in (0, 86400]"),
     ("entropy", ["--bootstrap", str(10 ** 15)], "--bootstrap must be <= 100000"),
 ])
-def test_unusable_values_refused_up_front(stage, argv, named, tiny_model, files, tmp_path, no_loads,  # noqa: F811
+def test_unusable_values_refused_up_front(stage, argv, named, tiny_model, inputs, tmp_path, no_loads,  # noqa: F811
                                           monkeypatch, capsys):
-    module, argv = command(stage, tiny_model, files, tmp_path, argv)
-    code, _, err = cli(monkeypatch, capsys, module, argv)
+    module, argv = command(stage, tiny_model, inputs, tmp_path, argv)
+    code, _, err = run_main(monkeypatch, capsys, module, argv)
     one_error(code, err, 2, named)
     assert not (tmp_path / "o").exists() and leftovers(tmp_path) == []
 
@@ -302,7 +305,7 @@ def test_records_temperature_checked(value, named, tiny_model, tmp_path, no_weig
     """entropy.py takes its temperature from the records: NaN there used to exit 0 with NaN in summary.json."""
     path = tmp_path / "r.jsonl"
     path.write_text(f'{{"prompt": "p", "completion": "c", "temperature": {value}}}\n' * 2)
-    code, _, err = cli(monkeypatch, capsys, entropy, ["--model", tiny_model, "--input", path, "--out", tmp_path / "o"])
+    code, _, err = run_main(monkeypatch, capsys, entropy, ["--model", tiny_model, "--input", path, "--out", tmp_path / "o"])
     one_error(code, err, 2, path, named)
     assert not (tmp_path / "o").exists()
 
@@ -323,7 +326,7 @@ def test_prompt_longer_than_the_context(tiny_model, tmp_path, no_weights, monkey
     rl.py drops those longer than the context minus --max-new-tokens, and counts them."""
     long = " ".join(["7"] * 1100)  # digits are one token each
     data = write_jsonl(tmp_path / "m.jsonl", [{"problem": "1+1?", "answer": "2"}, {"problem": long, "answer": "2"}])
-    code, _, err = cli(monkeypatch, capsys, evaluate, ["--model", tiny_model, "--benchmarks", "math500", "--data",
+    code, _, err = run_main(monkeypatch, capsys, evaluate, ["--model", tiny_model, "--benchmarks", "math500", "--data",
                                                        f"math500={data}", "--samples", "1", "--out", tmp_path / "o"])
     one_error(code, err, 2, data, "1 of 2 prompts do not fit the context", "(1024 tokens)", "math500 id 2")
     assert not (tmp_path / "o").exists()
@@ -376,11 +379,11 @@ def read_only(tmp_path, tmpfs):
 
 
 @pytest.mark.parametrize("stage", ["sft", "rl", "evaluate", "grade", "reward", "entropy"])
-def test_read_only_out_found_before_any_work(stage, read_only, tiny_model, files, tmp_path, no_loads,  # noqa: F811
+def test_read_only_out_found_before_any_work(stage, read_only, tiny_model, inputs, tmp_path, no_loads,  # noqa: F811
                                              monkeypatch, capsys):
     out = read_only / ("o.jsonl" if stage in ("grade", "reward") else "o")
-    module, argv = command(stage, tiny_model, files, tmp_path, ["--out", out])  # the last --out wins
-    code, _, err = cli(monkeypatch, capsys, module, argv)
+    module, argv = command(stage, tiny_model, inputs, tmp_path, ["--out", out])  # the last --out wins
+    code, _, err = run_main(monkeypatch, capsys, module, argv)
     msg = one_error(code, err, 2, "--out", read_only)
     assert "read-only" in msg or "not writable" in msg
 
@@ -396,34 +399,34 @@ def file_size_limit(n):
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
 
-def test_file_size_limit_during_the_export(tiny_model, files, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_file_size_limit_during_the_export(tiny_model, inputs, tmp_path, monkeypatch, capsys):  # noqa: F811
     """model.safetensors (137 KiB) over a 64 KiB file-size limit: exit 1, the export's path named, no temp."""
     out = tmp_path / "o"
     with file_size_limit(64 << 10):
-        code, _, err = cli(monkeypatch, capsys, sft, sft_args(tiny_model, files["sft"], out, "--max-steps", "1")[1:])
+        code, _, err = run_main(monkeypatch, capsys, sft, sft_args(tiny_model, inputs["sft"], out, "--max-steps", "1")[1:])
     one_error(code, err, 1, f"cannot write the export into {out}", "File too large", "ulimit -f", "it needs 134.2 KiB")
     assert leftovers(out) == [] and not (out / "model.safetensors").exists() and not (out / "state").exists()
 
 
-def test_full_disk_during_sft_export_and_state(tiny_model, files, tmpfs, monkeypatch, capsys):  # noqa: F811
+def test_full_disk_during_sft_export_and_state(tiny_model, inputs, tmpfs, monkeypatch, capsys):  # noqa: F811
     """A 100 KiB disk cannot take the export (137 KiB): exit 1 naming it. A 1100 KiB disk takes step 1's
     export and state (~820 KiB), then not step 2's state: exit 1 naming state.tmp, none left, state/ of step 1
     intact, the export of step 2 installed (an export ahead of the state is what --resume expects)."""
     out = tmpfs("size=100k") / "o"
-    code, _, err = cli(monkeypatch, capsys, sft, sft_args(tiny_model, files["sft"], out, "--max-steps", "1")[1:])
+    code, _, err = run_main(monkeypatch, capsys, sft, sft_args(tiny_model, inputs["sft"], out, "--max-steps", "1")[1:])
     one_error(code, err, 1, f"cannot write the export into {out}", "No space left on device", "needs about 134.2 KiB")
     assert leftovers(out) == [] and not (out / "model.safetensors").exists()
     out = tmpfs("size=1100k") / "o"
-    code, _, err = cli(monkeypatch, capsys, sft, sft_args(tiny_model, files["sft"], out, "--max-steps", "2",
+    code, _, err = run_main(monkeypatch, capsys, sft, sft_args(tiny_model, inputs["sft"], out, "--max-steps", "2",
                                                           "--keep-checkpoints", "1")[1:])
     one_error(code, err, 1, f"cannot write {out / 'state.tmp'}: No space left on device", "nothing half-written")
     assert leftovers(out) == [] and json.load(open(out / "state" / "COMPLETE"))["step"] == 1
     assert os.listdir(out / "checkpoints") == ["step-2"]
 
 
-def test_full_disk_during_rl_state_save(tiny_model, files, tmpfs, monkeypatch, capsys):  # noqa: F811
+def test_full_disk_during_rl_state_save(tiny_model, inputs, tmpfs, monkeypatch, capsys):  # noqa: F811
     out = tmpfs("size=400k") / "o"
-    code, _, err = cli(monkeypatch, capsys, rl, rl_args(tiny_model, files["rl"], out, "--max-steps", "1")[1:])
+    code, _, err = run_main(monkeypatch, capsys, rl, rl_args(tiny_model, inputs["rl"], out, "--max-steps", "1")[1:])
     one_error(code, err, 1, f"cannot write {out / 'state.tmp'}: No space left on device")
     assert leftovers(out) == [] and not (out / "state").exists() and (out / "model.safetensors").exists()
 
@@ -435,19 +438,19 @@ def test_full_disk_reward_and_entropy_keep_the_previous_output(tiny_model, tmpfs
     recs = recs_file(tmp_path / "r.jsonl", n=400)  # ~50 KiB scored
     (disk / "s.jsonl").write_text("previous\n")
     (disk / "filler").write_bytes(b"x" * (40 << 10))
-    code, _, err = cli(monkeypatch, capsys, reward, ["--input", recs, "--out", disk / "s.jsonl", "--rule", "refusal"])
+    code, _, err = run_main(monkeypatch, capsys, reward, ["--input", recs, "--out", disk / "s.jsonl", "--rule", "refusal"])
     one_error(code, err, 1, f"cannot write {disk / 's.jsonl'}: No space left on device", "free there")
     assert (disk / "s.jsonl").read_text() == "previous\n" and leftovers(disk) == []
     (disk / "filler").unlink()
     (disk / "o").mkdir()
     (disk / "o" / "summary.json").write_text("previous\n")
-    code, _, err = cli(monkeypatch, capsys, entropy, ["--model", tiny_model, "--input", recs_file(tmp_path / "e.jsonl"),
+    code, _, err = run_main(monkeypatch, capsys, entropy, ["--model", tiny_model, "--input", recs_file(tmp_path / "e.jsonl"),
                                                       "--out", disk / "o", "--bootstrap", "10"])
     one_error(code, err, 1, f"cannot write {disk / 'o'}", "No space left on device")
     assert os.listdir(disk / "o") == ["summary.json"] and (disk / "o" / "summary.json").read_text() == "previous\n"
 
 
-def test_planted_symlinks_are_never_followed(tiny_model, files, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_planted_symlinks_are_never_followed(tiny_model, inputs, tmp_path, monkeypatch, capsys):  # noqa: F811
     """Links at every temp path of an sft run (args.json.tmp -> a file outside, .export.tmp and
     .export.ready -> a dir outside, checkpoints -> a dir outside, removed by --overwrite): the run ends
     like any other and nothing outside --out changes. On the old code args.json.tmp overwrote the file and
@@ -461,7 +464,7 @@ def test_planted_symlinks_are_never_followed(tiny_model, files, tmp_path, monkey
     for name, target in [("args.json.tmp", outside / "precious.txt"), (".export.tmp", outside),
                          (".export.ready", outside), ("checkpoints", outside), ("state.tmp", outside)]:
         (out / name).symlink_to(target)
-    code, _, err = cli(monkeypatch, capsys, sft, sft_args(tiny_model, files["sft"], out, "--max-steps", "1",
+    code, _, err = run_main(monkeypatch, capsys, sft, sft_args(tiny_model, inputs["sft"], out, "--max-steps", "1",
                                                           "--overwrite")[1:])
     assert code == 0, err
     assert sorted(os.listdir(outside)) == ["model.safetensors", "precious.txt"]
@@ -478,7 +481,7 @@ def test_writers_never_follow_a_link_and_clean_up(tiny_model, tmp_path, monkeypa
     outside.write_text("keep me")
     path = tmp_path / "a.json"
     (tmp_path / "a.json.tmp").symlink_to(outside)
-    common.write_json(path, {"x": 1})
+    files.write_json(path, {"x": 1})
     assert json.load(open(path)) == {"x": 1} and outside.read_text() == "keep me"
 
     (tmp_path / "b.txt").write_text("old b")
@@ -490,7 +493,7 @@ def test_writers_never_follow_a_link_and_clean_up(tiny_model, tmp_path, monkeypa
         return real_open(p, *a, **k)
     monkeypatch.setattr(os, "open", failing_open)
     with pytest.raises(common.DiskFull, match=re.escape(f"cannot write {tmp_path / 'c.txt'}: No space left on device")):
-        common.write_files({tmp_path / "b.txt": "new b", tmp_path / "c.txt": "new c"})
+        files.write_files({tmp_path / "b.txt": "new b", tmp_path / "c.txt": "new c"})
     monkeypatch.setattr(os, "open", real_open)
     assert (tmp_path / "b.txt").read_text() == "old b" and not (tmp_path / "c.txt").exists()
     assert leftovers(tmp_path) == []
@@ -504,20 +507,20 @@ def test_writers_never_follow_a_link_and_clean_up(tiny_model, tmp_path, monkeypa
     (out / "state.old").symlink_to(d)
     model = common.load_model(tiny_model)
     opt = torch.optim.AdamW(model.parameters())
-    common.save_state(out, model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), 1)
-    common.save_state(out, model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), 2)
+    checkpoint.save_state(out, model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), 1)
+    checkpoint.save_state(out, model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), 2)
     assert os.listdir(d) == ["keep"] and json.load(open(out / "state" / "COMPLETE"))["step"] == 2
     assert sorted(os.listdir(out)) == ["state"]
 
 
 # --- checks before work, stops on purpose --------------------------------------------------------------------
 
-def test_max_kl_is_a_stop_message(tiny_model, files, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_max_kl_is_a_stop_message(tiny_model, inputs, tmp_path, monkeypatch, capsys):  # noqa: F811
     """--max-kl firing ends the run with exit 1 and one line (it was a RuntimeError traceback): the KL is 0 at
     step 1 (the policy is the reference) and positive after the first update (k2 >= 0; the entropy bonus
     gives a gradient when every reward is equal)."""
     out = tmp_path / "o"
-    code, _, err = cli(monkeypatch, capsys, rl, rl_args(tiny_model, files["rl"], out, "--max-kl", "1e-9",
+    code, _, err = run_main(monkeypatch, capsys, rl, rl_args(tiny_model, inputs["rl"], out, "--max-kl", "1e-9",
                                                         "--max-steps", "2", "--save-every", "1", "--dump-every", "0",
                                                         "--entropy-coef", "0.1", "--kl-estimator", "k2")[1:])
     one_error(code, err, 1, "step 2: mean KL to the reference", "> --max-kl 1e-09", "last saved state")
@@ -527,8 +530,8 @@ def test_max_kl_is_a_stop_message(tiny_model, files, tmp_path, monkeypatch, caps
 def test_missing_record_fields_and_help_still_work(tmp_path, monkeypatch, capsys):
     """reward.py and evaluate.py go through cli_main: a data error is one line, --help still exits 0."""
     recs = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "p"}])
-    code, _, err = cli(monkeypatch, capsys, reward, ["--input", recs, "--out", tmp_path / "s.jsonl", "--rule",
+    code, _, err = run_main(monkeypatch, capsys, reward, ["--input", recs, "--out", tmp_path / "s.jsonl", "--rule",
                                                      "format"])
     one_error(code, err, 2, recs, "row 1", "'completion'")
-    code, out, _ = cli(monkeypatch, capsys, evaluate, ["grade", "--help"])
+    code, out, _ = run_main(monkeypatch, capsys, evaluate, ["grade", "--help"])
     assert code == 0 and "--input" in out

@@ -11,6 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
+import checkpoint
+import cli
 import common
 import evaluate
 import reward
@@ -197,7 +199,7 @@ def test_judge_prompt_without_a_placeholder_refused_up_front(tmp_path, tiny_mode
         raise AssertionError("a model loaded before the judge prompts were checked")
     monkeypatch.setattr(common, "load_model", boom)
     with pytest.raises(SystemExit) as e:
-        common.cli_main(evaluate.main, ["--model", tiny_model, "--benchmarks", "airbench", "--data",
+        cli.cli_main(evaluate.main, ["--model", tiny_model, "--benchmarks", "airbench", "--data",
                                         f"airbench={air}", "--airbench-judge-prompts", jp, "--judge-url",
                                         "http://127.0.0.1:9/v1", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
@@ -361,8 +363,8 @@ def test_grade_in_place_refused_while_evaluate_runs(tmp_path, tiny_model, capsys
             time.sleep(0.05)
         before = recs.read_bytes()
         with pytest.raises(SystemExit) as e:
-            common.cli_main(evaluate.main, ["grade", "--input", str(recs), "--out", str(recs)])
-        common.release_out_dirs()
+            cli.cli_main(evaluate.main, ["grade", "--input", str(recs), "--out", str(recs)])
+        checkpoint.release_out_dirs()
         err = capsys.readouterr().err
         assert e.value.code == 2 and f"is in use by another run (pid {p.pid})" in err and "Traceback" not in err, err
         assert recs.read_bytes() == before

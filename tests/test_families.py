@@ -30,6 +30,7 @@ import torch
 
 from conftest import ROOT, SHARED_DATA, build_tokenizer, run_cli, torchrun, write_jsonl
 
+import checkpoint
 import common
 import engine
 import entropy
@@ -632,7 +633,7 @@ def test_real_export_keeps_the_input_tokenizer_files(real_dirs, name, tmp_path):
     from transformers import AutoModelForCausalLM, GenerationConfig
     src, out = tmp_path / "in", tmp_path / "out"
     arch = next(a for n, a, *_ in REAL.values() if n == name)
-    names = [n for n in common.TOKENIZER_EXPORT_FILES if (Path(real_dirs[name]) / n).exists()]
+    names = [n for n in checkpoint.TOKENIZER_EXPORT_FILES if (Path(real_dirs[name]) / n).exists()]
     tok = common.load_tokenizer(real_dirs[name])
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(family_config(arch, tok, hidden=16))
@@ -644,9 +645,9 @@ def test_real_export_keeps_the_input_tokenizer_files(real_dirs, name, tmp_path):
     policy = common.Policy(common.load_model(src)).eval()
     out.mkdir()
     (out / "chat_template.jinja").write_text("{{ 'a template an earlier export left' }}")
-    common.save_hf(policy, tok, out)
+    checkpoint.save_hf(policy, tok, out)
     assert names and all((src / n).read_bytes() == (out / n).read_bytes() for n in names)
-    assert sorted(n for n in common.TOKENIZER_EXPORT_FILES if (out / n).exists()) == sorted(names)  # nothing stale
+    assert sorted(n for n in checkpoint.TOKENIZER_EXPORT_FILES if (out / n).exists()) == sorted(names)  # nothing stale
     back = AutoModelForCausalLM.from_pretrained(out).eval()
     tok2 = common.load_tokenizer(out)
     ids = torch.tensor([common.render_prompt(tok, "How do I pick a lock?")])

@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 from conftest import ROOT, SFT_ROWS, serve_bounded, torchrun, write_jsonl
 from test_reward import build_rm
 
+import checkpoint
+import cli
 import common
 import entropy
 import evaluate
@@ -89,16 +91,16 @@ def run(args, log, extra_env=None):
     return out
 
 
-def cli(monkeypatch, capsys, module, argv):
+def run_main(monkeypatch, capsys, module, argv):
     """A stage's CLI in-process (the exit-code path of `python STAGE.py ARGV`): (exit code, stdout, stderr)."""
     capsys.readouterr()
     try:
-        common.cli_main(module.main, list(map(str, argv)))
+        cli.cli_main(module.main, list(map(str, argv)))
         code = 0
     except SystemExit as e:
         code = e.code
     finally:
-        common.release_out_dirs()
+        checkpoint.release_out_dirs()
     o = capsys.readouterr()
     return code, o.out, o.err
 
@@ -131,7 +133,7 @@ def all_finite(d):
 # --- the runs the tests share -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def inputs(tmp_path_factory):
     d = tmp_path_factory.mktemp("fault_data")
     return {"sft": write_jsonl(d / "rows.jsonl", SFT_ROWS),
             "rl": write_jsonl(d / "prompts.jsonl", [{"prompt": f"Tell me thing {i}."} for i in range(8)])}
@@ -151,17 +153,17 @@ def rl_args(model, prompts, out, *extra):
 
 
 @pytest.fixture(scope="module")
-def sft_ref(tiny_model, files, tmp_path_factory):
+def sft_ref(tiny_model, inputs, tmp_path_factory):
     """The uninterrupted SFT run: 4 steps, state + export + checkpoints/step-N every step, newest 2 kept."""
     out = tmp_path_factory.mktemp("sft_ref") / "o"
-    run(sft_args(tiny_model, files["sft"], out), out.parent / "log")
+    run(sft_args(tiny_model, inputs["sft"], out), out.parent / "log")
     return out
 
 
 @pytest.fixture(scope="module")
-def rl_ref(tiny_model, files, tmp_path_factory):
+def rl_ref(tiny_model, inputs, tmp_path_factory):
     out = tmp_path_factory.mktemp("rl_ref") / "o"
-    run(rl_args(tiny_model, files["rl"], out), out.parent / "log")
+    run(rl_args(tiny_model, inputs["rl"], out), out.parent / "log")
     return out
 
 
@@ -179,26 +181,26 @@ def test_checkpoints_over_training(sft_ref):
     assert json.load(open(sft_ref / "state" / "COMPLETE"))["step"] == 4
 
 
-def test_kill_inside_save_then_resume_is_exact(tiny_model, files, sft_ref, tmp_path, monkeypatch, capsys):
+def test_kill_inside_save_then_resume_is_exact(tiny_model, inputs, sft_ref, tmp_path, monkeypatch, capsys):
     """Failures 2 and 3: SIGKILL between save_state's two renames (state.old + state.tmp, no state/);
     meanwhile a second run on the dir is refused at once; a run without --resume refuses the dir; --resume
     finds state.tmp and ends identical to the uninterrupted run."""
     out = tmp_path / "o"
     log = tmp_path / "log"
-    p = start(sft_args(tiny_model, files["sft"], out), log, {"BEYOND_SFT_PAUSE_IN_SAVE": "2"})
+    p = start(sft_args(tiny_model, inputs["sft"], out), log, {"BEYOND_SFT_PAUSE_IN_SAVE": "2"})
     wait_for(p, lambda: "paused in save_state at step 2" in open(log).read(), log)
     # the run holds the dir: a second run stops at once, before any model loads
     t0 = time.time()
-    code, _, err = cli(monkeypatch, capsys, sft, sft_args(tiny_model, files["sft"], out, "--resume")[1:])
+    code, _, err = run_main(monkeypatch, capsys, sft, sft_args(tiny_model, inputs["sft"], out, "--resume")[1:])
     assert code == 2 and "is in use by another run" in err and f"pid {p.pid}" in err and time.time() - t0 < 30
     kill9(p)
     assert (out / "state.old").is_dir() and (out / "state.tmp").is_dir() and not (out / "state").exists()
     assert json.load(open(out / "state.tmp" / "COMPLETE"))["step"] == 2
     # the owner is gone; a new run without --resume still refuses a dir holding a run
-    code, _, err = cli(monkeypatch, capsys, sft, sft_args(tiny_model, files["sft"], out)[1:])
+    code, _, err = run_main(monkeypatch, capsys, sft, sft_args(tiny_model, inputs["sft"], out)[1:])
     assert code == 2 and "holds a previous run" in err and "--overwrite" in err and "Traceback" not in err
     assert (out / "state.tmp").is_dir() and (out / "state.old").is_dir()  # untouched
-    text = run(sft_args(tiny_model, files["sft"], out, "--resume"), tmp_path / "log2")
+    text = run(sft_args(tiny_model, inputs["sft"], out, "--resume"), tmp_path / "log2")
     assert "resumed from" in text and "at step 2" in text
     same_metrics(metrics(out), metrics(sft_ref))
     same_weights(out, sft_ref)
@@ -206,18 +208,18 @@ def test_kill_inside_save_then_resume_is_exact(tiny_model, files, sft_ref, tmp_p
     assert not (out / "state.old").exists() and not (out / "state.tmp").exists()
 
 
-def test_kill_between_the_last_export_and_its_state_leaves_no_stale_export(tiny_model, files, sft_ref, tmp_path):
+def test_kill_between_the_last_export_and_its_state_leaves_no_stale_export(tiny_model, inputs, sft_ref, tmp_path):
     """SIGKILL inside the LAST step's save_state: the export of that step is already in OUT (the export is
     written before the state), and --resume, which finds the complete state.tmp of the last step and has
     nothing left to train, ends with the uninterrupted run's weights. With the state written first, OUT
     kept step 3's export behind a finished step-4 state, and --resume never replaced it."""
     out = tmp_path / "o"
     log = tmp_path / "log"
-    p = start(sft_args(tiny_model, files["sft"], out), log, {"BEYOND_SFT_PAUSE_IN_SAVE": "4"})
+    p = start(sft_args(tiny_model, inputs["sft"], out), log, {"BEYOND_SFT_PAUSE_IN_SAVE": "4"})
     wait_for(p, lambda: "paused in save_state at step 4" in open(log).read(), log)
     kill9(p)
     same_weights(out, sft_ref)  # the final export is there before the state is
-    text = run(sft_args(tiny_model, files["sft"], out, "--resume"), tmp_path / "log2")
+    text = run(sft_args(tiny_model, inputs["sft"], out, "--resume"), tmp_path / "log2")
     assert "at step 4" in text, text[-2000:]
     same_weights(out, sft_ref)
     same_metrics(metrics(out), metrics(sft_ref))
@@ -227,14 +229,14 @@ def test_kill_between_the_last_export_and_its_state_leaves_no_stale_export(tiny_
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the ranks through /proc")
 @pytest.mark.parametrize("stage", ["sft", "rl"])
-def test_two_ranks_killed_inside_save_then_resume_is_exact(stage, tiny_model, files, tmp_path):
+def test_two_ranks_killed_inside_save_then_resume_is_exact(stage, tiny_model, inputs, tmp_path):
     """A preempted 2-rank job: SIGKILL to every process of `torchrun --nproc_per_node 2 sft.py|rl.py` while
     rank 0 is held inside save_state at step 2 (rank 1 waits at the barrier), then the same command with
     --resume ends with the weights, metrics and checkpoints of an uninterrupted 2-rank run (rl: and with
     the same rollout dumps: the replayed steps sample what the killed run sampled)."""
     launcher = torchrun(2)[1:]  # after sys.executable, which start() adds
-    args = (lambda o, *x: sft_args(tiny_model, files["sft"], o, *x)) if stage == "sft" else \
-        (lambda o, *x: rl_args(tiny_model, files["rl"], o, *x))
+    args = (lambda o, *x: sft_args(tiny_model, inputs["sft"], o, *x)) if stage == "sft" else \
+        (lambda o, *x: rl_args(tiny_model, inputs["rl"], o, *x))
     ref, out = tmp_path / "ref", tmp_path / "o"
     run([*launcher, *args(ref)], tmp_path / "log_ref")
     log = tmp_path / "log"
@@ -257,29 +259,29 @@ def test_two_ranks_killed_inside_save_then_resume_is_exact(stage, tiny_model, fi
             assert open(out / name).read() == open(ref / name).read(), name
 
 
-def test_kill_after_a_step_and_torn_metrics_line(tiny_model, files, sft_ref, tmp_path):
+def test_kill_after_a_step_and_torn_metrics_line(tiny_model, inputs, sft_ref, tmp_path):
     """Failure 3: SIGKILL as soon as step 3 is logged (inside that step's save), a torn last line appended
     to metrics.jsonl (a kill mid-write): --resume drops it with a warning and ends identical."""
     out = tmp_path / "o"
     log = tmp_path / "log"
-    p = start(sft_args(tiny_model, files["sft"], out), log)
+    p = start(sft_args(tiny_model, inputs["sft"], out), log)
     wait_for(p, lambda: (out / "metrics.jsonl").exists() and '"step": 3' in open(out / "metrics.jsonl").read(), log)
     kill9(p)
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 4, "loss": 0.12')  # torn: no closing brace, no newline
-    text = run(sft_args(tiny_model, files["sft"], out, "--resume"), tmp_path / "log2")
+    text = run(sft_args(tiny_model, inputs["sft"], out, "--resume"), tmp_path / "log2")
     assert "dropped a torn last line" in text
     same_metrics(metrics(out), metrics(sft_ref))
     same_weights(out, sft_ref)
 
 
-def test_overwrite_replaces_a_previous_run(tiny_model, files, sft_ref, tmp_path, monkeypatch, capsys):
+def test_overwrite_replaces_a_previous_run(tiny_model, inputs, sft_ref, tmp_path, monkeypatch, capsys):
     out = tmp_path / "o"
     shutil.copytree(sft_ref, out)
-    code, _, err = cli(monkeypatch, capsys, sft, sft_args(tiny_model, files["sft"], out, "--max-steps", "1")[1:])
+    code, _, err = run_main(monkeypatch, capsys, sft, sft_args(tiny_model, inputs["sft"], out, "--max-steps", "1")[1:])
     assert code == 2 and "holds a previous run" in err and len(metrics(out)) == 4
-    code, _, err = cli(monkeypatch, capsys, sft,
-                       sft_args(tiny_model, files["sft"], out, "--max-steps", "1", "--overwrite")[1:])
+    code, _, err = run_main(monkeypatch, capsys, sft,
+                       sft_args(tiny_model, inputs["sft"], out, "--max-steps", "1", "--overwrite")[1:])
     assert code == 0, err
     assert [m["step"] for m in metrics(out)] == [1] and os.listdir(out / "checkpoints") == ["step-1"]
     assert json.load(open(out / "state" / "COMPLETE"))["step"] == 1
@@ -295,22 +297,22 @@ class Evil:
         return os.system, (f"touch {self.marker}",)
 
 
-def test_resume_refuses_pickled_code(tiny_model, files, sft_ref, tmp_path, monkeypatch, capsys):
+def test_resume_refuses_pickled_code(tiny_model, inputs, sft_ref, tmp_path, monkeypatch, capsys):
     """Failure 4: the extra state is read with weights_only=True: a pickled call is refused, not run."""
     out, marker = tmp_path / "o", tmp_path / "pwned"
     shutil.copytree(sft_ref, out)
     extra = torch.load(out / "state" / "extra_rank0.pt", weights_only=True)
     torch.save({**extra, "evil": Evil(marker)}, out / "state" / "extra_rank0.pt")
-    code, _, err = cli(monkeypatch, capsys, sft, sft_args(tiny_model, files["sft"], out, "--resume")[1:])
+    code, _, err = run_main(monkeypatch, capsys, sft, sft_args(tiny_model, inputs["sft"], out, "--resume")[1:])
     assert code == 2 and "extra_rank0.pt" in err and "weights_only" in err and "Traceback" not in err
     assert not marker.exists()
 
 
-def test_huge_lr_stops_before_the_update_sft(tiny_model, files, tmp_path, monkeypatch, capsys):
+def test_huge_lr_stops_before_the_update_sft(tiny_model, inputs, tmp_path, monkeypatch, capsys):
     """Failure 1: --lr 1e30: the run stops (exit 1) naming the step before a non-finite update; the last
     saved state, export and checkpoint are complete and finite."""
     out = tmp_path / "o"
-    code, stdout, err = cli(monkeypatch, capsys, sft, sft_args(tiny_model, files["sft"], out, "--lr", "1e30")[1:])
+    code, stdout, err = run_main(monkeypatch, capsys, sft, sft_args(tiny_model, inputs["sft"], out, "--lr", "1e30")[1:])
     assert code == 1 and "non-finite" in err and "Traceback" not in err, err
     bad = int(err.split("error: step ")[1].split(":")[0])
     good = json.load(open(out / "state" / "COMPLETE"))["step"]
@@ -321,17 +323,17 @@ def test_huge_lr_stops_before_the_update_sft(tiny_model, files, tmp_path, monkey
 
 # --- RL: kill + resume (rollout dumps), NaN ------------------------------------------------------------
 
-def test_rl_kill_resume_no_duplicate_dumps_and_grade_takes_them(tiny_model, files, rl_ref, tmp_path,
+def test_rl_kill_resume_no_duplicate_dumps_and_grade_takes_them(tiny_model, inputs, rl_ref, tmp_path,
                                                                   monkeypatch, capsys):
     """Failure 3 (rl): SIGKILL after step 3's rollout dump (state at step 2): after --resume the replayed
     step's dump holds 16 records, not 32, and weights and metrics equal the uninterrupted run.
     Failure 7: `evaluate.py grade` takes rl.py's rollout records."""
     out = tmp_path / "o"
     log = tmp_path / "log"
-    p = start(rl_args(tiny_model, files["rl"], out), log)
+    p = start(rl_args(tiny_model, inputs["rl"], out), log)
     wait_for(p, lambda: (out / "rollouts" / "step_00003.jsonl").exists(), log)
     kill9(p)
-    text = run(rl_args(tiny_model, files["rl"], out, "--resume"), tmp_path / "log2")
+    text = run(rl_args(tiny_model, inputs["rl"], out, "--resume"), tmp_path / "log2")
     assert "at step 2" in text
     for s in range(1, 5):
         assert len(open(out / "rollouts" / f"step_{s:05d}.jsonl").readlines()) == 16
@@ -339,7 +341,7 @@ def test_rl_kill_resume_no_duplicate_dumps_and_grade_takes_them(tiny_model, file
     same_weights(out, rl_ref)
     assert sorted(os.listdir(out / "checkpoints")) == ["step-2", "step-4"]
     graded = tmp_path / "graded.jsonl"
-    code, _, err = cli(monkeypatch, capsys, evaluate,
+    code, _, err = run_main(monkeypatch, capsys, evaluate,
                        ["grade", "--input", out / "rollouts" / "step_00003.jsonl", "--out", graded])
     assert code == 0, err
     recs = [json.loads(x) for x in open(graded)]
@@ -347,12 +349,12 @@ def test_rl_kill_resume_no_duplicate_dumps_and_grade_takes_them(tiny_model, file
     assert len(recs) == 16 and [r["score"] for r in recs] == [r["score"] for r in want]
 
 
-def test_huge_lr_stops_before_the_update_rl(tiny_model, files, tmp_path, monkeypatch, capsys):
+def test_huge_lr_stops_before_the_update_rl(tiny_model, inputs, tmp_path, monkeypatch, capsys):
     """Failure 1 (rl): --lr 1e30 used to exit 0 with an all-NaN model (the entropy bonus makes the first
     gradient non-zero even when every reward is 0)."""
     out = tmp_path / "o"
-    code, _, err = cli(monkeypatch, capsys, rl,
-                       rl_args(tiny_model, files["rl"], out, "--lr", "1e30", "--save-every", "1", "--entropy-coef", "0.1",
+    code, _, err = run_main(monkeypatch, capsys, rl,
+                       rl_args(tiny_model, inputs["rl"], out, "--lr", "1e30", "--save-every", "1", "--entropy-coef", "0.1",
                                "--dump-every", "0")[1:])
     assert code == 1 and "non-finite" in err and "Traceback" not in err, err
     bad = int(err.split("error: step ")[1].split(":")[0])
@@ -434,7 +436,7 @@ def test_evaluation_keeps_every_record_and_resumes(tiny_model, tmp_path, faulty_
                                               for i in range(4)])
     out = tmp_path / "eval"
     cmd = eval_cmd(tiny_model, data, out, "--api-url", faulty_server.url, "--max-failures", "3")
-    code, _, err = cli(monkeypatch, capsys, evaluate, cmd)
+    code, _, err = run_main(monkeypatch, capsys, evaluate, cmd)
     assert code == 0, err
     recs = [json.loads(x) for x in open(out / "math500.jsonl")]
     assert len(recs) == 8
@@ -449,7 +451,7 @@ def test_evaluation_keeps_every_record_and_resumes(tiny_model, tmp_path, faulty_
     assert all(isinstance(x, list) and x for x in faulty_server.stop_ids)  # the template's stop ids in every request
 
     faulty_server.faulty, faulty_server.requests = False, []
-    code, stdout, err = cli(monkeypatch, capsys, evaluate, cmd)
+    code, stdout, err = run_main(monkeypatch, capsys, evaluate, cmd)
     assert code == 0, err
     assert sorted(faulty_server.requests) == [1, 3, 5] and "5 already in" in stdout
     recs = [json.loads(x) for x in open(out / "math500.jsonl")]
@@ -460,7 +462,7 @@ def test_evaluation_keeps_every_record_and_resumes(tiny_model, tmp_path, faulty_
 
     faulty_server.faulty = True
     out2 = tmp_path / "eval2"
-    code, _, err = cli(monkeypatch, capsys, evaluate,
+    code, _, err = run_main(monkeypatch, capsys, evaluate,
                        eval_cmd(tiny_model, data, out2, "--api-url", faulty_server.url, "--max-failures", "0"))
     assert code == 1 and "more than --max-failures 0" in err and "rerun the same command" in err
     recs = [json.loads(x) for x in open(out2 / "math500.jsonl")]
@@ -516,16 +518,16 @@ BAD_FLAGS = [  # (stage, bad flags, what stderr must name)
 ]
 
 
-def stage_cmd(stage, model, files, tmp, extra):
+def stage_cmd(stage, model, inputs, tmp, extra):
     extra = [x.replace("{tmp}", str(tmp)) for x in extra]
     recs = write_jsonl(tmp / "recs.jsonl", [{"prompt": "p", "completion": "c", "benchmark": "rl", "id": "0",
                                              "sample": 0}])
     if stage == "sft":
-        return sft, ["--model", model, "--data", files["sft"], "--out", tmp / "o", *extra]
+        return sft, ["--model", model, "--data", inputs["sft"], "--out", tmp / "o", *extra]
     if stage == "rl":
-        return rl, ["--model", model, "--prompts", files["rl"], "--out", tmp / "o", "--rule", "format", *extra]
+        return rl, ["--model", model, "--prompts", inputs["rl"], "--out", tmp / "o", "--rule", "format", *extra]
     if stage == "evaluate":
-        return evaluate, ["--model", model, "--benchmarks", "math500", "--data", f"math500={files['rl']}",
+        return evaluate, ["--model", model, "--benchmarks", "math500", "--data", f"math500={inputs['rl']}",
                           "--out", tmp / "o", *extra]
     if stage == "grade":
         return evaluate, ["grade", "--input", recs, *extra]
@@ -533,11 +535,11 @@ def stage_cmd(stage, model, files, tmp, extra):
 
 
 @pytest.mark.parametrize("stage,bad,flag", BAD_FLAGS, ids=[f"{s}{''.join(b)}" for s, b, _ in BAD_FLAGS])
-def test_bad_flag_refused_before_anything_loads(stage, bad, flag, tiny_model, files, tmp_path, no_loads,
+def test_bad_flag_refused_before_anything_loads(stage, bad, flag, tiny_model, inputs, tmp_path, no_loads,
                                                 monkeypatch, capsys):
     """Failure 6 (and 7's --out checks): exit 2, the flag named, no traceback, nothing loaded, nothing written."""
-    module, argv = stage_cmd(stage, tiny_model, files, tmp_path, bad)
-    code, _, err = cli(monkeypatch, capsys, module, argv)
+    module, argv = stage_cmd(stage, tiny_model, inputs, tmp_path, bad)
+    code, _, err = run_main(monkeypatch, capsys, module, argv)
     assert code == 2 and flag in err and err.startswith("error: ") and "Traceback" not in err, err
     assert not (tmp_path / "o").exists() and not (tmp_path / "missing").exists()
 
@@ -561,10 +563,10 @@ def test_every_help_shows_every_default(module, argv, monkeypatch, capsys):
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("wandb") is not None, reason="wandb is installed")
 @pytest.mark.parametrize("stage", ["sft", "rl"])
-def test_wandb_missing_fails_at_start(stage, tiny_model, files, tmp_path, no_loads, monkeypatch, capsys):
+def test_wandb_missing_fails_at_start(stage, tiny_model, inputs, tmp_path, no_loads, monkeypatch, capsys):
     """Failure 8: --wandb without wandb: exit 2 with an install hint before any model loads."""
-    module, argv = stage_cmd(stage, tiny_model, files, tmp_path, ["--wandb", "proj"])
-    code, _, err = cli(monkeypatch, capsys, module, argv)
+    module, argv = stage_cmd(stage, tiny_model, inputs, tmp_path, ["--wandb", "proj"])
+    code, _, err = run_main(monkeypatch, capsys, module, argv)
     assert code == 2 and "--wandb" in err and "pip install wandb" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
 
@@ -574,7 +576,7 @@ def test_reward_empty_input_and_nan_score(tmp_path, monkeypatch, capsys):
     from transformers import AutoModelForSequenceClassification
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    code, _, err = cli(monkeypatch, capsys, reward, ["--input", empty, "--out", tmp_path / "a.jsonl", "--rule", "format"])
+    code, _, err = run_main(monkeypatch, capsys, reward, ["--input", empty, "--out", tmp_path / "a.jsonl", "--rule", "format"])
     assert code == 2 and "no records" in err and not (tmp_path / "a.jsonl").exists()
     rm_dir = build_rm(tmp_path / "nan_rm")
     m = AutoModelForSequenceClassification.from_pretrained(rm_dir)
@@ -582,6 +584,6 @@ def test_reward_empty_input_and_nan_score(tmp_path, monkeypatch, capsys):
         m.score.weight.fill_(float("nan"))
     m.save_pretrained(rm_dir)
     recs = write_jsonl(tmp_path / "recs.jsonl", [{"prompt": "p", "completion": "c"}])
-    code, _, err = cli(monkeypatch, capsys, reward, ["--input", recs, "--out", tmp_path / "b.jsonl",
+    code, _, err = run_main(monkeypatch, capsys, reward, ["--input", recs, "--out", tmp_path / "b.jsonl",
                                                      "--reward-model", rm_dir])
     assert code == 2 and "row 1" in err and "non-finite" in err and not (tmp_path / "b.jsonl").exists()

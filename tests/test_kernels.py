@@ -423,7 +423,7 @@ err = ((dw - ref.lm_head.weight.grad).norm() / ref.lm_head.weight.grad.norm()).i
 assert err < 1e-5 and torch.allclose(grads[0], grads[1], atol=1e-6), err
 if dist.get_rank() == 0:
     print("FSDP2 OK", err)
-dist.barrier()                  # as common.finish: a rank tearing its gloo group down while the other still
+dist.barrier()                  # as cli.finish: a rank tearing its gloo group down while the other still
 dist.destroy_process_group()    # talks to it aborts ("terminate called without an active exception")
 '''
 

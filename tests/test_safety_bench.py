@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-import common
+import cli
 import evaluate
 import reward
 from common import DataError, UsageError
@@ -325,7 +325,7 @@ def test_bad_input_before_any_model_loads(tmp_path, tiny_model, monkeypatch, cap
 
     def fails(*flags):
         with pytest.raises(SystemExit) as e:
-            common.cli_main(evaluate.main, ["--model", tiny_model, "--out", str(out), "--max-new-tokens", "4", *flags])
+            cli.cli_main(evaluate.main, ["--model", tiny_model, "--out", str(out), "--max-new-tokens", "4", *flags])
         return e.value.code, capsys.readouterr().err
     (tmp_path / "list.json").write_text(json.dumps([{"goal": "g", "prompt": "p"}]))
     code, err = fails("--benchmarks", "jbb", "--data", f"jbb={tmp_path / 'list.json'}")

@@ -9,6 +9,7 @@ import torch
 
 from conftest import SFT_ROWS, SHARED_DATA, run_cli, torchrun, write_jsonl
 
+import cli
 import common
 import sft
 
@@ -172,7 +173,7 @@ def test_real_star1_renders(tiny_model):
     path = SHARED_DATA / "star1.json"
     if not path.exists():
         pytest.skip("../shared/data/star1.json not present")
-    rows = common.load_pairs(str(path))
+    rows = cli.load_pairs(str(path))
     assert len(rows) == 1000
     tok = common.load_tokenizer(tiny_model)
     for r in rows[:5]:

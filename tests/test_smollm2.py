@@ -16,6 +16,7 @@ import torch
 
 from conftest import SFT_ROWS, write_jsonl
 
+import checkpoint
 import common
 import engine
 import evaluate
@@ -86,12 +87,12 @@ def test_sampler_logprobs_equal_teacher_forcing(loaded):
 def test_export_reloads_to_the_same_logits_and_tokenizer_files(loaded, smollm2, tmp_path):
     from transformers import AutoModelForCausalLM
     tok, model = loaded
-    common.save_hf(common.Policy(model), tok, tmp_path)
+    checkpoint.save_hf(common.Policy(model), tok, tmp_path)
     back = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     ids = torch.tensor([common.render_prompt(tok, QUESTIONS[0])])
     with torch.no_grad():
         assert torch.equal(model(ids).logits, back(ids).logits)
-    names = [n for n in common.TOKENIZER_EXPORT_FILES if os.path.exists(os.path.join(smollm2, n))]
+    names = [n for n in checkpoint.TOKENIZER_EXPORT_FILES if os.path.exists(os.path.join(smollm2, n))]
     assert names and all(open(os.path.join(smollm2, n), "rb").read() == (tmp_path / n).read_bytes() for n in names)
 
 
