@@ -1,7 +1,7 @@
 """Plumbing shared by two or more stages (sft.py, rl.py, evaluate.py, entropy.py, reward.py).
 
 What lives here, in the order the stages use it:
-  0. the errors every module raises, and the flag checks (before any model or data loads)
+  0. the errors every module raises (their exit codes: cli.cli_main)
   1. compute: torchrun / single-process init, seeding, dtype choice, all-reduce helpers
   2. models: tokenizer and model loading, the FSDP2 wrap (~40 lines), the `Policy` wrapper whose
      forward returns per-token (logp, entropy) through the fused lm_head kernel
@@ -14,7 +14,6 @@ Generation lives in engine.py; checkpoints and resume in checkpoint.py; files in
 exit policy, input tables and step log in cli.py. The algorithms (losses, advantages, masking) stay in
 the stage that owns them.
 """
-import argparse
 import datetime
 import glob
 import http.client
@@ -62,159 +61,11 @@ def first_line(e):
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser whose errors are one line (`error: argument --x: ...`) instead of the usage block."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-# --- flag validation: every CLI checks its flags with these before any model or data loads -----------
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every stage's --help: "(default: X)" after each flag that has a value, unless its help says
-    "(default ..." or "by default" itself."""
-
-    def _get_help_string(self, action):
-        h = action.help or ""
-        if action.default in (None, False) or "(default" in h or "by default" in h:
-            return action.help
-        return super()._get_help_string(action)
-
-
-def _flag_value(args, flag):
-    return getattr(args, flag.lstrip("-").replace("-", "_"))
-
-
-def check_min(args, *flags, lo=1):
-    """Integer flags that must be >= lo (None = unset, skipped)."""
-    for f in flags:
-        v = _flag_value(args, f)
-        if v is not None and v < lo:
-            raise UsageError(f"{f} must be >= {lo}, got {v}")
-
-
-def check_range(args, flag, lo=None, hi=None, lo_open=False, hi_open=False):
-    """A float flag inside [lo, hi] (either end open or absent); NaN and inf are refused."""
-    v = _flag_value(args, flag)
-    if v is None:
-        return
-    ok = math.isfinite(v) and (lo is None or (v > lo if lo_open else v >= lo)) and \
-        (hi is None or (v < hi if hi_open else v <= hi))
-    if not ok:
-        lb = "" if lo is None else ("(" if lo_open else "[") + f"{lo:g}"
-        ub = "" if hi is None else f"{hi:g}" + (")" if hi_open else "]")
-        want = f"in {lb}, {ub}" if lo is not None and hi is not None else (f"> {lo:g}" if lo_open else f">= {lo:g}") \
-            if lo is not None else (f"< {hi:g}" if hi_open else f"<= {hi:g}")
-        raise UsageError(f"{flag} must be {want} (and finite), got {v}")
-
-
-def check_training(args):
-    """The optimizer and run flags sft.py and rl.py share."""
-    check_range(args, "--lr", 0, lo_open=True)
-    check_range(args, "--warmup-ratio", 0, 1)
-    check_range(args, "--weight-decay", 0)
-    check_range(args, "--clip", 0, lo_open=True)
-    for i, b in enumerate(args.betas):
-        if not 0 <= b < 1:
-            raise UsageError(f"--betas: beta{i + 1} must be in [0, 1), got {b}")
-    if args.resume and args.overwrite:
-        raise UsageError("--resume and --overwrite exclude each other")
-    if args.allow_changes and not args.resume:
-        raise UsageError("--allow-changes goes with --resume (it lets a resumed run change its flags)")
-
-
-# The smallest sampling / scoring temperature τ. Every stage divides the logits by τ (the sampler, the
-# (log p, H) head and its backward, which multiplies by 1/τ). τ >= 0.01 keeps z/τ within 100 |z|, finite for
-# every logit |z| < 3.4e36 in bf16 and fp32 alike (both top out at 3.4e38), and the backward's 1/τ factor
-# within 100, so a gradient norm that is finite at τ = 1 stays finite (its fp32 sum of squares gains at most
-# 1e4). At τ = 1e-40, 1/τ is inf in fp32 itself. At τ = 0.01 a logit gap of 0.1 already weighs e^10: for
-# less randomness use temperature 0 (greedy) where the stage offers it.
-TEMPERATURE_MIN = 0.01
-
-
-def check_temperature(t, flag="--temperature", greedy_ok=False):
-    """A sampling temperature: finite and >= TEMPERATURE_MIN, or 0 (greedy) where greedy_ok."""
-    if t is None or (greedy_ok and t == 0):
-        return
-    if not (math.isfinite(t) and t >= TEMPERATURE_MIN):
-        raise UsageError(f"{flag} must be {'0 (greedy) or ' if greedy_ok else ''}a finite value >= {TEMPERATURE_MIN} "
-                         f"(smaller ones overflow the tempered logits z/τ), got {t}")
-
-
-def check_sampling(args, greedy_ok=False):
-    """--temperature >= TEMPERATURE_MIN (or 0 = greedy where the stage supports it) and 0 < --top-p <= 1."""
-    check_temperature(args.temperature, greedy_ok=greedy_ok)
-    check_range(args, "--top-p", 0, 1, lo_open=True)
-
-
-def import_optional(module, flag, pip_name=None):
-    """Import an optional package a flag needs at start (before any model loads), with a one-line hint."""
-    import importlib
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise UsageError(f"{flag} needs the {module} package: pip install {pip_name or module}") from None
-
-
-def check_out_file(path, flag="--out"):
-    """An output FILE can be written: its directory exists and is writable, and it is not a directory."""
-    d = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise UsageError(f"{flag}: {path} is a directory; give a file path")
-    if not os.path.isdir(d):
-        raise UsageError(f"{flag}: directory {d} does not exist")
-    _check_writable(d, flag)
-
-
-def check_out_dir(path, flag="--out"):
-    """An output DIR can be written, checked before any work: an existing dir is writable, or the nearest
-    existing parent of a new one is (it is created later, by the run)."""
-    p = os.path.abspath(path)
-    if os.path.exists(p) and not os.path.isdir(p):
-        raise UsageError(f"{flag} {path} is a file, not a directory")
-    while not os.path.exists(p):
-        p = os.path.dirname(p)
-    if not os.path.isdir(p):
-        raise UsageError(f"{flag} {path}: {p} is a file, not a directory")
-    _check_writable(p, flag)
-
-
-def _check_writable(d, flag):
-    """access(2) says EROFS for a read-only filesystem even to root, EACCES for missing permissions."""
-    if not os.access(d, os.W_OK | os.X_OK):
-        ro = os.statvfs(d).f_flag & os.ST_RDONLY
-        raise UsageError(f"{flag}: {d} is {'on a read-only filesystem' if ro else 'not writable'}; "
-                         f"pick a writable {flag}")
-
-
 # ------------------------------------------------------------------------------------------------
 # 1. compute
 
 Dist = namedtuple("Dist", "rank local_rank world device")
 DIST_TIMEOUT_MIN = 60.0
-
-
-def dist_minutes(text):
-    """argparse type of --dist-timeout: minutes, finite, in (0, 10080] (a week; timedelta overflows past ~1e12)."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"want a number of minutes, got {text!r}") from None
-    if not (math.isfinite(v) and 0 < v <= 10080):
-        raise argparse.ArgumentTypeError(f"must be in (0, 10080] minutes (and finite), got {text}")
-    return v
-
-
-def add_compute_flags(a):
-    """--device and --dist-timeout (a: an argument group's add_argument), for the stages run under torchrun."""
-    a("--device", default="auto", choices=["auto", "cuda", "cpu"],
-      help="where to run: auto = CUDA when torch sees a GPU, else the CPU; auto stops with the likely cause when "
-           "this machine has an NVIDIA GPU that torch cannot use; cuda stops when none is usable")
-    a("--dist-timeout", type=dist_minutes, default=DIST_TIMEOUT_MIN, metavar="MIN",
-      help="minutes a collective may wait under torchrun before the job is stopped (the NCCL / gloo timeout); the "
-           "long, uneven waits (a rank still generating, rank 0 loading the checkpoint or writing a save, another "
-           "grading) wait outside any collective, without a time limit")
 
 
 def nvidia_driver():
@@ -676,27 +527,6 @@ def broadcast_object(obj):
 #       system turn writes today's date (pinned: TEMPLATE_DATE)
 # Where the prompt leaves the think block (think_state) becomes each record's `thinking`, which tells
 # the split (section 5) whether a completion starts inside the reasoning.
-
-# apply_chat_template's own arguments: a template variable of the same name would be swallowed by them
-_RESERVED_CHAT_KWARGS = {"conversation", "tools", "documents", "chat_template", "add_generation_prompt",
-                         "continue_final_message", "tokenize", "padding", "truncation", "max_length",
-                         "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"}
-
-
-def chat_template_kwargs(text):
-    """argparse type of --chat-template-kwargs: a JSON object -> dict (argparse names the flag on error)."""
-    import argparse
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg} at char {e.pos}): {text!r}") from None
-    if not isinstance(obj, dict):
-        raise argparse.ArgumentTypeError(f"want a JSON object such as '{{\"enable_thinking\": false}}', got {text!r}")
-    bad = sorted(_RESERVED_CHAT_KWARGS & obj.keys())
-    if bad:
-        raise argparse.ArgumentTypeError(f"{bad} are apply_chat_template arguments, not template variables")
-    return obj
-
 
 # A template that reads the clock (Granite's default system turn writes "Today's Date: " + strftime_now(...))
 # would make every SFT target, rollout and evaluation prompt depend on the day it is rendered: each

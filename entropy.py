@@ -336,7 +336,7 @@ def read_records(path, temperature):
         if temperature <= 0:
             raise DataError(f"{path}: temperature {temperature} <= 0 (entropy needs a sampling temperature)")
         try:
-            common.check_temperature(temperature, f"{path}: the records' temperature")
+            cli.check_temperature(temperature, f"{path}: the records' temperature")
         except common.UsageError as e:
             raise DataError(f"{e}; pass --temperature") from None
     return recs, temperature
@@ -353,12 +353,12 @@ def word_set(text):
 
 
 def get_args(argv=None):
-    p = common.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=common.HelpFormatter)
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=cli.HelpFormatter)
     a = p.add_argument_group("inputs").add_argument
     a("--model", action="append", required=True, help="NAME=DIR (or hub id); repeat for several models")
     a("--input", action="append", default=[], help="NAME=FILE of generation records (JSONL); repeat")
     a("--out", required=True, help="output directory")
-    a("--chat-template-kwargs", type=common.chat_template_kwargs, default=None, metavar="JSON",
+    a("--chat-template-kwargs", type=cli.chat_template_kwargs, default=None, metavar="JSON",
       help="template variables for apply_chat_template when rendering the prompts of records without "
       "prompt_ids (as generated)")
     a("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
@@ -381,7 +381,7 @@ def get_args(argv=None):
     a("--batch-size", type=int, default=8, help="records per forward pass")
     a("--chunk-tokens", type=int, default=1024, help="positions per lm_head + kernel chunk (memory)")
     a("--dtype", choices=["bf16", "fp32"], default=None, help="model dtype (default bf16 on GPU, fp32 on CPU)")
-    common.add_compute_flags(a)
+    cli.add_compute_flags(a)
     return p.parse_args(argv)
 
 
@@ -389,12 +389,12 @@ def check_args(args):
     """Every flag value, before any file is read (the flag is named in the message)."""
     if not args.input and not args.memorization:
         raise common.UsageError("nothing to do: give --input and/or --memorization")
-    common.check_temperature(args.temperature)
-    common.check_min(args, "--batch-size", "--chunk-tokens", "--mem-m", "--bootstrap", "--mem-max-len")
-    common.check_min(args, "--mem-k", "--mem-limit", lo=0)
+    cli.check_temperature(args.temperature)
+    cli.check_min(args, "--batch-size", "--chunk-tokens", "--mem-m", "--bootstrap", "--mem-max-len")
+    cli.check_min(args, "--mem-k", "--mem-limit", lo=0)
     if args.bootstrap > MAX_BOOTSTRAP:
         raise common.UsageError(f"--bootstrap must be <= {MAX_BOOTSTRAP}, got {args.bootstrap}")
-    common.check_out_dir(args.out)
+    cli.check_out_dir(args.out)
 
 
 def check_prompt_ids(path, recs, tok, mname):

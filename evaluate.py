@@ -815,8 +815,8 @@ def add_grader_args(p):
 
 
 def eval_parser():
-    p = common.ArgumentParser(description=__doc__.split("\n")[0], epilog="subcommand: evaluate.py grade --help",
-                              formatter_class=common.HelpFormatter)
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0], epilog="subcommand: evaluate.py grade --help",
+                              formatter_class=cli.HelpFormatter)
     a = p.add_argument_group("run").add_argument
     a("--model", required=True, help="policy checkpoint (hub id or dir); with --api-url only its tokenizer is used")
     a("--benchmarks", type=benchmark_list, default=",".join(PAPER), help=f"comma list of {', '.join(BENCHMARKS)}")
@@ -834,19 +834,19 @@ def eval_parser():
     a("--temperature", type=float, default=0.6, help="sampling temperature (0: greedy)")
     a("--top-p", type=float, default=0.95, help="nucleus sampling threshold")
     a("--seed", type=int, default=0, help="sampling seed (noise keyed by (seed, job index)) and GPQA shuffle seed")
-    a("--chat-template-kwargs", type=common.chat_template_kwargs, default=None, metavar="JSON",
+    a("--chat-template-kwargs", type=cli.chat_template_kwargs, default=None, metavar="JSON",
       help='template variables for the policy\'s apply_chat_template, e.g. \'{"enable_thinking": true}\'')
     a("--api-url", default=None, help="generate through an OpenAI-compatible server, e.g. http://localhost:8000/v1")
     a("--api-model", default=None, help="model name sent to --api-url")
     a("--api-key-env", default=None, help="environment variable holding the --api-url key (none by default)")
     add_grader_args(p)
-    common.add_compute_flags(p.add_argument_group("distributed").add_argument)
+    cli.add_compute_flags(p.add_argument_group("distributed").add_argument)
     return p
 
 
 def grade_parser():
-    p = common.ArgumentParser(prog="evaluate.py grade", description="re-grade saved generation records",
-                              formatter_class=common.HelpFormatter)
+    p = cli.ArgumentParser(prog="evaluate.py grade", description="re-grade saved generation records",
+                              formatter_class=cli.HelpFormatter)
     p.add_argument("--input", required=True, help="generation records (JSONL) written by evaluate.py or rl.py "
                                                  "(rl: graded as maths when a gold answer is present, else the "
                                                  "rollout's reward is kept as the score)")
@@ -947,9 +947,9 @@ MAX_API_TIMEOUT = 86400  # s: a day; far larger values overflow the socket's C t
 
 
 def check_grader_args(args):
-    common.check_min(args, "--rm-batch-size", "--judge-max-new-tokens", "--api-workers", "--batch-size")
-    common.check_min(args, "--api-retries", "--max-failures", lo=0)
-    common.check_range(args, "--api-timeout", 0, MAX_API_TIMEOUT, lo_open=True)
+    cli.check_min(args, "--rm-batch-size", "--judge-max-new-tokens", "--api-workers", "--batch-size")
+    cli.check_min(args, "--api-retries", "--max-failures", lo=0)
+    cli.check_range(args, "--api-timeout", 0, MAX_API_TIMEOUT, lo_open=True)
 
 
 def check_graders(names, args):
@@ -983,15 +983,15 @@ def check_context(jobs, tok, args, ctx):
 
 def run_eval(args):
     check_grader_args(args)
-    common.check_min(args, "--limit", "--max-new-tokens")
-    common.check_sampling(args, greedy_ok=True)
+    cli.check_min(args, "--limit", "--max-new-tokens")
+    cli.check_sampling(args, greedy_ok=True)
     names, data = args.benchmarks, args.data
     samples = {n: args.samples.get(n, BENCHMARKS[n][1]) for n in names}
     if "airbench" in names and not (args.judge or args.judge_url):
         raise UsageError("airbench needs a judge: --judge MODEL or --judge-url URL --judge-model NAME")
     if args.api_url and not args.api_model:
         raise UsageError("--api-url needs --api-model (the model name the server serves)")
-    common.check_out_dir(args.out)
+    cli.check_out_dir(args.out)
     # the model dirs before any weight is read (with --api-url only the tokenizer of --model is used)
     cfg = None if args.api_url else cli.check_model(args.model, "--model", trust_remote_code=args.trust_remote_code)
     check_graders(names, args)
@@ -1195,7 +1195,7 @@ def resume_records(args, names, fp, model_files, rank):
 
 def run_grade(args):
     check_grader_args(args)
-    common.check_out_file(args.out)
+    cli.check_out_file(args.out)
     # the lock of the output's directory, held to the end: a running evaluate.py appending to its --out
     # refuses grade's write there, and an evaluate.py started on that dir meanwhile is refused
     checkpoint.claim_out_dir(os.path.dirname(os.path.abspath(args.out)), resume=True)

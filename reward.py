@@ -614,7 +614,7 @@ def make_judge(device, prompts, *, local=None, url=None, model="gpt-4o", key=Non
 # --- CLI ---------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    p = common.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=common.HelpFormatter)
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=cli.HelpFormatter)
     p.add_argument("--input", required=True, help="generation records (JSONL with prompt, completion[, gold])")
     p.add_argument("--out", required=True, help="output JSONL: the records plus reward and reward_parts")
     p.add_argument("--reward-model", default=None, help=f"sequence-classifier RM (hub id or dir), e.g. {DEFAULT_RM}")
@@ -626,15 +626,15 @@ def main(argv=None):
     p.add_argument("--rm-style", default="auto", choices=["auto", "chat", "pair"],
                    help="chat template vs (question, answer) text pair; auto: chat iff the RM has a template")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="RM dtype (default bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--chat-template-kwargs", type=common.chat_template_kwargs, default=None, metavar="JSON",
+    p.add_argument("--chat-template-kwargs", type=cli.chat_template_kwargs, default=None, metavar="JSON",
                    help="template variables for the RM's own apply_chat_template (--rm-style chat)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
     args = p.parse_args(argv)
-    common.check_min(args, "--rm-batch-size", "--rm-max-len")
+    cli.check_min(args, "--rm-batch-size", "--rm-max-len")
     rules = RuleReward(args.rule)
     if args.reward_model is None and not rules.rules:
         raise UsageError("nothing to score: give --reward-model and/or --rule")
-    common.check_out_file(args.out)
+    cli.check_out_file(args.out)
     if args.reward_model:
         cli.check_model(args.reward_model, "--reward-model", "seq-cls", trust_remote_code=args.trust_remote_code)
     recs = cli.read_generations(args.input, ["completion"] + ["prompt"] * bool(args.reward_model)

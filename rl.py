@@ -77,12 +77,10 @@ import torch
 import checkpoint
 import cli
 import files
-from common import (ArgumentParser, DataError, HelpFormatter, NonFiniteError, StopRun, UsageError, add_compute_flags,
-                    all_reduce, barrier, build_optimizer, build_policy, chat_template_kwargs, check_min, check_out_dir,
-                    check_range, check_sampling, check_training, clip_grad_norm, cosine_lr, gather_objects,
-                    hsdp_replicas, import_optional, init_dist, load_tokenizer, model_context, pad_right, pick_dtype,
-                    positions_from_mask, print0, prompt_thinking, render_prompt_text, seed_everything, split_reasoning,
-                    stop_token_ids)
+from common import (DataError, NonFiniteError, StopRun, UsageError, all_reduce, barrier, build_optimizer, build_policy,
+                    clip_grad_norm, cosine_lr, gather_objects, hsdp_replicas, init_dist, load_tokenizer, model_context,
+                    pad_right, pick_dtype, positions_from_mask, print0, prompt_thinking, render_prompt_text,
+                    seed_everything, split_reasoning, stop_token_ids)
 import engine
 from entropy import DEFAULT_WORDS, find_reflections, segment_masks, word_set
 
@@ -288,14 +286,14 @@ def disable_dropout(model):
 
 
 def get_args(argv=None):
-    p = ArgumentParser(description="REINFORCE++ (and baseline / GRPO / RLOO arms) on FSDP2.",
-                       formatter_class=HelpFormatter)
+    p = cli.ArgumentParser(description="REINFORCE++ (and baseline / GRPO / RLOO arms) on FSDP2.",
+                       formatter_class=cli.HelpFormatter)
     a = p.add_argument_group("run").add_argument
     a("--model", required=True, help="hub id or local dir of the initial policy (and reference)")
     a("--prompts", required=True, help="prompts: hub id (id[:config]:split) or .jsonl/.json/.csv/.parquet")
     a("--out", required=True, help="output dir: HF checkpoint, args.json, metrics.jsonl, state/, rollouts/")
     a("--prompt-field", default=None, help="column holding the prompt (default: detected)")
-    a("--chat-template-kwargs", type=chat_template_kwargs, default=None, metavar="JSON",
+    a("--chat-template-kwargs", type=cli.chat_template_kwargs, default=None, metavar="JSON",
       help='template variables for the policy\'s apply_chat_template, e.g. \'{"enable_thinking": true}\'')
     a("--gold-field", default=None, help="column holding the gold answer for --rule math")
     a("--max-steps", type=int, default=500, help="RL steps (rollout + update); the LR schedule spans them")
@@ -340,7 +338,7 @@ def get_args(argv=None):
     a("--replicate", type=int, default=None, help="HSDP: N replicas, each sharding over world/N ranks "
       "(default: one per node when torchrun spans nodes, else 1 = flat FSDP2)")
     a("--dtype", default=None, choices=["bf16", "fp32"], help="compute dtype (default: bf16 on CUDA, fp32 on CPU)")
-    add_compute_flags(a)
+    cli.add_compute_flags(a)
     a = p.add_argument_group("checkpoints and logging").add_argument
     a("--resume", action="store_true", help="continue from the newest complete state in OUT, with the run's "
       "flags (args.json); only --stop-at, --save-every, --keep-checkpoints, --dump-every, --max-kl, "
@@ -375,19 +373,19 @@ def get_args(argv=None):
 
 def check_args(args, world):
     """Every flag value, before any model or data loads (the flag is named in the message)."""
-    check_min(args, "--max-steps", "--stop-at", "--rollout-batch", "--samples-per-prompt", "--train-batch",
+    cli.check_min(args, "--max-steps", "--stop-at", "--rollout-batch", "--samples-per-prompt", "--train-batch",
               "--micro-batch-size", "--epochs-per-rollout", "--max-new-tokens", "--max-prompt-len", "--gen-batch-size",
               "--rm-batch-size", "--save-every")
-    check_min(args, "--dump-every", "--keep-checkpoints", lo=0)
-    check_sampling(args, greedy_ok=False)  # π_old and π are evaluated at the sampling temperature
-    check_training(args)  # --lr, --warmup-ratio, --weight-decay, --clip, --betas, --resume/--overwrite
-    check_range(args, "--kl-coef", 0)
-    check_range(args, "--gamma", 0, 1)
-    check_range(args, "--eps-clip", 0, 1, lo_open=True, hi_open=True)
-    check_range(args, "--eps-clip-high", 0, lo_open=True)
-    check_range(args, "--dual-clip", 1, lo_open=True)
-    check_range(args, "--entropy-coef", 0)
-    check_range(args, "--max-kl", 0, lo_open=True)
+    cli.check_min(args, "--dump-every", "--keep-checkpoints", lo=0)
+    cli.check_sampling(args, greedy_ok=False)  # π_old and π are evaluated at the sampling temperature
+    cli.check_training(args)  # --lr, --warmup-ratio, --weight-decay, --clip, --betas, --resume/--overwrite
+    cli.check_range(args, "--kl-coef", 0)
+    cli.check_range(args, "--gamma", 0, 1)
+    cli.check_range(args, "--eps-clip", 0, 1, lo_open=True, hi_open=True)
+    cli.check_range(args, "--eps-clip-high", 0, lo_open=True)
+    cli.check_range(args, "--dual-clip", 1, lo_open=True)
+    cli.check_range(args, "--entropy-coef", 0)
+    cli.check_range(args, "--max-kl", 0, lo_open=True)
     n = args.samples_per_prompt
     if (args.rollout_batch % world or (args.rollout_batch * n) % args.train_batch or args.train_batch % world
             or args.rollout_batch * n < args.train_batch):
@@ -403,8 +401,8 @@ def check_args(args, world):
     if not args.reward_model and not args.rule:
         raise UsageError("give a reward: --reward-model and/or --rule")
     if args.wandb:
-        import_optional("wandb", "--wandb")
-    check_out_dir(args.out)
+        cli.import_optional("wandb", "--wandb")
+    cli.check_out_dir(args.out)
 
 
 def check_models(args):
@@ -558,6 +556,10 @@ def ppo_update(policy, opt, items, ro, adv, args, d, autocast, step, pad_id):
     return st_sum, gnorm
 
 
+# the step's line on the console (metrics.jsonl gets every key of step_metrics)
+CONSOLE = ("reward", "kl", "entropy", "len", "ent_reflect", "clip_frac", "loss", "grad_norm", "lr", "gen tok/s", "dt")
+
+
 def step_metrics(items, R, R_clipped, ro, kl, st, gnorm, lr, reflect, times, args, n):
     """6. Token-weighted means over every rank's response tokens (one all-reduce), for the log line; loss is
     the mean over the rollout's optimizer steps of each step's --loss-agg aggregate."""
@@ -627,7 +629,7 @@ def main(argv=None):
     if d.rank == 0:
         os.makedirs(os.path.join(args.out, "rollouts"), exist_ok=True)
         checkpoint.write_args(args, step, changes)
-    log = cli.Logger(args.out, args.max_steps, args.wandb, vars(args))
+    log = cli.Logger(args.out, args.max_steps, args.wandb, vars(args), show=CONSOLE)
     stop = min(args.max_steps, args.stop_at or args.max_steps)
     print0(f"rl: {len(rows)} prompts ({n_long} dropped: longer than {why_long}), "
            f"{args.rollout_batch}x{n} samples/step, {args.rollout_batch * n // args.train_batch}"

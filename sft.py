@@ -48,15 +48,14 @@ import torch
 
 import checkpoint
 import cli
-from common import (ArgumentParser, DataError, HelpFormatter, UsageError, add_compute_flags, all_reduce,
-                    build_optimizer, build_policy, chat_template_kwargs, check_min, check_out_dir, check_training,
-                    clip_grad_norm, cosine_lr, hsdp_replicas, import_optional, init_dist, load_tokenizer, ngrams,
-                    packing_exact, pick_dtype, print0, render_sft, seed_everything)
+from common import (DataError, UsageError, all_reduce, build_optimizer, build_policy, clip_grad_norm, cosine_lr,
+                    hsdp_replicas, init_dist, load_tokenizer, ngrams, packing_exact, pick_dtype, print0, render_sft,
+                    seed_everything)
 
 
 def get_args(argv=None):
-    p = ArgumentParser(description="Supervised fine-tuning (response-only loss) on FSDP2.",
-                       formatter_class=HelpFormatter)
+    p = cli.ArgumentParser(description="Supervised fine-tuning (response-only loss) on FSDP2.",
+                       formatter_class=cli.HelpFormatter)
     a = p.add_argument_group("run").add_argument
     a("--model", required=True, help="hub id or local Hugging Face dir of the model to fine-tune")
     a("--data", required=True, help="hub id (id[:config]:split) or local .jsonl/.json/.csv/.parquet")
@@ -69,7 +68,7 @@ def get_args(argv=None):
     a = p.add_argument_group("1. data").add_argument
     a("--prompt-field", default=None, help="column holding the prompt (default: detected)")
     a("--response-field", default=None, help="column holding the response (default: detected)")
-    a("--chat-template-kwargs", type=chat_template_kwargs, default=None, metavar="JSON",
+    a("--chat-template-kwargs", type=cli.chat_template_kwargs, default=None, metavar="JSON",
       help='template variables for apply_chat_template, e.g. \'{"enable_thinking": false}\'')
     a("--decontaminate", default=None, help="FILE[,FILE]: drop rows sharing a 13-gram with their prompts")
     a("--max-len", type=int, default=8192, help="max tokens per sample, its last ones kept (and per packed row)")
@@ -95,7 +94,7 @@ def get_args(argv=None):
     a("--replicate", type=int, default=None, help="HSDP: N replicas, each sharding over world/N ranks "
       "(default: one per node when torchrun spans nodes, else 1 = flat FSDP2)")
     a("--dtype", default=None, choices=["bf16", "fp32"], help="compute dtype (default: bf16 on CUDA, fp32 on CPU)")
-    add_compute_flags(a)
+    cli.add_compute_flags(a)
     a = p.add_argument_group("checkpoints and logging").add_argument
     a("--resume", action="store_true", help="continue from the newest complete state in OUT, with the run's "
       "flags (args.json); only --stop-at, --save-every, --keep-checkpoints, --dump-every, --max-kl, "
@@ -113,15 +112,15 @@ def get_args(argv=None):
 
 def check_args(args):
     """Every flag value, before any model or data loads (the flag is named in the message)."""
-    check_min(args, "--epochs", "--max-steps", "--stop-at", "--batch-size", "--micro-batch-size", "--max-len")
-    check_min(args, "--save-every", "--keep-checkpoints", lo=0)
-    check_training(args)  # --lr, --warmup-ratio, --weight-decay, --clip, --betas, --resume/--overwrite
+    cli.check_min(args, "--epochs", "--max-steps", "--stop-at", "--batch-size", "--micro-batch-size", "--max-len")
+    cli.check_min(args, "--save-every", "--keep-checkpoints", lo=0)
+    cli.check_training(args)  # --lr, --warmup-ratio, --weight-decay, --clip, --betas, --resume/--overwrite
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.batch_size % world:
         raise UsageError(f"--batch-size {args.batch_size} must be divisible by the world size {world}")
     if args.wandb:
-        import_optional("wandb", "--wandb")
-    check_out_dir(args.out)
+        cli.import_optional("wandb", "--wandb")
+    cli.check_out_dir(args.out)
     cli.check_model(args.model, "--model", trust_remote_code=args.trust_remote_code)
 
 

@@ -260,7 +260,7 @@ def parser_of(module, argv=()):
 def test_every_float_flag_refuses_nan_and_inf(stage, tiny_model, inputs, tmp_path, no_loads,  # noqa: F811
                                               monkeypatch, capsys):
     module, base = command(stage, tiny_model, inputs, tmp_path)
-    floats = (float, common.dist_minutes)  # every flag that parses a float
+    floats = (float, cli.dist_minutes)  # every flag that parses a float
     flags = [(a.option_strings[0], a.nargs) for a in parser_of(module, base[:1])._actions if a.type in floats]
     assert flags, stage
     for flag, nargs in flags:
@@ -291,11 +291,11 @@ def test_unusable_values_refused_up_front(stage, argv, named, tiny_model, inputs
 
 
 def test_temperature_floor():
-    common.check_temperature(0, greedy_ok=True)
-    common.check_temperature(common.TEMPERATURE_MIN)
+    cli.check_temperature(0, greedy_ok=True)
+    cli.check_temperature(cli.TEMPERATURE_MIN)
     for t in (0, 1e-3, float("nan"), float("inf")):
         with pytest.raises(common.UsageError, match="--temperature"):
-            common.check_temperature(t)
+            cli.check_temperature(t)
 
 
 @pytest.mark.parametrize("value,named", [("NaN", "field 'temperature' is not a finite number: nan"),
@@ -535,3 +535,12 @@ def test_missing_record_fields_and_help_still_work(tmp_path, monkeypatch, capsys
     one_error(code, err, 2, recs, "row 1", "'completion'")
     code, out, _ = run_main(monkeypatch, capsys, evaluate, ["grade", "--help"])
     assert code == 0 and "--input" in out
+
+
+def test_step_log_prints_a_short_line_and_writes_every_key(tmp_path, capsys):
+    """cli.Logger: the console line carries the `show` keys, metrics.jsonl every key (as floats)."""
+    log = cli.Logger(str(tmp_path), 10, show=("reward", "kl"))
+    log.log(3, {"reward": 0.5, "kl": torch.tensor(0.25), "t_gen": 1.5, "n_reflect": 2})
+    assert capsys.readouterr().out == "step 3/10 | reward 0.5 | kl 0.25\n"
+    assert files.read_jsonl(tmp_path / "metrics.jsonl") == [{"step": 3, "reward": 0.5, "kl": 0.25, "t_gen": 1.5,
+                                                             "n_reflect": 2.0}]
