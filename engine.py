@@ -99,14 +99,12 @@ Another backend (vLLM, SGLang) plugs in behind the same function: it receives th
 and must return, per prompt, the completion ids (stop token included), per-token log-probs of the
 sampled tokens at temperature τ before top-p, per-token log C (vLLM: its processed log-prob minus
 that one), and the finished / truncated flags; rl.py and evaluate.py need nothing else (rl.py
-recomputes π_old itself).
-`generate_api` (end of file) sends the same job to an OpenAI-compatible /completions server (vLLM,
-SGLang) for evaluate.py --api-url: token-id prompts in, text, truncated flag and token count out.
+recomputes π_old itself). evaluate.py --api-url sends its prompts to such a server as an
+OpenAI-compatible /completions request instead (api.completions).
 """
 import math
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 
 import torch
@@ -701,50 +699,3 @@ def _generate_simple(hf, prompts, max_new, stop_set, pad_id, temperature, top_p,
         if progress is not None:
             progress.update(B)
     return out
-
-
-# ------------------------------------------------------------------------------------------------
-# The same job through an OpenAI-compatible server (evaluate.py --api-url)
-
-def generate_api(url, prompts, *, model, max_new_tokens, stop_ids, temperature=1.0, top_p=1.0, seed=0, row_ids=None,
-                 key=None, workers=16, retries=5, timeout=3600, backoff=1.0, on_done=None, progress=None):
-    """POST url/completions once per prompt, `workers` at a time. The prompt goes as token ids (the
-    server applies no template of its own), the seed of prompt i as seed * 1_000_003 + row_ids[i] (a
-    per-request seed), stop_ids as vLLM / SGLang's stop_token_ids with skip_special_tokens off. As each
-    request ends, on_done(i, out) runs in this thread with out = {"text", "truncated", "num_tokens"}
-    (num_tokens None when the server reports no usage), or {"error"} for a request that failed for
-    good (common.http_post); when on_done returns True, the requests not started yet are cancelled
-    (those in flight still end and reach on_done). Returns the outs in prompt order (None: cancelled)."""
-    row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
-
-    def parse(d):  # a reply of another shape (text not UTF-8, a token count that is not one) is malformed
-        ch = d["choices"][0]
-        n = (d.get("usage") or {}).get("completion_tokens")
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
-            raise ValueError(f"usage.completion_tokens is {n!r}, not a token count")
-        return common.reply_text(ch["text"]), ch.get("finish_reason"), n
-
-    def one(i):
-        body = {"model": model, "prompt": prompts[i], "n": 1, "max_tokens": max_new_tokens, "temperature": temperature,
-                "top_p": top_p, "seed": seed * 1_000_003 + row_ids[i], "stop_token_ids": list(stop_ids),
-                "skip_special_tokens": False}
-        try:
-            text, finish, n = common.http_post(url.rstrip("/") + "/completions", body, key, retries=retries,
-                                               backoff=backoff, timeout=timeout, parse=parse)
-        except common.RequestFailed as e:
-            return i, {"error": str(e)}
-        return i, {"text": text, "truncated": finish == "length", "num_tokens": n}
-
-    outs = [None] * len(prompts)
-    with ThreadPoolExecutor(workers) as ex:
-        futures = [ex.submit(one, i) for i in range(len(prompts))]
-        for fut in as_completed(futures):
-            if fut.cancelled():
-                continue
-            i, outs[i] = fut.result()
-            if progress is not None:
-                progress.update(1)
-            if on_done is not None and on_done(i, outs[i]):
-                for f in futures:
-                    f.cancel()  # the requests not started yet
-    return outs

@@ -89,6 +89,7 @@ from types import SimpleNamespace
 import torch
 from tqdm import tqdm
 
+import api
 import checkpoint
 import cli
 import common
@@ -337,7 +338,7 @@ def generate_local(model, jobs, args, dist_, tok):
 
 
 def generate_api(jobs, args, tok, on_done):
-    """The same jobs through --api-url (engine.generate_api), --api-workers at a time; each job goes to
+    """The same jobs through --api-url (api.completions), --api-workers at a time; each job goes to
     on_done(job) as soon as it ends. A job whose request failed for good gets an `error` field instead of
     a completion; after more than --max-failures of them no new request starts and TooManyFailures is raised."""
     from transformers import GenerationConfig  # API mode loads no weights: the stop ids from the config alone
@@ -363,8 +364,8 @@ def generate_api(jobs, args, tok, on_done):
 
     render_jobs(jobs, tok, args)
     bar = tqdm(total=len(jobs), desc="generate (api)", disable=common.rank() != 0)
-    engine.generate_api(args.api_url, [j["prompt_ids"] for j in jobs],
-                        model=args.api_model, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+    api.completions(args.api_url, [j["prompt_ids"] for j in jobs],
+                    model=args.api_model, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                         top_p=args.top_p, seed=args.seed, row_ids=[j["_i"] for j in jobs],
                         stop_ids=common.stop_token_ids(tok, SimpleNamespace(generation_config=gc),
                                                        args.chat_template_kwargs),
@@ -925,7 +926,7 @@ def settings(args, tok, names, data, samples, world):
     from importlib.metadata import version
 
     import transformers
-    return {"model": args.model, "api_url": common.safe_url(args.api_url), "api_model": args.api_model,
+    return {"model": args.model, "api_url": api.safe_url(args.api_url), "api_model": args.api_model,
             "benchmarks": names,
             "data": {n: data.get(n, BENCHMARKS[n][0]) for n in names}, "samples": samples, "limit": args.limit,
             "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
@@ -933,7 +934,7 @@ def settings(args, tok, names, data, samples, world):
             "chat_template_sha256": hashlib.sha256((tok.chat_template or "").encode()).hexdigest(),
             "chat_template_kwargs": args.chat_template_kwargs,
             "safety_rm": args.safety_rm if "attaq" in names else None,
-            "judge": (f"{args.judge_model} @ {common.safe_url(args.judge_url)}" if args.judge_url else args.judge)
+            "judge": (f"{args.judge_model} @ {api.safe_url(args.judge_url)}" if args.judge_url else args.judge)
             if {"airbench", "xstest", "jbb"} & set(names) else None,
             "airbench_judge_prompts": args.airbench_judge_prompts if "airbench" in names else None,
             **{f"{n}_judge_prompt": getattr(args, f"{n}_judge_prompt") or f"judge_prompts/{n}_judge.txt"

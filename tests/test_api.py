@@ -1,4 +1,4 @@
-"""The HTTP client (common.http_post, engine.generate_api, evaluate.py --api-url) against a scripted
+"""The HTTP client (api.http_post, api.completions, evaluate.py --api-url) against a scripted
 server on 127.0.0.1: torn replies (a truncated body, a status line that is not HTTP, a reset
 connection) are retried like a 5xx; Retry-After is honoured, up to a bound; the timeout bounds the
 whole reply, a body dripped a byte at a time included; malformed text and fields become error
@@ -12,8 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-import common
-import engine
+import api
 import evaluate
 from conftest import serve_bounded, write_jsonl
 from test_faults import run_main
@@ -110,7 +109,7 @@ def serve():
 def sleeps(monkeypatch):
     """http_post's waits between tries (called from this test's thread), recorded instead of slept."""
     got, real, me = [], time.sleep, threading.current_thread()
-    monkeypatch.setattr(common.time, "sleep", lambda s: got.append(s) if threading.current_thread() is me else real(s))
+    monkeypatch.setattr(api.time, "sleep", lambda s: got.append(s) if threading.current_thread() is me else real(s))
     return got
 
 
@@ -119,24 +118,24 @@ def test_torn_replies_are_retried(kind, serve, sleeps):
     """A truncated body (IncompleteRead), a status line that is not HTTP (BadStatusLine) and a connection
     reset end one try, not the run: the next try gets the reply."""
     s = serve([(kind, None), ("ok", "second try")])
-    d = common.http_post(s.url + "/completions", {"seed": 0}, retries=2, backoff=0.01, timeout=10)
+    d = api.http_post(s.url + "/completions", {"seed": 0}, retries=2, backoff=0.01, timeout=10)
     assert d["choices"][0]["text"] == "second try" and len(s.requests) == 2 and sleeps == [0.01]
     s2 = serve([(kind, None)])
-    with pytest.raises(common.RequestFailed, match=r"after 2 tries"):
-        common.http_post(s2.url + "/completions", {}, retries=1, backoff=0.01, timeout=10)
+    with pytest.raises(api.RequestFailed, match=r"after 2 tries"):
+        api.http_post(s2.url + "/completions", {}, retries=1, backoff=0.01, timeout=10)
 
 
 def test_retry_after_is_honoured_and_bounded(serve, sleeps):
     """503 / 429 with Retry-After: the next try waits what the server asks (seconds or an HTTP date), at
-    least the backoff, at most common.RETRY_AFTER_MAX."""
+    least the backoff, at most api.RETRY_AFTER_MAX."""
     from email.utils import formatdate
     s = serve([("status", (503, b"busy", [("Retry-After", "2")])),
                ("status", (429, b"slow down", [("Retry-After", "99999")])),
                ("status", (503, b"busy", [("Retry-After", formatdate(time.time() + 30, usegmt=True))])),
                ("status", (503, b"busy", [("Retry-After", "soon")])),
                ("ok", None)])
-    common.http_post(s.url + "/completions", {}, retries=4, backoff=0.01, timeout=10)
-    assert len(s.requests) == 5 and sleeps[:2] == [2.0, common.RETRY_AFTER_MAX]
+    api.http_post(s.url + "/completions", {}, retries=4, backoff=0.01, timeout=10)
+    assert len(s.requests) == 5 and sleeps[:2] == [2.0, api.RETRY_AFTER_MAX]
     assert 28 <= sleeps[2] <= 30 and sleeps[3] == 0.01 * 2 ** 3  # a date 30 s ahead; unreadable: the backoff
 
 
@@ -145,8 +144,8 @@ def test_timeout_bounds_the_whole_reply(serve):
     the try after about 1 s (without the bound the try lasted the whole ~18 s drip, then succeeded)."""
     s = serve([("drip", None)])
     t0 = time.time()
-    with pytest.raises(common.RequestFailed, match="timed out: no complete reply within 1 s"):
-        common.http_post(s.url + "/completions", {}, retries=0, timeout=1.0)
+    with pytest.raises(api.RequestFailed, match="timed out: no complete reply within 1 s"):
+        api.http_post(s.url + "/completions", {}, retries=0, timeout=1.0)
     assert time.time() - t0 < 3
 
 
@@ -156,7 +155,7 @@ def test_malformed_replies_become_error_records(serve):
     s = serve({0: ("raw", completion("\ud800")), 1: ("raw", completion("ok", usage={"completion_tokens": "7"})),
                2: ("raw", completion("ok", usage={"completion_tokens": -1})), 3: ("raw", completion(None)),
                4: ("raw", b'{"choices": [{"text": "fine"}], "usage": "lots"}'), None: ("ok", "fine </think> 42")})
-    outs = engine.generate_api(s.url, [[1, 2]] * 6, model="m", max_new_tokens=4, stop_ids=[0], retries=1,
+    outs = api.completions(s.url, [[1, 2]] * 6, model="m", max_new_tokens=4, stop_ids=[0], retries=1,
                                backoff=0.01, workers=2)
     for i in range(5):
         assert "malformed reply" in outs[i]["error"] and "after 2 tries" in outs[i]["error"], outs[i]
@@ -177,7 +176,7 @@ def test_secrets_never_written_or_printed(tiny_model, tmp_path, serve, monkeypat
                                               for i in range(5)])
     out = tmp_path / "eval"
     monkeypatch.setenv("TEST_API_KEY", KEY)
-    monkeypatch.setattr(common.time, "sleep", lambda s: None)
+    monkeypatch.setattr(api.time, "sleep", lambda s: None)
     code, stdout, err = run_main(monkeypatch, capsys, evaluate, [
         "--model", tiny_model, "--benchmarks", "math500", "--data", f"math500={data}", "--samples", "1",
         "--api-url", s.url, "--api-model", "tiny", "--api-key-env", "TEST_API_KEY", "--api-retries", "1",

@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
+import api
 import checkpoint
 import cli
 import common
@@ -274,13 +275,13 @@ def server():
 
 
 def test_http_post_retries_then_fails_fast(server):
-    d = common.http_post(server.url + "/chat/completions", {"model": "m"}, key="k", backoff=0.01)
+    d = api.http_post(server.url + "/chat/completions", {"model": "m"}, key="k", backoff=0.01)
     assert "##the_score: 1" in d["choices"][0]["message"]["content"] and len(server.requests) == 2
     assert server.requests[-1][2] == "Bearer k"
     with pytest.raises(UsageError, match="HTTP 404"):
-        common.http_post(server.url + "/nope", {}, backoff=0.01)
+        api.http_post(server.url + "/nope", {}, backoff=0.01)
     with pytest.raises(UsageError, match="tries"):
-        common.http_post("http://127.0.0.1:9/v1/completions", {}, retries=1, backoff=0.01, timeout=2)
+        api.http_post("http://127.0.0.1:9/v1/completions", {}, retries=1, backoff=0.01, timeout=2)
 
 
 def test_cli_api_generation_and_http_judge(tmp_path, tiny_model, server):
