@@ -322,10 +322,11 @@ def _pick(row, candidates):
     return next((c for c in candidates if c in row), None)
 
 
-def load_pairs(spec, prompt_field=None, response_field=None, need_response=True, split="train"):
-    """(prompt, response) rows for SFT / RL prompts, validated before any training starts.
-    Returns dicts with prompt, [response], id, row (1-based). Errors name file, row and field."""
-    rows = read_table(spec, split)
+def load_pairs(spec, prompt_field=None, response_field=None, need_response=True, split="train", rows=None):
+    """(prompt, response) rows for SFT / RL prompts, validated before any training starts: those of `rows`
+    when given (spec's table, already read), else read_table(spec). Returns dicts with prompt, [response],
+    id, row (1-based). Errors name file, row and field."""
+    rows = read_table(spec, split) if rows is None else rows
     if not rows:
         raise DataError(f"{spec}: no rows")
     pf = prompt_field or _pick(rows[0], PROMPT_FIELDS)

@@ -321,18 +321,16 @@ class Policy(nn.Module):
     """A causal LM whose forward can return per-token (logp, entropy) without materialising logits.
 
     Wrapping the Hugging Face model in one module makes the fused lm_head op run inside the FSDP root's
-    forward, where the (tied) embedding / lm_head weight is unsharded (docs/design.md §4). Without `targets`
-    the forward is the plain Hugging Face one (used by the sampler).
+    forward, where the (tied) embedding / lm_head weight is unsharded (docs/design.md §4). Generation reads
+    `.hf` itself (engine.py).
     """
 
     def __init__(self, hf):
         super().__init__()
         self.hf = hf
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, targets=None, temperature=1.0,
-                chunk_tokens=4096, **kw):
-        if targets is None:
-            return self.hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kw)
+    def forward(self, input_ids, attention_mask=None, position_ids=None, *, targets, temperature=1.0,
+                chunk_tokens=4096):
         return forward_logprobs(self.hf, input_ids, attention_mask, position_ids, targets, temperature, chunk_tokens)
 
 
@@ -395,19 +393,6 @@ def positions_from_mask(mask):
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-# Model types whose transformers forward keeps packed samples apart when position ids restart at 0 per
-# sample and no attention mask is passed (it builds a block-diagonal causal mask from the restarts):
-# checked packed == unpacked by tests/test_families.py. Not GraniteMoeHybrid: its attention mask ignores
-# position ids (and Granite-4.0 has no RoPE), and its Mamba-2 layers carry their state into the next
-# sample; transformers' packed-sequence argument (seq_idx) reaches only the CUDA kernels, the PyTorch
-# conv / scan fallback ignores it. Any model type not listed here trains unpacked (sft.py says so).
-PACKING_EXACT = ("llama", "qwen2", "qwen3")
-
-
-def packing_exact(config):
-    return getattr(config, "model_type", None) in PACKING_EXACT
-
-
 def hsdp_replicas(replicate, world):
     """--replicate: how many FSDP2 replicas (HSDP: shard inside a group of world/replicate ranks,
     replicate across groups). None -> one per node when torchrun spans several nodes (LOCAL_WORLD_SIZE <
@@ -439,7 +424,7 @@ def _mesh(device_type, replicate, shard):
     return _MESHES[key]
 
 
-def fsdp_wrap(model, device, param_dtype=torch.bfloat16, cpu_offload=False, mesh=None):
+def fsdp_wrap(model, param_dtype=torch.bfloat16, cpu_offload=False, mesh=None):
     """FSDP2: shard each decoder layer, then the root (which holds the tied embedding / lm_head in one
     group). bf16 compute, fp32 master weights and fp32 gradient reduction.
 
@@ -484,7 +469,7 @@ def build_policy(path, dist_, param_dtype, grad_ckpt=False, cpu_offload=False, t
     if grad_ckpt:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = Policy(hf)
-    fsdp_wrap(policy, dist_.device, param_dtype, cpu_offload, device_mesh(dist_.device, dist_.world, replicate))
+    fsdp_wrap(policy, param_dtype, cpu_offload, device_mesh(dist_.device, dist_.world, replicate))
     policy.to_empty(device="cpu" if cpu_offload else dist_.device)
     sd = {f"hf.{k}": v for k, v in full.state_dict().items()} if full is not None else {}
     set_model_state_dict(policy, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,

@@ -62,6 +62,7 @@ memorization.json + memorization.jsonl. A table is printed.
 """
 import argparse
 import bisect
+import itertools
 import json
 import math
 import os
@@ -81,6 +82,13 @@ HIST_BINS = 60
 
 
 # --- reflection detection (pure, on token strings) --------------------------------------------------
+#
+# One word match (find_reflections) on two kinds of token spans. entropy.py scores saved records, whose
+# completion is TEXT: it is tokenized again and each token's span is the tokenizer's offset_mapping
+# (score_record). rl.py's per-step monitor has the SAMPLED ids: each id is decoded on its own and the spans
+# are those pieces laid end to end (reflection_mask). They place a word on different tokens only where
+# tokenizing the text again does not give the sampled ids back (a non-canonical sample, rare); on the same
+# ids they agree token for token (tests/test_families.py, every family's tokenizer, STAR-1's reasoning).
 
 def segment_masks(text, offsets, thinking=True):
     """Reasoning / answer membership of each token, from its (start, end) char span in `text` and the
@@ -112,6 +120,24 @@ def find_reflections(text, offsets, reasoning, words, match="word"):
         nxt = bisect.bisect_left(starts, m.end(), lo=first + 1)
         out.append((first, nxt if nxt < n else None, m.group(1)))
     return out
+
+
+def reflection_mask(items, words, T, piece):
+    """rl.py's per-step monitor: (B, T) True at each completion token holding the first letter of a
+    reflection word (whole word) in its reasoning, from the SAMPLED ids: piece(id) is one id's text
+    (tok.decode([id]), cached) and a completion's text is their concatenation, which gives each token its
+    exact span (a character split across byte-level tokens reads as U+FFFD, never a letter); then
+    find_reflections' word matching."""
+    hit = torch.zeros(len(items), T, dtype=torch.bool)
+    for b, it in enumerate(items):
+        texts = [piece(i) for i in it["completion_ids"]]
+        ends = list(itertools.accumulate(len(x) for x in texts))
+        offsets = [(e - len(x), e) for x, e in zip(texts, ends)]
+        text = "".join(texts)
+        reasoning, _ = segment_masks(text, offsets, it["thinking"])
+        for i, _, _ in find_reflections(text, offsets, reasoning, words, "word"):
+            hit[b, i] = True
+    return hit
 
 
 # --- statistics ---------------------------------------------------------------------------------------

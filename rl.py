@@ -67,8 +67,8 @@ Commands:
       rl.py --model deepseek-ai/DeepSeek-R1-Distill-Qwen-32B --prompts UCSC-VLAA/STAR-1 \\
       --reward-model Skywork/Skywork-Reward-V2-Llama-3.1-8B --out out/rl-32b --grad-checkpointing
 """
+import contextlib
 import functools
-import itertools
 import os
 import time
 
@@ -82,7 +82,7 @@ from common import (DataError, NonFiniteError, StopRun, UsageError, all_reduce, 
                     pad_right, pick_dtype, positions_from_mask, print0, prompt_thinking, render_prompt_text,
                     seed_everything, split_reasoning, stop_token_ids)
 import engine
-from entropy import DEFAULT_WORDS, find_reflections, segment_masks, word_set
+from entropy import DEFAULT_WORDS, reflection_mask, word_set
 
 ESTIMATORS = ("reinforce++", "reinforce++-baseline", "grpo", "rloo")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -138,6 +138,12 @@ def shaped_rewards(rewards, estimator="reinforce++", group_size=1, std=True):
     return R.clamp(-10, 10).float()
 
 
+def check_gamma(gamma, estimator):
+    """γ discounts reinforce++ only: the baseline arms use γ = 1 (OpenRLHF forces it for them)."""
+    if gamma != 1.0 and estimator != "reinforce++":
+        raise UsageError(f"--gamma {gamma}: --estimator {estimator} uses γ = 1 (as OpenRLHF forces for the arms)")
+
+
 def compute_advantages(rewards, logp_old, logp_ref, mask, *, estimator="reinforce++", kl_coef=1e-3,
                        kl_estimator="k1", kl_in="reward", group_size=1, gamma=1.0, std=True):
     """rewards (B,); logp_old, logp_ref (B, T); mask (B, T) bool, response tokens contiguous from the
@@ -147,8 +153,7 @@ def compute_advantages(rewards, logp_old, logp_ref, mask, *, estimator="reinforc
     N equal float32 values is exact; in float32 the mean drifts off them and the 1e-8 variance floor
     scaled the drift by 1e4). γ discounts reinforce++ only: the arms need γ = 1 (OpenRLHF forces it for
     them, with a warning). std: grpo's division by the group std (False: Dr. GRPO)."""
-    if gamma != 1.0 and estimator != "reinforce++":
-        raise ValueError(f"gamma {gamma} with estimator {estimator!r}: the baseline arms use γ = 1 (as OpenRLHF)")
+    check_gamma(gamma, estimator)
     R = shaped_rewards(rewards, estimator, group_size, std)  # (B,)
     m = mask.float()
     r = torch.zeros_like(m)  # (B, T) per-token rewards
@@ -222,8 +227,122 @@ def policy_loss(logp, logp_old, adv, mask, *, eps_low=0.2, eps_high=0.2, dual_cl
 
 
 # ------------------------------------------------------------------------------------------------
+# The models: the policy is common.build_policy's; the frozen reference, and no dropout in either
+
+def build_reference(args, d, dtype):
+    """The frozen π_ref (None when β = 0) and `on_device`, a context in which it is on the device: with
+    --ref-offload on one process it waits on the CPU and comes to the device for each phase that reads it
+    (`with on_device():`), not for each micro-batch. One process keeps it in the policy's fp32 master dtype,
+    so both run the same autocast arithmetic (a bf16 copy makes the step-0 KL non-zero); FSDP2 casts both
+    alike (and offloads it itself: --ref-offload is FSDP2's CPU offload there)."""
+    ref = None if args.kl_coef == 0 else build_policy(
+        args.model, d, dtype, cpu_offload=args.ref_offload and d.world > 1, trust_remote_code=args.trust_remote_code,
+        master_dtype=dtype if d.world > 1 else torch.float32, replicate=hsdp_replicas(args.replicate, d.world))[0]
+    offload = ref is not None and args.ref_offload and d.world == 1
+    if ref is not None:
+        ref.eval().requires_grad_(False)
+    if offload:
+        ref.to("cpu")
+
+    @contextlib.contextmanager
+    def on_device():
+        if offload:
+            ref.to(d.device)
+        try:
+            yield
+        finally:
+            if offload:
+                ref.to("cpu")
+    return ref, on_device
+
+
+def disable_dropout(model):
+    """RL needs π_old, π and π_ref to be deterministic functions of the weights (the first ratio is exactly 1):
+    zero every dropout, as TRL and OpenRLHF do for their actors. Returns how many were non-zero."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout) and m.p > 0:
+            m.p, n = 0.0, n + 1
+        if getattr(m, "attention_dropout", 0):
+            m.attention_dropout, n = 0.0, n + 1
+    cfg = getattr(getattr(model, "hf", model), "config", None)
+    for k in ("attention_dropout", "hidden_dropout", "dropout"):
+        if cfg is not None and getattr(cfg, k, 0):
+            setattr(cfg, k, 0.0)
+    return n
+
+
+# ------------------------------------------------------------------------------------------------
+# One step: 0. the prompts; 1. rollout; 2. reward; 3. π_old and π_ref; 5. the PPO-clip update
+#
 # Rollout tensors: left-padded prompts, right-padded completions, so every completion starts at
 # column P and its log-probs are the slice [P-1, P-1+T) of the shifted forward.
+
+def load_prompts(args, tok, rules, ctx=None):
+    """Prompt rows with their rendered ids, their `thinking` (common.prompt_thinking: how a completion of the
+    prompt splits into reasoning and answer) and, for --rule math, the gold answer (validated first). Prompts
+    longer than --max-prompt-len, or than the model's context `ctx` minus --max-new-tokens, are dropped
+    (counted). Returns (rows, n dropped, the length limit that applied)."""
+    table = cli.read_table(args.prompts)  # read once: the prompts and, for --rule math, the gold answers
+    rows = cli.load_pairs(args.prompts, args.prompt_field, need_response=False, rows=table)
+    gold_field = args.gold_field or ("answer" if rules and any(r == "math" for r, _ in rules.rules) else None)
+    for r in rows:
+        if gold_field and gold_field not in table[r["row"] - 1]:
+            raise DataError(f"{args.prompts}: row {r['row']}: missing field '{gold_field}' (needed by --rule math)")
+        text = render_prompt_text(tok, r["prompt"], args.chat_template_kwargs)
+        r["prompt_ids"], r["thinking"] = tok.encode(text, add_special_tokens=False), prompt_thinking(text)
+        r["gold"] = str(table[r["row"] - 1][gold_field]) if gold_field else None
+    limit = min(args.max_prompt_len, ctx - args.max_new_tokens) if ctx else args.max_prompt_len
+    why = f"--max-prompt-len {args.max_prompt_len}" if limit == args.max_prompt_len else \
+        f"{limit} tokens: the context {ctx} minus --max-new-tokens {args.max_new_tokens}"
+    n_long = sum(len(r["prompt_ids"]) > limit for r in rows)
+    rows = [r for r in rows if len(r["prompt_ids"]) <= limit]
+    if len(rows) < args.rollout_batch:
+        raise DataError(f"{args.prompts}: {len(rows)} prompts (after dropping {n_long} longer than {why}), "
+                        f"fewer than --rollout-batch {args.rollout_batch}")
+    return rows, n_long, why
+
+
+def rollout(policy, tok, rows, step, args, d, dtype, stops):
+    """1. This rank's share of the step's prompts, each sampled n times (a group = n consecutive rows),
+    decoded by engine.py from an unsharded view of the policy. Returns one item dict per sample."""
+    n = args.samples_per_prompt
+    epoch, k = divmod(step, len(rows) // args.rollout_batch)
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
+    batch = [rows[i] for i in order[k * args.rollout_batch:(k + 1) * args.rollout_batch]]
+    mine = [r for r in batch[d.rank::d.world] for _ in range(n)]
+    sample_ids = [(d.rank + j * d.world) * n + s for j in range(len(mine) // n) for s in range(n)]  # global
+    with engine.generation_view(policy, dtype) as gen_model:
+        outs = engine.generate(gen_model, [r["prompt_ids"] for r in mine], max_new_tokens=args.max_new_tokens,
+                               stop_ids=stops, pad_id=tok.pad_token_id, temperature=args.temperature,
+                               top_p=args.top_p, batch_size=args.gen_batch_size, seed=args.seed + 100_003 * step,
+                               row_ids=sample_ids, vocab_size=len(tok))
+    items = []
+    for r, o in zip(mine, outs):
+        ids = o["completion_ids"]
+        text = tok.decode(ids[:-1] if o["finished"] else ids, skip_special_tokens=False)
+        items.append({"prompt_ids": r["prompt_ids"], "completion_ids": ids, "sampler_logp": o["logp"],
+                      "log_kept": o["log_kept"],
+                      "prompt": r["prompt"], "id": r["id"], "gold": r["gold"], "completion": text,
+                      "thinking": r["thinking"], "finished": o["finished"], "truncated": o["truncated"],
+                      "n_tokens": len(ids)})
+    return items
+
+
+def rewards(items, rm, rules, args, d, step):
+    """2. R = RM(x, y) (the raw logit, reward.py) + Σ_k w_k rule_k(y) per sample (B,), checked finite on
+    every rank before anything uses it."""
+    R = torch.zeros(len(items), device=d.device)
+    if rm is not None:
+        R += rm.score([it["prompt"] for it in items], [it["completion"] for it in items], args.score_on,
+                      thinking=[it["thinking"] for it in items]).to(d.device)
+    if rules is not None:
+        R += torch.tensor([rules(it["completion"], it["gold"], it["thinking"]) for it in items], device=d.device)
+    barrier()  # ranks meet here, outside a collective: rollout lengths (and RM time) differ between ranks
+    if not torch.isfinite(all_reduce(R.sum().clone())):
+        raise NonFiniteError(f"step {step + 1}: non-finite reward; stopped before the update, nothing written")
+    return R
+
 
 def collate(items, pad_id, device):
     """items: dicts with prompt_ids, completion_ids -> ids, attn, pos (B, P+T), P, resp mask (B, T)."""
@@ -250,40 +369,140 @@ def response_logprobs(model, items, pad_id, temperature, device):
     return logp[:, P - 1:P - 1 + T], ent[:, P - 1:P - 1 + T], resp
 
 
-def reflection_mask(tok, items, words, T, piece):
-    """(B, T) True at each completion token holding the first letter of a reflection word (whole word) in
-    its reasoning: entropy.py's default matching (find_reflections, "word") on the sampled ids themselves, so
-    the per-step ent_reflect counts what entropy.py counts, on every family's BPE (Granite's splits a
-    line-initial "Alternatively" in two; "butt" is no "but"). piece(id) is one id's text (tok.decode([id]),
-    cached); a completion's text is their concatenation, which gives each token its exact span (a
-    character split across byte-level tokens reads as U+FFFD, never a letter)."""
-    hit = torch.zeros(len(items), T, dtype=torch.bool)
-    for b, it in enumerate(items):
-        texts = [piece(i) for i in it["completion_ids"]]
-        ends = list(itertools.accumulate(len(x) for x in texts))
-        offsets = [(e - len(x), e) for x, e in zip(texts, ends)]
-        text = "".join(texts)
-        reasoning, _ = segment_masks(text, offsets, it["thinking"])
-        for i, _, _ in find_reflections(text, offsets, reasoning, words, "word"):
-            hit[b, i] = True
-    return hit
+def score_rollout(policy, ref, items, args, d, autocast, pad_id):
+    """3. π_old and π_ref log-probs (and π_old's entropy) of every sampled token, recomputed by the
+    trainer in eval mode at the sampling temperature. Returns (B, T) tensors: logp_old, logp_ref, ent,
+    mask, sampler (the sampler's own log-probs), log_kept (log C_t, the sampler's kept mass), ids (the
+    completion tokens). The reference is on the device (build_reference's on_device)."""
+    T = max(len(it["completion_ids"]) for it in items)
+    old, refl, ents, masks = [], [], [], []
+    policy.eval()
+    with torch.no_grad(), autocast:
+        for j in range(0, len(items), args.micro_batch_size):
+            mb = items[j:j + args.micro_batch_size]
+            lp, ent, m = response_logprobs(policy, mb, pad_id, args.temperature, d.device)
+            old.append(lp), ents.append(ent), masks.append(m)
+            if ref is not None:
+                refl.append(response_logprobs(ref, mb, pad_id, args.temperature, d.device)[0])
+    policy.train()
+    stack = lambda xs: pad_right([r for x in xs for r in x], length=T)[0]  # noqa: E731 -- micro-batches -> (B, T)
+    ro = {"logp_old": stack(old), "ent": stack(ents), "mask": stack(masks)}
+    ro["logp_ref"] = stack(refl) if ref is not None else ro["logp_old"]
+    ro["sampler"] = pad_right([it["sampler_logp"] for it in items], length=T, dtype=torch.float32, device=d.device)[0]
+    ro["log_kept"] = pad_right([it["log_kept"] for it in items], length=T, dtype=torch.float32, device=d.device)[0]
+    ro["ids"] = pad_right([it["completion_ids"] for it in items], length=T, device=d.device)[0]
+    return ro
 
 
-def disable_dropout(model):
-    """RL needs π_old, π and π_ref to be deterministic functions of the weights (the first ratio is exactly 1):
-    zero every dropout, as TRL and OpenRLHF do for their actors. Returns how many were non-zero."""
-    n = 0
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout) and m.p > 0:
-            m.p, n = 0.0, n + 1
-        if getattr(m, "attention_dropout", 0):
-            m.attention_dropout, n = 0.0, n + 1
-    cfg = getattr(getattr(model, "hf", model), "config", None)
-    for k in ("attention_dropout", "hidden_dropout", "dropout"):
-        if cfg is not None and getattr(cfg, k, 0):
-            setattr(cfg, k, 0.0)
-    return n
+def ppo_update(policy, opt, items, ro, adv, args, d, autocast, step, pad_id):
+    """5. --epochs-per-rollout passes; each optimizer step takes train_batch / world of this rank's samples:
+        loss = Σ_t w_t·(-min(ρ_t A_t, clip(ρ_t, 1-ε_low, 1+ε_high) A_t) [+ β k_t] [- c H_t]),  response tokens
+    w = loss_weights(--loss-agg) with the step's global counts (N_tok all-reduced), backpropagated as
+    loss · world (FSDP averages gradients over ranks: the × world makes the result ONE aggregate over the
+    global step). Returns the sums the log needs."""
+    mask, share = ro["mask"], args.train_batch // d.world
+    steps_per_rollout = len(items) * d.world // args.train_batch
+    st_sum = {"loss": 0.0, "clipped": 0.0, "ratio0": 0.0, "ntok0": 0.0}
+    gnorm = torch.zeros(())
+    for ep in range(args.epochs_per_rollout):
+        perm = torch.randperm(len(items), generator=torch.Generator().manual_seed(args.seed + 7919 * step + ep))
+        for s in range(steps_per_rollout):
+            idx = perm[s * share:(s + 1) * share].tolist()
+            n_tok = all_reduce(mask[idx].sum().float())
+            step_loss = 0.0  # this rank's share of the step's aggregate
+            for j in range(0, len(idx), args.micro_batch_size):
+                mb = idx[j:j + args.micro_batch_size]
+                with autocast:
+                    lp, e, m = response_logprobs(policy, [items[i] for i in mb], pad_id, args.temperature, d.device)
+                Tm = m.shape[1]
+                w = loss_weights(m, args.loss_agg, args.train_batch, n_tok, args.max_new_tokens)  # (b, Tm)
+                loss, st = policy_loss(lp, ro["logp_old"][mb, :Tm], adv[mb, :Tm], m, eps_low=args.eps_clip,
+                                       eps_high=args.eps_clip_high or args.eps_clip, dual_clip=args.dual_clip,
+                                       weight=w)
+                if args.kl_in == "loss" and args.kl_coef > 0:
+                    loss = loss + args.kl_coef * (kl_estimate(lp, ro["logp_ref"][mb, :Tm], args.kl_estimator) * w).sum()
+                if args.entropy_coef:
+                    loss = loss - args.entropy_coef * (e * w).sum()
+                (loss * d.world).backward()
+                step_loss += loss.item()
+                st_sum["loss"] += loss.item()
+                st_sum["clipped"] += st["n_clipped"].item()
+                if ep == 0 and s == 0:  # before any update from this rollout: ρ must be exactly 1
+                    st_sum["ratio0"] += (st["ratio_mean"] * st["n_tokens"]).item()
+                    st_sum["ntok0"] += st["n_tokens"].item()
+            gnorm = clip_grad_norm(policy, args.clip)
+            checkpoint.check_finite(step + 1, d.device, loss=step_loss, grad_norm=gnorm)  # before the update, every rank
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return st_sum, gnorm
 
+
+# the step's line on the console; metrics.jsonl gets every key of step_metrics
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. The step's log and the rollout dumps
+
+# the step's line on the console; metrics.jsonl gets every key of step_metrics
+CONSOLE = ("reward", "kl", "entropy", "len", "ent_reflect", "clip_frac", "loss", "grad_norm", "lr", "gen tok/s", "dt")
+
+
+def step_metrics(items, R, ro, st, gnorm, lr, times, args, reflections):
+    """6. The step's log: token-weighted means over every rank's response tokens, from ONE all-reduce of the
+    named sums below, which include the values only the log reads: the KL to the reference, the clipped
+    reward (what the last token gets) and the tokens at reflection words (reflections(items, T=T), entropy.py's
+    reflection_mask). loss is the mean over the rollout's optimizer steps of each step's --loss-agg aggregate."""
+    n, epochs = args.samples_per_prompt, args.epochs_per_rollout
+    m = ro["mask"].float()                                                       # (B, T)
+    kl = kl_estimate(ro["logp_old"], ro["logp_ref"], args.kl_estimator)          # (B, T)
+    R_clipped = shaped_rewards(R, args.estimator, n, not args.no_std)            # (B,)
+    refl = reflections(items, T=ro["ids"].shape[1]).to(R.device).float()         # (B, T)
+    sums = {"R": R.sum(), "R2": R.square().sum(), "R_clipped": R_clipped.sum(), "samples": len(items),
+            "kl": (kl * m).sum(), "ent": (ro["ent"] * m).sum(), "tokens": m.sum(), "clipped": st["clipped"],
+            "loss": st["loss"], "truncated": sum(it["truncated"] for it in items), "equal_groups": equal_groups(R, n),
+            "gap": ((ro["sampler"] - ro["logp_old"]).abs() * m).sum(), "ratio0": st["ratio0"], "tokens0": st["ntok0"],
+            "ent_refl": (ro["ent"] * refl).sum(), "refl": refl.sum(), "cut": -(ro["log_kept"] * m).sum()}
+    s = dict(zip(sums, all_reduce(torch.tensor([float(v) for v in sums.values()], dtype=torch.float64,
+                                               device=R.device)).tolist()))
+    ent_all = torch.tensor(gather_objects(ro["ent"][ro["mask"]].float().cpu()[:20000].tolist()))
+    q = torch.quantile(ent_all, torch.tensor([0.1, 0.5, 0.9])).tolist() if len(ent_all) else [0.0] * 3
+    B, ntok, (t_gen, t_ref, t_upd, dt) = s["samples"], s["tokens"], times
+    return {"reward": s["R"] / B, "reward_std": max(s["R2"] / B - (s["R"] / B) ** 2, 0.0) ** 0.5,
+            "reward_clipped": s["R_clipped"] / B, "kl": s["kl"] / ntok, "entropy": s["ent"] / ntok, "len": ntok / B,
+            "ent_reflect": s["ent_refl"] / max(s["refl"], 1), "n_reflect": int(s["refl"]),
+            "ratio0": s["ratio0"] / max(s["tokens0"], 1), "clip_frac": s["clipped"] / (ntok * epochs),
+            "loss": s["loss"] / (B / args.train_batch * epochs), "grad_norm": gnorm.item(), "lr": lr,
+            "sampler_gap": s["gap"] / ntok, "kept_gap": s["cut"] / ntok,
+            "gen tok/s": ntok / t_gen, "train tok/s": ntok * epochs / t_upd,
+            "entropy_p10": q[0], "entropy_p50": q[1], "entropy_p90": q[2], "truncated": s["truncated"] / B,
+            "equal_groups": int(s["equal_groups"]), "dt": dt, "t_gen": t_gen, "t_ref": t_ref, "t_update": t_upd}
+
+
+def equal_groups(R, n):
+    """Groups whose n rewards are all equal: zero advantage under the baseline estimators."""
+    if n < 2:
+        return 0
+    g = R.view(-1, n)
+    return int((g.max(1).values == g.min(1).values).sum())
+
+
+def dump_rollouts(out, step, items, R, n, rank):
+    """The rollouts as generation records (docs/design.md §2), gathered to rank 0."""
+    recs = []
+    for i, it in enumerate(items):
+        reasoning, answer, closed = split_reasoning(it["completion"], it["thinking"])
+        recs.append({"benchmark": "rl", "id": it["id"], "sample": i % n, "prompt": it["prompt"],
+                     "completion": it["completion"], "thinking": it["thinking"], "reasoning": reasoning,
+                     "answer": answer, "think_closed": closed, "truncated": it["truncated"],
+                     "num_tokens": it["n_tokens"], "gold": it["gold"], "score": float(R[i]), "step": step,
+                     "rank": rank, "prompt_ids": it["prompt_ids"]})
+    recs = gather_objects(recs)
+    if rank == 0:  # written whole (temp file + rename): a replayed step after --resume rewrites it, never appends
+        files.write_jsonl(os.path.join(out, "rollouts", f"step_{step:05d}.jsonl"), recs)
+
+
+# ------------------------------------------------------------------------------------------------
+# The command line
 
 def get_args(argv=None):
     p = cli.ArgumentParser(description="REINFORCE++ (and baseline / GRPO / RLOO arms) on FSDP2.",
@@ -396,8 +615,7 @@ def check_args(args, world):
         raise UsageError(f"--estimator {args.estimator} needs --samples-per-prompt >= 2")
     if args.no_std and args.estimator != "grpo":
         raise UsageError(f"--no-std is grpo's (Dr. GRPO); --estimator {args.estimator} divides by no group std")
-    if args.estimator != "reinforce++" and args.gamma != 1.0:
-        raise UsageError(f"--gamma {args.gamma}: --estimator {args.estimator} uses γ = 1 (as OpenRLHF forces for the arms)")
+    check_gamma(args.gamma, args.estimator)
     if not args.reward_model and not args.rule:
         raise UsageError("give a reward: --reward-model and/or --rule")
     if args.wandb:
@@ -418,176 +636,6 @@ def check_models(args):
     return ctx
 
 
-def load_prompts(args, tok, rules, ctx=None):
-    """Prompt rows with their rendered ids, their `thinking` (common.prompt_thinking: how a completion of the
-    prompt splits into reasoning and answer) and, for --rule math, the gold answer (validated first). Prompts
-    longer than --max-prompt-len, or than the model's context `ctx` minus --max-new-tokens, are dropped
-    (counted). Returns (rows, n dropped, the length limit that applied)."""
-    rows = cli.load_pairs(args.prompts, args.prompt_field, need_response=False)
-    gold_field = args.gold_field or ("answer" if rules and any(r == "math" for r, _ in rules.rules) else None)
-    raw = cli.read_table(args.prompts) if gold_field else None
-    for r in rows:
-        if raw and gold_field not in raw[r["row"] - 1]:
-            raise DataError(f"{args.prompts}: row {r['row']}: missing field '{gold_field}' (needed by --rule math)")
-        text = render_prompt_text(tok, r["prompt"], args.chat_template_kwargs)
-        r["prompt_ids"], r["thinking"] = tok.encode(text, add_special_tokens=False), prompt_thinking(text)
-        r["gold"] = str(raw[r["row"] - 1][gold_field]) if raw else None
-    limit = min(args.max_prompt_len, ctx - args.max_new_tokens) if ctx else args.max_prompt_len
-    why = f"--max-prompt-len {args.max_prompt_len}" if limit == args.max_prompt_len else \
-        f"{limit} tokens: the context {ctx} minus --max-new-tokens {args.max_new_tokens}"
-    n_long = sum(len(r["prompt_ids"]) > limit for r in rows)
-    rows = [r for r in rows if len(r["prompt_ids"]) <= limit]
-    if len(rows) < args.rollout_batch:
-        raise DataError(f"{args.prompts}: {len(rows)} prompts (after dropping {n_long} longer than {why}), "
-                        f"fewer than --rollout-batch {args.rollout_batch}")
-    return rows, n_long, why
-
-
-def rollout(policy, tok, rows, step, args, d, dtype, stops):
-    """1. This rank's share of the step's prompts, each sampled n times (a group = n consecutive rows),
-    decoded by engine.py from an unsharded view of the policy. Returns one item dict per sample."""
-    n = args.samples_per_prompt
-    epoch, k = divmod(step, len(rows) // args.rollout_batch)
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
-    batch = [rows[i] for i in order[k * args.rollout_batch:(k + 1) * args.rollout_batch]]
-    mine = [r for r in batch[d.rank::d.world] for _ in range(n)]
-    sample_ids = [(d.rank + j * d.world) * n + s for j in range(len(mine) // n) for s in range(n)]  # global
-    with engine.generation_view(policy, dtype) as gen_model:
-        outs = engine.generate(gen_model, [r["prompt_ids"] for r in mine], max_new_tokens=args.max_new_tokens,
-                               stop_ids=stops, pad_id=tok.pad_token_id, temperature=args.temperature,
-                               top_p=args.top_p, batch_size=args.gen_batch_size, seed=args.seed + 100_003 * step,
-                               row_ids=sample_ids, vocab_size=len(tok))
-    items = []
-    for r, o in zip(mine, outs):
-        ids = o["completion_ids"]
-        text = tok.decode(ids[:-1] if o["finished"] else ids, skip_special_tokens=False)
-        items.append({"prompt_ids": r["prompt_ids"], "completion_ids": ids, "sampler_logp": o["logp"],
-                      "log_kept": o["log_kept"],
-                      "prompt": r["prompt"], "id": r["id"], "gold": r["gold"], "completion": text,
-                      "thinking": r["thinking"], "finished": o["finished"], "truncated": o["truncated"],
-                      "n_tokens": len(ids)})
-    return items
-
-
-def score_rollout(policy, ref, items, args, d, autocast, pad_id):
-    """3. π_old and π_ref log-probs (and π_old's entropy) of every sampled token, recomputed by the
-    trainer in eval mode at the sampling temperature. Returns (B, T) tensors: logp_old, logp_ref, ent,
-    mask, sampler (the sampler's own log-probs), log_kept (log C_t, the sampler's kept mass), ids (the
-    completion tokens)."""
-    T = max(len(it["completion_ids"]) for it in items)
-    old, refl, ents, masks = [], [], [], []
-    offload = args.ref_offload and d.world == 1 and ref is not None
-    if offload:
-        ref.to(d.device)  # once per phase, not per micro-batch
-    policy.eval()
-    with torch.no_grad(), autocast:
-        for j in range(0, len(items), args.micro_batch_size):
-            mb = items[j:j + args.micro_batch_size]
-            lp, ent, m = response_logprobs(policy, mb, pad_id, args.temperature, d.device)
-            old.append(lp), ents.append(ent), masks.append(m)
-            if ref is not None:
-                refl.append(response_logprobs(ref, mb, pad_id, args.temperature, d.device)[0])
-    policy.train()
-    if offload:
-        ref.to("cpu")
-    stack = lambda xs: pad_right([r for x in xs for r in x], length=T)[0]  # noqa: E731 -- micro-batches -> (B, T)
-    ro = {"logp_old": stack(old), "ent": stack(ents), "mask": stack(masks)}
-    ro["logp_ref"] = stack(refl) if ref is not None else ro["logp_old"]
-    ro["sampler"] = pad_right([it["sampler_logp"] for it in items], length=T, dtype=torch.float32, device=d.device)[0]
-    ro["log_kept"] = pad_right([it["log_kept"] for it in items], length=T, dtype=torch.float32, device=d.device)[0]
-    ro["ids"] = pad_right([it["completion_ids"] for it in items], length=T, device=d.device)[0]
-    return ro
-
-
-def build_reference(args, d, dtype):
-    """The frozen π_ref (None when β = 0). One process keeps it in the policy's fp32 master dtype, so both
-    run the same autocast arithmetic (a bf16 copy makes the step-0 KL non-zero); FSDP2 casts both alike."""
-    if args.kl_coef == 0:
-        return None
-    ref, _ = build_policy(args.model, d, dtype, cpu_offload=args.ref_offload and d.world > 1,
-                          trust_remote_code=args.trust_remote_code, master_dtype=dtype if d.world > 1 else torch.float32,
-                          replicate=hsdp_replicas(args.replicate, d.world))
-    ref.eval().requires_grad_(False)
-    if args.ref_offload and d.world == 1:
-        ref.to("cpu")
-    return ref
-
-
-def ppo_update(policy, opt, items, ro, adv, args, d, autocast, step, pad_id):
-    """5. --epochs-per-rollout passes; each optimizer step takes train_batch / world of this rank's samples:
-        loss = Σ_t w_t·(-min(ρ_t A_t, clip(ρ_t, 1-ε_low, 1+ε_high) A_t) [+ β k_t] [- c H_t]),  response tokens
-    w = loss_weights(--loss-agg) with the step's global counts (N_tok all-reduced), backpropagated as
-    loss · world (FSDP averages gradients over ranks: the × world makes the result ONE aggregate over the
-    global step). Returns the sums the log needs."""
-    mask, share = ro["mask"], args.train_batch // d.world
-    steps_per_rollout = len(items) * d.world // args.train_batch
-    st_sum = {"loss": 0.0, "clipped": 0.0, "ratio0": 0.0, "ntok0": 0.0}
-    gnorm = torch.zeros(())
-    for ep in range(args.epochs_per_rollout):
-        perm = torch.randperm(len(items), generator=torch.Generator().manual_seed(args.seed + 7919 * step + ep))
-        for s in range(steps_per_rollout):
-            idx = perm[s * share:(s + 1) * share].tolist()
-            n_tok = all_reduce(mask[idx].sum().float())
-            step_loss = 0.0  # this rank's share of the step's aggregate
-            for j in range(0, len(idx), args.micro_batch_size):
-                mb = idx[j:j + args.micro_batch_size]
-                with autocast:
-                    lp, e, m = response_logprobs(policy, [items[i] for i in mb], pad_id, args.temperature, d.device)
-                Tm = m.shape[1]
-                w = loss_weights(m, args.loss_agg, args.train_batch, n_tok, args.max_new_tokens)  # (b, Tm)
-                loss, st = policy_loss(lp, ro["logp_old"][mb, :Tm], adv[mb, :Tm], m, eps_low=args.eps_clip,
-                                       eps_high=args.eps_clip_high or args.eps_clip, dual_clip=args.dual_clip,
-                                       weight=w)
-                if args.kl_in == "loss" and args.kl_coef > 0:
-                    loss = loss + args.kl_coef * (kl_estimate(lp, ro["logp_ref"][mb, :Tm], args.kl_estimator) * w).sum()
-                if args.entropy_coef:
-                    loss = loss - args.entropy_coef * (e * w).sum()
-                (loss * d.world).backward()
-                step_loss += loss.item()
-                st_sum["loss"] += loss.item()
-                st_sum["clipped"] += st["n_clipped"].item()
-                if ep == 0 and s == 0:  # before any update from this rollout: ρ must be exactly 1
-                    st_sum["ratio0"] += (st["ratio_mean"] * st["n_tokens"]).item()
-                    st_sum["ntok0"] += st["n_tokens"].item()
-            gnorm = clip_grad_norm(policy, args.clip)
-            checkpoint.check_finite(step + 1, d.device, loss=step_loss, grad_norm=gnorm)  # before the update, every rank
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    return st_sum, gnorm
-
-
-# the step's line on the console (metrics.jsonl gets every key of step_metrics)
-CONSOLE = ("reward", "kl", "entropy", "len", "ent_reflect", "clip_frac", "loss", "grad_norm", "lr", "gen tok/s", "dt")
-
-
-def step_metrics(items, R, R_clipped, ro, kl, st, gnorm, lr, reflect, times, args, n):
-    """6. Token-weighted means over every rank's response tokens (one all-reduce), for the log line; loss is
-    the mean over the rollout's optimizer steps of each step's --loss-agg aggregate."""
-    mf = ro["mask"].float()
-    rf = reflect.float()
-    t_gen, t_ref, t_upd, dt = times
-    sums = all_reduce(torch.tensor([R.sum().item(), R.square().sum().item(), R_clipped.sum().item(), len(items),
-                                    (kl * mf).sum().item(), (ro["ent"] * mf).sum().item(), mf.sum().item(),
-                                    st["clipped"], st["loss"], sum(it["truncated"] for it in items),
-                                    _equal_groups(R, n), ((ro["sampler"] - ro["logp_old"]).abs() * mf).sum().item(),
-                                    st["ratio0"], st["ntok0"], (ro["ent"] * rf).sum().item(), rf.sum().item(),
-                                    -(ro["log_kept"] * mf).sum().item()],
-                                   dtype=torch.float64, device=R.device))
-    (Rsum, R2sum, Rcsum, B, klsum, entsum, ntok, nclip, lsum, ntrunc, neq, gapsum, r0sum, ntok0, entr,
-     nref, cutsum) = sums.tolist()
-    ent_all = torch.tensor(gather_objects(ro["ent"][ro["mask"]].float().cpu()[:20000].tolist()))
-    q = torch.quantile(ent_all, torch.tensor([0.1, 0.5, 0.9])).tolist() if len(ent_all) else [0.0] * 3
-    epochs = args.epochs_per_rollout
-    return {"reward": Rsum / B, "reward_std": max(R2sum / B - (Rsum / B) ** 2, 0.0) ** 0.5,
-            "reward_clipped": Rcsum / B, "kl": klsum / ntok, "entropy": entsum / ntok, "len": ntok / B,
-            "ent_reflect": entr / max(nref, 1), "n_reflect": int(nref), "ratio0": r0sum / max(ntok0, 1),
-            "clip_frac": nclip / (ntok * epochs), "loss": lsum / (B / args.train_batch * epochs),
-            "grad_norm": gnorm.item(), "lr": lr, "sampler_gap": gapsum / ntok, "kept_gap": cutsum / ntok,
-            "gen tok/s": ntok / t_gen, "train tok/s": ntok * epochs / t_upd,
-            "entropy_p10": q[0], "entropy_p50": q[1], "entropy_p90": q[2], "truncated": ntrunc / B,
-            "equal_groups": int(neq), "dt": dt, "t_gen": t_gen, "t_ref": t_ref, "t_update": t_upd}
-
-
 def main(argv=None):
     args = get_args(argv)
     import reward as rw
@@ -596,7 +644,6 @@ def main(argv=None):
     d = init_dist(args.device, args.dist_timeout)
     check_args(args, d.world)
     ctx = check_models(args)  # the model dirs, before any weight is read
-    replicate = hsdp_replicas(args.replicate, d.world)
     seed_everything(args.seed)
     dtype = pick_dtype(args.dtype, d.device)
     rules = rw.RuleReward(args.rule) if args.rule else None
@@ -604,13 +651,13 @@ def main(argv=None):
     # --------------------------------------------------------------------------- data (validated first)
     tok = load_tokenizer(args.model, args.trust_remote_code, what="--model")
     rows, n_long, why_long = load_prompts(args, tok, rules, ctx)
-    checkpoint.claim_out_dir(args.out, args.resume, args.overwrite)  # a lock for the run's life; refuses another run's dir
-    changes = checkpoint.resume_changes(args) if args.resume else {}  # a changed flag is refused unless --allow-changes
+    checkpoint.claim_out_dir(args.out, args.resume, args.overwrite)  # the run's lock; refuses another run's dir
+    changes = checkpoint.resume_changes(args) if args.resume else {}  # a changed flag: refused unless --allow-changes
 
     # --------------------------------------------------------------------------- models
     policy, export_dtype = build_policy(args.model, d, dtype, args.grad_checkpointing, args.cpu_offload,
-                                        args.trust_remote_code, replicate=replicate)
-    ref = build_reference(args, d, dtype)
+                                        args.trust_remote_code, replicate=hsdp_replicas(args.replicate, d.world))
+    ref, ref_on_device = build_reference(args, d, dtype)
     if disable_dropout(policy) + (disable_dropout(ref) if ref is not None else 0):
         print0("rl: dropout set to 0 in the policy and the reference (π_old, π and π_ref must be deterministic)")
     rm = rw.RewardModel(args.reward_model, d.device, batch_size=args.rm_batch_size, quant=args.rm_quant,
@@ -621,7 +668,8 @@ def main(argv=None):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, args.max_steps, warmup))
     autocast = torch.autocast(d.device.type, dtype=dtype, enabled=(d.world == 1 and dtype != torch.float32))
     stops, n = stop_token_ids(tok, policy.hf, args.chat_template_kwargs), args.samples_per_prompt
-    words, piece = word_set(args.reflection_words), functools.lru_cache(maxsize=None)(lambda i: tok.decode([i]))
+    reflections = functools.partial(reflection_mask, words=word_set(args.reflection_words),
+                                    piece=functools.lru_cache(maxsize=None)(lambda i: tok.decode([i])))
 
     step = checkpoint.load_state(args.out, policy, opt, sched) if args.resume else 0
     if args.allow_changes and changes:  # the restored optimizer and scheduler still hold the run's values
@@ -640,35 +688,21 @@ def main(argv=None):
         t0 = time.time()
         items = rollout(policy, tok, rows, step, args, d, dtype, stops)  # 1. sample
         t_gen = time.time() - t0
-
-        R = torch.zeros(len(items), device=d.device)  # 2. reward: RM raw logit + weighted rules
-        if rm is not None:
-            R += rm.score([it["prompt"] for it in items], [it["completion"] for it in items], args.score_on,
-                          thinking=[it["thinking"] for it in items]).to(d.device)
-        if rules is not None:
-            R += torch.tensor([rules(it["completion"], it["gold"], it["thinking"]) for it in items], device=d.device)
-        barrier()  # ranks meet here, outside a collective: rollout lengths (and RM time) differ between ranks
-        if not torch.isfinite(all_reduce(R.sum().clone())):
-            raise NonFiniteError(f"step {step + 1}: non-finite reward; stopped before the update, nothing written")
-
+        R = rewards(items, rm, rules, args, d, step)  # 2. RM raw logit + weighted rules
         t1 = time.time()
-        ro = score_rollout(policy, ref, items, args, d, autocast, tok.pad_token_id)  # 3. π_old, π_ref
+        with ref_on_device():
+            ro = score_rollout(policy, ref, items, args, d, autocast, tok.pad_token_id)  # 3. π_old, π_ref
         t_ref = time.time() - t1
         adv = compute_advantages(R, ro["logp_old"], ro["logp_ref"], ro["mask"], estimator=args.estimator,  # 4.
                                  kl_coef=args.kl_coef, kl_estimator=args.kl_estimator, kl_in=args.kl_in,
                                  group_size=n, gamma=args.gamma, std=not args.no_std)
-        kl = kl_estimate(ro["logp_old"], ro["logp_ref"], args.kl_estimator)
-
         t2 = time.time()
-        st, gnorm = ppo_update(policy, opt, items, ro, adv, args, d, autocast, step, tok.pad_token_id)  # 5. PPO-clip updates
+        st, gnorm = ppo_update(policy, opt, items, ro, adv, args, d, autocast, step, tok.pad_token_id)  # 5.
         lr = sched.get_last_lr()[0]
         sched.step()
         step += 1
-
-        reflect = reflection_mask(tok, items, words, ro["ids"].shape[1], piece).to(d.device)
-        R_clipped = shaped_rewards(R, args.estimator, n, not args.no_std)  # (B,) the last token's (logged next to R)
-        metrics = step_metrics(items, R, R_clipped, ro, kl, st, gnorm, lr, reflect,  # 6. log
-                               (t_gen, t_ref, time.time() - t2, time.time() - t0), args, n)
+        metrics = step_metrics(items, R, ro, st, gnorm, lr, (t_gen, t_ref, time.time() - t2, time.time() - t0),  # 6.
+                               args, reflections)
         log.log(step, metrics)
         if metrics["kl"] > args.max_kl:  # every rank holds the same all-reduced mean: all stop together
             raise StopRun(f"step {step}: mean KL to the reference {metrics['kl']:.3g} > --max-kl {args.max_kl}; "
@@ -677,37 +711,13 @@ def main(argv=None):
         if args.dump_every and step % args.dump_every == 0:
             dump_rollouts(args.out, step, items, R, n, d.rank)
         periodic = step % args.save_every == 0
-        if periodic or step == stop:
-            # the export first, then the state: a kill between them leaves an export AHEAD of the state,
-            # which --resume recomputes bit-exactly and rewrites (never a stale export behind a finished state)
-            checkpoint.save_hf(policy, tok, args.out, export_dtype, step, checkpoint=periodic, keep=args.keep_checkpoints)
+        if periodic or step == stop:  # the export first, then the state (docs/design.md §2, "Checkpoints")
+            checkpoint.save_hf(policy, tok, args.out, export_dtype, step, checkpoint=periodic,
+                               keep=args.keep_checkpoints)
             checkpoint.save_state(args.out, policy, opt, sched, step)
     print0(f"done: {args.out}")
     checkpoint.release_out_dirs(args.out)
     return policy
-
-
-def _equal_groups(R, n):
-    """Groups whose n rewards are all equal: zero advantage under the baseline estimators."""
-    if n < 2:
-        return 0
-    g = R.view(-1, n)
-    return int((g.max(1).values == g.min(1).values).sum())
-
-
-def dump_rollouts(out, step, items, R, n, rank):
-    """The rollouts as generation records (docs/design.md §2), gathered to rank 0."""
-    recs = []
-    for i, it in enumerate(items):
-        reasoning, answer, closed = split_reasoning(it["completion"], it["thinking"])
-        recs.append({"benchmark": "rl", "id": it["id"], "sample": i % n, "prompt": it["prompt"],
-                     "completion": it["completion"], "thinking": it["thinking"], "reasoning": reasoning,
-                     "answer": answer, "think_closed": closed, "truncated": it["truncated"],
-                     "num_tokens": it["n_tokens"], "gold": it["gold"], "score": float(R[i]), "step": step,
-                     "rank": rank, "prompt_ids": it["prompt_ids"]})
-    recs = gather_objects(recs)
-    if rank == 0:  # written whole (temp file + rename): a replayed step after --resume rewrites it, never appends
-        files.write_jsonl(os.path.join(out, "rollouts", f"step_{step:05d}.jsonl"), recs)
 
 
 if __name__ == "__main__":

@@ -49,80 +49,25 @@ import torch
 import checkpoint
 import cli
 from common import (DataError, UsageError, all_reduce, build_optimizer, build_policy, clip_grad_norm, cosine_lr,
-                    hsdp_replicas, init_dist, load_tokenizer, ngrams, packing_exact, pick_dtype, print0, render_sft,
+                    hsdp_replicas, init_dist, load_tokenizer, ngrams, pick_dtype, print0, render_sft,
                     seed_everything)
 
-
-def get_args(argv=None):
-    p = cli.ArgumentParser(description="Supervised fine-tuning (response-only loss) on FSDP2.",
-                       formatter_class=cli.HelpFormatter)
-    a = p.add_argument_group("run").add_argument
-    a("--model", required=True, help="hub id or local Hugging Face dir of the model to fine-tune")
-    a("--data", required=True, help="hub id (id[:config]:split) or local .jsonl/.json/.csv/.parquet")
-    a("--out", required=True, help="output dir: HF checkpoint, args.json, metrics.jsonl, state/")
-    a("--epochs", type=int, default=5, help="passes over the data (the LR schedule spans them)")
-    a("--max-steps", type=int, default=None,
-      help="total optimizer steps; overrides --epochs and sets the LR schedule's length (as HF Trainer)")
-    a("--stop-at", type=int, default=None, help="stop after this step (resume later with --resume)")
-    a("--seed", type=int, default=0, help="seed for data order and init")
-    a = p.add_argument_group("1. data").add_argument
-    a("--prompt-field", default=None, help="column holding the prompt (default: detected)")
-    a("--response-field", default=None, help="column holding the response (default: detected)")
-    a("--chat-template-kwargs", type=cli.chat_template_kwargs, default=None, metavar="JSON",
-      help='template variables for apply_chat_template, e.g. \'{"enable_thinking": false}\'')
-    a("--decontaminate", default=None, help="FILE[,FILE]: drop rows sharing a 13-gram with their prompts")
-    a("--max-len", type=int, default=8192, help="max tokens per sample, its last ones kept (and per packed row)")
-    a("--no-pack", action="store_true", help="one sample per row instead of packing (automatic for "
-      "model types that cannot keep packed samples apart: common.PACKING_EXACT)")
-    a("--full-sequence", action="store_true", help="loss on every token, prompt included")
-    a("--answer-only", action="store_true", help="with thinking off (the prompt already closes the think "
-      "block, e.g. Qwen3's enable_thinking false), train on each response's answer alone, its reasoning "
-      "dropped (without this flag such rows are refused: the target would hold two think blocks)")
-    a = p.add_argument_group("2. loss and update").add_argument
-    a("--batch-size", type=int, default=128, help="global sequences per optimizer step")
-    a("--micro-batch-size", type=int, default=4, help="sequences per forward on each rank")
-    a = p.add_argument_group("optimizer").add_argument
-    a("--lr", type=float, default=1e-5, help="peak learning rate")
-    a("--warmup-ratio", type=float, default=0.05, help="linear warmup, fraction of all steps")
-    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    a("--betas", type=float, nargs=2, default=(0.9, 0.95), help="AdamW betas")
-    a("--optim", default="adamw", choices=["adamw", "adamw8bit"], help="optimizer")
-    a("--clip", type=float, default=1.0, help="gradient norm clip (after the reduction)")
-    a = p.add_argument_group("memory").add_argument
-    a("--grad-checkpointing", action="store_true", help="activation checkpointing per layer")
-    a("--cpu-offload", action="store_true", help="FSDP2 CPU offload of params/grads/optimizer")
-    a("--replicate", type=int, default=None, help="HSDP: N replicas, each sharding over world/N ranks "
-      "(default: one per node when torchrun spans nodes, else 1 = flat FSDP2)")
-    a("--dtype", default=None, choices=["bf16", "fp32"], help="compute dtype (default: bf16 on CUDA, fp32 on CPU)")
-    cli.add_compute_flags(a)
-    a = p.add_argument_group("checkpoints and logging").add_argument
-    a("--resume", action="store_true", help="continue from the newest complete state in OUT, with the run's "
-      "flags (args.json); only --stop-at, --save-every, --keep-checkpoints, --dump-every, --max-kl, "
-      "--reflection-words, --wandb and --trust-remote-code may change")
-    a("--allow-changes", action="store_true", help="with --resume: continue with changed flags (args.json keeps "
-      "the run's and records each change with the step it took effect after)")
-    a("--overwrite", action="store_true", help="replace a previous run in OUT (its state and metrics)")
-    a("--save-every", type=int, default=0,
-      help="every N steps save the state and the export, and keep OUT/checkpoints/step-N (0: only at the end)")
-    a("--keep-checkpoints", type=int, default=3, help="newest OUT/checkpoints/step-N kept (0: all)")
-    a("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
-    a("--wandb", default=None, metavar="PROJECT", help="also log to this wandb project")
-    return p.parse_args(argv)
+# Model types whose transformers forward keeps packed samples apart when position ids restart at 0 per
+# sample and no attention mask is passed (it builds a block-diagonal causal mask from the restarts):
+# checked packed == unpacked by tests/test_families.py. Not GraniteMoeHybrid: its attention mask ignores
+# position ids (and Granite-4.0 has no RoPE), and its Mamba-2 layers carry their state into the next
+# sample; transformers' packed-sequence argument (seq_idx) reaches only the CUDA kernels, the PyTorch
+# conv / scan fallback ignores it. Any model type not listed here trains unpacked (sft.py says so).
+PACKING_EXACT = ("llama", "qwen2", "qwen3")
 
 
-def check_args(args):
-    """Every flag value, before any model or data loads (the flag is named in the message)."""
-    cli.check_min(args, "--epochs", "--max-steps", "--stop-at", "--batch-size", "--micro-batch-size", "--max-len")
-    cli.check_min(args, "--save-every", "--keep-checkpoints", lo=0)
-    cli.check_training(args)  # --lr, --warmup-ratio, --weight-decay, --clip, --betas, --resume/--overwrite
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if args.batch_size % world:
-        raise UsageError(f"--batch-size {args.batch_size} must be divisible by the world size {world}")
-    if args.wandb:
-        cli.import_optional("wandb", "--wandb")
-    cli.check_out_dir(args.out)
-    cli.check_model(args.model, "--model", trust_remote_code=args.trust_remote_code)
+def packing_exact(config):
+    """This model type keeps packed samples apart (PACKING_EXACT)."""
+    return getattr(config, "model_type", None) in PACKING_EXACT
 
+
+# ------------------------------------------------------------------------------------------------
+# One step: 1. the examples (rendered, decontaminated, packed into rows); 2. the loss and the update
 
 def decontaminate(examples, files):
     """Drop training rows whose prompt shares a 13-gram with any prompt of the eval files."""
@@ -200,6 +145,120 @@ def collate(rows, pad_id, device):
     return ids.to(device), pos.to(device), tgt.to(device), lmask.to(device)
 
 
+def update(policy, opt, batch, args, d, autocast, step, pad_id, packed):
+    """2. One optimizer step on the global batch: this rank's share, packed into rows, forward and backward
+    of the ONE token mean over every target token of the step (N_tok all-reduced; FSDP averages gradients
+    over ranks, so each loss is scaled by world / N_tok), the gradient clipped after the reduction, checked
+    finite on every rank, then stepped. Every rank runs the same number of forwards (FSDP collectives): a
+    rank out of samples runs the batch's first sample with weight 0. Returns the sums the log needs."""
+    mine = batch[d.rank::d.world]  # this rank's share of the global batch
+    n_micro = math.ceil(math.ceil(len(batch) / d.world) / args.micro_batch_size)
+    n_tok = all_reduce(torch.tensor(float(sum(sum(m[1:]) for _, m in mine)), device=d.device))
+    loss_sum, ent_sum, tokens = 0.0, 0.0, 0
+    for j in range(n_micro):
+        micro = mine[j * args.micro_batch_size:(j + 1) * args.micro_batch_size]
+        weight = 1.0 if micro else 0.0
+        ids, pos, tgt, lmask = collate(pack(micro or batch[:1], args.max_len, packed), pad_id, d.device)
+        with autocast:
+            logp, ent = policy(ids, position_ids=pos, targets=tgt)  # (R, L) each
+        nll = -(logp * lmask).sum()
+        (nll * weight * d.world / n_tok).backward()
+        loss_sum += nll.item() * weight
+        ent_sum += (ent.detach() * lmask).sum().item() * weight
+        tokens += int(ids.numel() * weight)
+    gnorm = clip_grad_norm(policy, args.clip)
+    checkpoint.check_finite(step + 1, d.device, loss=loss_sum, grad_norm=gnorm)  # before the update, every rank
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return (loss_sum, ent_sum, tokens, n_tok), gnorm
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. The step's log
+
+def step_metrics(sums, gnorm, lr, dt, device):
+    """3. The step's log: the token means of the loss and the entropy over every rank's target tokens (one
+    all-reduce), the tokens the step's rows held (pads included) and their rate."""
+    loss_sum, ent_sum, tokens, n_tok = sums
+    stats = all_reduce(torch.tensor([loss_sum, ent_sum, float(tokens)], device=device))
+    return {"loss": stats[0].item() / n_tok.item(), "entropy": stats[1].item() / n_tok.item(),
+            "grad_norm": gnorm.item(), "lr": lr, "tokens": int(stats[2].item()), "tok/s": stats[2].item() / dt, "dt": dt}
+
+
+# ------------------------------------------------------------------------------------------------
+# The command line
+
+def get_args(argv=None):
+    p = cli.ArgumentParser(description="Supervised fine-tuning (response-only loss) on FSDP2.",
+                       formatter_class=cli.HelpFormatter)
+    a = p.add_argument_group("run").add_argument
+    a("--model", required=True, help="hub id or local Hugging Face dir of the model to fine-tune")
+    a("--data", required=True, help="hub id (id[:config]:split) or local .jsonl/.json/.csv/.parquet")
+    a("--out", required=True, help="output dir: HF checkpoint, args.json, metrics.jsonl, state/")
+    a("--epochs", type=int, default=5, help="passes over the data (the LR schedule spans them)")
+    a("--max-steps", type=int, default=None,
+      help="total optimizer steps; overrides --epochs and sets the LR schedule's length (as HF Trainer)")
+    a("--stop-at", type=int, default=None, help="stop after this step (resume later with --resume)")
+    a("--seed", type=int, default=0, help="seed for data order and init")
+    a = p.add_argument_group("1. data").add_argument
+    a("--prompt-field", default=None, help="column holding the prompt (default: detected)")
+    a("--response-field", default=None, help="column holding the response (default: detected)")
+    a("--chat-template-kwargs", type=cli.chat_template_kwargs, default=None, metavar="JSON",
+      help='template variables for apply_chat_template, e.g. \'{"enable_thinking": false}\'')
+    a("--decontaminate", default=None, help="FILE[,FILE]: drop rows sharing a 13-gram with their prompts")
+    a("--max-len", type=int, default=8192, help="max tokens per sample, its last ones kept (and per packed row)")
+    a("--no-pack", action="store_true", help="one sample per row instead of packing (automatic for "
+      "model types that cannot keep packed samples apart: PACKING_EXACT)")
+    a("--full-sequence", action="store_true", help="loss on every token, prompt included")
+    a("--answer-only", action="store_true", help="with thinking off (the prompt already closes the think "
+      "block, e.g. Qwen3's enable_thinking false), train on each response's answer alone, its reasoning "
+      "dropped (without this flag such rows are refused: the target would hold two think blocks)")
+    a = p.add_argument_group("2. loss and update").add_argument
+    a("--batch-size", type=int, default=128, help="global sequences per optimizer step")
+    a("--micro-batch-size", type=int, default=4, help="sequences per forward on each rank")
+    a = p.add_argument_group("optimizer").add_argument
+    a("--lr", type=float, default=1e-5, help="peak learning rate")
+    a("--warmup-ratio", type=float, default=0.05, help="linear warmup, fraction of all steps")
+    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    a("--betas", type=float, nargs=2, default=(0.9, 0.95), help="AdamW betas")
+    a("--optim", default="adamw", choices=["adamw", "adamw8bit"], help="optimizer")
+    a("--clip", type=float, default=1.0, help="gradient norm clip (after the reduction)")
+    a = p.add_argument_group("memory").add_argument
+    a("--grad-checkpointing", action="store_true", help="activation checkpointing per layer")
+    a("--cpu-offload", action="store_true", help="FSDP2 CPU offload of params/grads/optimizer")
+    a("--replicate", type=int, default=None, help="HSDP: N replicas, each sharding over world/N ranks "
+      "(default: one per node when torchrun spans nodes, else 1 = flat FSDP2)")
+    a("--dtype", default=None, choices=["bf16", "fp32"], help="compute dtype (default: bf16 on CUDA, fp32 on CPU)")
+    cli.add_compute_flags(a)
+    a = p.add_argument_group("checkpoints and logging").add_argument
+    a("--resume", action="store_true", help="continue from the newest complete state in OUT, with the run's "
+      "flags (args.json); only --stop-at, --save-every, --keep-checkpoints, --dump-every, --max-kl, "
+      "--reflection-words, --wandb and --trust-remote-code may change")
+    a("--allow-changes", action="store_true", help="with --resume: continue with changed flags (args.json keeps "
+      "the run's and records each change with the step it took effect after)")
+    a("--overwrite", action="store_true", help="replace a previous run in OUT (its state and metrics)")
+    a("--save-every", type=int, default=0,
+      help="every N steps save the state and the export, and keep OUT/checkpoints/step-N (0: only at the end)")
+    a("--keep-checkpoints", type=int, default=3, help="newest OUT/checkpoints/step-N kept (0: all)")
+    a("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
+    a("--wandb", default=None, metavar="PROJECT", help="also log to this wandb project")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    """Every flag value, before any model or data loads (the flag is named in the message)."""
+    cli.check_min(args, "--epochs", "--max-steps", "--stop-at", "--batch-size", "--micro-batch-size", "--max-len")
+    cli.check_min(args, "--save-every", "--keep-checkpoints", lo=0)
+    cli.check_training(args)  # --lr, --warmup-ratio, --weight-decay, --clip, --betas, --resume/--overwrite
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world:
+        raise UsageError(f"--batch-size {args.batch_size} must be divisible by the world size {world}")
+    if args.wandb:
+        cli.import_optional("wandb", "--wandb")
+    cli.check_out_dir(args.out)
+    cli.check_model(args.model, "--model", trust_remote_code=args.trust_remote_code)
+
+
 def main(argv=None):
     args = get_args(argv)
     check_args(args)
@@ -218,8 +277,8 @@ def main(argv=None):
     stop = min(total, args.stop_at or total)
     warmup = max(1, round(args.warmup_ratio * total))
 
-    checkpoint.claim_out_dir(args.out, args.resume, args.overwrite)  # a lock for the run's life; refuses another run's dir
-    changes = checkpoint.resume_changes(args) if args.resume else {}  # a changed flag is refused unless --allow-changes
+    checkpoint.claim_out_dir(args.out, args.resume, args.overwrite)  # the run's lock; refuses another run's dir
+    changes = checkpoint.resume_changes(args) if args.resume else {}  # a changed flag: refused unless --allow-changes
 
     # --------------------------------------------------------------------------- model + optimizer
     policy, export_dtype = build_policy(args.model, d, dtype, args.grad_checkpointing, args.cpu_offload,
@@ -228,7 +287,7 @@ def main(argv=None):
     packed = not args.no_pack and packing_exact(policy.hf.config)
     if not args.no_pack and not packed:
         print0(f"packing off: model type {policy.hf.config.model_type!r} is not known to keep packed samples apart "
-               f"(common.PACKING_EXACT); one sample per row")
+               f"(PACKING_EXACT); one sample per row")
     opt = build_optimizer(policy.parameters(), args.optim, args.lr, tuple(args.betas), args.weight_decay, d.device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total, warmup))
     # One process keeps fp32 weights and autocasts; under FSDP2 the mixed-precision policy does it.
@@ -246,45 +305,18 @@ def main(argv=None):
     # --------------------------------------------------------------------------- loop
     while step < stop:
         t0 = time.time()
-        epoch, k = divmod(step, spe)
+        epoch, k = divmod(step, spe)  # 1. this step's examples: a seeded permutation per epoch
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
         batch = [examples[i] for i in order[k * args.batch_size:(k + 1) * args.batch_size]]
-        mine = batch[d.rank::d.world]  # this rank's share of the global batch
-        # Every rank runs the same number of forwards (FSDP collectives); a rank that runs out of samples
-        # runs the first sample with weight 0.
-        n_micro = math.ceil(math.ceil(len(batch) / d.world) / args.micro_batch_size)
-        n_tok = all_reduce(torch.tensor(float(sum(sum(m[1:]) for _, m in mine)), device=d.device))
-        loss_sum, ent_sum, tokens = 0.0, 0.0, 0
-        for j in range(n_micro):
-            micro = mine[j * args.micro_batch_size:(j + 1) * args.micro_batch_size]
-            weight = 1.0 if micro else 0.0
-            ids, pos, tgt, lmask = collate(pack(micro or batch[:1], args.max_len, packed),
-                                           tok.pad_token_id, d.device)
-            with autocast:
-                logp, ent = policy(ids, position_ids=pos, targets=tgt)  # (R, L) each
-            nll = -(logp * lmask).sum()
-            # FSDP averages gradients over ranks; scaling by world turns that into the global token mean.
-            (nll * weight * d.world / n_tok).backward()
-            loss_sum += nll.item() * weight
-            ent_sum += (ent.detach() * lmask).sum().item() * weight
-            tokens += int(ids.numel() * weight)
-        gnorm = clip_grad_norm(policy, args.clip)
-        checkpoint.check_finite(step + 1, d.device, loss=loss_sum, grad_norm=gnorm)  # before the update, on every rank
+        sums, gnorm = update(policy, opt, batch, args, d, autocast, step, tok.pad_token_id, packed)  # 2.
         lr = sched.get_last_lr()[0]
-        opt.step()
         sched.step()
-        opt.zero_grad(set_to_none=True)
         step += 1
-        stats = all_reduce(torch.tensor([loss_sum, ent_sum, float(tokens)], device=d.device))
-        dt = time.time() - t0
-        log.log(step, {"loss": stats[0].item() / n_tok.item(), "entropy": stats[1].item() / n_tok.item(),
-                       "grad_norm": gnorm.item(), "lr": lr, "tokens": int(stats[2].item()),
-                       "tok/s": stats[2].item() / dt, "dt": dt})
+        log.log(step, step_metrics(sums, gnorm, lr, time.time() - t0, d.device))  # 3.
         periodic = bool(args.save_every) and step % args.save_every == 0
-        if periodic or step == stop:
-            # the export first, then the state: a kill between them leaves an export AHEAD of the state,
-            # which --resume recomputes bit-exactly and rewrites (never a stale export behind a finished state)
-            checkpoint.save_hf(policy, tok, args.out, export_dtype, step, checkpoint=periodic, keep=args.keep_checkpoints)
+        if periodic or step == stop:  # the export first, then the state (docs/design.md §2, "Checkpoints")
+            checkpoint.save_hf(policy, tok, args.out, export_dtype, step, checkpoint=periodic,
+                               keep=args.keep_checkpoints)
             checkpoint.save_state(args.out, policy, opt, sched, step)
     print0(f"done: {args.out}")
     checkpoint.release_out_dirs(args.out)

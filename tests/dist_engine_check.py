@@ -33,7 +33,7 @@ def prompts_and_ids():
 if __name__ == "__main__":
     d = common.init_dist()
     policy = common.Policy(make_model())
-    common.fsdp_wrap(policy, d.device, param_dtype=torch.float32)
+    common.fsdp_wrap(policy, param_dtype=torch.float32)
     prompts, ids = prompts_and_ids()
     calls = []
     names = [n for n in ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",

@@ -279,3 +279,24 @@ def test_bad_thinking_or_prompt_ids_are_refused_naming_row_and_field(tiny_model,
         with pytest.raises(common.DataError, match=f"row 2: field '{field}'"):
             entropy.main(["--model", tiny_model, "--input", f, "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
+
+
+def test_reflection_tokens_inside_the_reasoning_only(tiny_model):
+    tok = common.load_tokenizer(tiny_model)
+
+    def item(pieces, thinking):  # -> the completion ids and, per piece, the index of its first letter's token
+        ids, at = [], []
+        for p in pieces:
+            new = [tok.eos_token_id] if p is None else tok.encode(p, add_special_tokens=False)
+            at.append(len(ids) + next((j for j, x in enumerate(new) if tok.decode([x]).strip()), 0))
+            ids += new
+        return {"completion_ids": ids, "thinking": thinking}, at
+
+    a, at_a = item(["Hm.", " Wait", ",", " butt", "er", ".", " But", " no.", "</think>", "Wait", ".", None], True)
+    b, at_b = item(["Wait", ",", " unclosed", " but"], True)
+    c, _ = item(["Wait", ": an answer-only completion,", " but"], False)
+    T = max(len(it["completion_ids"]) for it in (a, b, c))
+    hit = entropy.reflection_mask([a, b, c], {"Wait", "But", "but"}, T, lambda i: tok.decode([i]))  # (3, T)
+    # whole words in the reasoning only ("butter" is no "but"; the answer's "Wait" and an answer-only
+    # completion count nothing); unclosed thinking: all of it is reasoning
+    assert hit.nonzero().tolist() == [[0, at_a[1]], [0, at_a[6]], [1, at_b[0]], [1, at_b[3]]]

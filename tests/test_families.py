@@ -156,15 +156,15 @@ def test_sft_packing_exact_or_off(families, family):
     forced, one_row, lp_f = per_sample_logp(policy, samples, tok.pad_token_id, packed=True)
     assert rows == 5 and one_row == 1
     # what sft.py does: pack when the model type keeps packed samples apart, else one sample per row
-    chosen, _, lp_c = per_sample_logp(policy, samples, tok.pad_token_id, packed=common.packing_exact(policy.hf.config))
+    chosen, _, lp_c = per_sample_logp(policy, samples, tok.pad_token_id, packed=sft.packing_exact(policy.hf.config))
     d_forced, d_chosen = (lp_f - lp_u).abs().max().item(), (lp_c - lp_u).abs().max().item()
     print(f"{family}: packed vs unpacked |dloss| {abs(forced - unpacked):.2e} max |dlogp| {d_forced:.2e}; "
           f"sft.py's choice |dloss| {abs(chosen - unpacked):.2e} max |dlogp| {d_chosen:.2e}")
     assert abs(chosen - unpacked) <= 1e-5 and d_chosen <= 1e-5
     if family == "granite":  # the reason packing is off for it: Mamba state crosses samples
-        assert not common.packing_exact(policy.hf.config) and d_forced > 1e-2
+        assert not sft.packing_exact(policy.hf.config) and d_forced > 1e-2
     else:
-        assert common.packing_exact(policy.hf.config) and d_forced <= 1e-5
+        assert sft.packing_exact(policy.hf.config) and d_forced <= 1e-5
 
 
 # ------------------------------------------------------------------------------------------------ generation
@@ -583,20 +583,23 @@ def test_real_split_grade_and_reward_with_thinking_on_and_off(real_toks, case):
 
 
 @pytest.mark.parametrize("name", TOKENIZERS)
-def test_real_reflection_counts_are_whole_word_counts(real_toks, star1, name):
-    """entropy.py's default matching and rl.py's per-step monitor count exactly the whole-word reflection
-    words of STAR-1's reasoning on every family's BPE (Granite's splits a line-initial "Alternatively" in
-    two and has a "but" token inside "butt": token matching miscounts there)."""
+def test_real_reflection_words_are_whole_words_on_the_same_tokens_from_text_and_from_ids(real_toks, star1, name):
+    """entropy.py's matching on re-tokenized text (score_record's offsets) and rl.py's per-step monitor on the
+    sampled ids (entropy.reflection_mask) find exactly the whole-word reflection words of STAR-1's reasoning,
+    on the same tokens, on every family's BPE (Granite's splits a line-initial "Alternatively" in two and has
+    a "but" token inside "butt": token matching miscounts there)."""
     tok, words = real_toks[name], entropy.word_set(entropy.DEFAULT_WORDS)
     texts = [common.split_reasoning(r["response"])[0] for r in star1]
     want = [len(re.findall(r"\b(?:" + "|".join(sorted(words)) + r")\b", t)) for t in texts]
     enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
-    got = [len(entropy.find_reflections(t, off, [True] * len(off), words)) for t, off in zip(texts, enc["offset_mapping"])]
+    from_text = [[i for i, _, _ in entropy.find_reflections(t, off, [True] * len(off), words)]
+                 for t, off in zip(texts, enc["offset_mapping"])]
     items = [{"completion_ids": ids, "thinking": True} for ids in enc["input_ids"]]
-    hits = rl.reflection_mask(tok, items, words, max(map(len, enc["input_ids"])), functools.lru_cache(None)(
+    hits = entropy.reflection_mask(items, words, max(map(len, enc["input_ids"])), functools.lru_cache(None)(
         lambda i: tok.decode([i])))
-    print(f"{name}: {sum(want)} reflection words; entropy.py {sum(got)}, rl.py {int(hits.sum())}")
-    assert got == want and hits.sum(1).tolist() == want and sum(want) > 1000
+    from_ids = [row.nonzero().flatten().tolist() for row in hits]
+    print(f"{name}: {sum(want)} reflection words; entropy.py {sum(map(len, from_text))}, rl.py {int(hits.sum())}")
+    assert [len(x) for x in from_text] == want and from_ids == from_text and sum(want) > 1000
 
 
 def test_real_reward_model_input(real_dirs, tmp_path):

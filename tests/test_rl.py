@@ -114,7 +114,7 @@ def test_tied_groups_get_exactly_zero_and_every_group_its_exact_value(kind):
             if est == "grpo" and std:
                 assert got.abs().max() <= (n - 1) / math.sqrt(n) + 1e-5  # a z-score: the ±10 clip never binds
     R = T(0.3, 0.3, 0.3, 1.7, 1.7, 1.7, 0.3, 0.3, 1.0)
-    assert rl._equal_groups(R, 3) == 2  # the step log still counts them
+    assert rl.equal_groups(R, 3) == 2  # the step log still counts them
 
 
 def test_grpo_on_three_tied_groups_of_eight_is_zero():
@@ -155,7 +155,7 @@ def test_reinforcepp_baseline_subtracts_group_mean_then_whitens():
     adv = rl.compute_advantages(T(1, 3, 10, 10), z, z, mask, estimator="reinforce++-baseline", kl_coef=0.0,
                                 group_size=2)
     assert torch.allclose(adv.squeeze(1), T(-1.41421, 1.41421, 0, 0), atol=1e-5)
-    assert rl._equal_groups(T(1, 3, 10, 10), 2) == 1
+    assert rl.equal_groups(T(1, 3, 10, 10), 2) == 1
 
 
 def test_kl_in_loss_leaves_rewards_alone():
@@ -527,44 +527,27 @@ def test_top_p_and_unused_rows_are_logged_as_kept_gap_and_pi_old_stays_the_full_
 
 
 def test_step_metrics_by_hand():
-    """reward, reward_std (population), reward_clipped, the token means and ratio0 of step_metrics, by hand."""
+    """reward, reward_std (population), reward_clipped, the token means and ratio0 of step_metrics, by hand;
+    it computes the KL to the reference, the clipped reward and the reflection tokens itself."""
     from types import SimpleNamespace
-    R, Rc = torch.tensor([0.0, 20.0, 4.0, -12.0]), torch.tensor([0.0, 10.0, 4.0, -10.0])  # raw; clipped shaped
+    R = torch.tensor([0.0, 20.0, 4.0, -12.0])  # raw; reinforce++ clips it to [0, 10, 4, -10]: mean 1
     mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]]).bool()  # (4, 3): 8 response tokens
     ent = torch.arange(12.0).view(4, 3)
-    ro = {"mask": mask, "ent": ent, "logp_old": torch.zeros(4, 3), "sampler": torch.full((4, 3), 0.5),
-          "log_kept": torch.where(mask, -0.25, -9.0)}  # off the mask: ignored
+    ro = {"mask": mask, "ent": ent, "logp_old": torch.zeros(4, 3), "logp_ref": torch.full((4, 3), -1.0),  # k1 = 1
+          "sampler": torch.full((4, 3), 0.5), "log_kept": torch.where(mask, -0.25, -9.0),  # off the mask: ignored
+          "ids": torch.zeros(4, 3, dtype=torch.long)}
     reflect = torch.zeros(4, 3, dtype=torch.bool)
     reflect[2, 1] = reflect[3, 0] = True  # entropies 7 and 9
     st = {"loss": 4.0, "clipped": 2.0, "ratio0": 8.0, "ntok0": 8.0}
-    m = rl.step_metrics([{"truncated": i == 1} for i in range(4)], R, Rc, ro, torch.ones(4, 3), st, torch.tensor(1.5),
-                        1e-6, reflect, (1.0, 1.0, 1.0, 3.0), SimpleNamespace(epochs_per_rollout=1, train_batch=2), 2)
+    args = SimpleNamespace(epochs_per_rollout=1, train_batch=2, samples_per_prompt=2, estimator="reinforce++",
+                           no_std=False, kl_estimator="k1")
+    m = rl.step_metrics([{"truncated": i == 1} for i in range(4)], R, ro, st, torch.tensor(1.5), 1e-6,
+                        (1.0, 1.0, 1.0, 3.0), args, lambda items, T: reflect[:, :T])
     assert m["reward"] == 3.0 and m["reward_std"] == pytest.approx(math.sqrt(140 - 9)) and m["reward_clipped"] == 1.0
     assert m["kl"] == 1.0 and m["len"] == 2.0 and m["entropy"] == pytest.approx((0 + 1 + 3 + 6 + 7 + 8 + 9 + 10) / 8)
     assert m["ent_reflect"] == 8.0 and m["n_reflect"] == 2 and m["ratio0"] == 1.0 and m["sampler_gap"] == 0.5
     assert m["clip_frac"] == 0.25 and m["truncated"] == 0.25 and m["equal_groups"] == 0 and m["grad_norm"] == 1.5
     assert m["kept_gap"] == 0.25 and m["loss"] == 2.0  # 2 optimizer steps of 2 samples: their losses sum to 4
-
-
-def test_reflection_tokens_inside_the_reasoning_only(tiny_model):
-    tok = common.load_tokenizer(tiny_model)
-
-    def item(pieces, thinking):  # -> the completion ids and, per piece, the index of its first letter's token
-        ids, at = [], []
-        for p in pieces:
-            new = [tok.eos_token_id] if p is None else tok.encode(p, add_special_tokens=False)
-            at.append(len(ids) + next((j for j, x in enumerate(new) if tok.decode([x]).strip()), 0))
-            ids += new
-        return {"completion_ids": ids, "thinking": thinking}, at
-
-    a, at_a = item(["Hm.", " Wait", ",", " butt", "er", ".", " But", " no.", "</think>", "Wait", ".", None], True)
-    b, at_b = item(["Wait", ",", " unclosed", " but"], True)
-    c, _ = item(["Wait", ": an answer-only completion,", " but"], False)
-    T = max(len(it["completion_ids"]) for it in (a, b, c))
-    hit = rl.reflection_mask(tok, [a, b, c], {"Wait", "But", "but"}, T, lambda i: tok.decode([i]))  # (3, T)
-    # whole words in the reasoning only ("butter" is no "but"; the answer's "Wait" and an answer-only
-    # completion count nothing); unclosed thinking: all of it is reasoning
-    assert hit.nonzero().tolist() == [[0, at_a[1]], [0, at_a[6]], [1, at_b[0]], [1, at_b[3]]]
 
 
 def test_one_process_bf16_reference_kl_is_zero_at_the_first_step(tiny_model, tmp_path):
