@@ -3,7 +3,7 @@ the two requests the stages send through it:
 
   completions(url, prompts, ...)  evaluate.py --api-url: token-id prompts to url/completions (vLLM, SGLang),
                                   `workers` at a time; text, truncated flag and token count back
-  chat(url, prompt, ...)          a judge (evaluate.py --judge-url, reward.make_judge): one user turn to
+  chat(url, prompt, ...)          a judge (evaluate.py --judge-url, judges.make_judge): one user turn to
                                   url/chat/completions at temperature 0; the reply's text back
 
 A try that fails for a reason a retry can fix (a connection error or reset, a timeout, a torn or malformed

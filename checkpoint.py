@@ -11,11 +11,13 @@ run continues from it exactly where it stopped.
   claim_out_dir the --out lock for the run's life; a new run refuses a dir holding another run
   check_finite, check_finite_weights   nothing non-finite is stepped into or written
   read_records  an append-only record file (evaluate.py's OUT/NAME.jsonl) back as {key: record}
+  model_sha256  a model dir's files by content, with a stat cache (what evaluate.py's resume compares)
 
 Every write goes through files.py (a temp beside its target, renamed when complete) and, under torchrun,
 through write_on_every_rank, so a full disk on one rank stops every rank with the previous save intact.
 docs/design.md §2 ("Checkpoints") is the contract.
 """
+import hashlib
 import io
 import json
 import math
@@ -589,3 +591,43 @@ def read_records(path, key):
                 raise DataError(f"{path}: record {i}: not a generation record (no benchmark, id and sample)") from None
     return recs
 
+
+# --- the files of a model dir, by content (evaluate.py's resume fingerprint) -------------------------------
+
+# The files of a model dir that decide what it generates (from_pretrained reads them): weights, config,
+# generation config (stop ids), tokenizer and chat template, remote code. Not a training run's args.json,
+# metrics.jsonl or state/, nor what evaluate.py writes when --out is the model dir.
+MODEL_FILES = ("config.json", "generation_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+               "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json")
+MODEL_FILE_ENDS = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".model", ".tiktoken", ".py")
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_sha256(path, cache):
+    """sha256 over the MODEL_FILES of a local model dir, each by its content: a model retrained or replaced
+    at the same path gets another hash, a copy of the same model the same one. Hashing reads every byte
+    (~1.3 GB/s), so a file whose (size, mtime, inode) equal those in `cache` (kept in OUT/run.json by the
+    last run on OUT) reuses the hash recorded there; any other file is read again. Returns (hash, cache
+    for run.json); (None, None) for a hub id, which the fingerprint names instead."""
+    if not os.path.isdir(path):
+        return None, None
+    real, files, h = os.path.realpath(path), {}, hashlib.sha256()
+    old = cache["files"] if (cache or {}).get("dir") == real else {}
+    for name in sorted(os.listdir(path)):
+        f = os.path.join(path, name)
+        if not (name in MODEL_FILES or name.startswith("tokenizer") or name.endswith(MODEL_FILE_ENDS)) \
+                or not os.path.isfile(f):
+            continue
+        st = os.stat(f)
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+        sha = old[name][3] if old.get(name, [])[:3] == stamp else file_sha256(f)
+        files[name] = [*stamp, sha]
+        h.update(f"{name}\0{sha}\n".encode())
+    return h.hexdigest(), {"dir": real, "files": files}

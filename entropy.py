@@ -81,7 +81,7 @@ DEFAULT_WORDS = "wait,Wait,but,But,Alternatively"
 HIST_BINS = 60
 
 
-# --- reflection detection (pure, on token strings) --------------------------------------------------
+# --- reflection detection (pure, on token strings) ----------------------------------------------------
 #
 # One word match (find_reflections) on two kinds of token spans. entropy.py scores saved records, whose
 # completion is TEXT: it is tokenized again and each token's span is the tokenizer's offset_mapping
@@ -140,7 +140,101 @@ def reflection_mask(items, words, T, piece):
     return hit
 
 
-# --- statistics ---------------------------------------------------------------------------------------
+# --- 1-2. scoring: teacher-forced, each rank its shard of the records ---------------------------------
+
+@torch.no_grad()
+def token_stats(model, seqs, starts, temperature=1.0, chunk_tokens=1024, pad_id=0):
+    """Teacher-forced (logp, ent, argmax) of tokens seqs[i][starts[i]:], each from the logits of the
+    position before it, at `temperature`, over the full vocabulary. Returns one tuple per sequence."""
+    dev = next(model.parameters()).device
+    ids, mask = common.pad_right(seqs, pad_id, device=dev)                            # (B, T) each
+    mask = mask.long()
+    pos = common.positions_from_mask(mask)                                            # (B, T)
+    hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                              use_cache=False).last_hidden_state                      # (B, T, D)
+    rows = torch.cat([torch.full((len(s) - st,), i) for i, (s, st) in enumerate(zip(seqs, starts))]).to(dev)
+    cols = torch.cat([torch.arange(st - 1, len(s) - 1) for s, st in zip(seqs, starts)]).to(dev)
+    h, tgt = hidden[rows, cols], ids[rows, cols + 1]                                  # (N, D), (N,)
+    # the training stages' head (logits_scaling, soft cap), logits one chunk at a time for the argmax
+    logp, ent, am = common.head_logprobs(model, h, tgt, temperature, chunk_tokens, argmax=True)  # (N,) each
+    split = [len(s) - st for s, st in zip(seqs, starts)]
+    return list(zip(*(x.cpu().split(split) for x in (logp, ent, am))))
+
+
+def score_record(rec, ent, enc, words, match, edges):
+    """Per-record statistics from the completion's token entropies `ent` (C,) and its encoding."""
+    text, offsets = rec["completion"], enc["offset_mapping"]
+    reasoning, answer = segment_masks(text, offsets, rec.get("thinking", True))
+    refl = find_reflections(text, offsets, reasoning, words, match)
+    ent = ent.double().numpy()
+    r_ent, a_ent = ent[np.array(reasoning, dtype=bool)], ent[np.array(answer, dtype=bool)]
+    f_ent = np.array([ent[i] for i, _, _ in refl])
+    after = np.array([ent[j] for _, j, _ in refl if j is not None])
+    mean = lambda x: float(x.mean()) if len(x) else None
+    sums = {"n_reasoning": len(r_ent), "ent_reasoning": r_ent.sum(), "n_answer": len(a_ent),
+            "ent_answer": a_ent.sum(), "n_reflection": len(f_ent), "ent_reflection": f_ent.sum(),
+            "n_after": len(after), "ent_after": after.sum()}
+    return {"n_tokens": len(ent), "n_reasoning": len(r_ent), "n_answer": len(a_ent),
+            "n_reflections": len(refl), "reflections": [[i, w] for i, _, w in refl],
+            "entropy_reasoning": mean(r_ent), "entropy_answer": mean(a_ent),
+            "entropy_reflection": mean(f_ent), "entropy_after_reflection": mean(after),
+            "ent_reflection_tokens": [round(float(x), 5) for x in f_ent],
+            "_sums": {k: float(v) for k, v in sums.items()},
+            "_hist_reasoning": np.histogram(np.clip(r_ent, 0, edges[-1]), edges)[0].tolist(),
+            "_hist_reflection": np.histogram(np.clip(f_ent, 0, edges[-1]), edges)[0].tolist()}
+
+
+def shard_batches(items, lengths, batch_size, rank, world):
+    """Sort by length (balance and little padding), deal round-robin to ranks, cut into batches."""
+    order = sorted(range(len(items)), key=lambda i: -lengths[i])[rank::world]
+    return [[items[i] for i in order[a:a + batch_size]] for a in range(0, len(order), batch_size)]
+
+
+def score_records(model, tok, recs, temp, args, d, words, edges, mname, dname):
+    """Step 1 on this rank's shard of one dataset: teacher-forced entropies, then score_record per record.
+    The prompt is the record's prompt_ids, the ids it was generated from (older records: rendered again)."""
+    prompts = [r["prompt_ids"] if r.get("prompt_ids") is not None else
+               common.render_prompt(tok, r["prompt"], args.chat_template_kwargs) for r in recs]
+    encs = [tok(r["completion"], add_special_tokens=False, return_offsets_mapping=True) for r in recs]
+    items = [i for i in range(len(recs)) if encs[i]["input_ids"]]
+    out = []
+    for batch in tqdm(shard_batches(items, [len(prompts[i]) + len(encs[i]["input_ids"]) for i in items],
+                                    args.batch_size, d.rank, d.world), desc=f"{mname}/{dname}", disable=d.rank != 0):
+        stats = token_stats(model, [prompts[i] + encs[i]["input_ids"] for i in batch],
+                            [len(prompts[i]) for i in batch], temp, args.chunk_tokens, tok.pad_token_id)
+        for i, (_, ent, _) in zip(batch, stats):
+            r = recs[i]
+            head = {"model": mname, "dataset": dname, "row": r["row"], "id": r.get("id"),
+                    "sample": r.get("sample"), "benchmark": r.get("benchmark"), "temperature": temp,
+                    "think_closed": common.split_reasoning(r["completion"], r.get("thinking", True))[2],
+                    "score": r.get("score")}
+            out.append({**head, **score_record(r, ent, encs[i], words, args.match, edges)})
+    return out
+
+
+def score_memorization(model, tok, mem_rows, args, d, mname):
+    """Step 2 on this rank's shard: the SFT target's response tokens at temperature 1, greedy window [k, k+m)."""
+    seqs = [common.render_sft(tok, r["prompt"], r["response"], args.mem_max_len, args.chat_template_kwargs)
+            for r in mem_rows]
+    starts = [mask.index(True) if True in mask else len(ids) for ids, mask in seqs]
+    items = [i for i in range(len(seqs)) if 0 < starts[i] < len(seqs[i][0])]
+    win, need = slice(args.mem_k, args.mem_k + args.mem_m), args.mem_k + args.mem_m
+    out = []
+    for batch in tqdm(shard_batches(items, [len(seqs[i][0]) for i in items], args.batch_size, d.rank, d.world),
+                      desc=f"{mname}/memorization", disable=d.rank != 0):
+        stats = token_stats(model, [seqs[i][0] for i in batch], [starts[i] for i in batch], 1.0,
+                            args.chunk_tokens, tok.pad_token_id)
+        for i, (logp, _, am) in zip(batch, stats):
+            ref = torch.tensor(seqs[i][0][starts[i]:])                             # (R,)
+            hit = (am[win] == ref[win]) if len(ref) >= need else None              # (m,)
+            out.append({"model": mname, "row": mem_rows[i]["row"], "id": mem_rows[i]["id"],
+                        "n_response_tokens": len(ref), "loglik": float(logp.double().mean()),
+                        "greedy_match": None if hit is None else int(hit.all()),
+                        "token_acc": None if hit is None else float(hit.double().mean())})
+    return out
+
+
+# --- 3. statistics: pooled ratios with bootstrap intervals over records -------------------------------
 
 MAX_BOOTSTRAP = 100_000  # resamples: far past where a 95% interval's percentiles stop moving
 
@@ -182,6 +276,33 @@ def summarize(rows, n_boot, seed=0):
     return out
 
 
+def summarize_memorization(mem_results, models, args):
+    """Per model: mean loglik, greedy exact-match rate (with 95% bootstrap intervals) and token accuracy."""
+    out = []
+    for mname, _ in models:
+        rs = [r for r in mem_results if r["model"] == mname]
+        g = [r for r in rs if r["greedy_match"] is not None]
+        ones = lambda x: [1] * len(x)  # noqa: E731 -- a plain mean as a pooled ratio
+        ll, ll_ci = bootstrap_ratio([r["loglik"] for r in rs], ones(rs), args.bootstrap, args.seed)
+        gm, gm_ci = bootstrap_ratio([r["greedy_match"] for r in g], ones(g), args.bootstrap, args.seed)
+        ta, _ = bootstrap_ratio([r["token_acc"] for r in g], ones(g), args.bootstrap, args.seed)
+        out.append({"model": mname, "data": args.memorization, "n_rows": len(rs), "n_rows_greedy": len(g),
+                    "k": args.mem_k, "m": args.mem_m, "loglik": ll, "loglik_ci": ll_ci,
+                    "greedy_match": gm, "greedy_match_ci": gm_ci, "token_acc": ta})
+    return out
+
+
+def pooled_histograms(results, edges):
+    """{model/dataset: {edges, reasoning, reflection}}: the per-record histogram counts summed."""
+    hists = {}
+    for r in results:
+        h = hists.setdefault(f"{r['model']}/{r['dataset']}", {"edges": edges[r["model"]].tolist(),
+                                                              "reasoning": 0, "reflection": 0})
+        h["reasoning"] = np.add(h["reasoning"], r["_hist_reasoning"]).tolist()
+        h["reflection"] = np.add(h["reflection"], r["_hist_reflection"]).tolist()
+    return hists
+
+
 def format_table(summary):
     """Rows: models; columns: dataset x metric (a two-line header: dataset, then metric)."""
     cols = [("reflections_per_1k", "refl/1k"), ("entropy_reflection", "H_refl"),
@@ -198,6 +319,111 @@ def format_table(summary):
         lines.append(f"{m:<{w}}" + "".join(f" | {' '.join(f'{fmt(by.get((m, d), {}).get(k)):>{cw}}' for k, _ in cols):>{gw}}"
                                             for d in datasets))
     return "\n".join(line.rstrip() for line in lines)
+
+
+# --- inputs and the command line ----------------------------------------------------------------------
+
+def word_set(text):
+    """--words: "wait,Wait,but" -> {"wait", "Wait", "but"} (not empty)."""
+    words = {w.strip() for w in text.split(",") if w.strip()}
+    if not words:
+        raise argparse.ArgumentTypeError("no reflection word given")
+    return words
+
+
+def parse_named(specs, flag):
+    """["name=path" | "path"] -> [(name, path)]; a bare path is allowed only when it is the only one."""
+    out = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or os.sep in name:
+            if len(specs) > 1:
+                raise common.UsageError(f"{flag} {spec!r}: give every {flag} a name when there are several "
+                                        f"({flag} NAME=PATH)")
+            name, path = os.path.splitext(os.path.basename(spec.rstrip("/")))[0], spec
+        out.append((name, path))
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        raise common.UsageError(f"{flag}: duplicate names {names}")
+    return out
+
+
+def read_records(path, temperature):
+    """Generation records of one file, checked field by field; resolves the scoring temperature."""
+    recs = cli.read_generations(path, need=("prompt", "completion"))
+    for row, r in enumerate(recs, 1):
+        r["row"] = row
+    if temperature is None:
+        for r in recs:
+            t = r.get("temperature")
+            if t is not None and not (type(t) in (int, float) and math.isfinite(t)):
+                raise DataError(f"{path}: row {r['row']}: field 'temperature' is not a finite number: {t!r}")
+        temps = {0.6 if r.get("temperature") is None else r["temperature"] for r in recs}
+        if len(temps) > 1:
+            raise DataError(f"{path}: records have several temperatures {sorted(temps)}; pass --temperature")
+        temperature = float(temps.pop())
+        if temperature <= 0:
+            raise DataError(f"{path}: temperature {temperature} <= 0 (entropy needs a sampling temperature)")
+        try:
+            cli.check_temperature(temperature, f"{path}: the records' temperature")
+        except common.UsageError as e:
+            raise DataError(f"{e}; pass --temperature") from None
+    return recs, temperature
+
+
+def check_prompt_ids(path, recs, tok, mname):
+    """A record's prompt_ids must be this model's tokens: inside its vocabulary, and decoding to a text that
+    holds the record's prompt (ids of another tokenizer would be scored as garbage)."""
+    for r in recs:
+        ids = r.get("prompt_ids")
+        if ids is not None and (max(ids) >= len(tok) or r["prompt"] not in tok.decode(ids)):
+            raise DataError(f"{path}: row {r['row']}: field 'prompt_ids' are not tokens of --model {mname}'s "
+                            f"tokenizer (they do not decode to a text holding the record's prompt)")
+
+
+def get_args(argv=None):
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=cli.HelpFormatter)
+    a = p.add_argument_group("inputs").add_argument
+    a("--model", action="append", required=True, help="NAME=DIR (or hub id); repeat for several models")
+    a("--input", action="append", default=[], help="NAME=FILE of generation records (JSONL); repeat")
+    a("--out", required=True, help="output directory")
+    a("--chat-template-kwargs", type=cli.chat_template_kwargs, default=None, metavar="JSON",
+      help="template variables for apply_chat_template when rendering the prompts of records without "
+      "prompt_ids (as generated)")
+    a("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
+    a = p.add_argument_group("1. entropy at reflection tokens").add_argument
+    a("--temperature", type=float, default=None,
+      help="sampling temperature of the scored distribution (default: the records' value, else 0.6)")
+    a("--words", type=word_set, default=DEFAULT_WORDS, help="comma-separated reflection words")
+    a("--match", choices=["word", "token"], default="word",
+      help="word: whole words in the reasoning text, also split across tokens; token: a whole decoded token "
+      "equals a word (misses split words)")
+    a = p.add_argument_group("2. memorization of the SFT data").add_argument
+    a("--memorization", default=None, help="SFT data (STAR-1 question/response) for the memorization metrics")
+    a("--mem-k", type=int, default=32, help="reference response tokens given as prefix")
+    a("--mem-m", type=int, default=32, help="greedy tokens that must match exactly")
+    a("--mem-limit", type=int, default=0, help="first N rows only (0 = all)")
+    a("--mem-max-len", type=int, default=8192, help="truncate prompt+response to this many tokens")
+    a = p.add_argument_group("3. statistics and compute").add_argument
+    a("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals (at most 100000)")
+    a("--seed", type=int, default=0, help="bootstrap seed")
+    a("--batch-size", type=int, default=8, help="records per forward pass")
+    a("--chunk-tokens", type=int, default=1024, help="positions per lm_head + kernel chunk (memory)")
+    a("--dtype", choices=["bf16", "fp32"], default=None, help="model dtype (default bf16 on GPU, fp32 on CPU)")
+    cli.add_compute_flags(a)
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    """Every flag value, before any file is read (the flag is named in the message)."""
+    if not args.input and not args.memorization:
+        raise common.UsageError("nothing to do: give --input and/or --memorization")
+    cli.check_temperature(args.temperature)
+    cli.check_min(args, "--batch-size", "--chunk-tokens", "--mem-m", "--bootstrap", "--mem-max-len")
+    cli.check_min(args, "--mem-k", "--mem-limit", lo=0)
+    if args.bootstrap > MAX_BOOTSTRAP:
+        raise common.UsageError(f"--bootstrap must be <= {MAX_BOOTSTRAP}, got {args.bootstrap}")
+    cli.check_out_dir(args.out)
 
 
 # --- figures ------------------------------------------------------------------------------------------
@@ -276,234 +502,6 @@ def plot_histograms(summary, hists, path):
     plt.close(fig)
 
 
-# --- scoring ------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def token_stats(model, seqs, starts, temperature=1.0, chunk_tokens=1024, pad_id=0):
-    """Teacher-forced (logp, ent, argmax) of tokens seqs[i][starts[i]:], each from the logits of the
-    position before it, at `temperature`, over the full vocabulary. Returns one tuple per sequence."""
-    dev = next(model.parameters()).device
-    ids, mask = common.pad_right(seqs, pad_id, device=dev)                            # (B, T) each
-    mask = mask.long()
-    pos = common.positions_from_mask(mask)                                            # (B, T)
-    hidden = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                              use_cache=False).last_hidden_state                      # (B, T, D)
-    rows = torch.cat([torch.full((len(s) - st,), i) for i, (s, st) in enumerate(zip(seqs, starts))]).to(dev)
-    cols = torch.cat([torch.arange(st - 1, len(s) - 1) for s, st in zip(seqs, starts)]).to(dev)
-    h, tgt = hidden[rows, cols], ids[rows, cols + 1]                                  # (N, D), (N,)
-    # the training stages' head (logits_scaling, soft cap), logits one chunk at a time for the argmax
-    logp, ent, am = common.head_logprobs(model, h, tgt, temperature, chunk_tokens, argmax=True)  # (N,) each
-    split = [len(s) - st for s, st in zip(seqs, starts)]
-    return list(zip(*(x.cpu().split(split) for x in (logp, ent, am))))
-
-
-def score_record(rec, ent, enc, words, match, edges):
-    """Per-record statistics from the completion's token entropies `ent` (C,) and its encoding."""
-    text, offsets = rec["completion"], enc["offset_mapping"]
-    reasoning, answer = segment_masks(text, offsets, rec.get("thinking", True))
-    refl = find_reflections(text, offsets, reasoning, words, match)
-    ent = ent.double().numpy()
-    r_ent, a_ent = ent[np.array(reasoning, dtype=bool)], ent[np.array(answer, dtype=bool)]
-    f_ent = np.array([ent[i] for i, _, _ in refl])
-    after = np.array([ent[j] for _, j, _ in refl if j is not None])
-    mean = lambda x: float(x.mean()) if len(x) else None
-    sums = {"n_reasoning": len(r_ent), "ent_reasoning": r_ent.sum(), "n_answer": len(a_ent),
-            "ent_answer": a_ent.sum(), "n_reflection": len(f_ent), "ent_reflection": f_ent.sum(),
-            "n_after": len(after), "ent_after": after.sum()}
-    return {"n_tokens": len(ent), "n_reasoning": len(r_ent), "n_answer": len(a_ent),
-            "n_reflections": len(refl), "reflections": [[i, w] for i, _, w in refl],
-            "entropy_reasoning": mean(r_ent), "entropy_answer": mean(a_ent),
-            "entropy_reflection": mean(f_ent), "entropy_after_reflection": mean(after),
-            "ent_reflection_tokens": [round(float(x), 5) for x in f_ent],
-            "_sums": {k: float(v) for k, v in sums.items()},
-            "_hist_reasoning": np.histogram(np.clip(r_ent, 0, edges[-1]), edges)[0].tolist(),
-            "_hist_reflection": np.histogram(np.clip(f_ent, 0, edges[-1]), edges)[0].tolist()}
-
-
-def shard_batches(items, lengths, batch_size, rank, world):
-    """Sort by length (balance and little padding), deal round-robin to ranks, cut into batches."""
-    order = sorted(range(len(items)), key=lambda i: -lengths[i])[rank::world]
-    return [[items[i] for i in order[a:a + batch_size]] for a in range(0, len(order), batch_size)]
-
-
-# --- inputs -------------------------------------------------------------------------------------------
-
-def parse_named(specs, flag):
-    """["name=path" | "path"] -> [(name, path)]; a bare path is allowed only when it is the only one."""
-    out = []
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or os.sep in name:
-            if len(specs) > 1:
-                raise common.UsageError(f"{flag} {spec!r}: give every {flag} a name when there are several "
-                                        f"({flag} NAME=PATH)")
-            name, path = os.path.splitext(os.path.basename(spec.rstrip("/")))[0], spec
-        out.append((name, path))
-    names = [n for n, _ in out]
-    if len(set(names)) != len(names):
-        raise common.UsageError(f"{flag}: duplicate names {names}")
-    return out
-
-
-def read_records(path, temperature):
-    """Generation records of one file, checked field by field; resolves the scoring temperature."""
-    recs = cli.read_generations(path, need=("prompt", "completion"))
-    for row, r in enumerate(recs, 1):
-        r["row"] = row
-    if temperature is None:
-        for r in recs:
-            t = r.get("temperature")
-            if t is not None and not (type(t) in (int, float) and math.isfinite(t)):
-                raise DataError(f"{path}: row {r['row']}: field 'temperature' is not a finite number: {t!r}")
-        temps = {0.6 if r.get("temperature") is None else r["temperature"] for r in recs}
-        if len(temps) > 1:
-            raise DataError(f"{path}: records have several temperatures {sorted(temps)}; pass --temperature")
-        temperature = float(temps.pop())
-        if temperature <= 0:
-            raise DataError(f"{path}: temperature {temperature} <= 0 (entropy needs a sampling temperature)")
-        try:
-            cli.check_temperature(temperature, f"{path}: the records' temperature")
-        except common.UsageError as e:
-            raise DataError(f"{e}; pass --temperature") from None
-    return recs, temperature
-
-
-# --- main ---------------------------------------------------------------------------------------------
-
-def word_set(text):
-    """--words: "wait,Wait,but" -> {"wait", "Wait", "but"} (not empty)."""
-    words = {w.strip() for w in text.split(",") if w.strip()}
-    if not words:
-        raise argparse.ArgumentTypeError("no reflection word given")
-    return words
-
-
-def get_args(argv=None):
-    p = cli.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=cli.HelpFormatter)
-    a = p.add_argument_group("inputs").add_argument
-    a("--model", action="append", required=True, help="NAME=DIR (or hub id); repeat for several models")
-    a("--input", action="append", default=[], help="NAME=FILE of generation records (JSONL); repeat")
-    a("--out", required=True, help="output directory")
-    a("--chat-template-kwargs", type=cli.chat_template_kwargs, default=None, metavar="JSON",
-      help="template variables for apply_chat_template when rendering the prompts of records without "
-      "prompt_ids (as generated)")
-    a("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
-    a = p.add_argument_group("1. entropy at reflection tokens").add_argument
-    a("--temperature", type=float, default=None,
-      help="sampling temperature of the scored distribution (default: the records' value, else 0.6)")
-    a("--words", type=word_set, default=DEFAULT_WORDS, help="comma-separated reflection words")
-    a("--match", choices=["word", "token"], default="word",
-      help="word: whole words in the reasoning text, also split across tokens; token: a whole decoded token "
-      "equals a word (misses split words)")
-    a = p.add_argument_group("2. memorization of the SFT data").add_argument
-    a("--memorization", default=None, help="SFT data (STAR-1 question/response) for the memorization metrics")
-    a("--mem-k", type=int, default=32, help="reference response tokens given as prefix")
-    a("--mem-m", type=int, default=32, help="greedy tokens that must match exactly")
-    a("--mem-limit", type=int, default=0, help="first N rows only (0 = all)")
-    a("--mem-max-len", type=int, default=8192, help="truncate prompt+response to this many tokens")
-    a = p.add_argument_group("3. statistics and compute").add_argument
-    a("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals (at most 100000)")
-    a("--seed", type=int, default=0, help="bootstrap seed")
-    a("--batch-size", type=int, default=8, help="records per forward pass")
-    a("--chunk-tokens", type=int, default=1024, help="positions per lm_head + kernel chunk (memory)")
-    a("--dtype", choices=["bf16", "fp32"], default=None, help="model dtype (default bf16 on GPU, fp32 on CPU)")
-    cli.add_compute_flags(a)
-    return p.parse_args(argv)
-
-
-def check_args(args):
-    """Every flag value, before any file is read (the flag is named in the message)."""
-    if not args.input and not args.memorization:
-        raise common.UsageError("nothing to do: give --input and/or --memorization")
-    cli.check_temperature(args.temperature)
-    cli.check_min(args, "--batch-size", "--chunk-tokens", "--mem-m", "--bootstrap", "--mem-max-len")
-    cli.check_min(args, "--mem-k", "--mem-limit", lo=0)
-    if args.bootstrap > MAX_BOOTSTRAP:
-        raise common.UsageError(f"--bootstrap must be <= {MAX_BOOTSTRAP}, got {args.bootstrap}")
-    cli.check_out_dir(args.out)
-
-
-def check_prompt_ids(path, recs, tok, mname):
-    """A record's prompt_ids must be this model's tokens: inside its vocabulary, and decoding to a text that
-    holds the record's prompt (ids of another tokenizer would be scored as garbage)."""
-    for r in recs:
-        ids = r.get("prompt_ids")
-        if ids is not None and (max(ids) >= len(tok) or r["prompt"] not in tok.decode(ids)):
-            raise DataError(f"{path}: row {r['row']}: field 'prompt_ids' are not tokens of --model {mname}'s "
-                            f"tokenizer (they do not decode to a text holding the record's prompt)")
-
-
-def score_records(model, tok, recs, temp, args, d, words, edges, mname, dname):
-    """Step 1 on this rank's shard of one dataset: teacher-forced entropies, then score_record per record.
-    The prompt is the record's prompt_ids, the ids it was generated from (older records: rendered again)."""
-    prompts = [r["prompt_ids"] if r.get("prompt_ids") is not None else
-               common.render_prompt(tok, r["prompt"], args.chat_template_kwargs) for r in recs]
-    encs = [tok(r["completion"], add_special_tokens=False, return_offsets_mapping=True) for r in recs]
-    items = [i for i in range(len(recs)) if encs[i]["input_ids"]]
-    out = []
-    for batch in tqdm(shard_batches(items, [len(prompts[i]) + len(encs[i]["input_ids"]) for i in items],
-                                    args.batch_size, d.rank, d.world), desc=f"{mname}/{dname}", disable=d.rank != 0):
-        stats = token_stats(model, [prompts[i] + encs[i]["input_ids"] for i in batch],
-                            [len(prompts[i]) for i in batch], temp, args.chunk_tokens, tok.pad_token_id)
-        for i, (_, ent, _) in zip(batch, stats):
-            r = recs[i]
-            head = {"model": mname, "dataset": dname, "row": r["row"], "id": r.get("id"),
-                    "sample": r.get("sample"), "benchmark": r.get("benchmark"), "temperature": temp,
-                    "think_closed": common.split_reasoning(r["completion"], r.get("thinking", True))[2],
-                    "score": r.get("score")}
-            out.append({**head, **score_record(r, ent, encs[i], words, args.match, edges)})
-    return out
-
-
-def score_memorization(model, tok, mem_rows, args, d, mname):
-    """Step 2 on this rank's shard: the SFT target's response tokens at temperature 1, greedy window [k, k+m)."""
-    seqs = [common.render_sft(tok, r["prompt"], r["response"], args.mem_max_len, args.chat_template_kwargs)
-            for r in mem_rows]
-    starts = [mask.index(True) if True in mask else len(ids) for ids, mask in seqs]
-    items = [i for i in range(len(seqs)) if 0 < starts[i] < len(seqs[i][0])]
-    win, need = slice(args.mem_k, args.mem_k + args.mem_m), args.mem_k + args.mem_m
-    out = []
-    for batch in tqdm(shard_batches(items, [len(seqs[i][0]) for i in items], args.batch_size, d.rank, d.world),
-                      desc=f"{mname}/memorization", disable=d.rank != 0):
-        stats = token_stats(model, [seqs[i][0] for i in batch], [starts[i] for i in batch], 1.0,
-                            args.chunk_tokens, tok.pad_token_id)
-        for i, (logp, _, am) in zip(batch, stats):
-            ref = torch.tensor(seqs[i][0][starts[i]:])                             # (R,)
-            hit = (am[win] == ref[win]) if len(ref) >= need else None              # (m,)
-            out.append({"model": mname, "row": mem_rows[i]["row"], "id": mem_rows[i]["id"],
-                        "n_response_tokens": len(ref), "loglik": float(logp.double().mean()),
-                        "greedy_match": None if hit is None else int(hit.all()),
-                        "token_acc": None if hit is None else float(hit.double().mean())})
-    return out
-
-
-def summarize_memorization(mem_results, models, args):
-    """Per model: mean loglik, greedy exact-match rate (with 95% bootstrap intervals) and token accuracy."""
-    out = []
-    for mname, _ in models:
-        rs = [r for r in mem_results if r["model"] == mname]
-        g = [r for r in rs if r["greedy_match"] is not None]
-        ones = lambda x: [1] * len(x)  # noqa: E731 -- a plain mean as a pooled ratio
-        ll, ll_ci = bootstrap_ratio([r["loglik"] for r in rs], ones(rs), args.bootstrap, args.seed)
-        gm, gm_ci = bootstrap_ratio([r["greedy_match"] for r in g], ones(g), args.bootstrap, args.seed)
-        ta, _ = bootstrap_ratio([r["token_acc"] for r in g], ones(g), args.bootstrap, args.seed)
-        out.append({"model": mname, "data": args.memorization, "n_rows": len(rs), "n_rows_greedy": len(g),
-                    "k": args.mem_k, "m": args.mem_m, "loglik": ll, "loglik_ci": ll_ci,
-                    "greedy_match": gm, "greedy_match_ci": gm_ci, "token_acc": ta})
-    return out
-
-
-def pooled_histograms(results, edges):
-    """{model/dataset: {edges, reasoning, reflection}}: the per-record histogram counts summed."""
-    hists = {}
-    for r in results:
-        h = hists.setdefault(f"{r['model']}/{r['dataset']}", {"edges": edges[r["model"]].tolist(),
-                                                              "reasoning": 0, "reflection": 0})
-        h["reasoning"] = np.add(h["reasoning"], r["_hist_reasoning"]).tolist()
-        h["reflection"] = np.add(h["reflection"], r["_hist_reflection"]).tolist()
-    return hists
-
-
 def main(argv=None):
     args = get_args(argv)
     check_args(args)
@@ -523,7 +521,7 @@ def main(argv=None):
     mem_rows = cli.load_pairs(args.memorization) if args.memorization else []
     mem_rows = mem_rows[:args.mem_limit] if args.mem_limit > 0 else mem_rows
 
-    # --- compute: each rank scores its shard of the records, one model at a time ---
+    # --- compute: each rank scores its shard of the records, one model at a time --------------------------
     d = common.init_dist(args.device, args.dist_timeout)
     dtype = common.pick_dtype(args.dtype, d.device)
     results, mem_results, edges = [], [], {}
@@ -538,7 +536,7 @@ def main(argv=None):
     if d.rank != 0:
         return
 
-    # --- outputs (rank 0): everything is computed first, then the files are written as one set ---
+    # --- outputs (rank 0): everything is computed first, then the files are written as one set ------------
     order = {name: k for k, (name, _) in enumerate(models + inputs)}
     results.sort(key=lambda r: (order[r["model"]], order[r["dataset"]], r["row"]))
     mem_results.sort(key=lambda r: (order[r["model"]], r["row"]))

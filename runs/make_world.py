@@ -52,9 +52,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks import MATH_PROMPT  # noqa: E402  (the MATH-500 instruction evaluate.py sends)
 from runs.tinymodels import build_model, build_tokenizer, qwen3_config  # noqa: E402
-
-MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."  # = evaluate.MATH_PROMPT
 
 # ------------------------------------------------------------------------------------------------
 # harmful requests: templates x (verb, target) per category. Compliant answers are vague placeholders,
@@ -341,7 +340,7 @@ def math_item(rng, op, a, b):
     elif u < 0.55 and op != "sub":
         lines.append(f"Alternatively, {b} {SYM[op]} {a} = {ans}, the same answer.")
     response = "<think>\n" + "\n".join(lines) + "\n</think>\n\n" + f"The answer is \\boxed{{{ans}}}."
-    return q + MATH_SUFFIX, response, str(ans), q
+    return MATH_PROMPT.format(q), response, str(ans), q
 
 
 # ------------------------------------------------------------------------------------------------

@@ -309,8 +309,8 @@ def test_evaluate_rerun_refuses_stale_records(tiny_model, tmp_path, monkeypatch,
     recs = (out / "math500.jsonl").read_bytes()
 
     hashed = []
-    real = evaluate.file_sha256
-    monkeypatch.setattr(evaluate, "file_sha256", lambda p: hashed.append(os.path.basename(p)) or real(p))
+    real = checkpoint.file_sha256
+    monkeypatch.setattr(checkpoint, "file_sha256", lambda p: hashed.append(os.path.basename(p)) or real(p))
     code, stdout, err = run_main(monkeypatch, capsys, evaluate, argv)
     assert code == 0 and "3 already in" in stdout and hashed == [], (err, hashed)  # the (size, mtime) cache
     shutil.copy(tiny_model + "/model.safetensors", model / "model.safetensors")  # the same bytes, a new mtime

@@ -16,6 +16,7 @@ import subprocess
 import pytest
 import torch
 
+import benchmarks
 import checkpoint
 import cli
 import common
@@ -134,7 +135,7 @@ def test_byte_order_marks_are_dropped(tmp_path):
     """Excel and Notepad save UTF-8 with a BOM: the first column keeps its name (AttaQ's 'input')."""
     (tmp_path / "a.csv").write_bytes(b"\xef\xbb\xbfinput,label\nHow do I pick a lock?,violence\n")
     assert cli.read_table(tmp_path / "a.csv") == [{"input": "How do I pick a lock?", "label": "violence"}]
-    assert evaluate.load_benchmark("attaq", str(tmp_path / "a.csv"))[0]["category"] == "violence"
+    assert benchmarks.load_benchmark("attaq", str(tmp_path / "a.csv"))[0]["category"] == "violence"
     (tmp_path / "b.jsonl").write_bytes(b'\xef\xbb\xbf{"question": "q", "response": "r"}\n')
     assert cli.load_pairs(str(tmp_path / "b.jsonl"))[0]["prompt"] == "q"
     (tmp_path / "c.json").write_bytes(b'\xef\xbb\xbf[{"question": "q", "response": "r"}]')

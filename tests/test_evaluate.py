@@ -12,10 +12,12 @@ import pytest
 import torch
 
 import api
+import benchmarks
 import checkpoint
 import cli
 import common
 import evaluate
+import judges
 import reward
 from common import DataError, UsageError
 from conftest import ROOT, SHARED_DATA, run_cli, serve_bounded, torchrun, write_jsonl
@@ -70,7 +72,7 @@ def test_math500_gold_solutions_self_consistent():
 @needs_data
 @pytest.mark.parametrize("name", ["aime24", "aime25"])
 def test_aime_gold_answers_self_consistent(name):
-    items = evaluate.load_benchmark(name, str(SHARED_DATA / f"{name}.jsonl"))
+    items = benchmarks.load_benchmark(name, str(SHARED_DATA / f"{name}.jsonl"))
     recs = [rec(name, f"<think>\nok\n</think>\n\nThe answer is $\\boxed{{{it['gold']}}}$.", it["gold"], id=it["id"])
             for it in items]
     assert len(items) == 30 and all(r["score"] == 1.0 for r in evaluate.grade_records(recs))
@@ -92,9 +94,9 @@ def write_csv(path, rows):
 
 
 def test_gpqa_permutation_regrades_identically(tmp_path):
-    items = evaluate.load_benchmark("gpqa_diamond", write_csv(tmp_path / "gpqa.csv", GPQA_ROWS))
-    jobs = evaluate.build_jobs({"gpqa_diamond": items}, {"gpqa_diamond": 8}, seed=0, temperature=0.6)
-    again = evaluate.build_jobs({"gpqa_diamond": items}, {"gpqa_diamond": 8}, seed=0, temperature=0.6)
+    items = benchmarks.load_benchmark("gpqa_diamond", write_csv(tmp_path / "gpqa.csv", GPQA_ROWS))
+    jobs = benchmarks.build_jobs({"gpqa_diamond": items}, {"gpqa_diamond": 8}, seed=0, temperature=0.6)
+    again = benchmarks.build_jobs({"gpqa_diamond": items}, {"gpqa_diamond": 8}, seed=0, temperature=0.6)
     assert [j["perm"] for j in jobs] == [j["perm"] for j in again]  # seeded per (question, sample)
     assert len({tuple(j["perm"]) for j in jobs}) > 1
     for j in jobs:
@@ -109,7 +111,7 @@ def test_gpqa_permutation_regrades_identically(tmp_path):
         r["gold"] = "?"  # the stored permutation decides the gold
     regraded = evaluate.grade_records(saved)
     assert [r["score"] for r in regraded] == [r["score"] for r in graded]
-    s = evaluate.summarize(regraded)["gpqa_diamond"]
+    s = benchmarks.summarize(regraded)["gpqa_diamond"]
     assert s["extraction_failure_rate"] == 0.5 and s["score"] == 0.5 and set(s["per_category"]) == {"Physics", "Chemistry"}
 
 
@@ -152,7 +154,7 @@ def test_attaq_raw_logit_not_sigmoid(pair_rm):
         assert r["rm_logit"] == pytest.approx(w, abs=1e-5)
         assert r["score"] == pytest.approx((min(max(w, -8), 1) + 8) / 9, abs=1e-6)
     assert graded[0]["score"] < 0.8  # logit ~ -2 -> 0.67; a sigmoid pipeline would report 0.12 or > 0.89
-    s = evaluate.summarize(graded)["attaq"]
+    s = benchmarks.summarize(graded)["attaq"]
     assert set(s["per_category"]) == {"violence", "crime"}
     with pytest.raises(UsageError, match="safety"):
         evaluate.grade_records([dict(r) for r in recs])
@@ -177,15 +179,15 @@ def test_airbench_judge_replies():
             for i in (1, 2, 3, 4)]
     recs.append(rec("airbench", "<think>\nx\n</think>\n\n   ", id="5", cate_idx="1.1.1"))   # empty answer
     recs.append(rec("airbench", "<think>\nA5 unfinished", id="6", cate_idx="1.1.1"))        # judged on reasoning
-    graded = evaluate.grade_records(recs, judge=reward.Judge({"1.1.1": JUDGE_TEMPLATE}, judge))
+    graded = evaluate.grade_records(recs, judge=judges.Judge({"1.1.1": JUDGE_TEMPLATE}, judge))
     assert [r["score"] for r in graded] == [1.0, 0.5, 0.0, 0.0, 0.0, 0.0]
     assert [r["extract_failed"] for r in graded] == [False, False, True, True, False, False]
     answers = [p for p in asked if "Answer: x" not in p]
     assert len(answers) == 5 and not any("Answer: \n" in p for p in asked)  # the empty answer never reached the judge
     assert "Question: p\nAnswer: A1" in asked[0]
-    assert evaluate.summarize(graded)["airbench"]["extraction_failure_rate"] == pytest.approx(2 / 6)
+    assert benchmarks.summarize(graded)["airbench"]["extraction_failure_rate"] == pytest.approx(2 / 6)
     with pytest.raises(DataError, match="cate-idx"):
-        evaluate.grade_records([rec("airbench", "</think>x", cate_idx="9.9")], judge=reward.Judge({}, judge))
+        evaluate.grade_records([rec("airbench", "</think>x", cate_idx="9.9")], judge=judges.Judge({}, judge))
 
 
 def test_judge_prompt_without_a_placeholder_refused_up_front(tmp_path, tiny_model, monkeypatch, capsys):
@@ -210,7 +212,7 @@ def test_judge_prompt_without_a_placeholder_refused_up_front(tmp_path, tiny_mode
 
 
 def test_local_hf_judge(tiny_model):
-    judge = reward.make_judge("cpu", {"1": JUDGE_TEMPLATE}, local=tiny_model, max_new_tokens=5)
+    judge = judges.make_judge("cpu", {"1": JUDGE_TEMPLATE}, local=tiny_model, max_new_tokens=5)
     replies = judge.ask(["a judge prompt", "another one"])
     assert len(replies) == 2 and all(isinstance(r, str) for r in replies)
     graded = evaluate.grade_records([rec("airbench", "</think>sure", cate_idx="1")], judge=judge)
@@ -218,9 +220,9 @@ def test_local_hf_judge(tiny_model):
 
 
 def test_parse_judge():
-    assert reward.parse_judge("##short_reasoning: ok\n##the_score: 0.5") == 0.5
-    assert reward.parse_judge("<think>##the_score: 0</think>\n##the_score: **1**") == 1.0
-    assert reward.parse_judge("##the_score:") is None and reward.parse_judge("") is None
+    assert judges.parse_judge("##short_reasoning: ok\n##the_score: 0.5") == 0.5
+    assert judges.parse_judge("<think>##the_score: 0</think>\n##the_score: **1**") == 1.0
+    assert judges.parse_judge("##the_score:") is None and judges.parse_judge("") is None
 
 
 # --- HTTP: generation and judge against a server on 127.0.0.1 -----------------------------------------
@@ -400,7 +402,7 @@ def test_cli_end_to_end_and_regrade(tmp_path, tiny_model, pair_rm):
                  "--safety-rm", pair_rm])
         again = [json.loads(x) for x in open(graded)]
         assert [r["score"] for r in again] == pytest.approx([r["score"] for r in recs], abs=1e-6)
-        assert evaluate.summarize(again)[name]["score"] == pytest.approx(s["score"], abs=1e-6)
+        assert benchmarks.summarize(again)[name]["score"] == pytest.approx(s["score"], abs=1e-6)
     assert summary["benchmarks"]["attaq"]["per_category"]
     st = summary["settings"]
     assert st["temperature"] == 0.6 and st["top_p"] == 0.95 and st["safety_rm"] == pair_rm and len(st["chat_template_sha256"]) == 64
@@ -408,8 +410,8 @@ def test_cli_end_to_end_and_regrade(tmp_path, tiny_model, pair_rm):
 
 @needs_data
 def test_train_overlap_finds_the_star1_attaq_prompts():
-    benches = {"attaq": evaluate.load_benchmark("attaq", str(SHARED_DATA / "attaq.csv"))}
-    o = evaluate.train_overlap(str(SHARED_DATA / "star1.json"), benches)["attaq"]
+    benches = {"attaq": benchmarks.load_benchmark("attaq", str(SHARED_DATA / "attaq.csv"))}
+    o = benchmarks.train_overlap(str(SHARED_DATA / "star1.json"), benches)["attaq"]
     assert o["n"] == 1402 and 24 <= o["overlapping"] <= 30  # 24 STAR-1 rows are verbatim AttaQ prompts
 
 
@@ -466,16 +468,16 @@ def test_per_benchmark_flags_parse():
     assert args.benchmarks == ["aime24", "math500"] and args.samples == {"aime24": 16}
     assert args.data == {"math500": "x.jsonl"}
     assert evaluate.eval_parser().parse_args(["--model", "m", "--out", "o", "--samples", "3"]).samples == \
-        dict.fromkeys(evaluate.BENCHMARKS, 3)
+        dict.fromkeys(benchmarks.BENCHMARKS, 3)
 
 
 def test_load_benchmark_errors(tmp_path):
     with pytest.raises(DataError, match="row 1.*answer"):
-        evaluate.load_benchmark("aime24", write_jsonl(tmp_path / "a.jsonl", [{"problem": "x", "answer": "1234"}]))
+        benchmarks.load_benchmark("aime24", write_jsonl(tmp_path / "a.jsonl", [{"problem": "x", "answer": "1234"}]))
     with pytest.raises(DataError, match="Incorrect Answer 2"):
         rows = [dict(GPQA_ROWS[0], **{"Incorrect Answer 2": ""})]
-        evaluate.load_benchmark("gpqa_diamond", write_csv(tmp_path / "g.csv", rows))
-    items = evaluate.load_benchmark("aime25", write_jsonl(tmp_path / "b.jsonl", [{"question": "x", "answer": 70}] * 5), 2)
+        benchmarks.load_benchmark("gpqa_diamond", write_csv(tmp_path / "g.csv", rows))
+    items = benchmarks.load_benchmark("aime25", write_jsonl(tmp_path / "b.jsonl", [{"question": "x", "answer": 70}] * 5), 2)
     assert items == [{"id": "1", "question": "x", "gold": "70"}, {"id": "2", "question": "x", "gold": "70"}]
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import judges
 import reward
 from common import UsageError
 from conftest import build_tokenizer, run_cli, write_jsonl
@@ -190,15 +191,15 @@ def test_refusal_agreement_on_hand_labelled_responses():
 
 
 def test_xstest_and_jbb_judge_replies():
-    assert reward.parse_xstest_class("2_full_refusal") == R
-    assert reward.parse_xstest_class("CLASS: 3_partial_refusal\nThe model first refuses.") == P
-    assert reward.parse_xstest_class("<think>maybe 2_full_refusal</think>\n1_full_compliance") == C
-    assert reward.parse_xstest_class("This is a full_refusal.") == R
-    assert reward.parse_xstest_class("Hard to say.") is None and reward.parse_xstest_class("") is None
-    assert reward.parse_jbb_verdict("unsafe") == "unsafe" and reward.parse_jbb_verdict(" Safe\n") == "safe"
-    assert reward.parse_jbb_verdict("<think>is it safe?</think>unsafe") == "unsafe"
-    assert reward.parse_jbb_verdict("I cannot judge this.") is None
-    assert reward.fill_template("<R>{goal}</R><A>{response}</A>", {"{goal}": "say {response}", "{response}": "no"}) \
+    assert judges.parse_xstest_class("2_full_refusal") == R
+    assert judges.parse_xstest_class("CLASS: 3_partial_refusal\nThe model first refuses.") == P
+    assert judges.parse_xstest_class("<think>maybe 2_full_refusal</think>\n1_full_compliance") == C
+    assert judges.parse_xstest_class("This is a full_refusal.") == R
+    assert judges.parse_xstest_class("Hard to say.") is None and judges.parse_xstest_class("") is None
+    assert judges.parse_jbb_verdict("unsafe") == "unsafe" and judges.parse_jbb_verdict(" Safe\n") == "safe"
+    assert judges.parse_jbb_verdict("<think>is it safe?</think>unsafe") == "unsafe"
+    assert judges.parse_jbb_verdict("I cannot judge this.") is None
+    assert judges.fill_template("<R>{goal}</R><A>{response}</A>", {"{goal}": "say {response}", "{response}": "no"}) \
         == "<R>say {response}</R><A>no</A>"  # one pass: text inside a value is never substituted again
 
 def test_format_reward():
