@@ -13,7 +13,7 @@ top-p nucleus of the ids below vocab_size), so logp[t] - log_kept[t] is the log-
 distribution actually sampled (log_kept is exactly 0 when nothing is cut). temperature 0 is greedy
 (logp is then log softmax(z_t)[y_t], log_kept 0).
 
-How it is fast (docs/design.md §1, issue 10). One decode step reads every weight once and the KV cache
+How it is fast (docs/design.md §1). One decode step reads every weight once and the KV cache
 of every live row, so a decode step is memory-bound: the engine spends its bytes on those reads only.
   1. Weights without collectives. Under FSDP2, `generation_view(policy)` all-gathers every layer ONCE
      (FSDPModule.unshard) and decodes through a plain module whose parameters ARE those unsharded bf16
@@ -32,44 +32,15 @@ of every live row, so a decode step is memory-bound: the engine spends its bytes
      free slots; when none wait, live rows are compacted into the next smaller batch bucket.
   5. Sampling is a pure function of (seed, row id, token index) and the logits: one uniform
      u = hash(seed, row, t) per row and step (53 bits from two 32-bit integer hashes computed on the
-     device) picks the token by inverse CDF over float64 running sums of the kept probabilities. So
+     device; sampler.py) picks the token by inverse CDF over float64 running sums of the kept probabilities. So
      the tokens do not depend on the batch a row shares, its slot, compaction, the bucket, CUDA graphs
      or the number of ranks: rl.py passes each sample's global index as its row id, and a rollout on 8
      ranks samples what one rank would (up to the logits' own floating-point differences between batch
      shapes). No .item(), no data-dependent shape, no host tensor: the step stays capturable.
 On the CPU the same code runs without graphs, so the tests exercise the real logic.
 
-The sampler draws the distribution it claims, to 3e-12 in total variation. Measured by exact
-enumeration (drawn_probabilities: which token each of the 2^53 uniforms selects, bisected per CDF
-position) on 152,064-token rows of logits 2·N(0, 1) (entropy 9.9 nats) and 3·N(0, 1), at top-p 1 and
-0.95 (`python bench/bench_sampler.py`): TV 3.2e-12, 1.3e-12, 3.2e-12, 3.1e-13, and every token of
-nonzero probability is drawn by some uniform (any token whose probability exceeds about 2^-52 is; the
-tokens below carry less than V·2^-52 = 3e-11 of mass in all). A float32 CDF with one 24-bit uniform per
-step drew the same rows 1.5e-3, 7.7e-4, 1.3e-3, 1.9e-4 away, and at top-p 1 left 6,699 (σ = 2) and
-53,905 (σ = 3) tokens, 1.4e-4 and 5.0e-4 of the mass, to no uniform at all.
-Cost per token (one row, one step) on one CPU core, same script, fastest of 10-20 calls on 8 rows, over
-five runs on a 2-core machine shared with other jobs: at top-p 1 the float32 CDF 0.49-1.33 ms, the
-float64 CDF 0.60-1.14 ms (no faster or slower beyond the noise: twice the bytes per logit, but its
-log-prob comes out of the same buffer, with no log-softmax pass); at top-p 0.95 12.6-31 ms and
-17-40 ms, both dominated by the sort. On a GPU, on paper (memory-bound; bytes moved per logit in eager
-PyTorch): the float64 CDF ~75-90 B (to float64, divide, max, subtract and exp in place, sum, cumsum),
-the float32 CDF ~40 B: at 64 rows x 152k, ~0.26 ms vs ~0.12 ms per decode step on an H100 (3.35 TB/s),
-beside ~4.5 ms for reading a 7B model's bf16 weights once; top-p adds the sort to both.
-The other exact candidate, an exponential race (Gumbel-max: argmin_v E_v / π(v), E_v = -log u_v with a
-hashed 53-bit uniform per (row, t, token)), needs no sort and no running sum at top-p 1 but hashes V
-numbers per row and step: 5.2-13.9 ms per token on the CPU (same runs); unfused on a GPU, ~60 elementwise
-int64 / float64 ops x 16 B per logit (~10 GB, ~3 ms per step at 64 x 152k, the size of the decode step
-itself) unless written as one fused kernel. Its distribution cannot be enumerated (2^(53 V) joint
-uniforms), and top-p needs the sort anyway. So: the float64 CDF.
-
-Embedding rows past the tokenizer are never sampled. Real checkpoints pad the lm_head (R1-Distill-Qwen-7B
-152,064 rows for 151,665 tokens; Qwen3 151,936 for 151,669): an id there decodes to nothing, so the
-reward model, the graders and entropy.py would see a text without it while rl.py trains on its id.
-Counting and warning would leave that mismatch in the data; masking costs only the mass a trained model
-puts on rows it never saw as targets. So generate(vocab_size=len(tok)) zeroes those rows before
-top-p, and the one distribution stays stated: π_old (rl.py's recomputation) is softmax(z / τ) over
-every row, the draw is from π_old restricted to K (the nucleus of the valid ids) and renormalised, and
-log_kept = log C measures the difference (rl.py logs its mean as kept_gap next to sampler_gap).
+The sampler (sampler.py) draws exactly the distribution it states; embedding rows past the tokenizer
+(generate(vocab_size=len(tok))) are never sampled.
 
 The decode forward is written out here (`Decoder.layer`) for the Llama-family decoders that rl.py
 trains: Llama, Qwen2, Qwen3, Mistral (full attention). It calls the model's own modules (projections,
@@ -80,10 +51,8 @@ backend logged once per process). Every other architecture (hybrid Mamba models 
 GraniteMoeHybrid, sliding-window or soft-capped models, remote code) takes the simple path, with one
 logged line: the model's own forward and cache, static batches, the same sampler and stop checks.
 
-Attention route: a direct decode forward, not transformers' attention-function registry. Measured
-(CPU, 28 layers = Qwen2.5-1.5B's depth at a tiny width, `TorchDispatchMode` op count per decode step):
-transformers' forward with its DynamicCache 2,039 ops, with its StaticCache 2,256, our direct step
-2,309 (sampling and bookkeeping included). Launch counts are alike, and under CUDA graphs they stop
+Attention route: a direct decode forward, not transformers' attention-function registry. The op counts
+of a decode step are alike (bench/audit_step.py counts them); under CUDA graphs launches stop
 mattering; the choice rests on what the rest costs. A registry attention function still runs inside
 transformers' forward and cache, whose StaticCache keeps ONE cache position for the whole batch:
 rows must share a left-padded layout, so a finished row can neither be refilled nor compacted away,
@@ -91,9 +60,7 @@ and attention spans the whole preallocated buffer. The direct step owns the cach
 positions, rows left-aligned), reads only Lb columns, and is plain tensor code on static buffers
 that a CUDA graph captures without torch.compile (bench/audit_step.py checks, in CI, that the step
 dispatches no host sync, no data-dependent size and no host tensor, and the same ops at every step of
-a bucket). The GPU throughput of both routes is still to
-be measured (bench/bench_rollout.py prints `generate` with a static cache + compile beside the
-engine; docs/perf.md).
+a bucket); bench/bench_rollout.py times `generate` with a static cache + compile beside the engine.
 
 Another backend (vLLM, SGLang) plugs in behind the same function: it receives the prompts as token ids
 and must return, per prompt, the completion ids (stop token included), per-token log-probs of the
@@ -112,124 +79,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import sampler
 
 # Batch buckets (×1.5 steps: at most 1.5× wasted rows between compactions) and the default length bucket.
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 LEN_BUCKET = 256
 DIRECT_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 last_call = {}  # the last direct-path generate(): rows, capacity, graphs captured, capture seconds (bench/)
-
-
-# ------------------------------------------------------------------------------------------------
-# Sampling: inverse CDF in float64 with one hashed 53-bit uniform per (seed, row, t)
-
-_M32 = 0xFFFFFFFF
-
-
-def _mul32(x, c):
-    """(x * c) mod 2^32 for int64 x in [0, 2^32), without int64 overflow (split c into 16-bit halves)."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
-
-
-def _mix32(x):
-    """A 32-bit integer hash (Wellons' lowbias32) on int64 tensors holding values < 2^32."""
-    x = x & _M32
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def uniforms(seed, row, t):
-    """(B,) float64 u = k / 2^53 in [0, 1), k a 53-bit integer built from two 32-bit hashes of (seed, row, t)
-    that take the three in different orders (neither half is a function of the other). seed (1,), row, t (B,)
-    int64."""
-    hi = _mix32(_mix32(_mix32(seed) ^ row) ^ t)
-    lo = _mix32(_mix32(_mix32(seed ^ 0x5BD1E995) ^ t) ^ row)
-    return ((hi << 21) | (lo >> 11)).double() / float(1 << 53)
-
-
-def kept_weights(z, temperature, top_p, vocab=None):
-    """The distribution the sampler draws from, as float64 weights in the order its CDF runs.
-
-    z (B, V) logits -> (w, order, log_total): w (B, V) = exp(z/τ - max z/τ) on the tokens that may be
-    drawn and 0 on the rest; order (B, V) the token id at each position (None: the positions are the ids);
-    log_total (B,) = log Σ_v exp(z_v/τ - max z/τ) over all V ids, so that log π(v) = log w_v - log_total
-    for a kept token, π = softmax(z / τ).
-    May be drawn: an id below `vocab` (the tokenizer's size; embedding rows past it have no token) inside
-    the top-p nucleus of those ids: ranked by probability, a token is kept while the mass ranked above it is
-    below top_p times the mass of the valid ids. Equal logits are ranked as transformers'
-    TopPLogitsWarper and vLLM rank them (an ascending stable sort, read from the top: the higher id first),
-    so a tie on the boundary keeps the same members as theirs (up to their float32 rounding of the sums)."""
-    V = z.shape[-1]
-    order = None
-    if top_p < 1.0:
-        z, order = z.flip(-1).sort(dim=-1, descending=True, stable=True)  # (B, V) likeliest first; ties: higher id
-        order = (V - 1) - order
-    w = z.double()  # (B, V), one float64 buffer, updated in place
-    if temperature != 1.0:
-        w.div_(temperature)
-    w.sub_(w.max(-1, keepdim=True).values).exp_()  # (B, V) exp(z/τ - max z/τ)
-    log_total = w.sum(-1).log()  # (B,)
-    if vocab is not None and vocab < V:
-        if order is None:
-            w[:, vocab:].zero_()  # (in place, no tensor made from Python data: capture-safe)
-        else:
-            w.mul_(order < vocab)
-    if order is None:
-        return w, None, log_total
-    c = w.cumsum(-1)  # (B, V)
-    above = torch.cat([torch.zeros_like(c[:, :1]), c[:, :-1]], -1)  # (B, V) the mass ranked above each token
-    return w.mul_(above < top_p * c[:, -1:]), order, log_total
-
-
-def invert_cdf(c, u):
-    """c (B, V) float64 running sums of the kept weights, u (B, Q) in [0, 1) -> (B, Q) the position j with
-    c[j-1] <= u·c[-1] < c[j]: position j is drawn with probability (c[j] - c[j-1]) / c[-1], up to the
-    rounding of c and of the product and the 2^-53 grid of u."""
-    return torch.searchsorted(c, u * c[:, -1:], right=True).clamp(max=c.shape[-1] - 1)
-
-
-def drawn_probabilities(z, temperature, top_p, vocab=None):
-    """z (1, V) -> (V,) float64: the exact probability that sample_next draws each token when u runs over
-    its grid k / 2^53 (no sampling: for each CDF position j, first[j] = the smallest k that invert_cdf sends
-    to a position >= j, a monotone function of k, bisected for every j at once; position j gets
-    first[j + 1] - first[j] of the 2^53 uniforms). tests/test_engine.py and bench/bench_sampler.py measure
-    the sampler's total variation with it."""
-    w, order, _ = kept_weights(z, temperature, top_p, vocab)
-    c = w.cumsum(-1)  # (1, V), as sample_next builds it
-    V = c.shape[-1]
-    j = torch.arange(V + 1, device=z.device)
-    lo, hi = torch.zeros_like(j), torch.full_like(j, 1 << 53)
-    while bool((lo < hi).any()):
-        mid = (lo + hi) // 2
-        up = invert_cdf(c, (mid.double() / float(1 << 53))[None, :])[0] >= j  # (V + 1,) uniform `mid` at or past j
-        lo, hi = torch.where(up | (lo == hi), lo, mid + 1), torch.where(up, mid, hi)
-    p = (lo[1:] - lo[:-1]).double() / float(1 << 53)  # (V,) per CDF position
-    return p if order is None else torch.zeros_like(p).scatter_(0, order[0], p)
-
-
-def sample_next(z, temperature, top_p, seed, row, t, vocab=None):
-    """z (B, V) float32 logits -> (next token (B,), log π(token) (B,), log C (B,)), π = softmax(z / τ).
-
-    τ = 0: argmax over the ids below `vocab`, log C = 0. Otherwise the token whose CDF interval holds
-    u = uniforms(seed, row, t), over kept_weights: a draw from π restricted to the kept set K (the top-p
-    nucleus of the tokenizer's ids) and renormalised, π(y) / C with C = Σ_{v in K} π(v). The reported
-    log-prob is log π(y) over all V ids, before top-p and the vocabulary cut (what rl.py recomputes as
-    log π_old); log π(y) - log C is the log-prob under the distribution actually sampled. log C is exactly
-    0 when nothing is cut (top_p = 1 and no row past `vocab`)."""
-    if temperature == 0:
-        nxt = z[:, :vocab].argmax(-1)
-        return nxt, torch.log_softmax(z, -1).gather(-1, nxt[:, None]).squeeze(-1), torch.zeros_like(z[:, 0])
-    w, order, log_total = kept_weights(z, temperature, top_p, vocab)
-    c = w.cumsum(-1)  # (B, V) the CDF over the kept tokens, unnormalised
-    j = invert_cdf(c, uniforms(seed, row, t)[:, None])  # (B, 1) the drawn position
-    nxt = (j if order is None else order.gather(-1, j)).squeeze(-1)
-    logp = (w.gather(-1, j).squeeze(-1).log() - log_total).float()
-    cut = top_p < 1.0 or (vocab is not None and vocab < z.shape[-1])
-    log_kept = (c[:, -1].log() - log_total).clamp(max=0).float() if cut else torch.zeros_like(logp)
-    return nxt, logp, log_kept
 
 
 # ------------------------------------------------------------------------------------------------
@@ -423,7 +279,7 @@ class Decoder:
             x = self.layer(l, x, cos, sin, attend)
         z = self.logits(x[torch.arange(B, device=self.device), lens - 1])  # (B, V) at each prompt's last token
         rows = torch.tensor(row_ids, device=self.device)
-        nxt, logp, kept = sample_next(z, self.temperature, self.top_p, self.seed, rows, torch.zeros_like(rows),
+        nxt, logp, kept = sampler.sample_next(z, self.temperature, self.top_p, self.seed, rows, torch.zeros_like(rows),
                                       self.vocab)
         self.tok[slot_idx], self.lens[slot_idx], self.t[slot_idx], self.row[slot_idx] = nxt, lens, 1, rows
         return nxt.tolist(), logp.tolist(), kept.tolist()
@@ -445,7 +301,7 @@ class Decoder:
 
         for l in range(len(self.layers)):
             x = self.layer(l, x, cos, sin, attend)
-        nxt, logp, kept = sample_next(self.logits(x[:, -1]), self.temperature, self.top_p, self.seed,
+        nxt, logp, kept = sampler.sample_next(self.logits(x[:, -1]), self.temperature, self.top_p, self.seed,
                                       self.row[:Bb], self.t[:Bb], self.vocab)
         self.tok[:Bb] = nxt
         self.lens[:Bb] += 1
@@ -532,6 +388,73 @@ def _log_once(msg):
         print(f"engine: {msg}", file=sys.stderr, flush=True)
 
 
+def _cache_rows(hf, rows, capacity, kv_budget):
+    """The rows the static cache gets: `rows`, or on CUDA as many as fit into kv_budget of the free memory."""
+    dev = hf.model.embed_tokens.weight.device
+    if dev.type != "cuda":
+        return rows
+    cfg = hf.config
+    per_row = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * hf.model.layers[0].self_attn.head_dim \
+        * capacity * hf.model.embed_tokens.weight.element_size()
+    fit = int(free_memory(dev) * kv_budget // per_row)
+    if fit < rows:
+        _log_once(f"KV cache for {rows} rows x {capacity} tokens does not fit; decoding {max(fit, 1)} rows at a time")
+        rows = max(fit, 1)
+    return rows
+
+
+def _log_attention(dec, dev):
+    """The SDPA backend of the decode and prefill layouts, logged once per (device, dtype, head counts)."""
+    key = ("attention", dev.type, dec.dtype, dec.n_heads, dec.n_kv, dec.head_dim)
+    if key not in _logged:
+        _logged.add(key)
+        _log_once(f"attention on {dev.type} {dec.dtype}: {attention_route(*key[3:], dec.dtype, dev)}")
+
+
+class _Completions:
+    """The host side of one generate() call: each prompt's tokens, log-probs and log C as they arrive, and
+    its output dict once it hits a stop token or its limit."""
+
+    def __init__(self, n, max_new, stop_set, progress):
+        self.max_new, self.stop_set, self.progress = max_new, stop_set, progress
+        self.toks, self.logps, self.kepts = [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
+        self.out = [None] * n
+
+    def finish(self, i, fin):
+        self.out[i] = {"completion_ids": self.toks[i], "logp": self.logps[i], "log_kept": self.kepts[i],
+                       "finished": fin, "truncated": not fin and len(self.toks[i]) >= self.max_new[i]}
+        if self.progress is not None:
+            self.progress.update(1)
+
+    def take(self, i, tok_list, logp_list, kept_list):
+        """Append new tokens of prompt i up to its stop token or limit; True when it is done."""
+        for x, lp, kp in zip(tok_list, logp_list, kept_list):
+            self.toks[i].append(x)
+            self.logps[i].append(lp)
+            self.kepts[i].append(kp)
+            if x in self.stop_set:
+                self.finish(i, True)
+                return True
+            if len(self.toks[i]) >= self.max_new[i]:
+                self.finish(i, False)
+                return True
+        return False
+
+
+def _compact(dec, slot_row, occupied, Bb, target, capacity, len_bucket):
+    """Move the live rows of slots at or past `target` into free slots below it (K, V and state), when the
+    smallest bucket that holds them, `target`, is below the current one Bb; returns the batch bucket."""
+    if target >= Bb:
+        return Bb
+    src = [s for s in occupied if s >= target]
+    dst = [s for s in range(target) if slot_row[s] < 0][:len(src)]
+    Lb_all = min(capacity, math.ceil((int(dec.lens[:Bb].max()) + 1) / len_bucket) * len_bucket)
+    dec.move(src, dst, Lb_all)
+    for s_, d_ in zip(src, dst):
+        slot_row[d_], slot_row[s_] = slot_row[s_], -1
+    return target
+
+
 @torch.no_grad()
 def generate(model, prompts, *, max_new_tokens, stop_ids, pad_id, temperature=1.0, top_p=1.0, batch_size=64,
              seed=0, row_ids=None, progress=None, check_every=16, len_bucket=LEN_BUCKET, batch_buckets=BATCH_BUCKETS,
@@ -564,51 +487,18 @@ def generate(model, prompts, *, max_new_tokens, stop_ids, pad_id, temperature=1.
     k = check_every
     capacity = max(len(p) for p in prompts) + max(max_new) + k
     capacity = math.ceil(capacity / len_bucket) * len_bucket
-    rows = min(batch_size, n)
-    if dev.type == "cuda":  # fit the static cache into the free memory
-        cfg = hf.config
-        per_row = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * hf.model.layers[0].self_attn.head_dim \
-            * capacity * hf.model.embed_tokens.weight.element_size()
-        fit = int(free_memory(dev) * kv_budget // per_row)
-        if fit < rows:
-            _log_once(f"KV cache for {rows} rows x {capacity} tokens does not fit; decoding {max(fit, 1)} rows at a time")
-            rows = max(fit, 1)
+    rows = _cache_rows(hf, min(batch_size, n), capacity, kv_budget)
     dec = Decoder(hf, rows, capacity, temperature, top_p, seed, graphs, vocab_size)
-    key = ("attention", dev.type, dec.dtype, dec.n_heads, dec.n_kv, dec.head_dim)
-    if key not in _logged:
-        _logged.add(key)
-        _log_once(f"attention on {dev.type} {dec.dtype}: {attention_route(*key[3:], dec.dtype, dev)}")
+    _log_attention(dec, dev)
     hist_tok = torch.zeros(rows, k, dtype=torch.long, device=dev)
     hist_logp = torch.zeros(rows, k, dtype=torch.float32, device=dev)
     hist_kept = torch.zeros(rows, k, dtype=torch.float32, device=dev)
 
-    out = [None] * n
-    toks, logps, kepts = [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
+    done = _Completions(n, max_new, stop_set, progress)
     slot_row = [-1] * rows  # which prompt each slot decodes (-1: free)
     queue = list(range(n))
     refill_min = max(1, rows // 8)  # prefill waiting prompts in groups, not one by one
-
-    def finish(i, fin):
-        nn_ = len(toks[i])
-        out[i] = {"completion_ids": toks[i], "logp": logps[i], "log_kept": kepts[i], "finished": fin,
-                  "truncated": not fin and nn_ >= max_new[i]}
-        if progress is not None:
-            progress.update(1)
-
-    def take(i, tok_list, logp_list, kept_list):
-        """Append new tokens of prompt i up to its stop token or limit; True when it is done."""
-        for x, lp, kp in zip(tok_list, logp_list, kept_list):
-            toks[i].append(x)
-            logps[i].append(lp)
-            kepts[i].append(kp)
-            if x in stop_set:
-                finish(i, True)
-                return True
-            if len(toks[i]) >= max_new[i]:
-                finish(i, False)
-                return True
-        return False
-
+    buckets = [b for b in batch_buckets if b < rows] + [rows]
     while True:
         free = [s for s in range(rows) if slot_row[s] < 0]
         live = rows - len(free)
@@ -621,22 +511,14 @@ def generate(model, prompts, *, max_new_tokens, stop_ids, pad_id, temperature=1.
                 slots = free[j:j + len(grp)]
                 first, first_lp, first_kp = dec.prefill([prompts[i] for i in grp], slots, [row_ids[i] for i in grp])
                 for i, s, x, lp, kp in zip(grp, slots, first, first_lp, first_kp):
-                    slot_row[s] = -1 if take(i, [x], [lp], [kp]) else i
+                    slot_row[s] = -1 if done.take(i, [x], [lp], [kp]) else i
             continue
         if live == 0:
             break
         occupied = [s for s in range(rows) if slot_row[s] >= 0]
-        Bb = _bucket(occupied[-1] + 1, [b for b in batch_buckets if b < rows] + [rows])
+        Bb = _bucket(occupied[-1] + 1, buckets)
         if not queue:  # compaction: move live rows into the smallest bucket that holds them
-            target = _bucket(live, [b for b in batch_buckets if b < rows] + [rows])
-            if target < Bb:
-                src = [s for s in occupied if s >= target]
-                dst = [s for s in range(target) if slot_row[s] < 0][:len(src)]
-                Lb_all = min(capacity, math.ceil((int(dec.lens[:Bb].max()) + 1) / len_bucket) * len_bucket)
-                dec.move(src, dst, Lb_all)
-                for s_, d_ in zip(src, dst):
-                    slot_row[d_], slot_row[s_] = slot_row[s_], -1
-                Bb = target
+            Bb = _compact(dec, slot_row, occupied, Bb, _bucket(live, buckets), capacity, len_bucket)
         free_in = [s for s in range(Bb) if slot_row[s] < 0]
         if free_in:  # idle slots decode garbage from position 0, so they never outgrow the cache
             dec.lens[torch.tensor(free_in, device=dev)] = 0
@@ -647,10 +529,10 @@ def generate(model, prompts, *, max_new_tokens, stop_ids, pad_id, temperature=1.
         ht, hl, hk = (h[:Bb].tolist() for h in (hist_tok, hist_logp, hist_kept))  # the one host sync per k steps
         for s in range(Bb):
             i = slot_row[s]
-            if i >= 0 and take(i, ht[s], hl[s], hk[s]):
+            if i >= 0 and done.take(i, ht[s], hl[s], hk[s]):
                 slot_row[s] = -1
     last_call.update(rows=rows, capacity=capacity, graphs=len(dec.graphs or ()), capture_s=dec.capture_s)
-    return out
+    return done.out
 
 
 def _generate_simple(hf, prompts, max_new, stop_set, pad_id, temperature, top_p, batch_size, seed, row_ids,
@@ -679,7 +561,7 @@ def _generate_simple(hf, prompts, max_new, stop_set, pad_id, temperature, top_p,
             o = hf(input_ids=cur, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
                    logits_to_keep=1)
             cache = o.past_key_values
-            nxt, lp, kp = sample_next(o.logits[:, -1].float(), temperature, top_p, seed_t, rows,
+            nxt, lp, kp = sampler.sample_next(o.logits[:, -1].float(), temperature, top_p, seed_t, rows,
                                       torch.full_like(rows, t), vocab_size)
             toks.append(nxt)
             logps.append(lp)
