@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from common import (TOKENIZER_FILES, DataError, DiskFull, NonFiniteError, Policy, UsageError, all_reduce, barrier, broadcast_object,
-                    comm_device, gather_objects, is_dist, print0, rank)
+from common import (TOKENIZER_FILES, DataError, DiskFull, NonFiniteError, Policy, UsageError, all_reduce, barrier,
+                    broadcast_object, comm_device, gather_objects, is_dist, print0, rank)
 from files import fresh_dir, read_jsonl, remove, write_error, write_files, write_json, write_jsonl
 
 

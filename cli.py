@@ -449,7 +449,8 @@ class Logger:
             return
         rec = {"step": step, **{k: (float(v) if isinstance(v, (int, float, torch.Tensor)) else v)
                                for k, v in metrics.items()}}
-        line = " | ".join(f"{k} {_fmt(v)}" for k, v in rec.items() if k != "step" and (self.show is None or k in self.show))
+        line = " | ".join(f"{k} {_fmt(v)}" for k, v in rec.items()
+                          if k != "step" and (self.show is None or k in self.show))
         print(f"step {step}/{self.total} | {line}", flush=True)
         append_jsonl(os.path.join(self.out, "metrics.jsonl"), rec)
         if self.wandb is not None:

@@ -280,7 +280,7 @@ class Decoder:
         z = self.logits(x[torch.arange(B, device=self.device), lens - 1])  # (B, V) at each prompt's last token
         rows = torch.tensor(row_ids, device=self.device)
         nxt, logp, kept = sampler.sample_next(z, self.temperature, self.top_p, self.seed, rows, torch.zeros_like(rows),
-                                      self.vocab)
+                                              self.vocab)
         self.tok[slot_idx], self.lens[slot_idx], self.t[slot_idx], self.row[slot_idx] = nxt, lens, 1, rows
         return nxt.tolist(), logp.tolist(), kept.tolist()
 
@@ -302,7 +302,7 @@ class Decoder:
         for l in range(len(self.layers)):
             x = self.layer(l, x, cos, sin, attend)
         nxt, logp, kept = sampler.sample_next(self.logits(x[:, -1]), self.temperature, self.top_p, self.seed,
-                                      self.row[:Bb], self.t[:Bb], self.vocab)
+                                              self.row[:Bb], self.t[:Bb], self.vocab)
         self.tok[:Bb] = nxt
         self.lens[:Bb] += 1
         self.t[:Bb] += 1
@@ -562,7 +562,7 @@ def _generate_simple(hf, prompts, max_new, stop_set, pad_id, temperature, top_p,
                    logits_to_keep=1)
             cache = o.past_key_values
             nxt, lp, kp = sampler.sample_next(o.logits[:, -1].float(), temperature, top_p, seed_t, rows,
-                                      torch.full_like(rows, t), vocab_size)
+                                              torch.full_like(rows, t), vocab_size)
             toks.append(nxt)
             logps.append(lp)
             kepts.append(kp)

@@ -145,7 +145,8 @@ def grade_records(recs, rm=None, judge=None, templates=None, jbb_proxy="refusal"
     for r in recs:
         r["reasoning"], r["answer"], r["think_closed"] = common.split_reasoning(r["completion"],
                                                                                 r.get("thinking", True))
-    maths = [r for r in recs if r["benchmark"] in benchmarks.MATH or (r["benchmark"] == "rl" and isinstance(r.get("gold"), str))]
+    maths = [r for r in recs
+             if r["benchmark"] in benchmarks.MATH or (r["benchmark"] == "rl" and isinstance(r.get("gold"), str))]
     for r in tqdm(maths, desc="grade maths", disable=common.rank() != 0):
         ok, ext = reward.math_correct(r["answer"], r["gold"], integer=r["benchmark"] in ("aime24", "aime25")) \
             if r["think_closed"] else (False, None)
@@ -174,7 +175,8 @@ def grade_records(recs, rm=None, judge=None, templates=None, jbb_proxy="refusal"
             r.update(fields)
         benchmarks.grade_thinking(air, judge=judge)
     xs, jb = ([r for r in recs if r["benchmark"] == n] for n in ("xstest", "jbb"))
-    template = lambda name: ((templates or {}).get(name) or benchmarks.judge_template(name)) if judge else None  # noqa: E731
+    template = lambda name: (  # noqa: E731
+        (templates or {}).get(name) or benchmarks.judge_template(name)) if judge else None
     if xs:
         benchmarks.grade_xstest(xs, judge, template("xstest"))
     if jb:
@@ -229,7 +231,8 @@ def eval_parser():
                               formatter_class=cli.HelpFormatter)
     a = p.add_argument_group("run").add_argument
     a("--model", required=True, help="policy checkpoint (hub id or dir); with --api-url only its tokenizer is used")
-    a("--benchmarks", type=benchmark_list, default=",".join(benchmarks.PAPER), help=f"comma list of {', '.join(benchmarks.BENCHMARKS)}")
+    a("--benchmarks", type=benchmark_list, default=",".join(benchmarks.PAPER),
+      help=f"comma list of {', '.join(benchmarks.BENCHMARKS)}")
     a("--data", type=per_benchmark, default="", help="local files per benchmark, NAME=PATH[,NAME=PATH] (default: the hub "
       "ids); jbb=PATH[,PATH...] takes JailbreakBench artifact files or a folder of them (no hub default)")
     a("--out", required=True, help="output dir: NAME.jsonl per benchmark and summary.json")
@@ -285,7 +288,8 @@ def per_benchmark(spec, value=str):
         if not sep and value is str and list(out)[-1:] == ["jbb"]:
             k, v = "jbb", f"{out['jbb']},{part}"
         elif not sep or k not in benchmarks.BENCHMARKS:
-            raise argparse.ArgumentTypeError(f"expected NAME=VALUE with NAME in {', '.join(benchmarks.BENCHMARKS)}, got {part!r}")
+            raise argparse.ArgumentTypeError(f"expected NAME=VALUE with NAME in {', '.join(benchmarks.BENCHMARKS)}, "
+                                             f"got {part!r}")
         try:
             out[k] = value(v)
         except argparse.ArgumentTypeError as e:
@@ -328,7 +332,8 @@ def judge_templates(args, names):
     """xstest's and jbb's judge prompts, read and checked before any work when a judge will grade them."""
     if not (args.judge or args.judge_url):
         return {}
-    return {n: benchmarks.judge_template(n, getattr(args, f"{n}_judge_prompt")) for n in ("xstest", "jbb") if n in names}
+    return {n: benchmarks.judge_template(n, getattr(args, f"{n}_judge_prompt")) for n in ("xstest", "jbb")
+            if n in names}
 
 
 def settings(args, tok, names, data, samples, world):
@@ -337,7 +342,8 @@ def settings(args, tok, names, data, samples, world):
     import transformers
     return {"model": args.model, "api_url": api.safe_url(args.api_url), "api_model": args.api_model,
             "benchmarks": names,
-            "data": {n: data.get(n, benchmarks.BENCHMARKS[n][0]) for n in names}, "samples": samples, "limit": args.limit,
+            "data": {n: data.get(n, benchmarks.BENCHMARKS[n][0]) for n in names}, "samples": samples,
+            "limit": args.limit,
             "temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
             "seed": args.seed, "batch_size": args.batch_size, "world_size": world,
             "chat_template_sha256": hashlib.sha256((tok.chat_template or "").encode()).hexdigest(),
@@ -382,8 +388,8 @@ def check_context(jobs, tok, args, ctx):
     long = [(j, n) for j, n in zip(jobs, lens) if n >= ctx]
     if long:
         (j, n), name = long[0], long[0][0]["benchmark"]
-        raise DataError(f"{args.data.get(name, benchmarks.BENCHMARKS[name][0])}: {len(long)} of {len(jobs)} prompts do not fit "
-                        f"the context of --model {args.model} ({ctx} tokens), e.g. {name} id {j['id']} ({n} tokens); "
+        raise DataError(f"{args.data.get(name, benchmarks.BENCHMARKS[name][0])}: {len(long)} of {len(jobs)} prompts do "
+                        f"not fit the context of --model {args.model} ({ctx} tokens), e.g. {name} id {j['id']} ({n} tokens); "
                         f"drop them from the data or use a model with a longer context")
     over = sum(n + args.max_new_tokens > ctx for n in lens)
     if over:
@@ -605,7 +611,8 @@ def run_grade(args):
     def need(r):  # the string fields a record of r's benchmark must have
         b = r.get("benchmark")
         return ["benchmark", "completion", "prompt"] + ["cate_idx"] * (b == "airbench") \
-            + ["gold"] * (b in benchmarks.MATH or (b == "gpqa_diamond" and "perm" not in r)) + ["label"] * (b == "xstest") \
+            + ["gold"] * (b in benchmarks.MATH or (b == "gpqa_diamond" and "perm" not in r)) \
+            + ["label"] * (b == "xstest") \
             + ["goal", "attack", "index"] * (b == "jbb")
     recs = cli.read_generations(args.input, need)
     for i, r in enumerate(recs, 1):

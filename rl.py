@@ -76,12 +76,11 @@ import torch
 
 import checkpoint
 import cli
-import files
-from common import (DataError, NonFiniteError, StopRun, UsageError, all_reduce, barrier, build_optimizer, build_policy,
-                    clip_grad_norm, cosine_lr, gather_objects, hsdp_replicas, init_dist, load_tokenizer, model_context,
-                    pad_right, pick_dtype, positions_from_mask, print0, prompt_thinking, render_prompt_text,
-                    seed_everything, split_reasoning, stop_token_ids)
+import common
 import engine
+import files
+import reward
+from common import DataError, NonFiniteError, StopRun, UsageError, all_reduce, pad_right, positions_from_mask
 from entropy import DEFAULT_WORDS, reflection_mask, word_set
 
 ESTIMATORS = ("reinforce++", "reinforce++-baseline", "grpo", "rloo")
@@ -235,9 +234,10 @@ def build_reference(args, d, dtype):
     (`with on_device():`), not for each micro-batch. One process keeps it in the policy's fp32 master dtype,
     so both run the same autocast arithmetic (a bf16 copy makes the step-0 KL non-zero); FSDP2 casts both
     alike (and offloads it itself: --ref-offload is FSDP2's CPU offload there)."""
-    ref = None if args.kl_coef == 0 else build_policy(
+    ref = None if args.kl_coef == 0 else common.build_policy(
         args.model, d, dtype, cpu_offload=args.ref_offload and d.world > 1, trust_remote_code=args.trust_remote_code,
-        master_dtype=dtype if d.world > 1 else torch.float32, replicate=hsdp_replicas(args.replicate, d.world))[0]
+        master_dtype=dtype if d.world > 1 else torch.float32,
+        replicate=common.hsdp_replicas(args.replicate, d.world))[0]
     offload = ref is not None and args.ref_offload and d.world == 1
     if ref is not None:
         ref.eval().requires_grad_(False)
@@ -272,6 +272,23 @@ def disable_dropout(model):
     return n
 
 
+
+def build_models(args, d, dtype):
+    """The policy (and its export dtype), the reference with its on_device context, the reward model (None
+    without --reward-model): dropout zeroed in the policy and the reference."""
+    policy, export_dtype = common.build_policy(args.model, d, dtype, args.grad_checkpointing, args.cpu_offload,
+                                               args.trust_remote_code,
+                                               replicate=common.hsdp_replicas(args.replicate, d.world))
+    ref, ref_on_device = build_reference(args, d, dtype)
+    if disable_dropout(policy) + (disable_dropout(ref) if ref is not None else 0):
+        common.print0("rl: dropout set to 0 in the policy and the reference (π_old, π and π_ref must be "
+                      "deterministic)")
+    rm = reward.RewardModel(args.reward_model, d.device, batch_size=args.rm_batch_size, quant=args.rm_quant,
+                            trust_remote_code=args.trust_remote_code) if args.reward_model else None
+    common.barrier()  # every rank holds its reward model (downloads take uneven time) before the first collective
+    return policy, export_dtype, ref, ref_on_device, rm
+
+
 # ------------------------------------------------------------------------------------------------
 # One step: 0. the prompts; 1. rollout; 2. reward; 3. π_old and π_ref; 5. the PPO-clip update
 #
@@ -289,8 +306,8 @@ def load_prompts(args, tok, rules, ctx=None):
     for r in rows:
         if gold_field and gold_field not in table[r["row"] - 1]:
             raise DataError(f"{args.prompts}: row {r['row']}: missing field '{gold_field}' (needed by --rule math)")
-        text = render_prompt_text(tok, r["prompt"], args.chat_template_kwargs)
-        r["prompt_ids"], r["thinking"] = tok.encode(text, add_special_tokens=False), prompt_thinking(text)
+        text = common.render_prompt_text(tok, r["prompt"], args.chat_template_kwargs)
+        r["prompt_ids"], r["thinking"] = tok.encode(text, add_special_tokens=False), common.prompt_thinking(text)
         r["gold"] = str(table[r["row"] - 1][gold_field]) if gold_field else None
     limit = min(args.max_prompt_len, ctx - args.max_new_tokens) if ctx else args.max_prompt_len
     why = f"--max-prompt-len {args.max_prompt_len}" if limit == args.max_prompt_len else \
@@ -338,7 +355,7 @@ def rewards(items, rm, rules, args, d, step):
                       thinking=[it["thinking"] for it in items]).to(d.device)
     if rules is not None:
         R += torch.tensor([rules(it["completion"], it["gold"], it["thinking"]) for it in items], device=d.device)
-    barrier()  # ranks meet here, outside a collective: rollout lengths (and RM time) differ between ranks
+    common.barrier()  # ranks meet here, outside a collective: rollout lengths (and RM time) differ between ranks
     if not torch.isfinite(all_reduce(R.sum().clone())):
         raise NonFiniteError(f"step {step + 1}: non-finite reward; stopped before the update, nothing written")
     return R
@@ -430,8 +447,8 @@ def ppo_update(policy, opt, items, ro, adv, args, d, autocast, step, pad_id):
                 if ep == 0 and s == 0:  # before any update from this rollout: ρ must be exactly 1
                     st_sum["ratio0"] += (st["ratio_mean"] * st["n_tokens"]).item()
                     st_sum["ntok0"] += st["n_tokens"].item()
-            gnorm = clip_grad_norm(policy, args.clip)
-            checkpoint.check_finite(step + 1, d.device, loss=step_loss, grad_norm=gnorm)  # before the update, every rank
+            gnorm = common.clip_grad_norm(policy, args.clip)
+            checkpoint.check_finite(step + 1, d.device, loss=step_loss, grad_norm=gnorm)  # before the update
             opt.step()
             opt.zero_grad(set_to_none=True)
     return st_sum, gnorm
@@ -464,7 +481,7 @@ def step_metrics(items, R, ro, st, gnorm, lr, times, args, reflections):
             "ent_refl": (ro["ent"] * refl).sum(), "refl": refl.sum(), "cut": -(ro["log_kept"] * m).sum()}
     s = dict(zip(sums, all_reduce(torch.tensor([float(v) for v in sums.values()], dtype=torch.float64,
                                                device=R.device)).tolist()))
-    ent_all = torch.tensor(gather_objects(ro["ent"][ro["mask"]].float().cpu()[:20000].tolist()))
+    ent_all = torch.tensor(common.gather_objects(ro["ent"][ro["mask"]].float().cpu()[:20000].tolist()))
     q = torch.quantile(ent_all, torch.tensor([0.1, 0.5, 0.9])).tolist() if len(ent_all) else [0.0] * 3
     B, ntok, (t_gen, t_ref, t_upd, dt) = s["samples"], s["tokens"], times
     return {"reward": s["R"] / B, "reward_std": max(s["R2"] / B - (s["R"] / B) ** 2, 0.0) ** 0.5,
@@ -490,13 +507,13 @@ def dump_rollouts(out, step, items, R, n, rank):
     """The rollouts as generation records (docs/design.md §2), gathered to rank 0."""
     recs = []
     for i, it in enumerate(items):
-        reasoning, answer, closed = split_reasoning(it["completion"], it["thinking"])
+        reasoning, answer, closed = common.split_reasoning(it["completion"], it["thinking"])
         recs.append({"benchmark": "rl", "id": it["id"], "sample": i % n, "prompt": it["prompt"],
                      "completion": it["completion"], "thinking": it["thinking"], "reasoning": reasoning,
                      "answer": answer, "think_closed": closed, "truncated": it["truncated"],
                      "num_tokens": it["n_tokens"], "gold": it["gold"], "score": float(R[i]), "step": step,
                      "rank": rank, "prompt_ids": it["prompt_ids"]})
-    recs = gather_objects(recs)
+    recs = common.gather_objects(recs)
     if rank == 0:  # written whole (temp file + rename): a replayed step after --resume rewrites it, never appends
         files.write_jsonl(os.path.join(out, "rollouts", f"step_{step:05d}.jsonl"), recs)
 
@@ -506,7 +523,7 @@ def dump_rollouts(out, step, items, R, n, rank):
 
 def get_args(argv=None):
     p = cli.ArgumentParser(description="REINFORCE++ (and baseline / GRPO / RLOO arms) on FSDP2.",
-                       formatter_class=cli.HelpFormatter)
+                           formatter_class=cli.HelpFormatter)
     a = p.add_argument_group("run").add_argument
     a("--model", required=True, help="hub id or local dir of the initial policy (and reference)")
     a("--prompts", required=True, help="prompts: hub id (id[:config]:split) or .jsonl/.json/.csv/.parquet")
@@ -593,8 +610,8 @@ def get_args(argv=None):
 def check_args(args, world):
     """Every flag value, before any model or data loads (the flag is named in the message)."""
     cli.check_min(args, "--max-steps", "--stop-at", "--rollout-batch", "--samples-per-prompt", "--train-batch",
-              "--micro-batch-size", "--epochs-per-rollout", "--max-new-tokens", "--max-prompt-len", "--gen-batch-size",
-              "--rm-batch-size", "--save-every")
+                  "--micro-batch-size", "--epochs-per-rollout", "--max-new-tokens", "--max-prompt-len",
+                  "--gen-batch-size", "--rm-batch-size", "--save-every")
     cli.check_min(args, "--dump-every", "--keep-checkpoints", lo=0)
     cli.check_sampling(args, greedy_ok=False)  # π_old and π are evaluated at the sampling temperature
     cli.check_training(args)  # --lr, --warmup-ratio, --weight-decay, --clip, --betas, --resume/--overwrite
@@ -629,7 +646,7 @@ def check_models(args):
     cfg = cli.check_model(args.model, "--model", trust_remote_code=args.trust_remote_code)
     if args.reward_model:
         cli.check_model(args.reward_model, "--reward-model", "seq-cls", trust_remote_code=args.trust_remote_code)
-    ctx = model_context(cfg)
+    ctx = common.model_context(cfg)
     if ctx and args.max_new_tokens >= ctx:
         raise UsageError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the context of "
                          f"--model {args.model} ({ctx} tokens, its config.json)")
@@ -638,36 +655,29 @@ def check_models(args):
 
 def main(argv=None):
     args = get_args(argv)
-    import reward as rw
 
     # --------------------------------------------------------------------------- compute init
-    d = init_dist(args.device, args.dist_timeout)
+    d = common.init_dist(args.device, args.dist_timeout)
     check_args(args, d.world)
     ctx = check_models(args)  # the model dirs, before any weight is read
-    seed_everything(args.seed)
-    dtype = pick_dtype(args.dtype, d.device)
-    rules = rw.RuleReward(args.rule) if args.rule else None
+    common.seed_everything(args.seed)
+    dtype = common.pick_dtype(args.dtype, d.device)
+    rules = reward.RuleReward(args.rule) if args.rule else None
 
     # --------------------------------------------------------------------------- data (validated first)
-    tok = load_tokenizer(args.model, args.trust_remote_code, what="--model")
+    tok = common.load_tokenizer(args.model, args.trust_remote_code, what="--model")
     rows, n_long, why_long = load_prompts(args, tok, rules, ctx)
     checkpoint.claim_out_dir(args.out, args.resume, args.overwrite)  # the run's lock; refuses another run's dir
     changes = checkpoint.resume_changes(args) if args.resume else {}  # a changed flag: refused unless --allow-changes
 
     # --------------------------------------------------------------------------- models
-    policy, export_dtype = build_policy(args.model, d, dtype, args.grad_checkpointing, args.cpu_offload,
-                                        args.trust_remote_code, replicate=hsdp_replicas(args.replicate, d.world))
-    ref, ref_on_device = build_reference(args, d, dtype)
-    if disable_dropout(policy) + (disable_dropout(ref) if ref is not None else 0):
-        print0("rl: dropout set to 0 in the policy and the reference (π_old, π and π_ref must be deterministic)")
-    rm = rw.RewardModel(args.reward_model, d.device, batch_size=args.rm_batch_size, quant=args.rm_quant,
-                        trust_remote_code=args.trust_remote_code) if args.reward_model else None
-    barrier()  # every rank holds its reward model (downloads take uneven time) before the first collective
-    opt = build_optimizer(policy.parameters(), args.optim, args.lr, tuple(args.betas), args.weight_decay, d.device)
+    policy, export_dtype, ref, ref_on_device, rm = build_models(args, d, dtype)
+    opt = common.build_optimizer(policy.parameters(), args.optim, args.lr, tuple(args.betas), args.weight_decay,
+                                 d.device)
     warmup = max(1, round(args.warmup_ratio * args.max_steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, args.max_steps, warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: common.cosine_lr(s, args.max_steps, warmup))
     autocast = torch.autocast(d.device.type, dtype=dtype, enabled=(d.world == 1 and dtype != torch.float32))
-    stops, n = stop_token_ids(tok, policy.hf, args.chat_template_kwargs), args.samples_per_prompt
+    stops, n = common.stop_token_ids(tok, policy.hf, args.chat_template_kwargs), args.samples_per_prompt
     reflections = functools.partial(reflection_mask, words=word_set(args.reflection_words),
                                     piece=functools.lru_cache(maxsize=None)(lambda i: tok.decode([i])))
 
@@ -679,9 +689,9 @@ def main(argv=None):
         checkpoint.write_args(args, step, changes)
     log = cli.Logger(args.out, args.max_steps, args.wandb, vars(args), show=CONSOLE)
     stop = min(args.max_steps, args.stop_at or args.max_steps)
-    print0(f"rl: {len(rows)} prompts ({n_long} dropped: longer than {why_long}), "
-           f"{args.rollout_batch}x{n} samples/step, {args.rollout_batch * n // args.train_batch}"
-           f" optimizer steps/rollout, world {d.world}, dtype {dtype}, estimator {args.estimator}")
+    common.print0(f"rl: {len(rows)} prompts ({n_long} dropped: longer than {why_long}), "
+                  f"{args.rollout_batch}x{n} samples/step, {args.rollout_batch * n // args.train_batch}"
+                  f" optimizer steps/rollout, world {d.world}, dtype {dtype}, estimator {args.estimator}")
 
     # --------------------------------------------------------------------------- loop
     while step < stop:
@@ -715,7 +725,7 @@ def main(argv=None):
             checkpoint.save_hf(policy, tok, args.out, export_dtype, step, checkpoint=periodic,
                                keep=args.keep_checkpoints)
             checkpoint.save_state(args.out, policy, opt, sched, step)
-    print0(f"done: {args.out}")
+    common.print0(f"done: {args.out}")
     checkpoint.release_out_dirs(args.out)
     return policy
 

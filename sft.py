@@ -48,9 +48,8 @@ import torch
 
 import checkpoint
 import cli
-from common import (DataError, UsageError, all_reduce, build_optimizer, build_policy, clip_grad_norm, cosine_lr,
-                    hsdp_replicas, init_dist, load_tokenizer, ngrams, pick_dtype, print0, render_sft,
-                    seed_everything)
+import common
+from common import DataError, UsageError, all_reduce
 
 # Model types whose transformers forward keeps packed samples apart when position ids restart at 0 per
 # sample and no attention mask is passed (it builds a block-diagonal causal mask from the restarts):
@@ -74,9 +73,9 @@ def decontaminate(examples, files):
     eval_grams = set()
     for f in files.split(","):
         for r in cli.load_pairs(f, need_response=False):
-            eval_grams |= ngrams(r["prompt"])
-    keep = [e for e in examples if not (ngrams(e["prompt"]) & eval_grams)]
-    dropped = [e["id"] for e in examples if ngrams(e["prompt"]) & eval_grams]
+            eval_grams |= common.ngrams(r["prompt"])
+    keep = [e for e in examples if not (common.ngrams(e["prompt"]) & eval_grams)]
+    dropped = [e["id"] for e in examples if common.ngrams(e["prompt"]) & eval_grams]
     return keep, dropped
 
 
@@ -86,12 +85,13 @@ def load_examples(args, tok):
     rows = cli.load_pairs(args.data, args.prompt_field, args.response_field)
     if args.decontaminate:
         rows, dropped = decontaminate(rows, args.decontaminate)
-        print0(f"decontaminate: dropped {len(dropped)} rows sharing a 13-gram with {args.decontaminate}: {dropped}")
+        common.print0(f"decontaminate: dropped {len(dropped)} rows sharing a 13-gram with {args.decontaminate}: "
+                      f"{dropped}")
     examples, too_long = [], []
     for r in rows:
         try:
-            ids, mask = render_sft(tok, r["prompt"], r["response"], args.max_len, args.chat_template_kwargs,
-                                   "drop" if args.answer_only else "refuse")
+            ids, mask = common.render_sft(tok, r["prompt"], r["response"], args.max_len, args.chat_template_kwargs,
+                                          "drop" if args.answer_only else "refuse")
         except UsageError as e:
             hint = "" if args.answer_only else "; pass --answer-only to train on the answer alone"
             raise DataError(f"{args.data}: row {r['row']}: {e}{hint}") from None
@@ -99,7 +99,7 @@ def load_examples(args, tok):
             mask = [True] * len(ids)
         (examples if any(mask[1:]) else too_long).append((ids, mask))
     if too_long:
-        print0(f"warning: {len(too_long)} rows have no response token within --max-len {args.max_len}; skipped")
+        common.print0(f"warning: {len(too_long)} rows have no response token within --max-len {args.max_len}; skipped")
     if not examples:
         raise DataError(f"{args.data}: no usable rows")
     return examples
@@ -166,7 +166,7 @@ def update(policy, opt, batch, args, d, autocast, step, pad_id, packed):
         loss_sum += nll.item() * weight
         ent_sum += (ent.detach() * lmask).sum().item() * weight
         tokens += int(ids.numel() * weight)
-    gnorm = clip_grad_norm(policy, args.clip)
+    gnorm = common.clip_grad_norm(policy, args.clip)
     checkpoint.check_finite(step + 1, d.device, loss=loss_sum, grad_norm=gnorm)  # before the update, every rank
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -182,7 +182,8 @@ def step_metrics(sums, gnorm, lr, dt, device):
     loss_sum, ent_sum, tokens, n_tok = sums
     stats = all_reduce(torch.tensor([loss_sum, ent_sum, float(tokens)], device=device))
     return {"loss": stats[0].item() / n_tok.item(), "entropy": stats[1].item() / n_tok.item(),
-            "grad_norm": gnorm.item(), "lr": lr, "tokens": int(stats[2].item()), "tok/s": stats[2].item() / dt, "dt": dt}
+            "grad_norm": gnorm.item(), "lr": lr, "tokens": int(stats[2].item()), "tok/s": stats[2].item() / dt,
+            "dt": dt}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -190,7 +191,7 @@ def step_metrics(sums, gnorm, lr, dt, device):
 
 def get_args(argv=None):
     p = cli.ArgumentParser(description="Supervised fine-tuning (response-only loss) on FSDP2.",
-                       formatter_class=cli.HelpFormatter)
+                           formatter_class=cli.HelpFormatter)
     a = p.add_argument_group("run").add_argument
     a("--model", required=True, help="hub id or local Hugging Face dir of the model to fine-tune")
     a("--data", required=True, help="hub id (id[:config]:split) or local .jsonl/.json/.csv/.parquet")
@@ -264,13 +265,13 @@ def main(argv=None):
     check_args(args)
 
     # --------------------------------------------------------------------------- compute init
-    d = init_dist(args.device, args.dist_timeout)
-    seed_everything(args.seed)
-    dtype = pick_dtype(args.dtype, d.device)
-    replicate = hsdp_replicas(args.replicate, d.world)
+    d = common.init_dist(args.device, args.dist_timeout)
+    common.seed_everything(args.seed)
+    dtype = common.pick_dtype(args.dtype, d.device)
+    replicate = common.hsdp_replicas(args.replicate, d.world)
 
     # --------------------------------------------------------------------------- data (validated first)
-    tok = load_tokenizer(args.model, args.trust_remote_code, what="--model")
+    tok = common.load_tokenizer(args.model, args.trust_remote_code, what="--model")
     examples = load_examples(args, tok)  # [(ids, loss mask)], validated before any model loads
     spe = math.ceil(len(examples) / args.batch_size)  # optimizer steps per epoch (the last batch may be short)
     total = args.max_steps or spe * args.epochs  # the schedule's length: --max-steps overrides --epochs
@@ -281,15 +282,16 @@ def main(argv=None):
     changes = checkpoint.resume_changes(args) if args.resume else {}  # a changed flag: refused unless --allow-changes
 
     # --------------------------------------------------------------------------- model + optimizer
-    policy, export_dtype = build_policy(args.model, d, dtype, args.grad_checkpointing, args.cpu_offload,
-                                        args.trust_remote_code, replicate=replicate)
+    policy, export_dtype = common.build_policy(args.model, d, dtype, args.grad_checkpointing, args.cpu_offload,
+                                               args.trust_remote_code, replicate=replicate)
     policy.train()
     packed = not args.no_pack and packing_exact(policy.hf.config)
     if not args.no_pack and not packed:
-        print0(f"packing off: model type {policy.hf.config.model_type!r} is not known to keep packed samples apart "
-               f"(PACKING_EXACT); one sample per row")
-    opt = build_optimizer(policy.parameters(), args.optim, args.lr, tuple(args.betas), args.weight_decay, d.device)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total, warmup))
+        common.print0(f"packing off: model type {policy.hf.config.model_type!r} is not known to keep packed samples "
+                      "apart (PACKING_EXACT); one sample per row")
+    opt = common.build_optimizer(policy.parameters(), args.optim, args.lr, tuple(args.betas), args.weight_decay,
+                                 d.device)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: common.cosine_lr(s, total, warmup))
     # One process keeps fp32 weights and autocasts; under FSDP2 the mixed-precision policy does it.
     autocast = torch.autocast(d.device.type, dtype=dtype, enabled=(d.world == 1 and dtype != torch.float32))
 
@@ -299,8 +301,8 @@ def main(argv=None):
     if d.rank == 0:
         checkpoint.write_args(args, step, changes)
     log = cli.Logger(args.out, total, args.wandb, vars(args))
-    print0(f"sft: {len(examples)} examples, {spe} steps/epoch, {total} steps (stop at {stop}), world {d.world}"
-           f"{f' (HSDP {replicate} x {d.world // replicate})' if replicate > 1 else ''}, dtype {dtype}")
+    common.print0(f"sft: {len(examples)} examples, {spe} steps/epoch, {total} steps (stop at {stop}), world {d.world}"
+                  f"{f' (HSDP {replicate} x {d.world // replicate})' if replicate > 1 else ''}, dtype {dtype}")
 
     # --------------------------------------------------------------------------- loop
     while step < stop:
@@ -318,7 +320,7 @@ def main(argv=None):
             checkpoint.save_hf(policy, tok, args.out, export_dtype, step, checkpoint=periodic,
                                keep=args.keep_checkpoints)
             checkpoint.save_state(args.out, policy, opt, sched, step)
-    print0(f"done: {args.out}")
+    common.print0(f"done: {args.out}")
     checkpoint.release_out_dirs(args.out)
     return policy
 

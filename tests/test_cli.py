@@ -222,7 +222,8 @@ def test_every_cli_checks_its_model_dirs(tiny_model, inputs, tmp_path, no_weight
     jp = write_jsonl(tmp_path / "jp.jsonl", [{"cate-idx": "1", "judge_prompt": "{{QUESTION}} {{ANSWER}}"}])
     ev = ["--model", tiny_model, "--out", tmp_path / "o", "--max-new-tokens", "4"]
     cases = [
-        (rl, ["--model", bad, "--prompts", inputs["rl"], "--out", tmp_path / "o", "--rule", "format"], f"--model {bad}"),
+        (rl, ["--model", bad, "--prompts", inputs["rl"], "--out", tmp_path / "o", "--rule", "format"],
+         f"--model {bad}"),
         (rl, ["--model", tiny_model, "--prompts", inputs["rl"], "--out", tmp_path / "o", "--reward-model", not_rm],
          f"--reward-model {not_rm}: model_type 'vit' (architectures ['ViTModel']) is not a sequence classifier"),
         (evaluate, ["--model", bad, "--benchmarks", "math500", "--data", f"math500={inputs['rl']}", "--out",
@@ -306,7 +307,8 @@ def test_records_temperature_checked(value, named, tiny_model, tmp_path, no_weig
     """entropy.py takes its temperature from the records: NaN there used to exit 0 with NaN in summary.json."""
     path = tmp_path / "r.jsonl"
     path.write_text(f'{{"prompt": "p", "completion": "c", "temperature": {value}}}\n' * 2)
-    code, _, err = run_main(monkeypatch, capsys, entropy, ["--model", tiny_model, "--input", path, "--out", tmp_path / "o"])
+    code, _, err = run_main(monkeypatch, capsys, entropy,
+                            ["--model", tiny_model, "--input", path, "--out", tmp_path / "o"])
     one_error(code, err, 2, path, named)
     assert not (tmp_path / "o").exists()
 
@@ -404,7 +406,8 @@ def test_file_size_limit_during_the_export(tiny_model, inputs, tmp_path, monkeyp
     """model.safetensors (137 KiB) over a 64 KiB file-size limit: exit 1, the export's path named, no temp."""
     out = tmp_path / "o"
     with file_size_limit(64 << 10):
-        code, _, err = run_main(monkeypatch, capsys, sft, sft_args(tiny_model, inputs["sft"], out, "--max-steps", "1")[1:])
+        code, _, err = run_main(monkeypatch, capsys, sft,
+                                sft_args(tiny_model, inputs["sft"], out, "--max-steps", "1")[1:])
     one_error(code, err, 1, f"cannot write the export into {out}", "File too large", "ulimit -f", "it needs 134.2 KiB")
     assert leftovers(out) == [] and not (out / "model.safetensors").exists() and not (out / "state").exists()
 
@@ -439,14 +442,16 @@ def test_full_disk_reward_and_entropy_keep_the_previous_output(tiny_model, tmpfs
     recs = recs_file(tmp_path / "r.jsonl", n=400)  # ~50 KiB scored
     (disk / "s.jsonl").write_text("previous\n")
     (disk / "filler").write_bytes(b"x" * (40 << 10))
-    code, _, err = run_main(monkeypatch, capsys, reward, ["--input", recs, "--out", disk / "s.jsonl", "--rule", "refusal"])
+    code, _, err = run_main(monkeypatch, capsys, reward,
+                            ["--input", recs, "--out", disk / "s.jsonl", "--rule", "refusal"])
     one_error(code, err, 1, f"cannot write {disk / 's.jsonl'}: No space left on device", "free there")
     assert (disk / "s.jsonl").read_text() == "previous\n" and leftovers(disk) == []
     (disk / "filler").unlink()
     (disk / "o").mkdir()
     (disk / "o" / "summary.json").write_text("previous\n")
-    code, _, err = run_main(monkeypatch, capsys, entropy, ["--model", tiny_model, "--input", recs_file(tmp_path / "e.jsonl"),
-                                                      "--out", disk / "o", "--bootstrap", "10"])
+    code, _, err = run_main(monkeypatch, capsys, entropy,
+                            ["--model", tiny_model, "--input", recs_file(tmp_path / "e.jsonl"),
+                             "--out", disk / "o", "--bootstrap", "10"])
     one_error(code, err, 1, f"cannot write {disk / 'o'}", "No space left on device")
     assert os.listdir(disk / "o") == ["summary.json"] and (disk / "o" / "summary.json").read_text() == "previous\n"
 
