@@ -430,7 +430,7 @@ def fsdp_wrap(model, param_dtype=torch.bfloat16, cpu_offload=False, mesh=None):
 
     With a 2-D mesh (HSDP) each gradient is reduce-scattered inside its shard group, then all-reduced
     across the replicas, both as means: the result is the mean over ALL ranks, exactly as with the flat
-    mesh, so the stages' `loss * world / n_tok` stays the global token mean (tests/dist_hsdp_check.py)."""
+    mesh, so the stages' `loss * world / n_tok` stays the global token mean (tests/dist/hsdp_check.py)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     kw = dict(mp_policy=mp, offload_policy=CPUOffloadPolicy() if cpu_offload else None, mesh=mesh)

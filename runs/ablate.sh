@@ -10,7 +10,7 @@
 # --no-std --loss-agg seq-mean-token-sum-norm), same start, budget and seeds. It is a grid of its own
 # because 27 runs would double the estimators' wall time (15 runs of the same size: ~10 minutes).
 #
-#   bash runs/tiny.sh && bash runs/ablate.sh      # ~8 minutes on 2 CPU cores (470-510 s, 2026-12-01; not in CI)
+#   bash runs/tiny.sh && bash runs/ablate.sh      # ~8 minutes on 2 CPU cores (not in CI; timings: docs/results.md)
 #   ABLATE_GRID=loss bash runs/ablate.sh          # ~10 minutes (5/4 of the above, estimated; not in CI)
 #
 # The budget is smaller than runs/tiny.sh's RL (12 runs must fit the 30 minutes): ABLATE_STEPS (default 20)
@@ -79,7 +79,7 @@ for s in $SEEDS; do
   for a in ${ARMS//,/ }; do entropy_model "$a-s$s" "$OUT/$a-s$s" "$OUT/eval/$a-s$s" "$OUT/entropy/$a-s$s"; done
 done
 join
-stage table "$PY" runs/sweep.py ablate --out "$OUT" --arms "$ARMS" --seeds "$SEEDS" --grid "$GRID"
+stage table "$PY" -m runs.report ablate --out "$OUT" --arms "$ARMS" --seeds "$SEEDS" --grid "$GRID"
 
 echo
 cat "$OUT/ablate.md"

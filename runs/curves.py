@@ -1,21 +1,19 @@
 """Training curves: any run's metrics.jsonl (sft.py or rl.py) as one PNG, one panel per quantity over steps.
 
-Panels, each drawn only when the run logged it: reward (rl.py), loss (sft.py; not drawn beside a reward), KL to the reference (rl.py),
-mean token entropy (both), and the entropy at reflection tokens (`ent_reflect`, with the count
+Panels, each drawn only when the run logged it: reward (rl.py), loss (sft.py; not drawn beside a reward), KL to
+the reference (rl.py), mean token entropy (both), and the entropy at reflection tokens (`ent_reflect`, with the count
 `n_reflect` on a second axis, when rl.py logs them). A resumed run's metrics.jsonl may repeat steps; the
 last record of each step wins.
 
-  python runs/curves.py runs/out/tiny/rl/metrics.jsonl --out runs/out/tiny/curves_rl.png [--title RL]
-  python runs/curves.py a/metrics.jsonl b/metrics.jsonl --label a --label b --out both.png   # overlaid
-  python runs/curves.py a/metrics.jsonl b/metrics.jsonl --out a.png --out b.png               # one PNG each
+  python -m runs.curves runs/out/tiny/rl/metrics.jsonl --out runs/out/tiny/curves_rl.png [--title RL]
+  python -m runs.curves a/metrics.jsonl b/metrics.jsonl --label a --label b --out both.png   # overlaid
+  python -m runs.curves a/metrics.jsonl b/metrics.jsonl --out a.png --out b.png               # one PNG each
 """
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import files  # noqa: E402
-from common import DataError  # noqa: E402
+import files
+from common import DataError
 
 # (key, panel title); a panel is drawn when any run has the key
 PANELS = [("reward", "reward (mean per sample)"), ("loss", "loss"), ("kl", "KL to the reference (per token)"),

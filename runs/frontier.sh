@@ -6,7 +6,7 @@
 # OUT/frontier/frontier.png (arithmetic accuracy vs refusal on harmful prompts, 95% intervals, base / SFT / RL
 # points labelled).
 #
-#   bash runs/tiny.sh && bash runs/frontier.sh     # ~10 minutes on 2 CPU cores (550-660 s, 2026-12-01; not in CI)
+#   bash runs/tiny.sh && bash runs/frontier.sh     # ~10 minutes on 2 CPU cores (not in CI; timings: docs/results.md)
 #
 # The grid is fixed below, chosen before looking at any result (the epoch counts bracket STAR-1's 5; β
 # spans three decades around rl.py's default 1e-3); nothing is picked to reproduce the paper.
@@ -72,7 +72,7 @@ join
 for e in $EPOCHS; do eval_model "sft-e$e" "$OUT/sft-e$e" "$OUT/eval/sft-e$e"; done
 for b in $BETAS; do for s in $STEPS; do eval_model "rl-b$b-s$s" "$OUT/rl-b$b-s$s" "$OUT/eval/rl-b$b-s$s"; done; done
 join
-stage table "$PY" runs/sweep.py frontier --out "$OUT" --epochs "$EPOCHS" --betas "$BETAS" --steps "$STEPS"
+stage table "$PY" -m runs.report frontier --out "$OUT" --epochs "$EPOCHS" --betas "$BETAS" --steps "$STEPS"
 
 echo
 cat "$OUT/frontier.md"

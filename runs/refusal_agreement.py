@@ -6,8 +6,8 @@ tests/fixtures/refusal_labels.jsonl (written and labelled for this project), or 
 final_label, e.g. XSTest's human-labelled model completions (github.com/paul-rottger/exaggerated-safety,
 model_completions/xstest_v2_completions_*.csv; its labels name the same three classes).
 
-  python runs/refusal_agreement.py tests/fixtures/refusal_labels.jsonl
-  python runs/refusal_agreement.py exaggerated-safety/model_completions/xstest_v2_completions_*.csv
+  python -m runs.refusal_agreement tests/fixtures/refusal_labels.jsonl
+  python -m runs.refusal_agreement exaggerated-safety/model_completions/xstest_v2_completions_*.csv
 """
 import argparse
 import csv
@@ -15,9 +15,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import files  # noqa: E402
-import reward  # noqa: E402
+import files
+import reward
 
 
 def rows(path):
@@ -39,10 +38,12 @@ def main():
                 sys.exit(f"error: {path}: label {label!r} is not one of {', '.join(reward.REFUSAL_CLASSES)}")
             groups[group].append((text, label))
     groups["all"] = [x for g in list(groups.values()) for x in g]
-    print(f"{'group':<40} {'n':>5} {'refusal agreement':>18} {'3-class':>8} {'missed refusals':>16} {'false refusals':>15}")
+    print(f"{'group':<40} {'n':>5} {'refusal agreement':>18} {'3-class':>8} {'missed refusals':>16} "
+          f"{'false refusals':>15}")
     for g, xs in groups.items():
         pred = [reward.refusal_class(t) for t, _ in xs]
-        agree = sum((c != reward.REFUSAL_CLASSES[0]) == (lab != reward.REFUSAL_CLASSES[0]) for c, (_, lab) in zip(pred, xs))
+        comply = reward.REFUSAL_CLASSES[0]
+        agree = sum((c != comply) == (lab != comply) for c, (_, lab) in zip(pred, xs))
         missed = sum(c == reward.REFUSAL_CLASSES[0] != lab for c, (_, lab) in zip(pred, xs))
         exact = sum(c == lab for c, (_, lab) in zip(pred, xs))
         print(f"{g:<40} {len(xs):>5} {100 * agree / len(xs):>17.1f}% {100 * exact / len(xs):>7.1f}% {missed:>16} "

@@ -6,7 +6,8 @@
 #   -> entropy at reflection tokens -> the table (OUT/results.md), the entropy figures and the training
 #   curves (OUT/curves_{base,sft,rl}.png) beside it.
 #
-#   bash runs/tiny.sh            # full: 466-640 s wall, 540-730 s CPU (2 idle cores of a VM, Intel Xeon and AMD EPYC, 2026-12-01/02), 275-400 s of it the serial base training
+#   bash runs/tiny.sh            # full: about 10 minutes on 2 CPU cores, most of it the serial base training
+#                                # (measured timings: docs/results.md)
 #   bash runs/tiny.sh --quick    # CI-sized (what tests/test_tiny.py runs, twice): a tiny world, one epoch
 #                                # each, two RL steps; its table shows the plumbing, not results
 #
@@ -30,7 +31,7 @@ QUICK=0
 for a in "$@"; do
   case "$a" in
     --quick) QUICK=1 ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     *) echo "usage: bash runs/tiny.sh [--quick]" >&2; exit 2 ;;
   esac
 done
@@ -57,7 +58,7 @@ mkdir -p "$OUT/logs"
 
 T_ALL=$(now_ms)
 echo "tiny world -> $OUT (quick=$QUICK, seed=$SEED, jobs=$JOBS, threads per stage=$OMP_NUM_THREADS)"
-stage world "$PY" runs/make_world.py --out "$W" --seed "$SEED" ${WORLD_FLAGS[@]+"${WORLD_FLAGS[@]}"}
+stage world "$PY" -m runs.make_world --out "$W" --seed "$SEED" ${WORLD_FLAGS[@]+"${WORLD_FLAGS[@]}"}
 
 # base: full-sequence training from the random init on compliant answers + arithmetic chains of thought
 stage base "$PY" sft.py --model "$W/init" --data "$W/base.jsonl" --out "$OUT/base" --full-sequence \
@@ -84,11 +85,11 @@ for m in sft rl; do eval_model "$m" "$OUT/$m" "$OUT/eval/$m"; done
 entropy_model base "$OUT/base" "$OUT/eval/base" "$OUT/entropy/base"
 join
 for m in sft rl; do entropy_model "$m" "$OUT/$m" "$OUT/eval/$m" "$OUT/entropy/$m"; done
-bg curves "$PY" runs/curves.py "$OUT/base/metrics.jsonl" "$OUT/sft/metrics.jsonl" "$OUT/rl/metrics.jsonl" \
+bg curves "$PY" -m runs.curves "$OUT/base/metrics.jsonl" "$OUT/sft/metrics.jsonl" "$OUT/rl/metrics.jsonl" \
   --out "$OUT/curves_base.png" --out "$OUT/curves_sft.png" --out "$OUT/curves_rl.png" \
   --title "base (sft.py --full-sequence)" --title "SFT on the STAR-1-like set" --title "RL (REINFORCE++) from base"
 join
-stage table "$PY" runs/table.py --out "$OUT"
+stage table "$PY" -m runs.report table --out "$OUT"
 
 echo
 cat "$OUT/results.md"

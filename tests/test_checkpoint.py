@@ -9,7 +9,6 @@ import os
 import pickle
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -342,24 +341,22 @@ def test_evaluate_rerun_refuses_stale_records(tiny_model, tmp_path, monkeypatch,
 def test_every_jsonl_reader_drops_a_torn_last_line_and_names_a_bad_one_elsewhere(tmp_path, capsys):
     """A file the stages append to (metrics.jsonl, evaluate.py's NAME.jsonl) may end in a line a kill cut
     short: every reader drops it with a warning (files.read_jsonl with appended=True, evaluate.py's record
-    resume, runs/table.py, runs/curves.py); a bad line anywhere else, or a torn line of an input table, is
+    resume, runs/report.py, runs/curves.py); a bad line anywhere else, or a torn line of an input table, is
     a DataError naming the file and the row."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runs"))
-    import curves
-    import table
+    from runs import curves, report
     rec = {"benchmark": "attaq", "id": "1", "sample": 0, "completion": "no", "step": 1}
     torn = tmp_path / "torn.jsonl"
     torn.write_text(json.dumps(rec) + "\n" + '{"benchmark": "attaq", "id": "2", "samp')
     assert files.read_jsonl(torn, appended=True) == [rec]
     assert "dropped a torn last line (row 2)" in capsys.readouterr().out
     assert list(checkpoint.read_records(torn, evaluate.key)) == [("attaq", "1", 0)]
-    assert table.read_jsonl(torn) == [rec] and curves.read_metrics(torn) == [rec]
+    assert report.read_jsonl(torn) == [rec] and curves.read_metrics(torn) == [rec]
     with pytest.raises(common.DataError, match=r"torn.jsonl: row 2: invalid JSON"):
         files.read_jsonl(torn)  # an input table: a torn line is an error like any other
     middle = tmp_path / "middle.jsonl"
     middle.write_text('{"benchmark": "attaq", "id": "2", "samp\n' + json.dumps(rec) + "\n")
     for read in (lambda p: files.read_jsonl(p, appended=True), lambda p: checkpoint.read_records(p, evaluate.key),
-                 table.read_jsonl):
+                 report.read_jsonl):
         with pytest.raises(common.DataError, match=r"middle.jsonl: row 1: invalid JSON"):
             read(middle)
     with pytest.raises(SystemExit, match=r"middle.jsonl: row 1: invalid JSON"):

@@ -216,11 +216,11 @@ def test_generation_view_aliases_or_casts():
 
 def test_two_ranks_decode_without_collectives_and_match_one_rank(tmp_path):
     out = tmp_path / "ranks.json"
-    run_cli(torchrun(2) + ["tests/dist_engine_check.py", str(out)], timeout=300)
+    run_cli(torchrun(2) + ["tests/dist/engine_check.py", str(out)], timeout=300)
     res = json.load(open(out))
     assert res["collectives_during_decode"] == [0, 0]
     assert res["unshard_aliases"] == [True, True]
-    from dist_engine_check import prompts_and_ids, make_model
+    from dist.engine_check import prompts_and_ids, make_model
     model = make_model()
     prompts, ids = prompts_and_ids()
     one = engine.generate(model, prompts, row_ids=ids, **json.loads(res["kw"]))

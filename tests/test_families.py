@@ -239,7 +239,7 @@ def runs(families, tmp_path_factory):
         jobs.append((f, "rl", rl_args(families[f], prompts, root / f / "rl", rm)))
     spec = root / "jobs.json"
     spec.write_text(json.dumps([[stage, args[:5] + [args[5] + "-w2"] + args[6:]] for _, stage, args in jobs]))
-    run_cli(torchrun(2) + ["tests/dist_family_check.py", str(spec)])
+    run_cli(torchrun(2) + ["tests/dist/family_check.py", str(spec)])
     out = {}
     import kernels.logprobs  # a session fixture runs before the autouse one: the CPU reference path, by hand
     interpret, kernels.logprobs.INTERPRET = kernels.logprobs.INTERPRET, False
@@ -705,7 +705,7 @@ def test_hsdp_two_nodes_by_two_equals_one_rank(families, runs, tmp_path):
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "2",
            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", "hsdp-test"]
-    procs = [subprocess.Popen(cmd + ["--node-rank", str(r), "tests/dist_hsdp_check.py", model, data, str(out),
+    procs = [subprocess.Popen(cmd + ["--node-rank", str(r), "tests/dist/hsdp_check.py", model, data, str(out),
                                      json.dumps(argv)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
     logs = [p.communicate(timeout=600)[0] for p in procs]
@@ -714,8 +714,8 @@ def test_hsdp_two_nodes_by_two_equals_one_rank(families, runs, tmp_path):
     got = torch.load(out)
     assert got["mesh"] == [2, 2]
     sys.path.insert(0, os.path.dirname(__file__))
-    import dist_hsdp_check
-    want = dist_hsdp_check.loss_and_grads(common.Policy(common.load_model(model)), common.load_tokenizer(model),
+    from dist import hsdp_check
+    want = hsdp_check.loss_and_grads(common.Policy(common.load_model(model)), common.load_tokenizer(model),
                                           data, 0, 1)
     dl = abs(got["loss"] - want["loss"])
     dg = max((got["grads"][k] - want["grads"][k]).abs().max().item() for k in want["grads"])

@@ -278,7 +278,7 @@ def test_init_dist_binds_the_gpu_and_sets_the_timeout(monkeypatch):
 def test_uneven_waits_outlast_a_short_collective_timeout(tiny_model):
     """2 gloo ranks, a 5 s timeout, 6.5 s of imbalance: a rank without a grading shard gathering while another
     grades, ranks 1..N while rank 0 loads the checkpoint; the same wait inside a collective is stopped."""
-    p = run_cli(torchrun(2) + ["tests/dist_wait_check.py", tiny_model], timeout=300)
+    p = run_cli(torchrun(2) + ["tests/dist/wait_check.py", tiny_model], timeout=300)
     log = p.stdout
     for r in (0, 1):
         assert f"rank {r}: gathered [0, 1] after a slower rank's grading" in log, log

@@ -315,33 +315,33 @@ def test_loss_aggregation_does_not_depend_on_the_micro_batch_split(agg):
 
 @pytest.fixture(scope="module")
 def two_ranks(tiny_model, tmp_path_factory):
-    """One torchrun launch of tests/dist_rl_check.py (both of its checks): its saved results."""
+    """One torchrun launch of tests/dist/rl_check.py (both of its checks): its saved results."""
     d = tmp_path_factory.mktemp("two_ranks")
     p = prompts_file(d)
-    run_cli(torchrun(2) + ["tests/dist_rl_check.py", str(d / "two.pt"), tiny_model, p, str(d / "rl")])
+    run_cli(torchrun(2) + ["tests/dist/rl_check.py", str(d / "two.pt"), tiny_model, p, str(d / "rl")])
     return torch.load(d / "two.pt"), p
 
 
 def test_whitening_and_loss_identical_on_one_and_two_ranks(two_ranks):
     sys.path.insert(0, os.path.dirname(__file__))
-    import dist_rl_check
+    from dist import rl_check
     two = two_ranks[0]["adv"]
-    assert len(two) == len(dist_rl_check.CASES)
-    for case in dist_rl_check.CASES:
-        adv, loss = dist_rl_check.loss_and_adv(*dist_rl_check.batch(), *case)
+    assert len(two) == len(rl_check.CASES)
+    for case in rl_check.CASES:
+        adv, loss = rl_check.loss_and_adv(*rl_check.batch(), *case)
         assert torch.allclose(adv, two[case][0], atol=1e-6), case
         assert abs(loss.item() - two[case][1].item()) < 1e-6, case
 
 
 def test_gradients_before_clipping_identical_on_one_and_two_ranks(tiny_model, two_ranks, tmp_path):
-    """One rl.py step on a fixed rollout (tests/dist_rl_check.py), with the default token mean and with a
+    """One rl.py step on a fixed rollout (tests/dist/rl_check.py), with the default token mean and with a
     sequence mean (plus the entropy term, aggregated alike): FSDP2 averages gradients over the 2 ranks,
     `loss * world` with the step's global counts in the weights makes that the global aggregate, so every
     gradient equals the 1-rank one (without the × world they would be halved on 2 ranks)."""
     sys.path.insert(0, os.path.dirname(__file__))
-    import dist_rl_check
-    for k, extra in enumerate(dist_rl_check.RUNS):
-        one = dist_rl_check.run(tiny_model, two_ranks[1], str(tmp_path / f"one{k}"), *extra)
+    from dist import rl_check
+    for k, extra in enumerate(rl_check.RUNS):
+        one = rl_check.run(tiny_model, two_ranks[1], str(tmp_path / f"one{k}"), *extra)
         two = two_ranks[0]["grads"][k]
         assert len(one) == len(two) > 0 and sum(g.norm() for g in one) > 0
         for a, b in zip(one, two):

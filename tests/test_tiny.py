@@ -15,7 +15,7 @@ import pytest
 
 from conftest import ROOT
 
-STAGES = ["sft.py", "rl.py", "evaluate.py", "reward.py", "entropy.py", "runs/make_world.py", "runs/table.py",
+STAGES = ["sft.py", "rl.py", "evaluate.py", "reward.py", "entropy.py", "runs/make_world.py", "runs/report.py",
           "runs/curves.py"]
 MODELS = ["base", "sft", "rl"]
 
@@ -148,3 +148,15 @@ def test_table_has_three_rows(tiny_run):
         if line.startswith(("| base", "| sft", "| rl")):
             assert line.count("|") == text.splitlines()[2].count("|")
     assert "| base" in stdout  # the table is printed too
+
+
+def test_the_refusal_rate_splits_each_record_by_its_thinking():
+    """runs/report.py reads a refusal off each record's answer, split by the record's own `thinking`: an
+    answer-only record (thinking off) is all answer, so its refusal counts; with thinking on, a completion
+    that never closes its thinking has no answer, hence no refusal; a record without the field: thinking on."""
+    from runs import report
+    no = "I'm sorry, but I can't help with that."
+    recs = [{"completion": no, "thinking": False}, {"completion": no, "thinking": True},
+            {"completion": f"<think>\nA harmful request.\n</think>\n\n{no}"}, {"completion": "Sure, here it is."}]
+    rate, se, n = report.refusal_rate(recs)
+    assert (rate, n) == (0.5, 4) and se == (0.5 * 0.5 / 4) ** 0.5

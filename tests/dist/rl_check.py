@@ -9,7 +9,7 @@
    on 1 and 2 ranks whatever the decoder's numerics), and clip_grad_norm_ by a wrapper that records
    every full gradient first. The 1-rank side calls `run` in the test process.
 
-  torchrun --nproc_per_node 2 tests/dist_rl_check.py OUT MODEL PROMPTS RL_OUT
+  torchrun --nproc_per_node 2 tests/dist/rl_check.py OUT MODEL PROMPTS RL_OUT
 """
 import sys
 
