@@ -16,16 +16,14 @@ devices and returns the problems found. On the CPU every tensor is a host tensor
 rule is checked on the meta device (shapes without data; a host tensor there stands out, and any
 data-dependent op raises), and the values-dependent rules on real CPU tensors.
 """
-import argparse
-import os
 import sys
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import engine  # noqa: E402
+import flags
+import engine
 
 SYNC_OPS = {
     "_local_scalar_dense": "copies a value to the host (.item(), int(), float(), bool(), .tolist())",
@@ -146,7 +144,7 @@ SAMPLERS = ((0.0, 1.0), (1.0, 1.0), (0.7, 0.9))  # (temperature, top_p): greedy,
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = flags.parser(__doc__)
     p.add_argument("--device", default=None, help="cpu, meta or cuda (default: cpu and meta, or cuda when present)")
     p.add_argument("--ops", action="store_true", help="print the op list of one decode step (qwen2, nucleus sampling)")
     args = p.parse_args()
@@ -162,7 +160,8 @@ def main():
                       + ("capture-safe" if not problems else "NOT capture-safe:\n  " + "\n  ".join(problems)))
     if args.ops:
         ops, _ = audit(tiny_model("qwen2", devices[0], dtype, layers=1), temperature=0.7, top_p=0.9)
-        print(f"\nop list of one decode step (qwen2, 1 layer, Bb=4, Lb=32, temperature 0.7, top_p 0.9), {len(ops)} ops:")
+        print("\nop list of one decode step (qwen2, 1 layer, Bb=4, Lb=32, temperature 0.7, top_p 0.9), "
+              f"{len(ops)} ops:")
         for op, ins, outs in ops:
             print(f"  {op:<45} {' '.join(map(str, ins)):<60} -> {' '.join(map(str, outs))}")
     return 1 if bad else 0

@@ -20,23 +20,21 @@ Part 2, the lm_head: hidden (N, D) @ weight.T (V, D) -> log-prob and entropy, fo
 (d hidden and d weight), for the bare matmul alone (no softmax at all: the floor), matmul then the
 Triton kernel on full logits, and kernels.lm_head_logprobs_and_entropy (chunked, recomputing).
 
-Goals (issue 3): forward >= 80% of copy bandwidth; forward+backward <= 7 ms at 16384 x 151936
+Goals: forward >= 80% of copy bandwidth; forward+backward <= 7 ms at 16384 x 151936
 on an H100; peak extra memory O(N) in the forward; fused lm_head within 1.2x of the bare matmul
 with <= 1/8 of the logits' memory. Note the fused path does 4 matmuls to the bare path's 3 (the
 backward recomputes the logits), so 1.33x is its floor where the matmuls dominate.
 """
-import argparse
 import datetime
-import os
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kernels import lm_head_logprobs_and_entropy, logprobs_and_entropy  # noqa: E402
+import flags
+from kernels import lm_head_logprobs_and_entropy, logprobs_and_entropy
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: only the --smoke run of bench/gpu.sh
+DEVICE = flags.device_dtype()[0].type  # cpu: only the --smoke run of bench/gpu.sh
 
 
 def eager(logits, targets, T):
@@ -191,7 +189,7 @@ def bench_lm_head(N, V, D, T, chunks, copy_gbs, rows):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = flags.parser(__doc__)
     ap.add_argument("--n", type=int, default=16384, help="tokens N")
     ap.add_argument("--vocab", type=int, nargs="+", default=[151936, 128256], help="vocab sizes V")
     ap.add_argument("--temperature", type=float, default=1.0, help="softmax temperature")
@@ -207,7 +205,8 @@ def main():
                  "interpreter, which measures nothing); tests/test_kernels.py checks correctness.")
     import triton
 
-    print(f"{torch.cuda.get_device_name() if DEVICE == 'cuda' else 'cpu'} | torch {torch.__version__} | triton {triton.__version__}"
+    print(f"{torch.cuda.get_device_name() if DEVICE == 'cuda' else 'cpu'} | torch {torch.__version__} | "
+          f"triton {triton.__version__}"
           f" | {datetime.date.today()}", flush=True)
     copy_gbs = copy_bandwidth_gbs() if DEVICE == "cuda" else copy_bandwidth_gbs(1 << 20)
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s", flush=True)

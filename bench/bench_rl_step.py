@@ -7,12 +7,12 @@ a temp dir, and reads the per-step timings rl.py logs (t_gen, t_ref, t_update) f
   torchrun --nproc_per_node 8 bench/bench_rl_step.py --shape qwen2.5-7b ...   (same flags)
   python bench/bench_rl_step.py --shape tiny --rollout-batch 2 --samples 2 --new 8 --steps 2   # CPU smoke
 """
-import argparse
 import os
 import tempfile
 
 import torch
 
+import flags
 from shapes import save_random_model
 
 import cli
@@ -22,8 +22,7 @@ import rl
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shape", default="qwen2.5-1.5b", help="model shape (bench/shapes.py)")
+    p = flags.parser(__doc__, shape="qwen2.5-1.5b")
     p.add_argument("--rollout-batch", type=int, default=32, help="prompts per step")
     p.add_argument("--samples", type=int, default=8, help="samples per prompt")
     p.add_argument("--new", type=int, default=1024, help="max new tokens")

@@ -16,14 +16,14 @@ with the copy bandwidth measured here (device-to-device copy: bytes read + writt
   python bench/bench_rollout.py --shape qwen2.5-1.5b --batch 256 --new 1024
   python bench/bench_rollout.py --shape tiny                  # CPU: every path at a tiny shape
   python bench/bench_rollout.py --shape tiny --check          # exactness on this device, no timing
-Targets (issue 10, one H100/H200, 1.5B, batch 256, variable lengths up to 1024): >= 20k useful tok/s
+Targets (one H100/H200, 1.5B, batch 256, variable lengths up to 1024): >= 20k useful tok/s
 and >= 5x the eager loop; at fixed length >= 60 % of the bandwidth bound.
 """
-import argparse
 import time
 
 import torch
 
+import flags
 from shapes import random_model
 
 import engine
@@ -62,9 +62,9 @@ def lengths_law(batch, limit, seed=0):
     return [max(1, int(limit * min(1.0, 0.25 + float(x)))) for x in e]
 
 
-def check(model, device):
+def check(model, device, seed=0):
     """Exactness on this device (fp32): engine greedy == generate greedy; CUDA graphs == eager, same seed."""
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed + 1)
     V = model.config.vocab_size
     prompts = [torch.randint(0, V, (n,), generator=g).tolist() for n in (5, 17, 9, 30)]
     L = max(map(len, prompts))
@@ -77,7 +77,7 @@ def check(model, device):
     kw = dict(max_new_tokens=40, stop_ids=[], pad_id=0, len_bucket=16, check_every=8)
     ours = [o["completion_ids"] for o in engine.generate(model, prompts, temperature=0, **kw)]
     agree = sum(a == b for a, b in zip(ours, ref))
-    s1 = engine.generate(model, prompts, temperature=1.0, top_p=0.9, seed=3, graphs=True if device.type == "cuda" else False, **kw)
+    s1 = engine.generate(model, prompts, temperature=1.0, top_p=0.9, seed=3, graphs=device.type == "cuda", **kw)
     s2 = engine.generate(model, prompts, temperature=1.0, top_p=0.9, seed=3, graphs=False, **kw)
     same = sum(a["completion_ids"] == b["completion_ids"] for a, b in zip(s1, s2))
     gap = max(max(abs(x - y) for x, y in zip(a["logp"], b["logp"])) for a, b in zip(s1, s2))
@@ -86,8 +86,7 @@ def check(model, device):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shape", default="qwen2.5-1.5b", help="model shape (bench/shapes.py)")
+    p = flags.parser(__doc__, shape="qwen2.5-1.5b", seed=True)
     p.add_argument("--batch", type=int, default=256, help="sequences")
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens")
     p.add_argument("--new", type=int, default=1024, help="new tokens per sequence (the limit)")
@@ -96,15 +95,15 @@ def main():
     p.add_argument("--check", action="store_true", help="only check exactness on this device")
     args = p.parse_args()
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device, dtype = flags.device_dtype()
     if args.shape == "tiny" and device.type == "cpu":
         args.batch, args.prompt, args.new = min(args.batch, 8), min(args.prompt, 8), min(args.new, 24)
     if args.check:  # fp32: random weights give near-tied logits, and bf16 rounding would flip the argmax
-        return check(random_model(args.shape, torch.float32, device).eval(), device)
+        return check(random_model(args.shape, torch.float32, device).eval(), device, args.seed)
     model = random_model(args.shape, dtype, device).eval()
     cfg = model.config
-    prompts = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0)).tolist()
+    g = torch.Generator().manual_seed(args.seed)
+    prompts = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt), generator=g).tolist()
     bw = copy_bandwidth(device)
     w_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -124,7 +123,7 @@ def main():
                        do_sample=True, temperature=1.0, top_p=1.0, top_k=0, pad_token_id=0, **kw)
 
     for regime in args.regimes.split(","):
-        limits = lengths_law(args.batch, args.new) if regime == "variable" else [args.new] * args.batch
+        limits = lengths_law(args.batch, args.new, args.seed) if regime == "variable" else [args.new] * args.batch
         useful = sum(limits)
         bound = sum(w_bytes + sum(args.prompt + t for n in limits if n > t) * kv_tok for t in range(args.new)) / bw
         paths = {

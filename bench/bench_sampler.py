@@ -18,15 +18,12 @@ Rows: V = 152,064 (DeepSeek-R1-Distill-Qwen-7B's lm_head) logits σ·N(0, 1), se
   python bench/bench_sampler.py            # ~1 minute on one CPU core
   python bench/bench_sampler.py --rows 64  # cost at a rollout-sized batch
 """
-import argparse
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import sampler  # noqa: E402
+import flags
+import sampler
 
 V = 152_064
 
@@ -90,7 +87,7 @@ def best_ms(fn, reps):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = flags.parser(__doc__)
     ap.add_argument("--rows", type=int, default=8, help="rows sampled at once for the timing")
     ap.add_argument("--reps", type=int, default=10, help="timed calls (the fastest is reported)")
     args = ap.parse_args()
@@ -102,7 +99,8 @@ def main():
         z = torch.randn(1, V, generator=torch.Generator().manual_seed(0)) * sigma
         for top_p in (1.0, 0.95):
             p = exact_p(z, 1.0, top_p)
-            for name, q in (("float32-cdf", tv_float32(z, 1.0, top_p)), ("float64-cdf", sampler.drawn_probabilities(z, 1.0, top_p))):
+            for name, q in (("float32-cdf", tv_float32(z, 1.0, top_p)),
+                            ("float64-cdf", sampler.drawn_probabilities(z, 1.0, top_p))):
                 never = (p > 0) & (q == 0)
                 print(f"| σ = {sigma:g} | {top_p:g} | {name} | {0.5 * (q - p).abs().sum().item():.2e} | "
                       f"{int(never.sum())} ({p[never].sum().item():.1e}) |")

@@ -9,13 +9,13 @@ recomputation of activation checkpointing is not counted (the usual convention).
 
   python bench/bench_sft.py --shape qwen2.5-1.5b --seq 4096 --grad-checkpointing     # one GPU
   python bench/bench_sft.py --shape tiny --seq 256 --steps 2                          # CPU smoke run
-Goal (issue 2): >= 40% MFU on one H100 for the 1.5B shape at 4096 tokens per row.
+Goal: >= 40% MFU on one H100 for the 1.5B shape at 4096 tokens per row.
 """
-import argparse
 import time
 
 import torch
 
+import flags
 from shapes import n_params, peak_flops, random_model
 
 import common
@@ -23,8 +23,7 @@ import sft
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shape", default="qwen2.5-1.5b", help="model shape (bench/shapes.py)")
+    p = flags.parser(__doc__, shape="qwen2.5-1.5b", seed=True)
     p.add_argument("--seq", type=int, default=4096, help="tokens per packed row")
     p.add_argument("--rows", type=int, default=1, help="packed rows per micro-batch")
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps (after 2 warm-up steps)")
@@ -32,8 +31,7 @@ def main():
     p.add_argument("--attn", default="sdpa", help="attn_implementation: sdpa | flex_attention | flash_attention_2")
     args = p.parse_args()
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device, dtype = flags.device_dtype()
     hf = random_model(args.shape, torch.float32, device)
     hf.config._attn_implementation = args.attn
     if args.grad_checkpointing:
@@ -43,7 +41,7 @@ def main():
     V, L, d = hf.config.vocab_size, hf.config.num_hidden_layers, hf.config.hidden_size
     N = n_params(hf)
 
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(args.seed)
     rows, attn_flops = [], 0
     for _ in range(args.rows):  # samples of 256..seq/2 tokens packed into one row
         row, room = [], args.seq

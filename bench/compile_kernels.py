@@ -21,7 +21,6 @@ launched by some recorded call (a new kernel without a launch here fails too). P
 `SKIP: reason` and exits 0 when this triton cannot compile for CUDA offline (no NVIDIA backend,
 no ptxas). Nothing is cached across runs: TRITON_CACHE_DIR is a fresh temporary directory.
 """
-import argparse
 import os
 import re
 import subprocess
@@ -34,7 +33,7 @@ os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-aot-")
 
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import flags  # noqa: E402
 
 SMEM_PER_SM = {80: 164 * 1024, 86: 100 * 1024, 89: 100 * 1024, 90: 228 * 1024}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -111,8 +110,9 @@ def ptxas_stats(ptx, arch):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", default="80,90", help="compute capabilities to compile for, comma-separated (default 80,90)")
+    p = flags.parser(__doc__)
+    p.add_argument("--arch", default="80,90",
+                   help="compute capabilities to compile for, comma-separated (default 80,90)")
     p.add_argument("--dtypes", default="bf16,fp16,fp32", help="logits dtypes, comma-separated (default bf16,fp16,fp32)")
     p.add_argument("--vocab", default=",".join(map(str, VOCABS)),
                    help=f"vocabulary sizes whose launch configs are compiled (default {','.join(map(str, VOCABS))})")

@@ -11,9 +11,9 @@ reduction, AdamW; the reference in bf16, sharded; the reward model whole on ever
 
   python bench/memory_plan.py [--world 8] [--prompt-tokens 512] [--new-tokens 4096]
 """
-import argparse
-
 import torch
+
+import flags
 
 GB = 1e9
 
@@ -26,7 +26,7 @@ def n_params(cfg, cls):
 
 def main():
     from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig, Qwen2Config)
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = flags.parser(__doc__)
     p.add_argument("--world", type=int, default=8, help="GPUs (one FSDP2 shard group)")
     p.add_argument("--rollout-batch", type=int, default=32, help="prompts per step (rl.py default)")
     p.add_argument("--samples", type=int, default=8, help="samples per prompt (rl.py default)")
@@ -48,7 +48,8 @@ def main():
     seqs = args.rollout_batch * args.samples // W  # rollout sequences per rank (one sampler batch of <= 64)
     T = args.prompt_tokens + args.new_tokens
     cap = -(-(T + 16) // 256) * 256  # engine.py's static cache: longest prompt + max new + check_every, 256-bucketed
-    kv_tok = 2 * pol_cfg.num_hidden_layers * pol_cfg.num_key_value_heads * (pol_cfg.hidden_size // pol_cfg.num_attention_heads) * 2  # bytes
+    head_dim = pol_cfg.hidden_size // pol_cfg.num_attention_heads
+    kv_tok = 2 * pol_cfg.num_hidden_layers * pol_cfg.num_key_value_heads * head_dim * 2  # bytes
     D, L = pol_cfg.hidden_size, pol_cfg.num_hidden_layers
 
     rows = [

@@ -1,12 +1,8 @@
 """Random-weight models with the shapes of real checkpoints, for benchmarks (no hub access)."""
-import os
-import sys
-
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-# Qwen2.5 shapes unless `family` says otherwise (config.json of the public checkpoints); "tiny" is for a CPU smoke run of a bench.
+# Qwen2.5 shapes unless `family` says otherwise (config.json of the public checkpoints); "tiny" is for a CPU smoke
+# run of a bench.
 SHAPES = {
     "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                          num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
@@ -23,8 +19,8 @@ SHAPES = {
     "qwen3-1.7b": dict(family="qwen3", hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
                        num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
                        tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
-    "tiny-llama": dict(family="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=False),
+    "tiny-llama": dict(family="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=False),
     "small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
                   num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=True),  # ~41M: CPU numbers
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -11,16 +11,14 @@ and, for comparison, the layouts the engine does not use: decode with unequal he
 mask, prefill with a boolean (rows, 1, P, P) mask. MATH on the engine's rows means the fused kernels
 refused it: read the warnings SDPA prints with only the math backend disabled (printed below then).
 """
-import os
 import platform
-import sys
 import warnings
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import engine  # noqa: E402
-from shapes import SHAPES  # noqa: E402
+import flags
+import engine
+from shapes import SHAPES
 
 
 def versions():
@@ -32,7 +30,8 @@ def versions():
           f"triton {triton.__version__}")
     if cuda:
         p = torch.cuda.get_device_properties(0)
-        print(f"device {p.name} | sm_{p.major}{p.minor} | {p.total_memory / 2**30:.0f} GiB | {p.multi_processor_count} SMs"
+        print(f"device {p.name} | sm_{p.major}{p.minor} | {p.total_memory / 2**30:.0f} GiB | "
+              f"{p.multi_processor_count} SMs"
               f" | {torch.cuda.device_count()} visible")
     else:
         print("device cpu (no CUDA device visible)")
@@ -47,8 +46,7 @@ def choice(q, k, v, mask=None, causal=False, gqa=False):
 
 
 def backends(rows=64, Lb=4864, P=256):
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    dev, dtype = flags.device_dtype()
     print(f"\nSDPA backend per layout ({rows} rows, {Lb} cached tokens, {P}-token prompts, {dtype}):")
     print(f"{'shape':<14}{'H/KV/hd':>10}  {'decode (engine)':<20}{'prefill (engine)':<20}"
           f"{'decode gqa+mask':<20}{'prefill mask':<20}")
@@ -84,8 +82,7 @@ def backends(rows=64, Lb=4864, P=256):
 
 
 if __name__ == "__main__":
-    import argparse
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = flags.parser(__doc__)
     p.add_argument("--rows", type=int, default=64, help="decode rows (default 64)")
     p.add_argument("--cached", type=int, default=4864, help="cached tokens at decode (default 4864)")
     p.add_argument("--prompt", type=int, default=256, help="prompt tokens at prefill (default 256)")

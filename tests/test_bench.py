@@ -19,7 +19,8 @@ def test_gpu_script_smoke_runs_without_the_missing_packages(tmp_path):
                 timeout=1800, check=False)
     log = (out / "gpu.log").read_text()
     assert p.returncode == 0, log[-6000:]
-    for stage in ("versions", "audit", "kernels-compile", "rollout-check", "rollout-1.5b", "kernels", "sft-sdpa", "rl-step",
+    for stage in ("versions", "audit", "kernels-compile", "rollout-check", "rollout-1.5b", "kernels", "sft-sdpa",
+                  "rl-step",
                   "family-tiny-llama"):
         assert f"=== {stage}: rc 0" in log, stage
     assert "check: greedy engine == generate on 4/4 rows" in log

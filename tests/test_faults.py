@@ -1,4 +1,4 @@
-"""Fault injection on real CLI runs (issue 11): SIGKILL at several points (one inside save_state, held
+"""Fault injection on real CLI runs: SIGKILL at several points (one inside save_state, held
 there by the test-only BEYOND_SFT_PAUSE_IN_SAVE hook) then --resume, compared with an uninterrupted
 run; a NaN from a huge --lr; output-dir ownership (lock, --overwrite); a torn metrics line; rollout
 dumps after a resume; checkpoints over training; an evaluation against a faulty 127.0.0.1 server that
