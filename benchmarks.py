@@ -70,9 +70,9 @@ import re
 from collections import defaultdict
 
 
-import cli
 import common
 import judges
+import tables
 import reward
 from common import DataError, UsageError
 
@@ -117,7 +117,7 @@ def load_benchmark(name, spec, limit=None):
     with id, question, gold and extras (category, GPQA options, AIR-Bench cate_idx, XSTest label, JBB attack)."""
     if name == "jbb":
         return first_prompts(load_jbb(spec), limit)
-    rows = cli.read_table(spec)
+    rows = tables.read_table(spec)
     if not rows:
         raise DataError(f"{spec}: no rows")
     items = []
@@ -270,7 +270,7 @@ def build_jobs(benches, samples, seed, temperature):
 def train_overlap(spec, benches, n=13):
     """Per benchmark: how many questions share a 13-gram with a training prompt (common.ngrams)."""
     grams = set()
-    for row in cli.load_pairs(spec, need_response=False):
+    for row in tables.load_pairs(spec, need_response=False):
         grams |= common.ngrams(row["prompt"], n)
     out = {}
     for name, items in benches.items():

@@ -1,23 +1,20 @@
-"""Checkpoints and resume: nothing here changes a number. What a training run leaves in --out, and how a
-run continues from it exactly where it stopped.
+"""Checkpoints: nothing here changes a number. What a training run leaves in --out, and how a run continues
+from it exactly where it stopped (docs/design.md §2, "Checkpoints", is the contract).
 
   save_hf       the Hugging Face export in OUT (from_pretrained / vLLM load it as is) and OUT/checkpoints/step-N,
                 swapped in as a whole; refuses non-finite weights before anything is written
   save_state    sharded model + optimizer (torch.distributed.checkpoint), scheduler, RNG and step into OUT/state,
                 atomically (state.tmp, a COMPLETE marker last, two renames)
-  load_state    --resume: the newest complete state, read without unpickling anything that could run code;
-                metrics.jsonl, rollouts/ and checkpoints/ cut back to its step
-  resume_changes, write_args   --resume keeps the run's flags (args.json); --allow-changes records a change
+  load_state    --resume: the newest complete state, read without running code from it (safeload); metrics.jsonl,
+                rollouts/ and checkpoints/ cut back to its step
   claim_out_dir the --out lock for the run's life; a new run refuses a dir holding another run
   check_finite, check_finite_weights   nothing non-finite is stepped into or written
-  read_records  an append-only record file (evaluate.py's OUT/NAME.jsonl) back as {key: record}
-  model_sha256  a model dir's files by content, with a stat cache (what evaluate.py's resume compares)
 
 Every write goes through files.py (a temp beside its target, renamed when complete) and, under torchrun,
 through write_on_every_rank, so a full disk on one rank stops every rank with the previous save intact.
-docs/design.md §2 ("Checkpoints") is the contract.
+What a resume may reuse (the run's flags, evaluate.py's records) is resume.py's.
 """
-import hashlib
+import errno
 import io
 import json
 import math
@@ -32,7 +29,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from common import (TOKENIZER_FILES, DataError, DiskFull, NonFiniteError, Policy, UsageError, all_reduce, barrier,
+import preflight
+import safeload
+from common import (DataError, DiskFull, NonFiniteError, Policy, UsageError, all_reduce, barrier,
                     broadcast_object, comm_device, gather_objects, is_dist, print0, rank)
 from files import fresh_dir, read_jsonl, remove, write_error, write_files, write_json, write_jsonl
 
@@ -63,7 +62,7 @@ def _link_or_copy(src, dst):
 
 HF_WEIGHT_PREFIXES = ("model.safetensors", "model-0", "pytorch_model")
 # what an export copies from the input checkpoint: the files a tokenizer loads from, and its config and template
-TOKENIZER_EXPORT_FILES = TOKENIZER_FILES + ("tokenizer_config.json", "special_tokens_map.json",
+TOKENIZER_EXPORT_FILES = preflight.TOKENIZER_FILES + ("tokenizer_config.json", "special_tokens_map.json",
                                             "added_tokens.json", "merges.txt", "chat_template.jinja",
                                             "chat_template.json")
 
@@ -181,29 +180,41 @@ _HELD = {}  # realpath of OUT -> open lock file (this process holds its flock)
 RUN_FILES = ("state", "state.old", "state.tmp", "metrics.jsonl", "checkpoints", "rollouts")
 
 
+def _lock(out):
+    """OUT/.lock opened without following a link (a planted one is refused, naming it), its flock taken and
+    this process's pid written into it; a lock another run holds is refused, naming that run's pid."""
+    import fcntl
+    path = os.path.join(out, ".lock")
+    try:
+        f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UsageError(f"--out {out}: {path} is a symbolic link; remove it (the lock is never taken "
+                             f"through a link)") from None
+        raise
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = f.read().strip() or "?"
+        f.close()
+        raise UsageError(f"--out {out} is in use by another run (pid {holder}); wait for it to finish "
+                         f"or pick another --out") from None
+    f.seek(0), f.truncate(), f.write(f"{os.getpid()}\n"), f.flush()
+    return f
+
+
 def claim_out_dir(out, resume=False, overwrite=False):
     """Make this run the owner of OUT: an exclusive fcntl.flock on OUT/.lock held until the process
     ends (rank 0 holds it under torchrun). Without --resume a dir holding a previous run's state or
     metrics is refused unless --overwrite, which deletes those (state*, metrics.jsonl, checkpoints/,
     rollouts/) first. Also finishes an export install a killed run left half done. Collective."""
-    import fcntl
     msg = None
     if rank() == 0:
         key = os.path.realpath(out)
         try:
             os.makedirs(out, exist_ok=True)
             if key not in _HELD:
-                f = open(os.path.join(out, ".lock"), "a+")
-                try:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    f.seek(0)
-                    holder = f.read().strip() or "?"
-                    f.close()
-                    raise UsageError(f"--out {out} is in use by another run (pid {holder}); wait for it to finish "
-                                     f"or pick another --out")
-                f.seek(0), f.truncate(), f.write(f"{os.getpid()}\n"), f.flush()
-                _HELD[key] = f
+                _HELD[key] = _lock(out)
             install_export(out)
             found = [n for n in RUN_FILES if os.path.exists(os.path.join(out, n))]
             if not resume and found:
@@ -331,103 +342,11 @@ def _complete_states(out, world):
     return found
 
 
-# --- reading a state runs no code from it -------------------------------------------------------------
-# torch.distributed.checkpoint (DCP) reads state/.metadata with pickle.load and every non-tensor item of
-# the sharded state (the optimizer's param_groups values) with torch.load(weights_only=False): a crafted
-# state/ would run code on --resume. load_state reads the metadata with an Unpickler that builds only
-# DCP's own metadata classes (below), and each non-tensor item with weights_only=True (plain data only);
-# DCP reads the tensor items with weights_only=True itself, and the extra state is read the same way.
-
-def _metadata_globals():
-    """(module, name) -> object: everything a DCP .metadata pickle may name (torch 2.13 writes the
-    dataclasses of torch.distributed.checkpoint.metadata, _StorageInfo, torch.Size, dtypes, layouts by
-    name and the checkpoint's path); constructing any of them runs no code of the file's choosing."""
-    import pathlib
-    import torch.distributed.checkpoint.filesystem as fs
-    import torch.distributed.checkpoint.metadata as md
-    ok = {(md.__name__, n): c for n, c in vars(md).items() if isinstance(c, type) and c.__module__ == md.__name__}
-    ok.update({("torch", n): v for n, v in vars(torch).items() if isinstance(v, torch.dtype)})
-    ok.update({(fs.__name__, "_StorageInfo"): fs._StorageInfo, ("torch", "Size"): torch.Size,
-               ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
-               ("pathlib", "PosixPath"): pathlib.PosixPath, ("pathlib", "PurePosixPath"): pathlib.PurePosixPath})
-    return ok
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """pickle.Unpickler that resolves only _metadata_globals(): os.system, builtins.eval, ... are refused."""
-
-    def __init__(self, file):
-        super().__init__(file)
-        self.allowed = _metadata_globals()
-
-    def find_class(self, module, name):
-        try:
-            return self.allowed[(module, name)]
-        except KeyError:
-            raise pickle.UnpicklingError(f"it names {module}.{name}, which is not a checkpoint metadata class") \
-                from None
-
-
-def read_state_metadata(path):
-    """DCP's Metadata of the state dir `path`, unpickled by _MetadataUnpickler and checked: every storage
-    item lies in a plain file of `path` with no load transforms. Raises UsageError naming the file."""
-    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-    f = Path(path) / ".metadata"
-    try:
-        with open(f, "rb") as fh:
-            md = _MetadataUnpickler(fh).load()
-        if not isinstance(md, Metadata):
-            raise pickle.UnpicklingError(f"it holds a {type(md).__name__}, not a checkpoint Metadata")
-        for info in md.storage_data.values():
-            name = getattr(info, "relative_path", None)
-            if not isinstance(name, str) or Path(name).name != name or name.startswith(".") or \
-                    getattr(info, "transform_descriptors", None):
-                raise pickle.UnpicklingError(f"a storage item points at {name!r}, not a shard file of the state")
-    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, IndexError, KeyError) as e:
-        raise UsageError(f"--resume: {f}: {e}; refused (resume only from a state this code wrote)") from None
-    md.storage_meta = md.storage_meta or StorageMeta()
-    return md
-
-
-def _load_error(e):
-    """The line of a failed read that says what was wrong (for torch.load(weights_only=True): which global
-    it refused, not its advice to retry with weights_only=False)."""
-    lines = [x.strip() for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
-    return (lines[1] if len(lines) > 1 and lines[0].startswith("Weights only load failed") else lines[0]).rstrip(".")
-
-
-def _dcp_load(sd, path):
-    """dcp.load(sd) from the state dir `path` without unpickling anything that could run code."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-    md = read_state_metadata(path)
-
-    class Reader(dcp.FileSystemReader):
-        def read_metadata(self):  # no **kwargs: DCP then never falls back to per-rank metadata files
-            md.storage_meta.load_id = self.load_id
-            return md
-
-    class Planner(dcp.DefaultLoadPlanner):
-        def load_bytes(self, read_item, value):
-            # DCP's own load_bytes reads the item with torch.load(weights_only=False): read it here with
-            # weights_only=True (plain data or refused), then hand DCP that data re-serialized
-            obj, buf = torch.load(value, weights_only=True), io.BytesIO()
-            torch.save(obj, buf)
-            buf.seek(0)
-            super().load_bytes(read_item, buf)
-
-    try:
-        dcp.load(sd, storage_reader=Reader(path), planner=Planner())
-    except CheckpointException as e:  # a BaseException: one per failed rank, each with its traceback
-        why = _load_error(next(iter(e.failures.values()))[0])
-        raise UsageError(f"--resume: cannot read the sharded state in {path}: {why}; refused") from None
-
-
 def load_state(out, model, optim, sched):
     """--resume: restore the newest complete state among state/, state.old, state.tmp (model,
     optimizer, scheduler, RNG), cut metrics.jsonl, rollouts/ and checkpoints/ back to its step, and
     return that step. Nothing in the state can run code: the extra state is read with
-    torch.load(weights_only=True), the sharded state through _dcp_load."""
+    torch.load(weights_only=True), the sharded state through safeload.dcp_load."""
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     world = dist.get_world_size() if is_dist() else 1
     msg, found = None, []
@@ -449,13 +368,13 @@ def load_state(out, model, optim, sched):
     path = Path(out) / "state"
     msd, osd = get_state_dict(model, optim)
     sd = {"model": msd, "optim": osd}
-    _dcp_load(sd, path)
+    safeload.dcp_load(sd, path)
     set_state_dict(model, optim, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     try:  # weights_only: tensors and plain containers only; a pickled object that would run code is refused
         extra = torch.load(path / f"extra_rank{rank()}.pt", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UsageError(f"--resume: {path / f'extra_rank{rank()}.pt'} holds more than tensors and plain data, "
-                         f"refused (read with weights_only=True): {_load_error(e)}") from None
+                         f"refused (read with weights_only=True): {safeload.load_error(e)}") from None
     set_rng_state(extra["rng"])
     sched.load_state_dict(extra["sched"])
     truncate_metrics(out, extra["step"])
@@ -469,85 +388,6 @@ def load_state(out, model, optim, sched):
     barrier()
     print0(f"resumed from {path} at step {extra['step']}")
     return extra["step"]
-
-
-# --- --resume keeps the run's flags ---------------------------------------------------------------------
-
-# Flags that change no number of a run: where it stops, how often it saves, dumps and logs, what it may
-# load. Every other flag (model, data, optimizer, schedule, batch and sampling settings, estimator, seed,
-# dtype, memory layout) can change what the steps compute, so --resume compares it with the run's args.json.
-RESUME_FREE = ("stop_at", "save_every", "keep_checkpoints", "dump_every", "wandb", "max_kl", "reflection_words",
-               "trust_remote_code")
-_NOT_RUN_FLAGS = ("out", "resume", "overwrite", "allow_changes")  # how this start was asked for, not the run
-
-
-def _flag(dest):
-    return "--" + dest.replace("_", "-")
-
-
-def _shown(v):
-    """A flag's value as a user types it: unset, on / off, a list space-separated, JSON for an object."""
-    if v is None or isinstance(v, bool):
-        return {None: "unset", True: "on", False: "off"}[v]
-    return " ".join(map(str, v)) if isinstance(v, list) else json.dumps(v) if isinstance(v, dict) else str(v)
-
-
-def run_flags(out):
-    """(args.json as written, the flags the run in OUT now has: args.json's with every change an earlier
-    --allow-changes recorded applied in order); (None, None) when OUT has no args.json."""
-    path = Path(out) / "args.json"
-    if not path.exists():
-        return None, None
-    try:
-        rec = json.loads(path.read_text())
-        flags = {k: v for k, v in rec.items() if k != "changes"}
-        for ch in rec.get("changes", []):
-            flags.update((k, new) for k, (_, new) in ch["flags"].items())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise UsageError(f"--resume: {path} is not a run's flags ({e}); cannot check the flags of this start "
-                         f"against the run") from None
-    return rec, flags
-
-
-def resume_changes(args):
-    """--resume: the flags of this start that differ from the run's ({dest: [the run's value, the new one]}),
-    checked before any model loads. Refuses (UsageError naming each flag and both values) a change of
-    a flag outside RESUME_FREE unless --allow-changes; then write_args records it. Every rank reads
-    the same args.json and so takes the same branch."""
-    _, flags = run_flags(args.out)
-    if flags is None:  # no args.json: the run never got past its start, load_state finds no state
-        return {}
-    new = json.loads(json.dumps(vars(args), default=str))  # as args.json holds it (tuples as lists)
-    changes = {k: [flags.get(k), v] for k, v in new.items() if k not in _NOT_RUN_FLAGS and flags.get(k) != v}
-    fixed = {k: ch for k, ch in changes.items() if k not in RESUME_FREE}
-    if fixed and not args.allow_changes:
-        what = ", ".join(f"{_flag(k)} {_shown(v)} (the run's: {_shown(old)})" for k, (old, v) in fixed.items())
-        raise UsageError(f"--resume: {what} would change the run in {args.out} (its args.json); resume with the "
-                         f"run's values, or add --allow-changes to continue with the new ones (both are kept in "
-                         f"args.json)")
-    return changes
-
-
-def write_args(args, step=0, changes=None):
-    """Rank 0: OUT/args.json holds the flags of the run's first start; a resume never rewrites them, it
-    appends {"after_step": S, "flags": {dest: [old, new]}} to its "changes" list when a flag changed (the
-    steps after S ran with the new values)."""
-    rec, _ = run_flags(args.out) if args.resume else (None, None)
-    if rec is None:
-        rec = vars(args)
-    elif changes:
-        rec.setdefault("changes", []).append({"after_step": step, "flags": changes})
-    write_json(Path(args.out) / "args.json", rec)
-
-
-def apply_optimizer_flags(optim, sched, lr, betas, weight_decay):
-    """--resume --allow-changes: the restored optimizer and scheduler carry the run's lr, betas and weight
-    decay; set the new ones, and each group's lr to lr × the (new) schedule at the restored step, the value
-    LambdaLR would have set."""
-    sched.base_lrs = [lr] * len(optim.param_groups)
-    for g, f in zip(optim.param_groups, sched.lr_lambdas):
-        g.update(initial_lr=lr, lr=lr * f(sched.last_epoch), betas=tuple(betas), weight_decay=weight_decay)
-    sched._last_lr = [g["lr"] for g in optim.param_groups]
 
 
 def rng_state():
@@ -574,60 +414,3 @@ def truncate_metrics(out, step):
             if not isinstance(rec.get("step"), int):
                 raise DataError(f"{path}: record {i}: not a metrics record (no integer 'step')")
         write_jsonl(path, [rec for rec in recs if rec["step"] <= step])
-
-
-# --- append-only record files: evaluate.py's OUT/NAME.jsonl grows a record at a time ------------------
-
-def read_records(path, key):
-    """{key(record): record} of an append-only JSONL file (files.read_jsonl's rule: a torn last line is
-    dropped with a warning); a later record of the same key replaces an earlier one (a job redone after a
-    failure); {} when there is no file. A row key() cannot read is a DataError naming the file and row."""
-    recs = {}
-    if os.path.exists(path):
-        for i, r in enumerate(read_jsonl(path, appended=True), 1):
-            try:
-                recs[key(r)] = r
-            except (KeyError, TypeError, ValueError):
-                raise DataError(f"{path}: record {i}: not a generation record (no benchmark, id and sample)") from None
-    return recs
-
-
-# --- the files of a model dir, by content (evaluate.py's resume fingerprint) -------------------------------
-
-# The files of a model dir that decide what it generates (from_pretrained reads them): weights, config,
-# generation config (stop ids), tokenizer and chat template, remote code. Not a training run's args.json,
-# metrics.jsonl or state/, nor what evaluate.py writes when --out is the model dir.
-MODEL_FILES = ("config.json", "generation_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-               "vocab.txt", "merges.txt", "chat_template.jinja", "chat_template.json")
-MODEL_FILE_ENDS = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".model", ".tiktoken", ".py")
-
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def model_sha256(path, cache):
-    """sha256 over the MODEL_FILES of a local model dir, each by its content: a model retrained or replaced
-    at the same path gets another hash, a copy of the same model the same one. Hashing reads every byte
-    (~1.3 GB/s), so a file whose (size, mtime, inode) equal those in `cache` (kept in OUT/run.json by the
-    last run on OUT) reuses the hash recorded there; any other file is read again. Returns (hash, cache
-    for run.json); (None, None) for a hub id, which the fingerprint names instead."""
-    if not os.path.isdir(path):
-        return None, None
-    real, files, h = os.path.realpath(path), {}, hashlib.sha256()
-    old = cache["files"] if (cache or {}).get("dir") == real else {}
-    for name in sorted(os.listdir(path)):
-        f = os.path.join(path, name)
-        if not (name in MODEL_FILES or name.startswith("tokenizer") or name.endswith(MODEL_FILE_ENDS)) \
-                or not os.path.isfile(f):
-            continue
-        st = os.stat(f)
-        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
-        sha = old[name][3] if old.get(name, [])[:3] == stamp else file_sha256(f)
-        files[name] = [*stamp, sha]
-        h.update(f"{name}\0{sha}\n".encode())
-    return h.hexdigest(), {"dir": real, "files": files}

@@ -7,15 +7,10 @@ every problem one line naming the flag, or the file, row and field) and how it e
   ArgumentParser, HelpFormatter   one-line argparse errors; --help shows every default
   check_min, check_range, check_training, check_sampling, check_temperature, check_out_dir, ...
                 flag checks, run before any model or data loads
-  read_table, load_pairs, read_generations   input tables (local .jsonl/.json/.csv/.parquet or a hub dataset)
-                and generation records, every row checked before any model loads
-  check_model   a model dir, before any weight is read
   Logger        the step log: a short line per step on the console, every key in metrics.jsonl
 """
 import argparse
-import csv
 import errno
-import io
 import json
 import math
 import os
@@ -25,8 +20,8 @@ import torch
 
 import checkpoint
 import common
-from common import DataError, StopRun, UsageError
-from files import DISK_FULL, append_jsonl, read_jsonl, read_text, write_error
+from common import StopRun, UsageError
+from files import DISK_FULL, append_jsonl, write_error
 
 DEBUG_ENV = "BEYOND_SFT_DEBUG"  # set to 1: every error shows its traceback
 
@@ -65,11 +60,24 @@ def finish():
 
 # --- flags: the parser, --help with defaults, and the checks every CLI runs before any model or data loads
 
+class Flags(argparse.Namespace):
+    """Parsed flags: vars() holds the flags alone (what args.json keeps); `defaults` the parser's default of
+    each, which --resume takes for a flag the run's args.json lacks (resume.resume_changes)."""
+    __slots__ = ("defaults",)
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser whose errors are one line (`error: argument --x: ...`) instead of the usage block."""
+    """argparse's parser whose errors are one line (`error: argument --x: ...`) instead of the usage block,
+    and whose flags come back as Flags."""
 
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        flags = super().parse_args(args, Flags() if namespace is None else namespace)
+        if isinstance(flags, Flags):
+            flags.defaults = {k: self.get_default(k) for k in vars(flags)}
+        return flags
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -229,207 +237,6 @@ def chat_template_kwargs(text):
     if bad:
         raise argparse.ArgumentTypeError(f"{bad} are apply_chat_template arguments, not template variables")
     return obj
-
-
-# --- input tables: errors name the file, the row and the field (docs/design.md §2) ------------------
-
-
-# Known schemas, by columns: (prompt column candidates, response/gold column candidates)
-PROMPT_FIELDS = ["question", "problem", "prompt", "input", "Question", "instruction"]
-RESPONSE_FIELDS = ["response", "completion", "output", "answer"]
-
-
-def read_csv(path):
-    """CSV rows as dicts keyed by the header; a row with more fields than the header is a DataError."""
-    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
-    try:
-        rows = [dict(r) for r in reader]
-    except csv.Error as e:
-        raise DataError(f"{path}: line {reader.line_num}: not valid CSV ({e})") from None
-    for i, r in enumerate(rows, 1):
-        if None in r:
-            raise DataError(f"{path}: row {i}: {len(reader.fieldnames) + len(r[None])} fields, the header has "
-                            f"{len(reader.fieldnames)} (an unquoted comma?)")
-    return rows
-
-
-def read_generations(path, need=("completion",)):
-    """Generation records (docs/design.md §2) from a JSONL file, refused unless the file exists, holds a
-    record, and every row has the fields `need` (names, or a function row -> names) as strings; `thinking`
-    and `prompt_ids`, where present, must be true / false and a non-empty list of token ids."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: file not found")
-    recs = read_jsonl(path)
-    if not recs:
-        raise DataError(f"{path}: no records")
-    for i, r in enumerate(recs, 1):
-        for f in need(r) if callable(need) else need:
-            if not isinstance(r.get(f), str):
-                raise DataError(f"{path}: row {i}: field '{f}' is missing or not a string")
-        if not isinstance(r.get("thinking", True), bool):
-            raise DataError(f"{path}: row {i}: field 'thinking' is not true or false")
-        ids = r.get("prompt_ids")
-        if ids is not None and not (isinstance(ids, list) and ids and
-                                    all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in ids)):
-            raise DataError(f"{path}: row {i}: field 'prompt_ids' is not a non-empty list of token ids")
-    return recs
-
-
-def read_table(spec, split="train"):
-    """Rows (list of dicts) from a local .jsonl/.json/.csv/.parquet file or a hub dataset id
-    (`id`, `id:split`, `id:config:split`)."""
-    spec = str(spec)
-    ext = os.path.splitext(spec)[1].lower()
-    if ext in (".jsonl", ".json", ".csv", ".parquet") or os.path.exists(spec):
-        if not os.path.isfile(spec):
-            raise DataError(f"{spec}: {'is a directory, not a file' if os.path.isdir(spec) else 'file not found'}")
-        if ext == ".jsonl":
-            return read_jsonl(spec)
-        if ext == ".json":
-            try:
-                data = json.loads(read_text(spec))
-            except json.JSONDecodeError as e:
-                if e.msg == "Extra data":  # really JSON lines
-                    return read_jsonl(spec)
-                raise DataError(f"{spec}: invalid JSON at line {e.lineno} ({e.msg})") from None
-            data = data.get("data", data) if isinstance(data, dict) else data
-            if not isinstance(data, list):
-                raise DataError(f"{spec}: expected a list of objects")
-            for i, r in enumerate(data, 1):
-                if not isinstance(r, dict):
-                    raise DataError(f"{spec}: row {i}: expected an object, got {type(r).__name__}")
-            return data
-        if ext == ".csv":
-            return read_csv(spec)
-        if ext == ".parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-            try:
-                return pq.read_table(spec).to_pylist()
-            except (pa.ArrowException, OSError) as e:
-                raise DataError(f"{spec}: not a readable parquet file ({common.first_line(e)})") from None
-        raise DataError(f"{spec}: unknown file type (want .jsonl, .json, .csv or .parquet)")
-    import datasets  # a hub id
-    parts = spec.split(":")
-    name, config, sp = parts[0], (parts[1] if len(parts) == 3 else None), (parts[-1] if len(parts) > 1 else split)
-    try:
-        return list(datasets.load_dataset(name, config, split=sp))
-    except Exception as e:  # noqa: BLE001 -- many failure types (network, missing config, ...)
-        raise DataError(f"{spec}: cannot load dataset ({type(e).__name__}: {e})") from None
-
-
-def _pick(row, candidates):
-    return next((c for c in candidates if c in row), None)
-
-
-def load_pairs(spec, prompt_field=None, response_field=None, need_response=True, split="train", rows=None):
-    """(prompt, response) rows for SFT / RL prompts, validated before any training starts: those of `rows`
-    when given (spec's table, already read), else read_table(spec). Returns dicts with prompt, [response],
-    id, row (1-based). Errors name file, row and field."""
-    rows = read_table(spec, split) if rows is None else rows
-    if not rows:
-        raise DataError(f"{spec}: no rows")
-    pf = prompt_field or _pick(rows[0], PROMPT_FIELDS)
-    rf = response_field or (_pick(rows[0], RESPONSE_FIELDS) if need_response else None)
-    if pf is None:
-        raise DataError(f"{spec}: row 1: no prompt field (looked for {PROMPT_FIELDS}; use --prompt-field)")
-    if need_response and rf is None:
-        raise DataError(f"{spec}: row 1: no response field (looked for {RESPONSE_FIELDS}; use --response-field)")
-    out = []
-    for i, r in enumerate(rows, 1):
-        item = {"row": i, "id": str(r.get("id", r.get("unique_id", i)))}
-        for key, field in (("prompt", pf), ("response", rf)):
-            if field is None:
-                continue
-            v = r.get(field)
-            if v is None:
-                raise DataError(f"{spec}: row {i}: missing field '{field}'")
-            if not isinstance(v, str) or not v.strip():
-                raise DataError(f"{spec}: row {i}: field '{field}' is empty or not a string")
-            item[key] = v
-        out.append(item)
-    return out
-
-
-# --- model dirs, checked before any weight is read -----------------------------------------------------
-
-HEADS = {"causal-lm": ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "a causal language model (AutoModelForCausalLM)"),
-         "seq-cls": ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
-                     "a sequence classifier (AutoModelForSequenceClassification)")}
-
-
-def read_config(path, what="--model"):
-    """config.json of a local dir or a hub id, as a plain dict (no config class is built, so an unknown
-    model_type can be named)."""
-    from transformers import PretrainedConfig
-    p = common.check_path(path, what)
-    try:
-        return PretrainedConfig.get_config_dict(p)[0]
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{what} {path}: cannot read its config.json ({common.first_line(e)})") from None
-
-
-def check_model(path, what="--model", head="causal-lm", trust_remote_code=False):
-    """A model dir checked before any weight is read and before the first collective, each problem one
-    line naming the dir: config.json names a model_type this transformers knows and, for it, a `head`
-    ("causal-lm", or "seq-cls" for a reward model); a local dir has tokenizer files and
-    safetensors files whose headers are complete and as long as they say (a cut download). A hub id
-    gets the config check (its files are fetched at load). Returns the config dict."""
-    from transformers.models.auto import configuration_auto, modeling_auto
-    cfg = read_config(path, what)
-    mt = cfg.get("model_type")
-    if not (trust_remote_code and "auto_map" in cfg):  # a model with its own code names its own classes
-        if mt not in configuration_auto.CONFIG_MAPPING_NAMES:
-            import transformers
-            raise UsageError(f"{what} {path}: config.json has model_type {mt!r}, unknown to transformers "
-                             f"{transformers.__version__} (a newer transformers, or --trust-remote-code for a model "
-                             f"that ships its own code)")
-        names, kind = HEADS[head]
-        if mt not in getattr(modeling_auto, names):
-            raise UsageError(f"{what} {path}: model_type {mt!r} (architectures {cfg.get('architectures')}) "
-                             f"is not {kind}")
-    p = os.path.expanduser(str(path))
-    if os.path.isdir(p):
-        common.check_tokenizer_files(p, what, path)
-        for f in _safetensors_files(p, what, path):
-            _check_safetensors(os.path.join(p, f), what, path)
-    return cfg
-
-
-def _safetensors_files(p, what, path):
-    """The weight files of a local dir: those its model.safetensors.index.json names, else *.safetensors."""
-    index = os.path.join(p, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        try:
-            files = sorted(set(json.loads(read_text(index))["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise UsageError(f"{what} {path}: model.safetensors.index.json has no weight_map") from None
-    else:
-        files = sorted(f for f in os.listdir(p) if f.endswith(".safetensors"))
-    if not files:
-        raise UsageError(f"{what} {path}: no safetensors weights (model.safetensors or model.safetensors.index.json)")
-    return files
-
-
-def _check_safetensors(f, what, path):
-    """A safetensors file is 8 bytes of header length n, n bytes of JSON header, then the tensor data, whose
-    extent the header's data_offsets give: a shorter file is a cut download or a failed write."""
-    name = os.path.basename(f)
-    if not os.path.isfile(f):
-        raise UsageError(f"{what} {path}: weight file {name} is missing (named by model.safetensors.index.json)")
-    size = os.path.getsize(f)
-    with open(f, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little") if size >= 8 else -1
-        try:
-            header = json.loads(fh.read(n)) if 0 <= n <= size - 8 else None
-        except ValueError:
-            header = None
-    if not isinstance(header, dict):
-        raise UsageError(f"{what} {path}: {name} has no complete safetensors header ({size} bytes): a truncated "
-                         f"or corrupt file; download or export it again")
-    need = 8 + n + max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    if size < need:
-        raise UsageError(f"{what} {path}: {name} is truncated ({size} of {need} bytes); download or export it again")
 
 
 # --- the step log ------------------------------------------------------------------------------------

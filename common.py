@@ -15,7 +15,6 @@ exit policy, input tables and step log in cli.py. The algorithms (losses, advant
 the stage that owns them.
 """
 import datetime
-import glob
 import json
 import math
 import os
@@ -63,33 +62,6 @@ Dist = namedtuple("Dist", "rank local_rank world device")
 DIST_TIMEOUT_MIN = 60.0
 
 
-def nvidia_driver():
-    """The NVIDIA kernel driver's version when this machine has one loaded ('580.65.06'), '' when a GPU device
-    node exists but the version is unreadable, else None."""
-    try:
-        with open("/proc/driver/nvidia/version") as f:
-            m = re.search(r"Kernel Module\s+(?:for \S+\s+)?([\d.]+)", f.read())
-        return m.group(1) if m else ""
-    except OSError:
-        return "" if glob.glob("/dev/nvidia[0-9]*") else None
-
-
-def no_gpu_reason():
-    """Why torch sees no CUDA device, in one sentence naming the likely cause."""
-    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if torch.version.cuda is None:
-        return (f"this torch ({torch.__version__}) is a CPU-only build; install the CUDA build "
-                f"(README, 'GPU install')")
-    if cvd is not None and cvd.strip() in ("", "-1"):
-        return f"CUDA_VISIBLE_DEVICES={cvd!r} hides every GPU"
-    drv = nvidia_driver()
-    if drv is None:
-        return "no NVIDIA driver is loaded on this machine (/proc/driver/nvidia/version is missing)"
-    return (f"torch {torch.__version__} is built for CUDA {torch.version.cuda} and the NVIDIA driver "
-            f"{drv or '(version unknown)'} cannot run it: CUDA 13 builds need driver >= 580, CUDA 12.x builds "
-            f">= 525; update the driver or install torch from PyTorch's CUDA 12.x index (README, 'GPU install')")
-
-
 def resolve_device(device="auto"):
     """'auto' | 'cuda' | 'cpu' -> 'cuda' or 'cpu'. No silent CPU run on a GPU machine: 'cuda' without a usable
     GPU, or 'auto' on a machine with an NVIDIA driver but no GPU torch can use, stops with the likely cause;
@@ -100,9 +72,10 @@ def resolve_device(device="auto"):
         return "cpu"
     if torch.cuda.is_available():
         return "cuda"
-    if device == "cuda" or nvidia_driver() is not None:
+    import preflight  # the device checks (it imports this module's errors)
+    if device == "cuda" or preflight.nvidia_driver() is not None:
         asked = "--device cuda" if device == "cuda" else "this machine has an NVIDIA GPU"
-        raise UsageError(f"{asked}, but torch sees no usable GPU: {no_gpu_reason()}. "
+        raise UsageError(f"{asked}, but torch sees no usable GPU: {preflight.no_gpu_reason()}. "
                          f"Pass --device cpu to run on the CPU on purpose.")
     return "cpu"
 
@@ -219,61 +192,19 @@ def check_path(path, what):
     return p
 
 
-# Files a tokenizer loads from: the fast tokenizer's tokenizer.json, a sentencepiece model (Llama / Gemma's
-# tokenizer.model, DeBERTa-v3's spm.model, XLM-R's sentencepiece.bpe.model), or a slow BPE / WordPiece vocab.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spm.model", "sentencepiece.bpe.model", "vocab.json",
-                   "vocab.txt", "tiktoken.model")
-
-
-def check_tokenizer_files(p, what, path):
-    """A local dir `p` (given as `path` by the flag `what`) holds a file a tokenizer loads from."""
-    if os.path.isdir(p) and not any(os.path.isfile(os.path.join(p, f)) for f in TOKENIZER_FILES):
-        raise UsageError(f"{what} {path}: no tokenizer files (tokenizer.json, or a sentencepiece model such as "
-                         f"tokenizer.model)")
-
-
-def model_context(cfg):
-    """The longest sequence (prompt + completion) a model config is made for, in tokens, or None when it does
-    not say: max_position_embeddings (or n_positions / seq_length), stretched by a RoPE scaling factor when
-    that factor applies to it (YaRN / linear / dynamic over original_max_position_embeddings), as vLLM reads it."""
-    cfg = cfg.get("text_config") or cfg
-    n = next((cfg[k] for k in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
-              if isinstance(cfg.get(k), int)), None)
-    rope = cfg.get("rope_scaling") or {}
-    kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
-    if n and kind in ("yarn", "linear", "dynamic") and rope.get("original_max_position_embeddings", n) == n:
-        n = int(n * float(rope.get("factor", 1.0)))
-    return n
-
-
-ROUND_TRIP = "a b c"  # what every tokenizer must give back unchanged: decode(encode(ROUND_TRIP))
-
-
 def load_tokenizer(path, trust_remote_code=False, require_chat_template=True, what="tokenizer"):
-    """The checkpoint's tokenizer, refused unless decode(encode("a b c")) == "a b c": a tokenizer that loses
-    spaces would silently corrupt every target, rollout, reward input and grade. The known cause is a
-    transformers version that loads the checkpoint as another tokenizer: transformers 5.17 loads
-    DeepSeek-R1-Distill-Llama (tokenizer_class LlamaTokenizerFast over a ByteLevel tokenizer.json) as a
-    Metaspace tokenizer, and "Is it worth me being alive?" comes back "Isitworthmebeingalive?"."""
-    import transformers
+    """The checkpoint's tokenizer, refused unless it gives text back unchanged (preflight.check_tokenizer: one
+    that loses spaces would corrupt every target, rollout, reward input and grade); pad = eos when unset."""
     from transformers import AutoTokenizer
+
+    import preflight
     p = check_path(path, what)
-    check_tokenizer_files(p, what, path)
+    preflight.check_tokenizer_files(p, what, path)
     try:
         tok = AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError) as e:  # a missing / broken file of the user's dir
         raise UsageError(f"{what} {path}: cannot load its tokenizer ({type(e).__name__}: {first_line(e)})") from None
-    back = tok.decode(tok.encode(ROUND_TRIP, add_special_tokens=False), skip_special_tokens=True)
-    if back != ROUND_TRIP:
-        raise UsageError(f"{what} {path}: its tokenizer ({type(tok).__name__}) loses text: decode(encode("
-                         f"{ROUND_TRIP!r})) = {back!r}, which would corrupt every target, rollout, reward input and "
-                         f"grade. The known cause is the transformers version (installed: {transformers.__version__}): "
-                         f"5.17 loads DeepSeek-R1-Distill-Llama's tokenizer (tokenizer_class LlamaTokenizerFast over a "
-                         f"ByteLevel tokenizer.json) as a Metaspace one and drops every space; install the versions "
-                         f"requirements.txt pins")
-    if require_chat_template and not tok.chat_template:
-        raise UsageError(f"{what} {path}: its tokenizer has no chat template (chat_template.jinja or "
-                         f"tokenizer_config.json chat_template)")
+    preflight.check_tokenizer(tok, what, path, require_chat_template)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # pad may equal eos: masks are carried explicitly everywhere
     return tok

@@ -75,6 +75,8 @@ from tqdm import tqdm
 import cli
 import common
 import files
+import preflight
+import tables
 from common import DataError
 
 DEFAULT_WORDS = "wait,Wait,but,But,Alternatively"
@@ -350,7 +352,7 @@ def parse_named(specs, flag):
 
 def read_records(path, temperature):
     """Generation records of one file, checked field by field; resolves the scoring temperature."""
-    recs = cli.read_generations(path, need=("prompt", "completion"))
+    recs = tables.read_generations(path, need=("prompt", "completion"))
     for row, r in enumerate(recs, 1):
         r["row"] = row
     if temperature is None:
@@ -509,7 +511,7 @@ def main(argv=None):
     # every input is checked (files, rows, model paths) before any model runs or anything is written
     models, inputs = parse_named(args.model, "--model"), parse_named(args.input, "--input")
     for name, path in models:  # before any weight is read
-        cli.check_model(path, f"--model {name}", trust_remote_code=args.trust_remote_code)
+        preflight.check_model(path, f"--model {name}", trust_remote_code=args.trust_remote_code)
     data = {name: read_records(path, args.temperature) for name, path in inputs}
     toks = {name: common.load_tokenizer(path, trust_remote_code=args.trust_remote_code, what=f"--model {name}")
             for name, path in models}
@@ -518,7 +520,7 @@ def main(argv=None):
             raise common.UsageError(f"--model {name}: needs a fast tokenizer (token character offsets)")
         for dname, path in inputs:
             check_prompt_ids(path, data[dname][0], tok, name)
-    mem_rows = cli.load_pairs(args.memorization) if args.memorization else []
+    mem_rows = tables.load_pairs(args.memorization) if args.memorization else []
     mem_rows = mem_rows[:args.mem_limit] if args.mem_limit > 0 else mem_rows
 
     # --- compute: each rank scores its shard of the records, one model at a time --------------------------

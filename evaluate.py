@@ -42,7 +42,10 @@ import common
 import files
 import engine
 import judges
+import preflight
+import resume
 import reward
+import tables
 from common import DataError, UsageError
 
 DEFAULT_SAFETY_RM = "OpenAssistant/reward-model-deberta-v3-large-v2"
@@ -372,9 +375,9 @@ def check_graders(names, args):
     """The grading models of the benchmarks in `names`, before any generation: --safety-rm (AttaQ) a
     sequence classifier, a local --judge (AIR-Bench) a causal LM whose tokenizer has a chat template."""
     if "attaq" in names:
-        cli.check_model(args.safety_rm, "--safety-rm", "seq-cls", trust_remote_code=args.trust_remote_code)
+        preflight.check_model(args.safety_rm, "--safety-rm", "seq-cls", trust_remote_code=args.trust_remote_code)
     if "airbench" in names and args.judge and not args.judge_url:
-        cli.check_model(args.judge, "--judge", trust_remote_code=args.trust_remote_code)
+        preflight.check_model(args.judge, "--judge", trust_remote_code=args.trust_remote_code)
         common.load_tokenizer(args.judge, args.trust_remote_code, what="--judge")  # it must have a chat template
 
 
@@ -415,7 +418,7 @@ def fingerprint(args, tok, rows, jobs, names):
     by the chat template, --chat-template-kwargs and the sha256 of the token ids the benchmark's first
     prompt is sent as (anything else that changes prompt ids, the tokenizer included). Returns (per
     benchmark fingerprint, the model files' hash cache for run.json)."""
-    model_hash, files = checkpoint.model_sha256(args.model, run_meta(args.out).get("model_files"))
+    model_hash, files = resume.model_sha256(args.model, run_meta(args.out).get("model_files"))
     sha = lambda x: hashlib.sha256(json.dumps(x, sort_keys=True).encode()).hexdigest()  # noqa: E731
     common_fp = {"model": args.model, "model_sha256": model_hash, "api_url": bool(args.api_url),
                  "api_model": args.api_model, "temperature": args.temperature, "top_p": args.top_p,
@@ -440,9 +443,9 @@ def _changed(k, old, fp):
 
 
 def read_records(out, names):
-    """{(benchmark, id, sample): record} of OUT/NAME.jsonl for every name (checkpoint.read_records: a torn
+    """{(benchmark, id, sample): record} of OUT/NAME.jsonl for every name (resume.read_records: a torn
     last line is dropped with a warning; a later record of the same job replaces an earlier one)."""
-    return {k: r for n in names for k, r in checkpoint.read_records(os.path.join(out, f"{n}.jsonl"), key).items()}
+    return {k: r for n in names for k, r in resume.read_records(os.path.join(out, f"{n}.jsonl"), key).items()}
 
 
 def extras(out, name, order):
@@ -505,7 +508,7 @@ def check_eval_args(args):
     if args.api_url and not args.api_model:
         raise UsageError("--api-url needs --api-model (the model name the server serves)")
     cli.check_out_dir(args.out)
-    cfg = None if args.api_url else cli.check_model(args.model, "--model", trust_remote_code=args.trust_remote_code)
+    cfg = None if args.api_url else preflight.check_model(args.model, "--model", trust_remote_code=args.trust_remote_code)
     check_graders(args.benchmarks, args)
     return cfg
 
@@ -526,7 +529,7 @@ def read_inputs(args, names, samples, cfg):
     overlap = benchmarks.train_overlap(args.train_data, benches) if args.train_data else {}
     tok = common.load_tokenizer(args.model, args.trust_remote_code, what="--model")
     jobs = benchmarks.build_jobs(benches, samples, args.seed, args.temperature)
-    check_context(jobs, tok, args, common.model_context(cfg) if cfg else None)
+    check_context(jobs, tok, args, preflight.model_context(cfg) if cfg else None)
     return rows, benches, jp, templates, overlap, tok, jobs
 
 
@@ -614,7 +617,7 @@ def run_grade(args):
             + ["gold"] * (b in benchmarks.MATH or (b == "gpqa_diamond" and "perm" not in r)) \
             + ["label"] * (b == "xstest") \
             + ["goal", "attack", "index"] * (b == "jbb")
-    recs = cli.read_generations(args.input, need)
+    recs = tables.read_generations(args.input, need)
     for i, r in enumerate(recs, 1):
         if r["benchmark"] not in benchmarks.BENCHMARKS and r["benchmark"] != "rl":
             raise DataError(f"{args.input}: row {i}: field 'benchmark': unknown benchmark {r['benchmark']!r}")

@@ -14,9 +14,9 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 
 import api
-import cli
 import common
 import engine
+import tables
 from common import DataError, UsageError
 from reward import REFUSAL_CLASSES
 
@@ -74,7 +74,7 @@ def load_judge_prompts(spec):
     """AIR-Bench judge prompts: {cate-idx: judge_prompt}, each checked for both JUDGE_PLACEHOLDERS (a
     prompt without {{ANSWER}} would have the judge score answers it never sees)."""
     out = {}
-    for i, r in enumerate(cli.read_table(spec), 1):
+    for i, r in enumerate(tables.read_table(spec), 1):
         for f in ("cate-idx", "judge_prompt"):
             if not str(r.get(f) or "").strip():
                 raise DataError(f"{spec}: row {i}: missing or empty field '{f}'")

@@ -56,6 +56,8 @@ import torch
 import cli
 import common
 import files
+import preflight
+import tables
 from common import DataError, UsageError
 
 DEFAULT_RM = "Skywork/Skywork-Reward-V2-Llama-3.1-8B"
@@ -115,7 +117,7 @@ class RewardModel:
         p = os.path.expanduser(str(path))
         try:
             model = AutoModelForSequenceClassification.from_pretrained(p, **kw)
-        except (OSError, ValueError) as e:  # a hub id cli.check_model could not look into
+        except (OSError, ValueError) as e:  # a hub id preflight.check_model could not look into
             raise UsageError(f"cannot load reward model from {path}: {common.first_line(e)}") from None
         if model.config.num_labels != 1:
             raise UsageError(f"reward model {path} has {model.config.num_labels} outputs; want 1")
@@ -503,8 +505,8 @@ def main(argv=None):
         raise UsageError("nothing to score: give --reward-model and/or --rule")
     cli.check_out_file(args.out)
     if args.reward_model:
-        cli.check_model(args.reward_model, "--reward-model", "seq-cls", trust_remote_code=args.trust_remote_code)
-    recs = cli.read_generations(args.input, ["completion"] + ["prompt"] * bool(args.reward_model)
+        preflight.check_model(args.reward_model, "--reward-model", "seq-cls", trust_remote_code=args.trust_remote_code)
+    recs = tables.read_generations(args.input, ["completion"] + ["prompt"] * bool(args.reward_model)
                                    + ["gold"] * ("math" in dict(rules.rules)))
     parts = [rules.parts(r["completion"], r.get("gold"), r.get("thinking", True)) for r in recs]
     if args.reward_model:

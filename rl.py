@@ -79,7 +79,10 @@ import cli
 import common
 import engine
 import files
+import preflight
+import resume
 import reward
+import tables
 from common import DataError, NonFiniteError, StopRun, UsageError, all_reduce, pad_right, positions_from_mask
 from entropy import DEFAULT_WORDS, reflection_mask, word_set
 
@@ -300,8 +303,8 @@ def load_prompts(args, tok, rules, ctx=None):
     prompt splits into reasoning and answer) and, for --rule math, the gold answer (validated first). Prompts
     longer than --max-prompt-len, or than the model's context `ctx` minus --max-new-tokens, are dropped
     (counted). Returns (rows, n dropped, the length limit that applied)."""
-    table = cli.read_table(args.prompts)  # read once: the prompts and, for --rule math, the gold answers
-    rows = cli.load_pairs(args.prompts, args.prompt_field, need_response=False, rows=table)
+    table = tables.read_table(args.prompts)  # read once: the prompts and, for --rule math, the gold answers
+    rows = tables.load_pairs(args.prompts, args.prompt_field, need_response=False, rows=table)
     gold_field = args.gold_field or ("answer" if rules and any(r == "math" for r, _ in rules.rules) else None)
     for r in rows:
         if gold_field and gold_field not in table[r["row"] - 1]:
@@ -578,7 +581,8 @@ def get_args(argv=None):
     a = p.add_argument_group("checkpoints and logging").add_argument
     a("--resume", action="store_true", help="continue from the newest complete state in OUT, with the run's "
       "flags (args.json); only --stop-at, --save-every, --keep-checkpoints, --dump-every, --max-kl, "
-      "--reflection-words, --wandb and --trust-remote-code may change")
+      "--reflection-words, --wandb, --trust-remote-code, --dist-timeout and a --device that resolves to the same "
+      "device may change; a flag newer than the run's args.json takes its default")
     a("--allow-changes", action="store_true", help="with --resume: continue with changed flags (args.json keeps "
       "the run's and records each change with the step it took effect after)")
     a("--overwrite", action="store_true", help="replace a previous run in OUT (its state, metrics, rollouts)")
@@ -641,12 +645,12 @@ def check_args(args, world):
 
 
 def check_models(args):
-    """--model and --reward-model, before any weight is read (cli.check_model); returns the policy's
+    """--model and --reward-model, before any weight is read (preflight.check_model); returns the policy's
     context length (None when its config does not say), which bounds --max-new-tokens and the prompts."""
-    cfg = cli.check_model(args.model, "--model", trust_remote_code=args.trust_remote_code)
+    cfg = preflight.check_model(args.model, "--model", trust_remote_code=args.trust_remote_code)
     if args.reward_model:
-        cli.check_model(args.reward_model, "--reward-model", "seq-cls", trust_remote_code=args.trust_remote_code)
-    ctx = common.model_context(cfg)
+        preflight.check_model(args.reward_model, "--reward-model", "seq-cls", trust_remote_code=args.trust_remote_code)
+    ctx = preflight.model_context(cfg)
     if ctx and args.max_new_tokens >= ctx:
         raise UsageError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the context of "
                          f"--model {args.model} ({ctx} tokens, its config.json)")
@@ -668,7 +672,7 @@ def main(argv=None):
     tok = common.load_tokenizer(args.model, args.trust_remote_code, what="--model")
     rows, n_long, why_long = load_prompts(args, tok, rules, ctx)
     checkpoint.claim_out_dir(args.out, args.resume, args.overwrite)  # the run's lock; refuses another run's dir
-    changes = checkpoint.resume_changes(args) if args.resume else {}  # a changed flag: refused unless --allow-changes
+    changes = resume.resume_changes(args) if args.resume else {}  # a changed flag: refused unless --allow-changes
 
     # --------------------------------------------------------------------------- models
     policy, export_dtype, ref, ref_on_device, rm = build_models(args, d, dtype)
@@ -683,10 +687,10 @@ def main(argv=None):
 
     step = checkpoint.load_state(args.out, policy, opt, sched) if args.resume else 0
     if args.allow_changes and changes:  # the restored optimizer and scheduler still hold the run's values
-        checkpoint.apply_optimizer_flags(opt, sched, args.lr, args.betas, args.weight_decay)
+        resume.apply_optimizer_flags(opt, sched, args.lr, args.betas, args.weight_decay)
     if d.rank == 0:
         os.makedirs(os.path.join(args.out, "rollouts"), exist_ok=True)
-        checkpoint.write_args(args, step, changes)
+        resume.write_args(args, step, changes)
     log = cli.Logger(args.out, args.max_steps, args.wandb, vars(args), show=CONSOLE)
     stop = min(args.max_steps, args.stop_at or args.max_steps)
     common.print0(f"rl: {len(rows)} prompts ({n_long} dropped: longer than {why_long}), "

@@ -49,6 +49,9 @@ import torch
 import checkpoint
 import cli
 import common
+import preflight
+import resume
+import tables
 from common import DataError, UsageError, all_reduce
 
 # Model types whose transformers forward keeps packed samples apart when position ids restart at 0 per
@@ -72,7 +75,7 @@ def decontaminate(examples, files):
     """Drop training rows whose prompt shares a 13-gram with any prompt of the eval files."""
     eval_grams = set()
     for f in files.split(","):
-        for r in cli.load_pairs(f, need_response=False):
+        for r in tables.load_pairs(f, need_response=False):
             eval_grams |= common.ngrams(r["prompt"])
     keep = [e for e in examples if not (common.ngrams(e["prompt"]) & eval_grams)]
     dropped = [e["id"] for e in examples if common.ngrams(e["prompt"]) & eval_grams]
@@ -82,7 +85,7 @@ def decontaminate(examples, files):
 def load_examples(args, tok):
     """1. data: rows -> decontaminated -> rendered (ids, loss mask) pairs; rows with no target token left
     within --max-len are skipped (counted)."""
-    rows = cli.load_pairs(args.data, args.prompt_field, args.response_field)
+    rows = tables.load_pairs(args.data, args.prompt_field, args.response_field)
     if args.decontaminate:
         rows, dropped = decontaminate(rows, args.decontaminate)
         common.print0(f"decontaminate: dropped {len(dropped)} rows sharing a 13-gram with {args.decontaminate}: "
@@ -233,8 +236,9 @@ def get_args(argv=None):
     cli.add_compute_flags(a)
     a = p.add_argument_group("checkpoints and logging").add_argument
     a("--resume", action="store_true", help="continue from the newest complete state in OUT, with the run's "
-      "flags (args.json); only --stop-at, --save-every, --keep-checkpoints, --dump-every, --max-kl, "
-      "--reflection-words, --wandb and --trust-remote-code may change")
+      "flags (args.json); only --stop-at, --save-every, --keep-checkpoints, --wandb, --trust-remote-code, "
+      "--dist-timeout and a --device that resolves to the same device may change; a flag newer than the run's "
+      "args.json takes its default")
     a("--allow-changes", action="store_true", help="with --resume: continue with changed flags (args.json keeps "
       "the run's and records each change with the step it took effect after)")
     a("--overwrite", action="store_true", help="replace a previous run in OUT (its state and metrics)")
@@ -257,7 +261,7 @@ def check_args(args):
     if args.wandb:
         cli.import_optional("wandb", "--wandb")
     cli.check_out_dir(args.out)
-    cli.check_model(args.model, "--model", trust_remote_code=args.trust_remote_code)
+    preflight.check_model(args.model, "--model", trust_remote_code=args.trust_remote_code)
 
 
 def main(argv=None):
@@ -279,7 +283,7 @@ def main(argv=None):
     warmup = max(1, round(args.warmup_ratio * total))
 
     checkpoint.claim_out_dir(args.out, args.resume, args.overwrite)  # the run's lock; refuses another run's dir
-    changes = checkpoint.resume_changes(args) if args.resume else {}  # a changed flag: refused unless --allow-changes
+    changes = resume.resume_changes(args) if args.resume else {}  # a changed flag: refused unless --allow-changes
 
     # --------------------------------------------------------------------------- model + optimizer
     policy, export_dtype = common.build_policy(args.model, d, dtype, args.grad_checkpointing, args.cpu_offload,
@@ -297,9 +301,9 @@ def main(argv=None):
 
     step = checkpoint.load_state(args.out, policy, opt, sched) if args.resume else 0
     if args.allow_changes and changes:  # the restored optimizer and scheduler still hold the run's values
-        checkpoint.apply_optimizer_flags(opt, sched, args.lr, args.betas, args.weight_decay)
+        resume.apply_optimizer_flags(opt, sched, args.lr, args.betas, args.weight_decay)
     if d.rank == 0:
-        checkpoint.write_args(args, step, changes)
+        resume.write_args(args, step, changes)
     log = cli.Logger(args.out, total, args.wandb, vars(args))
     common.print0(f"sft: {len(examples)} examples, {spe} steps/epoch, {total} steps (stop at {stop}), world {d.world}"
                   f"{f' (HSDP {replicate} x {d.world // replicate})' if replicate > 1 else ''}, dtype {dtype}")

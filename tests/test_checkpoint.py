@@ -21,6 +21,8 @@ import checkpoint
 import common
 import evaluate
 import files
+import preflight
+import resume
 import rl
 import sft
 
@@ -67,8 +69,7 @@ def rl_run(tiny_model, inputs, tmp_path_factory):
 def no_model_loads(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a model was loaded before the flags were compared with args.json")
-    for mod in (sft, rl):
-        monkeypatch.setattr(mod, "build_policy", boom)
+    monkeypatch.setattr(common, "build_policy", boom)
 
 
 @pytest.mark.parametrize("stage,flag,value,was", [
@@ -124,6 +125,39 @@ def test_resume_with_free_flags_and_allow_changes(tiny_model, inputs, sft_run, t
     assert [json.loads(x)["step"] for x in open(out / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
+def test_resume_frees_how_a_start_runs_and_reads_an_older_args_json(tiny_model, inputs, sft_run, tmp_path,
+                                                                     monkeypatch, capsys):
+    """--dist-timeout and a --device that resolves to the same device change no number: a resume may change
+    them (the usual reason to resume is a job stopped by the collective timeout). A flag the run's args.json
+    lacks (written before the flag existed) has its parser default there: a plain resume is no change, a
+    value other than the default is one."""
+    out = tmp_path / "o"
+    shutil.copytree(sft_run, out)
+    rec = json.loads((out / "args.json").read_text())
+    older = {k: v for k, v in rec.items() if k not in ("device", "dist_timeout", "answer_only")}
+    (out / "args.json").write_text(json.dumps(older))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(preflight, "nvidia_driver", lambda: None)  # a CPU machine: auto resolves to cpu
+    argv = sft_args(tiny_model, inputs["sft"], out, "--resume")
+    changes = lambda *extra: resume.resume_changes(sft.get_args([*argv, "--stop-at", "2", *extra]))  # noqa: E731
+    assert changes() == {}
+    assert changes("--dist-timeout", "120", "--device", "cpu") == {"dist_timeout": [60.0, 120.0],
+                                                                   "device": ["auto", "cpu"]}
+    with pytest.raises(common.UsageError, match=r"--answer-only on \(the run's: off\)"):
+        changes("--answer-only")
+    with pytest.raises(common.UsageError, match=r"--device cuda \(the run's: auto\)"):
+        changes("--device", "cuda")  # no GPU here: another device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine: auto resolves to cuda
+    assert changes("--device", "cuda") == {"device": ["auto", "cuda"]}
+    with pytest.raises(common.UsageError, match=r"--device cpu \(the run's: auto\)"):
+        changes("--device", "cpu")
+    monkeypatch.undo()
+    code, _, err = run_main(monkeypatch, capsys, sft, [*argv, "--dist-timeout", "120", "--device", "cpu"])
+    assert code == 0, err
+    assert json.loads((out / "args.json").read_text())["changes"] == [
+        {"after_step": 2, "flags": {"stop_at": [2, None], "device": ["auto", "cpu"], "dist_timeout": [60.0, 120.0]}}]
+
+
 # --- 3. reading a state runs no code ----------------------------------------------------------------------
 
 def train_objects(model_dir):
@@ -152,9 +186,9 @@ def state(tiny_model, inputs, tmp_path_factory):
     return out, (policy, opt, sched)
 
 
-def resume(out, model_dir, inputs):
+def resume_from(out, model_dir, inputs):
     """What --resume reads, in order: args.json (resume_changes), then the state (load_state)."""
-    checkpoint.resume_changes(sft.get_args(sft_args(model_dir, inputs["sft"], out, "--resume")))
+    resume.resume_changes(sft.get_args(sft_args(model_dir, inputs["sft"], out, "--resume")))
     objs = train_objects(model_dir)
     return checkpoint.load_state(out, *objs), objs
 
@@ -183,7 +217,7 @@ def test_honest_state_restores_bit_exactly(state, tiny_model, inputs):
     out, (policy, opt, sched) = state
     _OPENED = []
     try:
-        step, (p2, o2, s2) = resume(out, tiny_model, inputs)
+        step, (p2, o2, s2) = resume_from(out, tiny_model, inputs)
     finally:
         opened, _OPENED = _OPENED, None
     assert step == 1
@@ -266,7 +300,7 @@ def test_payload_in_any_state_file_never_runs(where, state, tiny_model, inputs, 
     shutil.copytree(state[0], out)
     PLANTS[where](out, marker)
     with pytest.raises(common.UsageError) as e:
-        resume(out, tiny_model, inputs)
+        resume_from(out, tiny_model, inputs)
     assert not marker.exists()
     msg = str(e.value)
     assert "\n" not in msg and ("--resume" in msg or "metrics.jsonl" in msg), msg
@@ -308,8 +342,8 @@ def test_evaluate_rerun_refuses_stale_records(tiny_model, tmp_path, monkeypatch,
     recs = (out / "math500.jsonl").read_bytes()
 
     hashed = []
-    real = checkpoint.file_sha256
-    monkeypatch.setattr(checkpoint, "file_sha256", lambda p: hashed.append(os.path.basename(p)) or real(p))
+    real = resume.file_sha256
+    monkeypatch.setattr(resume, "file_sha256", lambda p: hashed.append(os.path.basename(p)) or real(p))
     code, stdout, err = run_main(monkeypatch, capsys, evaluate, argv)
     assert code == 0 and "3 already in" in stdout and hashed == [], (err, hashed)  # the (size, mtime) cache
     shutil.copy(tiny_model + "/model.safetensors", model / "model.safetensors")  # the same bytes, a new mtime
@@ -349,13 +383,13 @@ def test_every_jsonl_reader_drops_a_torn_last_line_and_names_a_bad_one_elsewhere
     torn.write_text(json.dumps(rec) + "\n" + '{"benchmark": "attaq", "id": "2", "samp')
     assert files.read_jsonl(torn, appended=True) == [rec]
     assert "dropped a torn last line (row 2)" in capsys.readouterr().out
-    assert list(checkpoint.read_records(torn, evaluate.key)) == [("attaq", "1", 0)]
+    assert list(resume.read_records(torn, evaluate.key)) == [("attaq", "1", 0)]
     assert report.read_jsonl(torn) == [rec] and curves.read_metrics(torn) == [rec]
     with pytest.raises(common.DataError, match=r"torn.jsonl: row 2: invalid JSON"):
         files.read_jsonl(torn)  # an input table: a torn line is an error like any other
     middle = tmp_path / "middle.jsonl"
     middle.write_text('{"benchmark": "attaq", "id": "2", "samp\n' + json.dumps(rec) + "\n")
-    for read in (lambda p: files.read_jsonl(p, appended=True), lambda p: checkpoint.read_records(p, evaluate.key),
+    for read in (lambda p: files.read_jsonl(p, appended=True), lambda p: resume.read_records(p, evaluate.key),
                  report.read_jsonl):
         with pytest.raises(common.DataError, match=r"middle.jsonl: row 1: invalid JSON"):
             read(middle)

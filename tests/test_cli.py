@@ -23,9 +23,11 @@ import common
 import files
 import entropy
 import evaluate
+import preflight
 import reward
 import rl
 import sft
+import tables
 from conftest import write_jsonl
 from test_faults import inputs, no_loads, run_main, rl_args, sft_args, stage_cmd  # noqa: F401 -- fixtures
 
@@ -45,15 +47,14 @@ def no_weights(monkeypatch):
     """Any weight load fails the test (tokenizers may load: rendering prompts needs them)."""
     def boom(*a, **k):
         raise AssertionError("model weights were loaded before the inputs were checked")
-    for mod, name in [(common, "load_model"), (common, "build_policy"), (sft, "build_policy"), (rl, "build_policy"),
-                      (reward, "RewardModel")]:
+    for mod, name in [(common, "load_model"), (common, "build_policy"), (reward, "RewardModel")]:
         monkeypatch.setattr(mod, name, boom)
 
 
 def recs_file(path, n=2):
     return write_jsonl(path, [{"benchmark": "attaq", "id": str(i), "sample": 0, "prompt": f"p{i}",
-                               "completion": "<think>\nWait, no.\n</think>\n\nI cannot help with that."}
-                              for i in range(n)])
+                               "completion": "<think>\nWait, no.\n</think>\n\nI cannot help with that.",
+                               "temperature": 0.6} for i in range(n)])
 
 
 def command(stage, model, inputs, tmp, extra=()):
@@ -134,12 +135,12 @@ def test_non_utf8_byte_names_file_and_line(stage, flag, tiny_model, inputs, tmp_
 def test_byte_order_marks_are_dropped(tmp_path):
     """Excel and Notepad save UTF-8 with a BOM: the first column keeps its name (AttaQ's 'input')."""
     (tmp_path / "a.csv").write_bytes(b"\xef\xbb\xbfinput,label\nHow do I pick a lock?,violence\n")
-    assert cli.read_table(tmp_path / "a.csv") == [{"input": "How do I pick a lock?", "label": "violence"}]
+    assert tables.read_table(tmp_path / "a.csv") == [{"input": "How do I pick a lock?", "label": "violence"}]
     assert benchmarks.load_benchmark("attaq", str(tmp_path / "a.csv"))[0]["category"] == "violence"
     (tmp_path / "b.jsonl").write_bytes(b'\xef\xbb\xbf{"question": "q", "response": "r"}\n')
-    assert cli.load_pairs(str(tmp_path / "b.jsonl"))[0]["prompt"] == "q"
+    assert tables.load_pairs(str(tmp_path / "b.jsonl"))[0]["prompt"] == "q"
     (tmp_path / "c.json").write_bytes(b'\xef\xbb\xbf[{"question": "q", "response": "r"}]')
-    assert cli.read_table(str(tmp_path / "c.json")) == [{"question": "q", "response": "r"}]
+    assert tables.read_table(str(tmp_path / "c.json")) == [{"question": "q", "response": "r"}]
 
 
 def test_a_json_string_may_hold_a_line_separator(tmp_path):
@@ -338,7 +339,7 @@ def test_prompt_longer_than_the_context(tiny_model, tmp_path, no_weights, monkey
                         "--rollout-batch", "1", "--max-new-tokens", "24"])
     rows, n_long, why = rl.load_prompts(args, tok, None, ctx=1024)
     assert len(rows) == 1 and n_long == 1 and why == "1000 tokens: the context 1024 minus --max-new-tokens 24"
-    assert common.model_context({"max_position_embeddings": 32768, "rope_scaling": {
+    assert preflight.model_context({"max_position_embeddings": 32768, "rope_scaling": {
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}) == 131072
 
 
@@ -478,6 +479,32 @@ def test_planted_symlinks_are_never_followed(tiny_model, inputs, tmp_path, monke
     assert (outside / "model.safetensors").read_text() == "not mine to move"
     assert json.load(open(out / "args.json"))["max_steps"] == 1 and not any(p.is_symlink() for p in out.iterdir())
     assert os.path.getsize(out / "model.safetensors") > 100_000
+
+
+def test_a_planted_lock_or_appended_file_link_is_refused(tiny_model, inputs, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """A link at OUT/.lock or at a file the stages append to (metrics.jsonl, evaluate.py's NAME.jsonl) is
+    refused with one line naming it, and its target is neither written nor created. On the old code the
+    lock wrote its pid into the target and the appends created the target and wrote the records there."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "lock.txt").write_text("precious data")
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / ".lock").symlink_to(outside / "lock.txt")
+    argv = sft_args(tiny_model, inputs["sft"], out, "--max-steps", "1")[1:]
+    code, _, err = run_main(monkeypatch, capsys, sft, argv)
+    one_error(code, err, 2, out / ".lock", "symbolic link")
+    assert (outside / "lock.txt").read_text() == "precious data"
+    (out / ".lock").unlink()
+    (out / "metrics.jsonl").symlink_to(outside / "metrics.jsonl")  # dangling: the append would create it
+    code, _, err = run_main(monkeypatch, capsys, sft, argv)
+    one_error(code, err, 2, out / "metrics.jsonl", "symbolic link")
+    assert sorted(os.listdir(outside)) == ["lock.txt"]
+    (outside / "n.jsonl").write_text("")
+    (out / "n.jsonl").symlink_to(outside / "n.jsonl")
+    with pytest.raises(common.UsageError, match="n.jsonl is a symbolic link"):
+        files.append_jsonl(out / "n.jsonl", {"id": 1})
+    assert (outside / "n.jsonl").read_text() == ""
 
 
 def test_writers_never_follow_a_link_and_clean_up(tiny_model, tmp_path, monkeypatch):

@@ -479,7 +479,6 @@ def no_loads(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a model or tokenizer was loaded before the flags were checked")
     for mod, name in [(common, "load_tokenizer"), (common, "load_model"), (common, "build_policy"),
-                      (sft, "load_tokenizer"), (sft, "build_policy"), (rl, "load_tokenizer"), (rl, "build_policy"),
                       (reward, "RewardModel")]:
         monkeypatch.setattr(mod, name, boom)
 

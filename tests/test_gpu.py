@@ -16,6 +16,7 @@ from conftest import ROOT, run_cli, torchrun
 
 import common
 import engine
+import preflight
 
 sys.path.insert(0, str(ROOT / "bench"))
 import audit_step  # noqa: E402
@@ -200,7 +201,7 @@ def no_usable_gpu(monkeypatch):
     """This machine as a GPU box whose GPU torch cannot use: CUDA 13 torch, driver 535, nothing visible."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.version, "cuda", "13.0")
-    monkeypatch.setattr(common, "nvidia_driver", lambda: "535.104.05")
+    monkeypatch.setattr(preflight, "nvidia_driver", lambda: "535.104.05")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
 
 
@@ -222,7 +223,7 @@ def test_a_gpu_machine_without_a_usable_gpu_stops_with_the_cause(no_usable_gpu, 
 def test_a_machine_without_nvidia_runs_on_the_cpu_unless_cuda_is_asked(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.version, "cuda", "13.0")
-    monkeypatch.setattr(common, "nvidia_driver", lambda: None)
+    monkeypatch.setattr(preflight, "nvidia_driver", lambda: None)
     assert common.resolve_device("auto") == "cpu"
     with pytest.raises(common.UsageError, match="--device cuda.*no NVIDIA driver"):
         common.resolve_device("cuda")
@@ -237,7 +238,7 @@ def test_nvidia_driver_version_is_read_from_proc(monkeypatch, tmp_path):
         real_open = open
         monkeypatch.setattr("builtins.open", lambda p, *a, **k: real_open(f if p == "/proc/driver/nvidia/version" else p,
                                                                           *a, **k))
-        assert common.nvidia_driver() == want
+        assert preflight.nvidia_driver() == want
         monkeypatch.undo()
 
 

@@ -9,9 +9,9 @@ import torch
 
 from conftest import SFT_ROWS, SHARED_DATA, run_cli, torchrun, write_jsonl
 
-import cli
 import common
 import sft
+import tables
 
 
 def metrics(out):
@@ -173,7 +173,7 @@ def test_real_star1_renders(tiny_model):
     path = SHARED_DATA / "star1.json"
     if not path.exists():
         pytest.skip("../shared/data/star1.json not present")
-    rows = cli.load_pairs(str(path))
+    rows = tables.load_pairs(str(path))
     assert len(rows) == 1000
     tok = common.load_tokenizer(tiny_model)
     for r in rows[:5]:

@@ -12,12 +12,13 @@ sys.path.insert(0, ".")
 import cli  # noqa: E402
 import common  # noqa: E402
 import sft  # noqa: E402
+import tables  # noqa: E402
 
 
 def loss_and_grads(policy, tok, rows, rank, world):
     """sft.py's step on the rows: rank r's share rows[r::world], loss * world / n_tok (FSDP averages over
     ranks), grads and their clipped-norm total (clip 1.0, after the reduction)."""
-    samples = [common.render_sft(tok, r["prompt"], r["response"]) for r in cli.load_pairs(rows)]
+    samples = [common.render_sft(tok, r["prompt"], r["response"]) for r in tables.load_pairs(rows)]
     mine = samples[rank::world]
     n_tok = common.all_reduce(torch.tensor(float(sum(sum(m[1:]) for _, m in samples[rank::world]))))
     ids, pos, tgt, lmask = sft.collate(sft.pack(mine, 4096), tok.pad_token_id, "cpu")
