@@ -43,7 +43,7 @@ import files
 import engine
 import judges
 import preflight
-import resume
+import records
 import reward
 import tables
 from common import DataError, UsageError
@@ -56,17 +56,12 @@ RECORD_KEYS = ["benchmark", "id", "sample", "prompt", "completion", "thinking", 
 # --- generation -----------------------------------------------------------------------------------
 
 
-def prompt_ids(tok, j, args):
-    """The token ids a job's prompt is sent as, to the local model and to --api-url alike: the policy's chat
-    template with --chat-template-kwargs (the resume fingerprint hashes them too)."""
-    return common.render_prompt(tok, j["prompt"], args.chat_template_kwargs)
-
-
 def render_jobs(jobs, tok, args):
-    """Each job's prompt_ids (what the model is sent; entropy.py teacher-forces on them) and thinking
+    """Each job's prompt_ids (what the model, local or --api-url, is sent: the policy's chat template with
+    --chat-template-kwargs; entropy.py teacher-forces on them, the resume fingerprint hashes them) and thinking
     (common.prompt_thinking of the rendered prompt: how its completion splits), kept in its record."""
     for j in jobs:
-        j["prompt_ids"] = prompt_ids(tok, j, args)
+        j["prompt_ids"] = common.render_prompt(tok, j["prompt"], args.chat_template_kwargs)
         j["thinking"] = common.prompt_thinking(common.render_prompt_text(tok, j["prompt"], args.chat_template_kwargs))
 
 
@@ -310,15 +305,28 @@ def samples_spec(spec):
         per_benchmark(spec, positive_int)
 
 
+def judged(names, args):
+    """A judge grades AIR-Bench and, when one is given, XSTest and JailbreakBench."""
+    return bool(args.judge or args.judge_url) and bool({"airbench", "xstest", "jbb"} & set(names))
+
+
+def uses_rm(names, args):
+    """The safety RM grades AttaQ, and JailbreakBench with --jbb-proxy rm when no judge is given."""
+    return "attaq" in names or ("jbb" in names and args.jbb_proxy == "rm" and not judged(names, args))
+
+
+def judge_name(args):
+    """The judge as records and summaries name it (a password in --judge-url never written)."""
+    return f"{args.judge_model} @ {api.safe_url(args.judge_url)}" if args.judge_url else args.judge
+
+
 def graders_for(names, args, device, judge_prompts=None):
-    """(safety RM, judge) for these benchmarks: the RM for AttaQ (and jbb's rm proxy), the judge for AIR-Bench
-    and, when one is given, XSTest and JailbreakBench."""
+    """(safety RM, judge) for these benchmarks (uses_rm, judged)."""
     rm = judge = None
-    judged = bool(args.judge or args.judge_url) and bool({"airbench", "xstest", "jbb"} & set(names))
-    if "attaq" in names or ("jbb" in names and args.jbb_proxy == "rm" and not judged):
+    if uses_rm(names, args):
         rm = reward.RewardModel(args.safety_rm, device, common.pick_dtype(args.dtype, device),
                                 batch_size=args.rm_batch_size, trust_remote_code=args.trust_remote_code)
-    if judged:
+    if judged(names, args):
         judge_prompts = judge_prompts or (judges.load_judge_prompts(args.airbench_judge_prompts)
                                           if "airbench" in names else {})
         judge = judges.make_judge(device, judge_prompts, local=args.judge,
@@ -327,8 +335,21 @@ def graders_for(names, args, device, judge_prompts=None):
                                   max_new_tokens=args.judge_max_new_tokens, batch_size=args.batch_size,
                                   workers=args.api_workers, retries=args.api_retries, timeout=args.api_timeout,
                                   dtype=args.dtype, trust_remote_code=args.trust_remote_code)
-        judge.name = f"{args.judge_model} @ {args.judge_url}" if args.judge_url else args.judge
+        judge.name = judge_name(args)
     return rm, judge
+
+
+def grading(args, names, templates, jp):
+    """Per benchmark, what grades its records: the safety RM, the judge and the sha256 of its prompt(s), the
+    jbb proxy. A record on disk that another grading scored is graded again (resume_records)."""
+    judge, out = judge_name(args) if judged(names, args) else None, {}
+    for n in names:
+        g = {"safety_rm": args.safety_rm} if uses_rm([n], args) else {}
+        if judge and n in ("airbench", "xstest", "jbb"):
+            g.update(judge=judge, prompt_sha256=hashlib.sha256(json.dumps(
+                jp if n == "airbench" else templates[n], sort_keys=True).encode()).hexdigest())
+        out[n] = {**g, "jbb_proxy": args.jbb_proxy} if n == "jbb" and not judge else g
+    return out
 
 
 def judge_templates(args, names):
@@ -351,9 +372,8 @@ def settings(args, tok, names, data, samples, world):
             "seed": args.seed, "batch_size": args.batch_size, "world_size": world,
             "chat_template_sha256": hashlib.sha256((tok.chat_template or "").encode()).hexdigest(),
             "chat_template_kwargs": args.chat_template_kwargs,
-            "safety_rm": args.safety_rm if "attaq" in names else None,
-            "judge": (f"{args.judge_model} @ {api.safe_url(args.judge_url)}" if args.judge_url else args.judge)
-            if {"airbench", "xstest", "jbb"} & set(names) else None,
+            "safety_rm": args.safety_rm if uses_rm(names, args) else None,
+            "judge": judge_name(args) if judged(names, args) else None,
             "airbench_judge_prompts": args.airbench_judge_prompts if "airbench" in names else None,
             **{f"{n}_judge_prompt": getattr(args, f"{n}_judge_prompt") or f"judge_prompts/{n}_judge.txt"
                for n in ("xstest", "jbb") if n in names and (args.judge or args.judge_url)},
@@ -372,11 +392,11 @@ def check_grader_args(args):
 
 
 def check_graders(names, args):
-    """The grading models of the benchmarks in `names`, before any generation: --safety-rm (AttaQ) a
-    sequence classifier, a local --judge (AIR-Bench) a causal LM whose tokenizer has a chat template."""
-    if "attaq" in names:
+    """The grading models of the benchmarks in `names`, before any generation: --safety-rm (uses_rm) a
+    sequence classifier, a local --judge (judged) a causal LM whose tokenizer has a chat template."""
+    if uses_rm(names, args):
         preflight.check_model(args.safety_rm, "--safety-rm", "seq-cls", trust_remote_code=args.trust_remote_code)
-    if "airbench" in names and args.judge and not args.judge_url:
+    if judged(names, args) and args.judge and not args.judge_url:
         preflight.check_model(args.judge, "--judge", trust_remote_code=args.trust_remote_code)
         common.load_tokenizer(args.judge, args.trust_remote_code, what="--judge")  # it must have a chat template
 
@@ -400,106 +420,11 @@ def check_context(jobs, tok, args, ctx):
                       f"({ctx} tokens): prompt + --max-new-tokens {args.max_new_tokens}")
 
 
-# --- resumable output: OUT/NAME.jsonl grows a record at a time; a rerun skips what is there ----------
-
-def key(r):
-    return r["benchmark"], str(r["id"]), int(r["sample"])
-
-
-# The files of a model dir that decide what it generates (from_pretrained reads them): weights, config,
-# generation config (stop ids), tokenizer and chat template, remote code. Not a training run's args.json,
-# metrics.jsonl or state/, nor what evaluate.py writes when --out is the model dir.
-
-
-def fingerprint(args, tok, rows, jobs, names):
-    """What makes a record on disk reusable by this command, per benchmark: the sampling settings; the
-    model, by name and by the content of its files (model_sha256); the benchmark's data, by the sha256 of
-    every parsed row (before --limit, so a larger --limit reuses what a smaller one made); the rendering,
-    by the chat template, --chat-template-kwargs and the sha256 of the token ids the benchmark's first
-    prompt is sent as (anything else that changes prompt ids, the tokenizer included). Returns (per
-    benchmark fingerprint, the model files' hash cache for run.json)."""
-    model_hash, files = resume.model_sha256(args.model, run_meta(args.out).get("model_files"))
-    sha = lambda x: hashlib.sha256(json.dumps(x, sort_keys=True).encode()).hexdigest()  # noqa: E731
-    common_fp = {"model": args.model, "model_sha256": model_hash, "api_url": bool(args.api_url),
-                 "api_model": args.api_model, "temperature": args.temperature, "top_p": args.top_p,
-                 "max_new_tokens": args.max_new_tokens, "seed": args.seed,
-                 "chat_template_sha256": hashlib.sha256((tok.chat_template or "").encode()).hexdigest(),
-                 "chat_template_kwargs": args.chat_template_kwargs}
-    first = {n: next(j for j in jobs if j["benchmark"] == n) for n in names}
-    return {n: {**common_fp, "data": args.data.get(n, benchmarks.BENCHMARKS[n][0]), "data_sha256": sha(rows[n]),
-                "prompt_sha256": sha(prompt_ids(tok, first[n], args))} for n in names}, files
-
-
-CHANGED = {"model_sha256": "the files of {model} changed (retrained or replaced at the same path?)",
-           "data_sha256": "the rows of {data} changed", "chat_template_sha256": "the chat template changed",
-           "prompt_sha256": "the prompt token ids changed (chat template, its kwargs or the tokenizer)"}
-
-
-def _changed(k, old, fp):
-    """One difference between a benchmark's recorded fingerprint and this command's `fp`, in words."""
-    if k in CHANGED:
-        return f"{k} (not recorded with those records)" if old is None else CHANGED[k].format(**fp)
-    return f"{k} {json.dumps(old)[:80]} -> {json.dumps(fp[k])[:80]}"
-
-
-def read_records(out, names):
-    """{(benchmark, id, sample): record} of OUT/NAME.jsonl for every name (resume.read_records: a torn
-    last line is dropped with a warning; a later record of the same job replaces an earlier one)."""
-    return {k: r for n in names for k, r in resume.read_records(os.path.join(out, f"{n}.jsonl"), key).items()}
-
-
-def extras(out, name, order):
-    """Records in OUT/NAME.jsonl of jobs this command does not have (an earlier, larger --limit): kept."""
-    recs = read_records(out, [name])
-    return [r for k, r in sorted(recs.items()) if k not in order]
-
-
-def run_meta(out):
-    """OUT/run.json: per benchmark the fingerprint its records were made with, and the model files' hashes."""
-    path = os.path.join(out, "run.json")
-    return json.load(open(path)) if os.path.exists(path) else {}
-
-
-def resume_records(args, names, fp, model_files, rank):
-    """Rank 0: check that the records in --out were made with these settings (fingerprint; else
-    --overwrite), drop torn lines and failed (`error`) records so they are retried, rewrite the files
-    compacted, record the fingerprint (and the model files' hash cache) in OUT/run.json. Every rank then
-    gets the set of jobs already done."""
-    msg = None
-    if rank == 0:
-        meta_path, meta = os.path.join(args.out, "run.json"), run_meta(args.out)
-        for n in names:
-            path = os.path.join(args.out, f"{n}.jsonl")
-            if os.path.exists(path) and args.overwrite:
-                os.remove(path)
-            elif os.path.exists(path) and meta.get(n) != fp[n]:
-                was = meta.get(n) or {}
-                diff = [_changed(k, was.get(k), fp[n]) for k, v in fp[n].items() if was.get(k) != v]
-                msg = (f"--out {args.out}: {n}.jsonl holds records made with other settings: {'; '.join(diff)}; "
-                       f"use another --out, or --overwrite to discard them")
-                break
-        if msg is None:
-            recs = read_records(args.out, names)
-            for r in recs.values():  # a failed judge call: keep the generation, grade it again
-                if str(r.get("error", "")).startswith("judge:"):
-                    r.pop("error"), r.update(score=None)
-            for n in names:
-                keep = [r for k, r in recs.items() if k[0] == n and not r.get("error")]
-                if os.path.exists(os.path.join(args.out, f"{n}.jsonl")):
-                    files.write_jsonl(os.path.join(args.out, f"{n}.jsonl"), keep)
-            files.write_json(meta_path, {**meta, **fp, "model_files": model_files})
-    msg = common.broadcast_object(msg)
-    if msg:
-        raise UsageError(msg)
-    common.barrier()
-    return set(read_records(args.out, names))
-
-
 # --- the run ------------------------------------------------------------------------------------------
 
 def check_eval_args(args):
     """Every flag of an evaluation and the model dirs, before any weight is read (with --api-url only the
-    tokenizer of --model is used). Returns the config of --model (None with --api-url)."""
+    tokenizer of --model is used). Returns the config of --model (with --api-url: None when it has none)."""
     check_grader_args(args)
     cli.check_min(args, "--limit", "--max-new-tokens")
     cli.check_sampling(args, greedy_ok=True)
@@ -509,6 +434,8 @@ def check_eval_args(args):
         raise UsageError("--api-url needs --api-model (the model name the server serves)")
     cli.check_out_dir(args.out)
     cfg = None if args.api_url else preflight.check_model(args.model, "--model", trust_remote_code=args.trust_remote_code)
+    if args.api_url and os.path.isfile(os.path.join(args.model, "config.json")):  # the context prompts must fit
+        cfg = preflight.read_config(args.model)
     check_graders(args.benchmarks, args)
     return cfg
 
@@ -559,15 +486,15 @@ def generate(mine, args, dist_, tok):
 def grade_and_write(jobs, args, dist_, jp, templates):
     """What has no score yet, graded (every rank a strided shard) and gathered on rank 0; returns every
     record of this command's jobs in job order (None on the other ranks)."""
-    order = {key(j): j["_i"] for j in jobs}
-    recs = {k: r for k, r in read_records(args.out, args.benchmarks).items() if k in order}
-    todo = sorted((r for r in recs.values() if r.get("score") is None and not r.get("error")), key=lambda r: order[key(r)])
+    order = {records.key(j): j["_i"] for j in jobs}
+    recs = {k: r for k, r in records.read_records(args.out, args.benchmarks).items() if k in order}
+    todo = sorted((r for r in recs.values() if r.get("score") is None and not r.get("error")), key=lambda r: order[records.key(r)])
     shard = todo[dist_.rank::dist_.world]
     graders = graders_for({r["benchmark"] for r in todo}, args, dist_.device, jp) if shard else (None, None)
     grade_records(shard, *graders, templates=templates, jbb_proxy=args.jbb_proxy)
     for r in common.gather_objects(shard):
-        recs[key(r)] = r
-    return sorted(recs.values(), key=lambda r: order[key(r)]) if dist_.rank == 0 else None
+        recs[records.key(r)] = r
+    return sorted(recs.values(), key=lambda r: order[records.key(r)]) if dist_.rank == 0 else None
 
 
 def run_eval(args):
@@ -578,21 +505,21 @@ def run_eval(args):
     common.seed_everything(args.seed + dist_.rank)
     rows, benches, jp, templates, overlap, tok, jobs = read_inputs(args, names, samples, cfg)
     checkpoint.claim_out_dir(args.out, resume=True)  # a lock for the run's life (rank 0 holds it)
-    fp = fingerprint(args, tok, rows, jobs, names) if dist_.rank == 0 else (None, None)  # rank 0 checks the records
-    done = resume_records(args, names, *fp, dist_.rank)
-    pending = [j for j in jobs if key(j) not in done]
+    fp = records.fingerprint(args, tok, rows, jobs, names) if dist_.rank == 0 else (None, None)  # rank 0 checks the records
+    done = records.resume_records(args, names, *fp, dist_.rank, grading(args, names, templates, jp))
+    pending = [j for j in jobs if records.key(j) not in done]
     common.print0(f"evaluate: {len(jobs)} samples over {', '.join(f'{n} {len(benches[n])}x{samples[n]}' for n in names)}"
                   f" on {dist_.world} rank(s); {len(jobs) - len(pending)} already in {args.out}, {len(pending)} to generate")
     generate(pending[dist_.rank::dist_.world], args, dist_, tok)
     common.barrier()
     allrecs = grade_and_write(jobs, args, dist_, jp, templates)
     if dist_.rank == 0:  # every benchmark's file rewritten in job order, then the summary
-        order = {key(j) for j in jobs}
+        order = {records.key(j) for j in jobs}
         summary = benchmarks.summarize(allrecs)
         for n in names:
             summary.setdefault(n, {"score": None, "n": 0, "n_errors": 0})["train_overlap"] = overlap.get(n)
             files.write_jsonl(os.path.join(args.out, f"{n}.jsonl"),
-                              [ordered(r) for r in allrecs if r["benchmark"] == n] + extras(args.out, n, order))
+                              [ordered(r) for r in allrecs if r["benchmark"] == n] + records.extras(args.out, n, order))
         files.write_json(os.path.join(args.out, "summary.json"),
                          {"benchmarks": summary, "settings": settings(args, tok, names, data, samples, dist_.world)})
         benchmarks.print_table(summary)
@@ -615,8 +542,7 @@ def run_grade(args):
         b = r.get("benchmark")
         return ["benchmark", "completion", "prompt"] + ["cate_idx"] * (b == "airbench") \
             + ["gold"] * (b in benchmarks.MATH or (b == "gpqa_diamond" and "perm" not in r)) \
-            + ["label"] * (b == "xstest") \
-            + ["goal", "attack", "index"] * (b == "jbb")
+            + ["label", "category"] * (b == "xstest") + ["goal", "attack", "index", "category"] * (b == "jbb")
     recs = tables.read_generations(args.input, need)
     for i, r in enumerate(recs, 1):
         if r["benchmark"] not in benchmarks.BENCHMARKS and r["benchmark"] != "rl":

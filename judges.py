@@ -17,7 +17,8 @@ import api
 import common
 import engine
 import tables
-from common import DataError, UsageError
+import files
+from common import DataError
 from reward import REFUSAL_CLASSES
 
 
@@ -54,11 +55,7 @@ def parse_jbb_verdict(reply):
 
 def load_judge_template(path, placeholders):
     """A judge prompt file (judge_prompts/), refused unless it holds every placeholder."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read().rstrip("\n")
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read the judge prompt ({e.strerror})") from None
+    text = files.read_text(path).rstrip("\n")  # UTF-8, a BOM dropped, a bad byte or an unreadable file named
     missing = [p for p in placeholders if p not in text]
     if missing:
         raise DataError(f"{path}: the judge prompt lacks the placeholder(s) {', '.join(missing)}")
@@ -107,8 +104,7 @@ class Judge:
                 continue
             if c not in self.prompts:
                 raise DataError(f"airbench record {ids[i] if ids else i}: no judge prompt for cate-idx {c!r}")
-            question, answer = JUDGE_PLACEHOLDERS
-            asked.append((len(out), self.prompts[c].replace(question, q).replace(answer, a)))
+            asked.append((len(out), fill_template(self.prompts[c], dict(zip(JUDGE_PLACEHOLDERS, (q, a))))))
             out.append(None)
         for (i, _), reply in zip(asked, self.ask([p for _, p in asked]) if asked else []):
             if isinstance(reply, Exception):
