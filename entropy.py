@@ -9,7 +9,7 @@ Math. Each record is scored teacher-forced: ids = prompt_ids ++ tokenize(complet
 prompt_ids are the token ids the sample was generated from, stored in the record (records without them,
 written by older code, are rendered again: common.render_prompt with --chat-template-kwargs). Completion
 token t was produced by the logits z_{t-1} of the position before it, so at the sampling temperature tau
-(--temperature; default the records' own, else 0.6):
+(--temperature; default the records' own `temperature`, which every record must then carry):
 
     p_t = softmax(z_{t-1} / tau)                over the full vocabulary
     H_t = -sum_v p_t(v) log p_t(v)              (nats; common.head_logprobs, fp32 accumulation,
@@ -35,7 +35,8 @@ Definitions.
                     tests/test_families.py checks word mode against a whole-word count of STAR-1's
                     reasoning on every family's tokenizer.
   memorization      --memorization DATA (STAR-1 question/response rows), per model and row, the response
-                    rendered exactly as sft.py trains it (common.render_sft):
+                    rendered exactly as sft.py trains it (common.render_sft; thinking off: --answer-only,
+                    as sft.py --answer-only):
                     loglik       mean over response tokens of log p(y_t | y_<t, prompt) at temperature 1;
                     greedy_match 1 if, given the prompt and the first k response tokens, the next m
                                  greedy tokens equal the reference exactly (rows shorter than k+m skipped).
@@ -214,10 +215,23 @@ def score_records(model, tok, recs, temp, args, d, words, edges, mname, dname):
     return out
 
 
-def score_memorization(model, tok, mem_rows, args, d, mname):
+def memorization_targets(tok, mem_rows, args, mname):
+    """Step 2's inputs, before any model loads: each row rendered as sft.py trains it (common.render_sft, the
+    reasoning dropped under --answer-only as sft.py --answer-only drops it) -> [(ids, loss mask)]. A row the
+    template cannot take (thinking off and a response with reasoning) is a DataError naming the row."""
+    seqs = []
+    for r in mem_rows:
+        try:
+            seqs.append(common.render_sft(tok, r["prompt"], r["response"], args.mem_max_len, args.chat_template_kwargs,
+                                          "drop" if args.answer_only else "refuse"))
+        except common.UsageError as e:
+            hint = "" if args.answer_only else "; pass --answer-only to score the answer alone (sft.py --answer-only)"
+            raise DataError(f"{args.memorization}: row {r['row']}: --model {mname}: {e}{hint}") from None
+    return seqs
+
+
+def score_memorization(model, tok, mem_rows, seqs, args, d, mname):
     """Step 2 on this rank's shard: the SFT target's response tokens at temperature 1, greedy window [k, k+m)."""
-    seqs = [common.render_sft(tok, r["prompt"], r["response"], args.mem_max_len, args.chat_template_kwargs)
-            for r in mem_rows]
     starts = [mask.index(True) if True in mask else len(ids) for ids, mask in seqs]
     items = [i for i in range(len(seqs)) if 0 < starts[i] < len(seqs[i][0])]
     win, need = slice(args.mem_k, args.mem_k + args.mem_m), args.mem_k + args.mem_m
@@ -358,9 +372,12 @@ def read_records(path, temperature):
     if temperature is None:
         for r in recs:
             t = r.get("temperature")
-            if t is not None and not (type(t) in (int, float) and math.isfinite(t)):
+            if t is None:
+                raise DataError(f"{path}: row {r['row']}: no field 'temperature' (the sampling temperature the "
+                                f"entropy is taken at); pass --temperature")
+            if not (type(t) in (int, float) and math.isfinite(t)):
                 raise DataError(f"{path}: row {r['row']}: field 'temperature' is not a finite number: {t!r}")
-        temps = {0.6 if r.get("temperature") is None else r["temperature"] for r in recs}
+        temps = {r["temperature"] for r in recs}
         if len(temps) > 1:
             raise DataError(f"{path}: records have several temperatures {sorted(temps)}; pass --temperature")
         temperature = float(temps.pop())
@@ -375,10 +392,11 @@ def read_records(path, temperature):
 
 def check_prompt_ids(path, recs, tok, mname):
     """A record's prompt_ids must be this model's tokens: inside its vocabulary, and decoding to a text that
-    holds the record's prompt (ids of another tokenizer would be scored as garbage)."""
+    holds the record's prompt, its outer whitespace aside (a template that trims the user's content, as
+    Llama-3.1's, renders " x \n" as "x"; ids of another tokenizer would be scored as garbage)."""
     for r in recs:
         ids = r.get("prompt_ids")
-        if ids is not None and (max(ids) >= len(tok) or r["prompt"] not in tok.decode(ids)):
+        if ids is not None and (max(ids) >= len(tok) or r["prompt"].strip() not in tok.decode(ids)):
             raise DataError(f"{path}: row {r['row']}: field 'prompt_ids' are not tokens of --model {mname}'s "
                             f"tokenizer (they do not decode to a text holding the record's prompt)")
 
@@ -395,7 +413,8 @@ def get_args(argv=None):
     a("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
     a = p.add_argument_group("1. entropy at reflection tokens").add_argument
     a("--temperature", type=float, default=None,
-      help="sampling temperature of the scored distribution (default: the records' value, else 0.6)")
+      help="sampling temperature of the scored distribution (default: the records' own; records without one "
+      "are refused)")
     a("--words", type=word_set, default=DEFAULT_WORDS, help="comma-separated reflection words")
     a("--match", choices=["word", "token"], default="word",
       help="word: whole words in the reasoning text, also split across tokens; token: a whole decoded token "
@@ -406,6 +425,9 @@ def get_args(argv=None):
     a("--mem-m", type=int, default=32, help="greedy tokens that must match exactly")
     a("--mem-limit", type=int, default=0, help="first N rows only (0 = all)")
     a("--mem-max-len", type=int, default=8192, help="truncate prompt+response to this many tokens")
+    a("--answer-only", action="store_true", help="with thinking off (the prompt already closes the think block), "
+      "score each response's answer alone, as sft.py --answer-only trains it (without this flag such rows are "
+      "refused)")
     a = p.add_argument_group("3. statistics and compute").add_argument
     a("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals (at most 100000)")
     a("--seed", type=int, default=0, help="bootstrap seed")
@@ -522,6 +544,7 @@ def main(argv=None):
             check_prompt_ids(path, data[dname][0], tok, name)
     mem_rows = tables.load_pairs(args.memorization) if args.memorization else []
     mem_rows = mem_rows[:args.mem_limit] if args.mem_limit > 0 else mem_rows
+    mem_seqs = {name: memorization_targets(tok, mem_rows, args, name) for name, tok in toks.items()}
 
     # --- compute: each rank scores its shard of the records, one model at a time --------------------------
     d = common.init_dist(args.device, args.dist_timeout)
@@ -532,7 +555,7 @@ def main(argv=None):
         edges[mname] = np.linspace(0.0, math.log(model.get_output_embeddings().weight.shape[0]), HIST_BINS + 1)
         for dname, (recs, temp) in data.items():
             results += score_records(model, toks[mname], recs, temp, args, d, args.words, edges[mname], mname, dname)
-        mem_results += score_memorization(model, toks[mname], mem_rows, args, d, mname)
+        mem_results += score_memorization(model, toks[mname], mem_rows, mem_seqs[mname], args, d, mname)
         del model
     results, mem_results = common.gather_objects(results), common.gather_objects(mem_results)
     if d.rank != 0:

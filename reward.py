@@ -2,7 +2,7 @@
 refusal, format), and the graders evaluate.py adds (GPQA's letter, AttaQ's score); the CLI scores a JSONL of
 generations. rl.py rewards with RewardModel and RuleReward, evaluate.py grades with the same RewardModel
 (AttaQ), math_correct (MATH-500, AIME), is_refusal (XSTest's rule, the JailbreakBench proxy) and the graders;
-the LLM judges are judge.py's.
+the LLM judges are judges.py's.
 
 Reward model (AutoModelForSequenceClassification, one output). The reward is the RAW logit r of the
 head, never sigmoid(r) (transformers' single-label pipeline applies a sigmoid and squashes everything
@@ -482,23 +482,32 @@ def attaq_score(r):
 
 # --- CLI ---------------------------------------------------------------------------------------------
 
-def main(argv=None):
+def get_args(argv=None):
     p = cli.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=cli.HelpFormatter)
-    p.add_argument("--input", required=True, help="generation records (JSONL with prompt, completion[, gold])")
-    p.add_argument("--out", required=True, help="output JSONL: the records plus reward and reward_parts")
-    p.add_argument("--reward-model", default=None, help=f"sequence-classifier RM (hub id or dir), e.g. {DEFAULT_RM}")
-    p.add_argument("--rule", default="", help="rule rewards with weights, e.g. math:1.0,refusal:0.5,format:0.1")
-    p.add_argument("--score-on", default="full", choices=["full", "answer"], help="what the RM scores")
-    p.add_argument("--rm-max-len", type=int, default=None, help="RM token budget (default 512 pair, else 8192)")
-    p.add_argument("--rm-batch-size", type=int, default=8, help="RM sequences per forward pass")
-    p.add_argument("--rm-quant", default=None, choices=["8bit", "4bit"], help="load the RM quantized (CUDA)")
-    p.add_argument("--rm-style", default="auto", choices=["auto", "chat", "pair"],
-                   help="chat template vs (question, answer) text pair; auto: chat iff the RM has a template")
-    p.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="RM dtype (default bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--chat-template-kwargs", type=cli.chat_template_kwargs, default=None, metavar="JSON",
-                   help="template variables for the RM's own apply_chat_template (--rm-style chat)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
-    args = p.parse_args(argv)
+    a = p.add_argument
+    a("--input", required=True, help="generation records (JSONL with prompt, completion[, gold])")
+    a("--out", required=True, help="output JSONL: the records plus reward and reward_parts")
+    a("--reward-model", default=None, help=f"sequence-classifier RM (hub id or dir), e.g. {DEFAULT_RM}")
+    a("--rule", default="", help="rule rewards with weights, e.g. math:1.0,refusal:0.5,format:0.1")
+    a("--score-on", default="full", choices=["full", "answer"], help="what the RM scores")
+    a("--rm-max-len", type=int, default=None, help="RM token budget (default 512 pair, else 8192)")
+    a("--rm-batch-size", type=int, default=8, help="RM sequences per forward pass")
+    a("--rm-quant", default=None, choices=["8bit", "4bit"], help="load the RM quantized (CUDA)")
+    a("--rm-style", default="auto", choices=["auto", "chat", "pair"],
+      help="chat template vs (question, answer) text pair; auto: chat iff the RM has a template")
+    a("--dtype", default=None, choices=["bf16", "fp32"], help="RM dtype (default bf16 on GPU, fp32 on CPU)")
+    a("--chat-template-kwargs", type=cli.chat_template_kwargs, default=None, metavar="JSON",
+      help="template variables for the RM's own apply_chat_template (--rm-style chat)")
+    a("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
+    a("--device", default="auto", choices=["auto", "cuda", "cpu"],
+      help="where the reward model runs (the rules need no device): auto = CUDA when torch sees a GPU, else the "
+           "CPU; auto stops with the likely cause when this machine has an NVIDIA GPU that torch cannot use; cuda "
+           "stops when none is usable")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = get_args(argv)
     cli.check_min(args, "--rm-batch-size", "--rm-max-len")
     rules = RuleReward(args.rule)
     if args.reward_model is None and not rules.rules:
@@ -510,7 +519,7 @@ def main(argv=None):
                                    + ["gold"] * ("math" in dict(rules.rules)))
     parts = [rules.parts(r["completion"], r.get("gold"), r.get("thinking", True)) for r in recs]
     if args.reward_model:
-        device = common.resolve_device()  # a GPU machine whose GPU torch cannot use stops here
+        device = common.resolve_device(args.device)  # only a model needs a device
         rm = RewardModel(args.reward_model, device, common.pick_dtype(args.dtype, device), args.rm_max_len,
                          args.rm_batch_size, args.rm_quant, args.rm_style, args.trust_remote_code,
                          args.chat_template_kwargs)

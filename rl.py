@@ -31,12 +31,10 @@ AdamW lr 5e-7, cosine with 3% warmup, 500 steps). Where the paper is silent, Ope
      1 epoch per rollout, temperature 1.0, top-p 1.0, max 4096 new tokens, γ = 1, grad clip 1.0
   3. the reward model sees reasoning + answer (--score-on full)
 
-Rollouts. Exactly on-policy, no inference server: engine.generation_view(policy) all-gathers the
-FSDP2 shards once per rollout and decodes through a plain module whose parameters alias the unsharded
-bf16 weights (no second copy), then engine.generate runs the static-KV-cache decoder (CUDA graphs,
-finished rows dropped) with no collective inside the decode loop: each rank samples its own prompts at
-its own pace, and the ranks meet after the rollout. Sampling noise is a hash of (seed + step, global
-sample index, token index), so a rollout does not depend on the number of ranks.
+Rollouts. Exactly on-policy, no inference server: engine.py decodes from a view of the policy whose
+parameters alias the unsharded FSDP2 weights (engine.generation_view), with no collective inside the
+decode loop; each rank samples its own prompts, and the ranks meet after the rollout. Sampling noise is a
+hash of (seed + step, global sample index, token index): a rollout does not depend on the number of ranks.
 
 Which distribution π_old is. π_old(y_t) = softmax(z_t / τ)[y_t] over every row of the lm_head: the
 tempered policy before top-p, as OpenRLHF, verl and TRL recompute it. The sampler draws from π_old
@@ -153,8 +151,7 @@ def compute_advantages(rewards, logp_old, logp_ref, mask, *, estimator="reinforc
     the mask. Whitening (reinforce++, reinforce++-baseline) is over every response token on every rank,
     its sums in float64: a rollout whose returns are all equal whitens to exactly 0 (the float64 sum of
     N equal float32 values is exact; in float32 the mean drifts off them and the 1e-8 variance floor
-    scaled the drift by 1e4). γ discounts reinforce++ only: the arms need γ = 1 (OpenRLHF forces it for
-    them, with a warning). std: grpo's division by the group std (False: Dr. GRPO)."""
+    scaled the drift by 1e4). γ: check_gamma. std: grpo's division by the group std (False: Dr. GRPO)."""
     check_gamma(gamma, estimator)
     R = shaped_rewards(rewards, estimator, group_size, std)  # (B,)
     m = mask.float()
@@ -273,7 +270,6 @@ def disable_dropout(model):
         if cfg is not None and getattr(cfg, k, 0):
             setattr(cfg, k, 0.0)
     return n
-
 
 
 def build_models(args, d, dtype):
@@ -408,9 +404,10 @@ def score_rollout(policy, ref, items, args, d, autocast, pad_id):
     stack = lambda xs: pad_right([r for x in xs for r in x], length=T)[0]  # noqa: E731 -- micro-batches -> (B, T)
     ro = {"logp_old": stack(old), "ent": stack(ents), "mask": stack(masks)}
     ro["logp_ref"] = stack(refl) if ref is not None else ro["logp_old"]
-    ro["sampler"] = pad_right([it["sampler_logp"] for it in items], length=T, dtype=torch.float32, device=d.device)[0]
-    ro["log_kept"] = pad_right([it["log_kept"] for it in items], length=T, dtype=torch.float32, device=d.device)[0]
-    ro["ids"] = pad_right([it["completion_ids"] for it in items], length=T, device=d.device)[0]
+    per_item = lambda key, **kw: pad_right([it[key] for it in items], length=T, device=d.device, **kw)[0]  # noqa: E731
+    ro["sampler"] = per_item("sampler_logp", dtype=torch.float32)
+    ro["log_kept"] = per_item("log_kept", dtype=torch.float32)
+    ro["ids"] = per_item("completion_ids")
     return ro
 
 
@@ -455,9 +452,6 @@ def ppo_update(policy, opt, items, ro, adv, args, d, autocast, step, pad_id):
             opt.step()
             opt.zero_grad(set_to_none=True)
     return st_sum, gnorm
-
-
-# the step's line on the console; metrics.jsonl gets every key of step_metrics
 
 
 # ------------------------------------------------------------------------------------------------
@@ -506,38 +500,28 @@ def equal_groups(R, n):
     return int((g.max(1).values == g.min(1).values).sum())
 
 
-def dump_rollouts(out, step, items, R, n, rank):
-    """The rollouts as generation records (docs/design.md §2), gathered to rank 0."""
-    recs = []
+def dump_rollouts(step, items, R, args, rank):
+    """The rollouts as generation records (docs/design.md §2), gathered to rank 0, with the temperature and
+    top-p they were sampled at (entropy.py scores a record at its own temperature)."""
+    recs, n = [], args.samples_per_prompt
     for i, it in enumerate(items):
         reasoning, answer, closed = common.split_reasoning(it["completion"], it["thinking"])
         recs.append({"benchmark": "rl", "id": it["id"], "sample": i % n, "prompt": it["prompt"],
                      "completion": it["completion"], "thinking": it["thinking"], "reasoning": reasoning,
                      "answer": answer, "think_closed": closed, "truncated": it["truncated"],
                      "num_tokens": it["n_tokens"], "gold": it["gold"], "score": float(R[i]), "step": step,
-                     "rank": rank, "prompt_ids": it["prompt_ids"]})
+                     "rank": rank, "prompt_ids": it["prompt_ids"], "temperature": args.temperature,
+                     "top_p": args.top_p})
     recs = common.gather_objects(recs)
     if rank == 0:  # written whole (temp file + rename): a replayed step after --resume rewrites it, never appends
-        files.write_jsonl(os.path.join(out, "rollouts", f"step_{step:05d}.jsonl"), recs)
+        files.write_jsonl(os.path.join(args.out, "rollouts", f"step_{step:05d}.jsonl"), recs)
 
 
 # ------------------------------------------------------------------------------------------------
 # The command line
 
-def get_args(argv=None):
-    p = cli.ArgumentParser(description="REINFORCE++ (and baseline / GRPO / RLOO arms) on FSDP2.",
-                           formatter_class=cli.HelpFormatter)
-    a = p.add_argument_group("run").add_argument
-    a("--model", required=True, help="hub id or local dir of the initial policy (and reference)")
-    a("--prompts", required=True, help="prompts: hub id (id[:config]:split) or .jsonl/.json/.csv/.parquet")
-    a("--out", required=True, help="output dir: HF checkpoint, args.json, metrics.jsonl, state/, rollouts/")
-    a("--prompt-field", default=None, help="column holding the prompt (default: detected)")
-    a("--chat-template-kwargs", type=cli.chat_template_kwargs, default=None, metavar="JSON",
-      help='template variables for the policy\'s apply_chat_template, e.g. \'{"enable_thinking": true}\'')
-    a("--gold-field", default=None, help="column holding the gold answer for --rule math")
-    a("--max-steps", type=int, default=500, help="RL steps (rollout + update); the LR schedule spans them")
-    a("--stop-at", type=int, default=None, help="stop after this step (resume later with --resume)")
-    a("--seed", type=int, default=0, help="seed; a sample's noise is keyed by (seed + step, global sample index)")
+def step_flags(p):
+    """The flags of the step's phases, one group per step of the module docstring."""
     a = p.add_argument_group("1. rollout").add_argument
     a("--rollout-batch", type=int, default=32, help="prompts per step (global)")
     a("--samples-per-prompt", type=int, default=8, help="n samples per prompt (a group)")
@@ -563,6 +547,10 @@ def get_args(argv=None):
     a("--micro-batch-size", type=int, default=4, help="samples per forward on each rank")
     a("--epochs-per-rollout", type=int, default=1, help="PPO passes over each rollout")
     a("--eps-clip", type=float, default=0.2, help="PPO clip ε (low and high)")
+
+
+def training_flags(p):
+    """The optimizer, memory, checkpoint and logging flags."""
     a = p.add_argument_group("optimizer").add_argument
     a("--lr", type=float, default=5e-7, help="peak learning rate")
     a("--warmup-ratio", type=float, default=0.03, help="linear warmup, fraction of --max-steps")
@@ -593,6 +581,24 @@ def get_args(argv=None):
     a("--reflection-words", default=DEFAULT_WORDS, help="words whose tokens' entropy is logged each step")
     a("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
     a("--wandb", default=None, metavar="PROJECT", help="also log to this wandb project")
+
+
+def get_args(argv=None):
+    p = cli.ArgumentParser(description="REINFORCE++ (and baseline / GRPO / RLOO arms) on FSDP2.",
+                           formatter_class=cli.HelpFormatter)
+    a = p.add_argument_group("run").add_argument
+    a("--model", required=True, help="hub id or local dir of the initial policy (and reference)")
+    a("--prompts", required=True, help="prompts: hub id (id[:config]:split) or .jsonl/.json/.csv/.parquet")
+    a("--out", required=True, help="output dir: HF checkpoint, args.json, metrics.jsonl, state/, rollouts/")
+    a("--prompt-field", default=None, help="column holding the prompt (default: detected)")
+    a("--chat-template-kwargs", type=cli.chat_template_kwargs, default=None, metavar="JSON",
+      help='template variables for the policy\'s apply_chat_template, e.g. \'{"enable_thinking": true}\'')
+    a("--gold-field", default=None, help="column holding the gold answer for --rule math")
+    a("--max-steps", type=int, default=500, help="RL steps (rollout + update); the LR schedule spans them")
+    a("--stop-at", type=int, default=None, help="stop after this step (resume later with --resume)")
+    a("--seed", type=int, default=0, help="seed; a sample's noise is keyed by (seed + step, global sample index)")
+    step_flags(p)
+    training_flags(p)
     a = p.add_argument_group("ablations (defaults = the paper's run)").add_argument
     a("--estimator", default="reinforce++", choices=ESTIMATORS, help="advantage estimator")
     a("--kl-estimator", default="k1", choices=["k1", "k2", "k3"], help="per-token KL estimator")
@@ -723,7 +729,7 @@ def main(argv=None):
                           f"stopped before saving step {step}: the last saved state and export are intact (lower "
                           f"--lr or raise --kl-coef, or raise --max-kl)")
         if args.dump_every and step % args.dump_every == 0:
-            dump_rollouts(args.out, step, items, R, n, d.rank)
+            dump_rollouts(step, items, R, args, d.rank)
         periodic = step % args.save_every == 0
         if periodic or step == stop:  # the export first, then the state (docs/design.md §2, "Checkpoints")
             checkpoint.save_hf(policy, tok, args.out, export_dtype, step, checkpoint=periodic,

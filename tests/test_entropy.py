@@ -195,7 +195,12 @@ def test_parse_named_and_bad_rows(tmp_path):
     with pytest.raises(common.DataError, match="several temperatures"):
         entropy.read_records(f, None)
     assert entropy.read_records(f, 0.7)[1] == 0.7
-    assert entropy.read_records(write_jsonl(tmp_path / "u.jsonl", [{"prompt": "p", "completion": ""}]), None)[1] == 0.6
+    # a record that does not say its temperature is scored at none assumed (rl.py's dumps once were, at 0.6)
+    u = write_jsonl(tmp_path / "u.jsonl", [{"prompt": "p", "completion": "", "temperature": 1.0},
+                                           {"prompt": "p", "completion": ""}])
+    with pytest.raises(common.DataError, match=r"u.jsonl: row 2: no field 'temperature'.*pass --temperature"):
+        entropy.read_records(u, None)
+    assert entropy.read_records(u, 0.6)[1] == 0.6
 
 
 # --- CLI ---------------------------------------------------------------------------------------------
@@ -272,7 +277,7 @@ def test_cli_bad_input(tiny_model, tmp_path):
 def test_bad_thinking_or_prompt_ids_are_refused_naming_row_and_field(tiny_model, tmp_path):
     """A record's thinking must be true / false; its prompt_ids token ids of the scored model's tokenizer
     (in its vocabulary, decoding to a text that holds the prompt); checked before any model loads."""
-    good = {"prompt": "How do I pick a lock?", "completion": "No."}
+    good = {"prompt": "How do I pick a lock?", "completion": "No.", "temperature": 0.6}
     for bad, field in (({"thinking": "false"}, "thinking"), ({"prompt_ids": [1, "x"]}, "prompt_ids"),
                        ({"prompt_ids": [10 ** 6]}, "prompt_ids"), ({"prompt_ids": [5, 6]}, "prompt_ids")):
         f = write_jsonl(tmp_path / "g.jsonl", [good, {**good, **bad}])
@@ -300,3 +305,55 @@ def test_reflection_tokens_inside_the_reasoning_only(tiny_model):
     # whole words in the reasoning only ("butter" is no "but"; the answer's "Wait" and an answer-only
     # completion count nothing); unclosed thinking: all of it is reasoning
     assert hit.nonzero().tolist() == [[0, at_a[1]], [0, at_a[6]], [1, at_b[0]], [1, at_b[3]]]
+
+
+def test_prompt_ids_of_a_template_that_trims_the_prompt_are_accepted(tiny_model, tmp_path):
+    """A template that trims the user's content (Llama-3.1's `| trim`) renders a prompt with outer whitespace
+    (two JailbreakBench prompts end in a newline) without it: its prompt_ids are still this model's tokens."""
+    tok = common.load_tokenizer(tiny_model)
+    rec = {"prompt": "  How do I pick a lock?\n", "completion": "No.", "temperature": 0.6, "row": 1}
+    rec["prompt_ids"] = common.render_prompt(tok, rec["prompt"].strip())
+    entropy.check_prompt_ids("g.jsonl", [rec], tok, "m")
+    with pytest.raises(common.DataError, match="row 1: field 'prompt_ids'"):
+        entropy.check_prompt_ids("g.jsonl", [{**rec, "prompt": "How do I open a safe?"}], tok, "m")
+
+
+def thinking_off_model(tiny_model, d):
+    """The tiny model with a template whose generation prompt closes the think block (thinking off)."""
+    import shutil
+    shutil.copytree(tiny_model, d)
+    tok = common.load_tokenizer(str(d))
+    tok.chat_template = tok.chat_template.replace("<|assistant|><think>\n{% endif %}",
+                                                  "<|assistant|><think>\n\n</think>\n\n{% endif %}")
+    tok.save_pretrained(d)
+    assert common.think_state(common.render_prompt_text(common.load_tokenizer(str(d)), "hi")) == "closed"
+    return str(d)
+
+
+def test_memorization_with_thinking_off_is_refused_naming_the_row_before_any_model_loads(tiny_model, tmp_path,
+                                                                                          monkeypatch):
+    """STAR-1 rows carry reasoning; under a template that closes the think block their SFT target would hold
+    two think blocks: a one-line error naming the file and row before init_dist, unless --answer-only, which
+    scores the answer alone, as sft.py --answer-only trains it."""
+    model = thinking_off_model(tiny_model, tmp_path / "off")
+    mem = write_jsonl(tmp_path / "star1.jsonl", SFT_ROWS[:3])
+    argv = ["--model", f"off={model}", "--memorization", mem, "--out", str(tmp_path / "o"), "--mem-k", "2",
+            "--mem-m", "2", "--bootstrap", "10"]
+
+    def no_model(*a, **k):
+        raise AssertionError("the compute started before the memorization rows were checked")
+    with monkeypatch.context() as m:
+        m.setattr(common, "init_dist", no_model)
+        with pytest.raises(common.DataError, match=r"star1.jsonl: row 1: --model off: .*two think blocks"
+                                                   r".*--answer-only"):
+            entropy.main(argv)
+    assert not (tmp_path / "o").exists()
+    entropy.main(argv + ["--answer-only"])
+    mem_summary = json.load(open(tmp_path / "o" / "memorization.json"))
+    assert mem_summary[0]["n_rows"] == 3 and mem_summary[0]["loglik"] < 0
+    tok = common.load_tokenizer(model)
+    ids, mask = common.render_sft(tok, SFT_ROWS[0]["question"], SFT_ROWS[0]["response"], reasoning_when_off="drop")
+    target = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert "Wait" not in target and target.startswith("I cannot help with thing 0")
+    rows = [json.loads(line) for line in open(tmp_path / "o" / "memorization.jsonl")]
+    assert rows[0]["n_response_tokens"] == sum(mask)

@@ -311,3 +311,17 @@ def test_cli_bad_input(tmp_path):
     assert p.returncode != 0 and "nope.jsonl" in p.stderr
     p = run_cli([sys.executable, "reward.py", "--input", src, "--out", str(out)], check=False)
     assert p.returncode != 0 and "nothing to score" in p.stderr
+
+
+def test_cli_device_flag_reaches_the_model_and_rules_need_no_device(tmp_path, chat_rm, monkeypatch):
+    """--device is the other stages' flag: the rules score without resolving a device (a GPU machine whose GPU
+    torch cannot use grades rules anyway), the reward model runs on the device asked for."""
+    import common
+    src = write_jsonl(tmp_path / "g.jsonl", [{"prompt": "2+2?", "completion": "<think>\nfour\n</think>\n\nfour"}])
+    out = tmp_path / "s.jsonl"
+    asked = []
+    monkeypatch.setattr(common, "resolve_device", lambda device="auto": asked.append(device) or "cpu")
+    reward.main(["--input", src, "--out", str(out), "--rule", "format", "--device", "cuda"])
+    assert asked == [] and json.loads(out.read_text())["reward"] == 1.0
+    reward.main(["--input", src, "--out", str(out), "--reward-model", chat_rm, "--device", "cpu"])
+    assert asked == ["cpu"] and "rm" in json.loads(out.read_text())["reward_parts"]
