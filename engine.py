@@ -37,9 +37,8 @@ of every live row, so a decode step is memory-bound: the engine spends its bytes
      or the number of ranks: rl.py passes each sample's global index as its row id, and a rollout on 8
      ranks samples what one rank would (up to the logits' own floating-point differences between batch
      shapes). No .item(), no data-dependent shape, no host tensor: the step stays capturable.
-On the CPU the same code runs without graphs, so the tests exercise the real logic.
-
-The sampler (sampler.py) draws exactly the distribution it states; embedding rows past the tokenizer
+On the CPU the same code runs without graphs, so the tests exercise the real logic. The sampler
+(sampler.py) draws exactly the distribution it states; embedding rows past the tokenizer
 (generate(vocab_size=len(tok))) are never sampled.
 
 The decode forward is written out here (`Decoder.layer`) for the Llama-family decoders that rl.py
@@ -51,16 +50,13 @@ backend logged once per process). Every other architecture (hybrid Mamba models 
 GraniteMoeHybrid, sliding-window or soft-capped models, remote code) takes the simple path, with one
 logged line: the model's own forward and cache, static batches, the same sampler and stop checks.
 
-Attention route: a direct decode forward, not transformers' attention-function registry. The op counts
-of a decode step are alike (bench/audit_step.py counts them); under CUDA graphs launches stop
-mattering; the choice rests on what the rest costs. A registry attention function still runs inside
-transformers' forward and cache, whose StaticCache keeps ONE cache position for the whole batch:
-rows must share a left-padded layout, so a finished row can neither be refilled nor compacted away,
-and attention spans the whole preallocated buffer. The direct step owns the cache layout (per-row
-positions, rows left-aligned), reads only Lb columns, and is plain tensor code on static buffers
-that a CUDA graph captures without torch.compile (bench/audit_step.py checks, in CI, that the step
-dispatches no host sync, no data-dependent size and no host tensor, and the same ops at every step of
-a bucket); bench/bench_rollout.py times `generate` with a static cache + compile beside the engine.
+Why a direct decode forward, not transformers' attention-function registry: a registry function still
+runs inside transformers' forward and cache, whose StaticCache keeps ONE cache position for the whole
+batch, so a finished row can neither be refilled nor compacted away and attention spans the whole buffer.
+The direct step owns the cache layout (per-row positions), reads only Lb columns, and is plain tensor code
+on static buffers that a CUDA graph captures without torch.compile (bench/audit_step.py checks it
+dispatches no host sync, no data-dependent size, no host tensor; bench/bench_rollout.py times `generate`
+with a static cache + compile beside the engine).
 
 Another backend (vLLM, SGLang) plugs in behind the same function: it receives the prompts as token ids
 and must return, per prompt, the completion ids (stop token included), per-token log-probs of the
@@ -170,16 +166,11 @@ def decode_attention(q, K, V, mask, scale):
     (True: a key the row may see) -> (B, H, 1, hd).
 
     The G = H / KV query heads that share a KV head are folded into the query length, q -> (B, KV, G, hd)
-    (head h reads KV head h // G, as enable_gqa's repeat_interleave does), so query and key have equal
-    head counts and each KV head is read once for its G queries. PyTorch's kernel selection
-    (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp and sdp_utils_cpp.h): flash attention never
-    takes a mask; memory-efficient attention takes any mask (bool or float, last stride 1) in bf16, fp16
-    and fp32, but unequal query / key head counts only where its GQA support exists, which torch 2.11
-    lacks; cuDNN attention takes a mask and unequal heads, and comes first on sm_90 / sm_10x with cuDNN
-    > 9.15 (torch 2.13's CUDA 13 wheel ships 9.20), last (after math) otherwise. So the enable_gqa form
-    with a mask lands on the math path on torch 2.11 (fp32 upcast, K and V copied per head); equal heads
-    with a mask get memory-efficient or cuDNN attention on 2.11 and 2.13 alike (bench/versions.py prints
-    the choice on the device)."""
+    (head h reads KV head h // G, as enable_gqa's repeat_interleave does): each KV head is read once for its
+    G queries, and equal head counts with a mask get memory-efficient or cuDNN attention on torch 2.11 and
+    2.13 alike, where the enable_gqa form with a mask lands on the math path on 2.11 (fp32 upcast, K and V
+    copied per head: its memory-efficient kernel lacks GQA, and flash attention takes no mask; PyTorch's
+    aten/src/ATen/native/transformers/cuda/sdp_utils.cpp; bench/versions.py prints the choice on the device)."""
     B, H, _, hd = q.shape
     KV = K.shape[1]
     o = F.scaled_dot_product_attention(q.reshape(B, KV, H // KV, hd), K, V, attn_mask=mask, scale=scale)

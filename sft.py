@@ -55,17 +55,31 @@ import tables
 from common import DataError, UsageError, all_reduce
 
 # Model types whose transformers forward keeps packed samples apart when position ids restart at 0 per
-# sample and no attention mask is passed (it builds a block-diagonal causal mask from the restarts):
-# checked packed == unpacked by tests/test_families.py. Not GraniteMoeHybrid: its attention mask ignores
-# position ids (and Granite-4.0 has no RoPE), and its Mamba-2 layers carry their state into the next
-# sample; transformers' packed-sequence argument (seq_idx) reaches only the CUDA kernels, the PyTorch
-# conv / scan fallback ignores it. Any model type not listed here trains unpacked (sft.py says so).
+# sample and no attention mask is passed (a block-diagonal causal mask from the restarts), checked packed ==
+# unpacked by tests/test_families.py. Not GraniteMoeHybrid: its Mamba-2 layers carry their state into the
+# next sample (transformers' seq_idx reaches only the CUDA kernels). Any other type trains unpacked.
 PACKING_EXACT = ("llama", "qwen2", "qwen3")
 
 
 def packing_exact(config):
     """This model type keeps packed samples apart (PACKING_EXACT)."""
     return getattr(config, "model_type", None) in PACKING_EXACT
+
+
+# ------------------------------------------------------------------------------------------------
+# The model: common.build_policy's, its samples packed into rows when its type keeps them apart
+
+def build_model(args, d, dtype, replicate):
+    """The policy (and its export dtype) in train mode, and whether its rows are packed (packing_exact, and
+    not --no-pack)."""
+    policy, export_dtype = common.build_policy(args.model, d, dtype, args.grad_checkpointing, args.cpu_offload,
+                                               args.trust_remote_code, replicate=replicate)
+    policy.train()
+    packed = not args.no_pack and packing_exact(policy.hf.config)
+    if not args.no_pack and not packed:
+        common.print0(f"packing off: model type {policy.hf.config.model_type!r} is not known to keep packed samples "
+                      "apart (PACKING_EXACT); one sample per row")
+    return policy, export_dtype, packed
 
 
 # ------------------------------------------------------------------------------------------------
@@ -77,9 +91,8 @@ def decontaminate(examples, files):
     for f in files.split(","):
         for r in tables.load_pairs(f, need_response=False):
             eval_grams |= common.ngrams(r["prompt"])
-    keep = [e for e in examples if not (common.ngrams(e["prompt"]) & eval_grams)]
-    dropped = [e["id"] for e in examples if common.ngrams(e["prompt"]) & eval_grams]
-    return keep, dropped
+    hit = [bool(common.ngrams(e["prompt"]) & eval_grams) for e in examples]
+    return [e for e, h in zip(examples, hit) if not h], [e["id"] for e, h in zip(examples, hit) if h]
 
 
 def load_examples(args, tok):
@@ -192,18 +205,8 @@ def step_metrics(sums, gnorm, lr, dt, device):
 # ------------------------------------------------------------------------------------------------
 # The command line
 
-def get_args(argv=None):
-    p = cli.ArgumentParser(description="Supervised fine-tuning (response-only loss) on FSDP2.",
-                           formatter_class=cli.HelpFormatter)
-    a = p.add_argument_group("run").add_argument
-    a("--model", required=True, help="hub id or local Hugging Face dir of the model to fine-tune")
-    a("--data", required=True, help="hub id (id[:config]:split) or local .jsonl/.json/.csv/.parquet")
-    a("--out", required=True, help="output dir: HF checkpoint, args.json, metrics.jsonl, state/")
-    a("--epochs", type=int, default=5, help="passes over the data (the LR schedule spans them)")
-    a("--max-steps", type=int, default=None,
-      help="total optimizer steps; overrides --epochs and sets the LR schedule's length (as HF Trainer)")
-    a("--stop-at", type=int, default=None, help="stop after this step (resume later with --resume)")
-    a("--seed", type=int, default=0, help="seed for data order and init")
+def step_flags(p):
+    """The flags of the step's phases, one group per step of the module docstring."""
     a = p.add_argument_group("1. data").add_argument
     a("--prompt-field", default=None, help="column holding the prompt (default: detected)")
     a("--response-field", default=None, help="column holding the response (default: detected)")
@@ -220,6 +223,10 @@ def get_args(argv=None):
     a = p.add_argument_group("2. loss and update").add_argument
     a("--batch-size", type=int, default=128, help="global sequences per optimizer step")
     a("--micro-batch-size", type=int, default=4, help="sequences per forward on each rank")
+
+
+def training_flags(p):
+    """The optimizer, memory, checkpoint and logging flags."""
     a = p.add_argument_group("optimizer").add_argument
     a("--lr", type=float, default=1e-5, help="peak learning rate")
     a("--warmup-ratio", type=float, default=0.05, help="linear warmup, fraction of all steps")
@@ -247,6 +254,22 @@ def get_args(argv=None):
     a("--keep-checkpoints", type=int, default=3, help="newest OUT/checkpoints/step-N kept (0: all)")
     a("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
     a("--wandb", default=None, metavar="PROJECT", help="also log to this wandb project")
+
+
+def get_args(argv=None):
+    p = cli.ArgumentParser(description="Supervised fine-tuning (response-only loss) on FSDP2.",
+                           formatter_class=cli.HelpFormatter)
+    a = p.add_argument_group("run").add_argument
+    a("--model", required=True, help="hub id or local Hugging Face dir of the model to fine-tune")
+    a("--data", required=True, help="hub id (id[:config]:split) or local .jsonl/.json/.csv/.parquet")
+    a("--out", required=True, help="output dir: HF checkpoint, args.json, metrics.jsonl, state/")
+    a("--epochs", type=int, default=5, help="passes over the data (the LR schedule spans them)")
+    a("--max-steps", type=int, default=None,
+      help="total optimizer steps; overrides --epochs and sets the LR schedule's length (as HF Trainer)")
+    a("--stop-at", type=int, default=None, help="stop after this step (resume later with --resume)")
+    a("--seed", type=int, default=0, help="seed for data order and init")
+    step_flags(p)
+    training_flags(p)
     return p.parse_args(argv)
 
 
@@ -285,14 +308,8 @@ def main(argv=None):
     checkpoint.claim_out_dir(args.out, args.resume, args.overwrite)  # the run's lock; refuses another run's dir
     changes = resume.resume_changes(args) if args.resume else {}  # a changed flag: refused unless --allow-changes
 
-    # --------------------------------------------------------------------------- model + optimizer
-    policy, export_dtype = common.build_policy(args.model, d, dtype, args.grad_checkpointing, args.cpu_offload,
-                                               args.trust_remote_code, replicate=replicate)
-    policy.train()
-    packed = not args.no_pack and packing_exact(policy.hf.config)
-    if not args.no_pack and not packed:
-        common.print0(f"packing off: model type {policy.hf.config.model_type!r} is not known to keep packed samples "
-                      "apart (PACKING_EXACT); one sample per row")
+    # --------------------------------------------------------------------------- models
+    policy, export_dtype, packed = build_model(args, d, dtype, replicate)
     opt = common.build_optimizer(policy.parameters(), args.optim, args.lr, tuple(args.betas), args.weight_decay,
                                  d.device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: common.cosine_lr(s, total, warmup))
