@@ -208,11 +208,16 @@ def dist_minutes(text):
     return v
 
 
+def add_device_flag(a, where="where to run"):
+    """--device (a: an argument group's add_argument)."""
+    a("--device", default="auto", choices=["auto", "cuda", "cpu"],
+      help=f"{where}: auto = CUDA when torch sees a GPU, else the CPU; auto stops with the likely cause when "
+           "this machine has an NVIDIA GPU that torch cannot use; cuda stops when none is usable")
+
+
 def add_compute_flags(a):
     """--device and --dist-timeout (a: an argument group's add_argument), for the stages run under torchrun."""
-    a("--device", default="auto", choices=["auto", "cuda", "cpu"],
-      help="where to run: auto = CUDA when torch sees a GPU, else the CPU; auto stops with the likely cause when "
-           "this machine has an NVIDIA GPU that torch cannot use; cuda stops when none is usable")
+    add_device_flag(a)
     a("--dist-timeout", type=dist_minutes, default=common.DIST_TIMEOUT_MIN, metavar="MIN",
       help="minutes a collective may wait under torchrun before the job is stopped (the NCCL / gloo timeout); the "
            "long, uneven waits (a rank still generating, rank 0 loading the checkpoint or writing a save, another "

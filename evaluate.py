@@ -263,6 +263,7 @@ def grade_parser():
                                                  "rollout's reward is kept as the score)")
     p.add_argument("--out", required=True, help="output JSONL with reasoning, answer, think_closed, score recomputed")
     add_grader_args(p)
+    cli.add_device_flag(p.add_argument, "where the safety RM and a local judge run (rules and --judge-url need none)")
     return p
 
 
@@ -556,7 +557,8 @@ def run_grade(args):
         raise UsageError("airbench records need a judge: --judge MODEL or --judge-url URL --judge-model NAME")
     check_graders(names, args)
     templates = judge_templates(args, names)
-    device = torch.device(common.resolve_device())  # a GPU machine whose GPU torch cannot use stops here
+    local = uses_rm(names, args) or (judged(names, args) and args.judge and not args.judge_url)
+    device = torch.device(common.resolve_device(args.device)) if local else None  # only a model needs one
     grade_records(recs, *graders_for(names, args, device), templates=templates, jbb_proxy=args.jbb_proxy)
     files.write_jsonl(args.out, [ordered(r) for r in recs])
     summary = benchmarks.summarize(recs)

@@ -499,10 +499,7 @@ def get_args(argv=None):
     a("--chat-template-kwargs", type=cli.chat_template_kwargs, default=None, metavar="JSON",
       help="template variables for the RM's own apply_chat_template (--rm-style chat)")
     a("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
-    a("--device", default="auto", choices=["auto", "cuda", "cpu"],
-      help="where the reward model runs (the rules need no device): auto = CUDA when torch sees a GPU, else the "
-           "CPU; auto stops with the likely cause when this machine has an NVIDIA GPU that torch cannot use; cuda "
-           "stops when none is usable")
+    cli.add_device_flag(a, "where the reward model runs (the rules need no device)")
     return p.parse_args(argv)
 
 

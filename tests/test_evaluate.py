@@ -493,3 +493,22 @@ def test_policy_loads_once_across_chunks(tmp_path, tiny_model, monkeypatch):
                    "--max-new-tokens", "4", "--batch-size", "1", "--out", str(tmp_path / "eval")])
     assert loads == [tiny_model]
     assert len(open(tmp_path / "eval" / "math500.jsonl").readlines()) == 12
+
+
+def test_grade_takes_device_and_resolves_it_only_for_a_model(tmp_path, monkeypatch, capsys):
+    """`evaluate.py grade --device`: rules need no device (--device cuda on a machine without a GPU still grades
+    maths); the safety RM does (there --device cuda without a GPU is one line, exit 2, nothing written)."""
+    from test_reward import build_rm
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    src = tmp_path / "in.jsonl"
+    write_jsonl(src, [{"benchmark": "math500", "id": "1", "sample": 0, "prompt": "1+1?", "gold": "2",
+                       "completion": "<think>\nok\n</think>\n\n\\boxed{2}"}])
+    cli.cli_main(evaluate.main, ["grade", "--input", str(src), "--out", str(tmp_path / "m.jsonl"), "--device", "cuda"])
+    assert json.loads(open(tmp_path / "m.jsonl").read())["score"] == 1.0
+    write_jsonl(src, [{"benchmark": "attaq", "id": "1", "sample": 0, "prompt": "q", "completion": "</think>no"}])
+    with pytest.raises(SystemExit) as e:
+        cli.cli_main(evaluate.main, ["grade", "--input", str(src), "--out", str(tmp_path / "a.jsonl"), "--device",
+                                     "cuda", "--safety-rm", build_rm(tmp_path / "rm", "pair")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--device cuda, but torch sees no usable GPU" in err, err
+    assert not (tmp_path / "a.jsonl").exists()
