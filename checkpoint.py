@@ -30,10 +30,11 @@ import torch
 import torch.distributed as dist
 
 import preflight
+import resume
 import safeload
-from common import (DataError, DiskFull, NonFiniteError, Policy, UsageError, all_reduce, barrier,
-                    broadcast_object, comm_device, gather_objects, is_dist, print0, rank)
-from files import fresh_dir, read_jsonl, remove, write_error, write_files, write_json, write_jsonl
+from common import (DiskFull, NonFiniteError, Policy, UsageError, all_reduce, barrier, broadcast_object, comm_device,
+                    gather_objects, is_dist, print0, rank)
+from files import fresh_dir, remove, write_error, write_files, write_json
 
 
 # --- the Hugging Face export ---------------------------------------------------------------------------
@@ -52,8 +53,7 @@ def _full_state_dict(model):
 
 
 def _link_or_copy(src, dst):
-    """Hard link (files are only ever replaced, never edited in place, so links are safe); copy if the
-    filesystem refuses."""
+    """Hard link (files are only ever replaced, never edited in place); copy if the filesystem refuses."""
     try:
         os.link(src, dst)
     except OSError:
@@ -63,8 +63,8 @@ def _link_or_copy(src, dst):
 HF_WEIGHT_PREFIXES = ("model.safetensors", "model-0", "pytorch_model")
 # what an export copies from the input checkpoint: the files a tokenizer loads from, and its config and template
 TOKENIZER_EXPORT_FILES = preflight.TOKENIZER_FILES + ("tokenizer_config.json", "special_tokens_map.json",
-                                            "added_tokens.json", "merges.txt", "chat_template.jinja",
-                                            "chat_template.json")
+                                                      "added_tokens.json", "merges.txt", "chat_template.jinja",
+                                                      "chat_template.json")
 
 
 def save_tokenizer(tok, out):
@@ -90,13 +90,11 @@ def save_tokenizer(tok, out):
 
 
 def install_export(out):
-    """Roll a complete export in OUT/.export.ready into OUT, replacing the previous one as a whole.
-
-    .export.ready appears by one rename only once the export in it is complete; installing moves its
-    files into OUT and removes weight and tokenizer files of the previous export that the new one lacks
-    (a changed shard count; a chat_template.jinja that would override the copied tokenizer_config's).
-    A run killed during the moves is finished by the next start on OUT (claim_out_dir), so OUT never
-    keeps weights of two different steps."""
+    """Roll a complete export in OUT/.export.ready (made by one rename once complete) into OUT, replacing the
+    previous one as a whole: its files move in, and weight and tokenizer files of the previous export that
+    the new one lacks go (a changed shard count; a chat_template.jinja that would override the copied
+    tokenizer_config's). A run killed during the moves is finished by the next start on OUT (claim_out_dir),
+    so OUT never keeps weights of two different steps."""
     ready = Path(out) / ".export.ready"
     if ready.is_symlink():  # not one this code made: never followed (its target's files are not ours to move)
         ready.unlink()
@@ -113,13 +111,12 @@ def install_export(out):
 
 
 def save_hf(model, tok, out, export_dtype=None, step=None, checkpoint=False, keep=3):
-    """Gather the full state dict to rank 0 and write a from_pretrained-loadable dir into `out`
-    (config, safetensors, the input's tokenizer files (save_tokenizer), generation_config), swapped in as a
-    whole (install_export).
-    With `checkpoint`, the same files also become OUT/checkpoints/step-N/ (N = `step`; hard links, no
-    optimizer state), keeping the newest `keep` (0 keeps all). Refuses non-finite weights before anything is written.
-    A failed write (a full disk) removes the half export and stops every rank: the previous export stays.
-    Collective: every rank must call it."""
+    """Gather the full state dict to rank 0 and write a from_pretrained-loadable dir into `out` (config,
+    safetensors, the input's tokenizer files (save_tokenizer), generation_config), swapped in as a whole
+    (install_export). With `checkpoint`, the same files also become OUT/checkpoints/step-N/ (N = `step`; hard
+    links, no optimizer state), keeping the newest `keep` (0 keeps all). Refuses non-finite weights before
+    anything is written; a failed write (a full disk) removes the half export and stops every rank: the
+    previous export stays. Collective: every rank must call it."""
     check_finite_weights(model, step)
     hf = hf_of(model)
     sd = _full_state_dict(model)
@@ -282,12 +279,11 @@ def _pause_for_tests(step):
 
 
 def save_state(out, model, optim, sched, step):
-    """Sharded model + optimizer (torch.distributed.checkpoint) and per-rank extra state (step, which
-    fixes the data position; scheduler; RNG) into out/state, atomically: write state.tmp, the COMPLETE
-    marker last, then rename (state -> state.old, state.tmp -> state, drop state.old). A kill at any
-    point leaves at least one complete state dir; load_state picks the newest. A failed write (a full disk)
-    removes state.tmp and stops every rank (write_on_every_rank): the previous state stays. The stages call
-    it after save_hf, which has already refused non-finite weights."""
+    """Sharded model + optimizer (torch.distributed.checkpoint) and per-rank extra state (step, which fixes the
+    data position; scheduler; RNG) into out/state, atomically: write state.tmp, the COMPLETE marker last, then
+    rename (state -> state.old, state.tmp -> state, drop state.old). A kill at any point leaves at least one
+    complete state dir; load_state picks the newest. A failed write (a full disk) removes state.tmp and stops
+    every rank (write_on_every_rank): the previous state stays. Called after save_hf (finite weights)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     out = Path(out)
@@ -377,7 +373,7 @@ def load_state(out, model, optim, sched):
                          f"refused (read with weights_only=True): {safeload.load_error(e)}") from None
     set_rng_state(extra["rng"])
     sched.load_state_dict(extra["sched"])
-    truncate_metrics(out, extra["step"])
+    resume.truncate_metrics(out, extra["step"])
     if rank() == 0:
         for f in (Path(out) / "rollouts").glob("step_*.jsonl"):
             if f.stem[5:].isdigit() and int(f.stem[5:]) > step:
@@ -402,15 +398,3 @@ def set_rng_state(s):
     torch.set_rng_state(s["torch"])
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state(s["cuda"])
-
-
-def truncate_metrics(out, step):
-    """On resume, drop metrics.jsonl lines past the restored step (they will be written again); a torn last
-    line (a kill mid-write) is dropped with a warning, a bad line elsewhere is a DataError (files.read_jsonl)."""
-    path = os.path.join(out, "metrics.jsonl")
-    if rank() == 0 and os.path.exists(path):
-        recs = read_jsonl(path, appended=True)
-        for i, rec in enumerate(recs, 1):
-            if not isinstance(rec.get("step"), int):
-                raise DataError(f"{path}: record {i}: not a metrics record (no integer 'step')")
-        write_jsonl(path, [rec for rec in recs if rec["step"] <= step])

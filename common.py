@@ -1,18 +1,16 @@
-"""Plumbing shared by two or more stages (sft.py, rl.py, evaluate.py, entropy.py, reward.py).
+"""What a stage's numbers depend on, shared by two or more stages: a stage reader opens this file and the stage.
 
-What lives here, in the order the stages use it:
   0. the errors every module raises (their exit codes: cli.cli_main)
-  1. compute: torchrun / single-process init, seeding, dtype choice, all-reduce helpers
-  2. models: tokenizer and model loading, the FSDP2 wrap (~40 lines), the `Policy` wrapper whose
-     forward returns per-token (logp, entropy) through the fused lm_head kernel
+  1. compute: torchrun / single-process init, seeding, dtype choice, all-reduce helpers, the store barrier
+  2. models: tokenizer and model loading, the `Policy` wrapper whose forward returns per-token (logp, entropy)
+     through the fused lm_head kernel, padding and positions, the FSDP2 / HSDP wrap (~40 lines)
   3. chat: prompt rendering with the tokenizer's own template, SFT targets that keep the reasoning
   4. text: the reasoning / answer split on the last </think>
   5. optimizer and schedule
-  6. HTTP: one JSON POST with retries (an OpenAI-compatible server for generation and the judge)
 
-Generation lives in engine.py; checkpoints and resume in checkpoint.py; files in files.py; the CLI's
-exit policy, input tables and step log in cli.py. The algorithms (losses, advantages, masking) stay in
-the stage that owns them.
+Generation lives in engine.py (its sampler in sampler.py). Every other shared module changes no number
+(checkpoint, resume, safeload, cli, tables, preflight, files, api, records). The algorithms (losses,
+advantages, masking) stay in the stage that owns them.
 """
 import datetime
 import json

@@ -4,6 +4,7 @@ the same.
 
   resume_changes, write_args   --resume compares this start's flags with the run's; --allow-changes records a
                                change in args.json, apply_optimizer_flags applies it to the restored optimizer
+  truncate_metrics             metrics.jsonl cut back to the restored step (checkpoint.load_state)
   read_records                 an append-only record file (OUT/NAME.jsonl) back as {key: record}
   model_sha256                 a model dir's files by content, with a stat cache (evaluate.py's fingerprint)
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import common
 from common import DataError, UsageError
-from files import read_jsonl, write_json
+from files import read_jsonl, write_json, write_jsonl
 
 
 # --- --resume keeps the run's flags ---------------------------------------------------------------------
@@ -111,6 +112,18 @@ def apply_optimizer_flags(optim, sched, lr, betas, weight_decay):
     for g, f in zip(optim.param_groups, sched.lr_lambdas):
         g.update(initial_lr=lr, lr=lr * f(sched.last_epoch), betas=tuple(betas), weight_decay=weight_decay)
     sched._last_lr = [g["lr"] for g in optim.param_groups]
+
+
+def truncate_metrics(out, step):
+    """On resume, drop metrics.jsonl lines past the restored step (they will be written again); a torn last
+    line (a kill mid-write) is dropped with a warning, a bad line elsewhere is a DataError (files.read_jsonl)."""
+    path = os.path.join(out, "metrics.jsonl")
+    if common.rank() == 0 and os.path.exists(path):
+        recs = read_jsonl(path, appended=True)
+        for i, rec in enumerate(recs, 1):
+            if not isinstance(rec.get("step"), int):
+                raise DataError(f"{path}: record {i}: not a metrics record (no integer 'step')")
+        write_jsonl(path, [rec for rec in recs if rec["step"] <= step])
 
 
 # --- append-only record files: evaluate.py's OUT/NAME.jsonl grows a record at a time ------------------

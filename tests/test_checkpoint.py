@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import write_jsonl
+from conftest import run_cli, torchrun, write_jsonl
 from test_faults import Evil, inputs, run_main  # noqa: F401 (inputs: a fixture)
 
 import checkpoint
@@ -22,6 +22,7 @@ import common
 import evaluate
 import files
 import preflight
+import records
 import resume
 import rl
 import sft
@@ -372,6 +373,15 @@ def test_evaluate_rerun_refuses_stale_records(tiny_model, tmp_path, monkeypatch,
 
 # --- 4. one torn-line rule for every JSONL reader ---------------------------------------------------------
 
+def test_ranks_wait_for_rank_0s_fingerprint_outside_a_collective(tmp_path):
+    """Rank 0 alone hashes the model (evaluate.py's fingerprint) and compacts the records, for longer than a
+    5 s --dist-timeout: the other ranks wait in common.barrier, not inside the broadcast of its verdict, and
+    both ranks go on. On the old code rank 1 waited inside broadcast_object and the timeout stopped it."""
+    p = run_cli(torchrun(2) + ["tests/dist/resume_wait_check.py", str(tmp_path / "o")], timeout=300)
+    for r in (0, 1):
+        assert f"rank {r}: resumed [] after rank 0's slow fingerprint" in p.stdout, p.stdout + p.stderr
+
+
 def test_every_jsonl_reader_drops_a_torn_last_line_and_names_a_bad_one_elsewhere(tmp_path, capsys):
     """A file the stages append to (metrics.jsonl, evaluate.py's NAME.jsonl) may end in a line a kill cut
     short: every reader drops it with a warning (files.read_jsonl with appended=True, evaluate.py's record
@@ -383,13 +393,13 @@ def test_every_jsonl_reader_drops_a_torn_last_line_and_names_a_bad_one_elsewhere
     torn.write_text(json.dumps(rec) + "\n" + '{"benchmark": "attaq", "id": "2", "samp')
     assert files.read_jsonl(torn, appended=True) == [rec]
     assert "dropped a torn last line (row 2)" in capsys.readouterr().out
-    assert list(resume.read_records(torn, evaluate.key)) == [("attaq", "1", 0)]
+    assert list(resume.read_records(torn, records.key)) == [("attaq", "1", 0)]
     assert report.read_jsonl(torn) == [rec] and curves.read_metrics(torn) == [rec]
     with pytest.raises(common.DataError, match=r"torn.jsonl: row 2: invalid JSON"):
         files.read_jsonl(torn)  # an input table: a torn line is an error like any other
     middle = tmp_path / "middle.jsonl"
     middle.write_text('{"benchmark": "attaq", "id": "2", "samp\n' + json.dumps(rec) + "\n")
-    for read in (lambda p: files.read_jsonl(p, appended=True), lambda p: resume.read_records(p, evaluate.key),
+    for read in (lambda p: files.read_jsonl(p, appended=True), lambda p: resume.read_records(p, records.key),
                  report.read_jsonl):
         with pytest.raises(common.DataError, match=r"middle.jsonl: row 1: invalid JSON"):
             read(middle)
