@@ -224,6 +224,46 @@ def add_compute_flags(a):
            "grading) wait outside any collective, without a time limit")
 
 
+# The optimizer, memory and checkpoint flags sft.py and rl.py share; each stage passes its own defaults and words.
+
+def add_optimizer_flags(p, lr, warmup_ratio, warmup_of):
+    """The "optimizer" group: AdamW (or 8-bit AdamW) at peak --lr, warmup a fraction of `warmup_of`, the clip."""
+    a = p.add_argument_group("optimizer").add_argument
+    a("--lr", type=float, default=lr, help="peak learning rate")
+    a("--warmup-ratio", type=float, default=warmup_ratio, help=f"linear warmup, fraction of {warmup_of}")
+    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    a("--betas", type=float, nargs=2, default=(0.9, 0.95), help="AdamW betas")
+    a("--optim", default="adamw", choices=["adamw", "adamw8bit"], help="optimizer")
+    a("--clip", type=float, default=1.0, help="gradient norm clip (after the reduction)")
+
+
+def add_memory_flags(a, offload_of):
+    """--grad-checkpointing, --cpu-offload (of `offload_of`), --replicate, --dtype and the compute flags (a: the
+    "memory" group's add_argument, after the stage's own)."""
+    a("--grad-checkpointing", action="store_true", help="activation checkpointing per layer")
+    a("--cpu-offload", action="store_true", help=f"FSDP2 CPU offload of {offload_of}")
+    a("--replicate", type=int, default=None, help="HSDP: N replicas, each sharding over world/N ranks "
+      "(default: one per node when torchrun spans nodes, else 1 = flat FSDP2)")
+    a("--dtype", default=None, choices=["bf16", "fp32"], help="compute dtype (default: bf16 on CUDA, fp32 on CPU)")
+    add_compute_flags(a)
+
+
+def add_checkpoint_flags(a, resume_free, out_holds, save_every, save_every_help):
+    """--resume (its help names the flags a resumed run may change, the stage's `resume_free` among them),
+    --allow-changes, --overwrite (of `out_holds`), --save-every (the stage's default and help) and
+    --keep-checkpoints (a: an argument group's add_argument)."""
+    free = "".join(f"{f}, " for f in resume_free)
+    a("--resume", action="store_true", help="continue from the newest complete state in OUT, with the run's "
+      f"flags (args.json); only --stop-at, --save-every, --keep-checkpoints, {free}--wandb, --trust-remote-code, "
+      "--dist-timeout and a --device that resolves to the same device may change; a flag newer than the run's "
+      "args.json takes its default")
+    a("--allow-changes", action="store_true", help="with --resume: continue with changed flags (args.json keeps "
+      "the run's and records each change with the step it took effect after)")
+    a("--overwrite", action="store_true", help=f"replace a previous run in OUT (its {out_holds})")
+    a("--save-every", type=int, default=save_every, help=save_every_help)
+    a("--keep-checkpoints", type=int, default=3, help="newest OUT/checkpoints/step-N kept (0: all)")
+
+
 # apply_chat_template's own arguments: a template variable of the same name would be swallowed by them
 _RESERVED_CHAT_KWARGS = {"conversation", "tools", "documents", "chat_template", "add_generation_prompt",
                          "continue_final_message", "tokenize", "padding", "truncation", "max_length",

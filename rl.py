@@ -550,33 +550,15 @@ def step_flags(p):
 
 
 def training_flags(p):
-    """The optimizer, memory, checkpoint and logging flags."""
-    a = p.add_argument_group("optimizer").add_argument
-    a("--lr", type=float, default=5e-7, help="peak learning rate")
-    a("--warmup-ratio", type=float, default=0.03, help="linear warmup, fraction of --max-steps")
-    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    a("--betas", type=float, nargs=2, default=(0.9, 0.95), help="AdamW betas")
-    a("--optim", default="adamw", choices=["adamw", "adamw8bit"], help="optimizer")
-    a("--clip", type=float, default=1.0, help="gradient norm clip (after the reduction)")
+    """The optimizer, memory, checkpoint and logging flags: cli.py's shared ones with rl's defaults, and rl's own."""
+    cli.add_optimizer_flags(p, lr=5e-7, warmup_ratio=0.03, warmup_of="--max-steps")
     a = p.add_argument_group("memory").add_argument
     a("--ref-offload", action="store_true", help="keep the frozen reference model on the CPU")
-    a("--grad-checkpointing", action="store_true", help="activation checkpointing per layer")
-    a("--cpu-offload", action="store_true", help="FSDP2 CPU offload of the policy")
-    a("--replicate", type=int, default=None, help="HSDP: N replicas, each sharding over world/N ranks "
-      "(default: one per node when torchrun spans nodes, else 1 = flat FSDP2)")
-    a("--dtype", default=None, choices=["bf16", "fp32"], help="compute dtype (default: bf16 on CUDA, fp32 on CPU)")
-    cli.add_compute_flags(a)
+    cli.add_memory_flags(a, offload_of="the policy")
     a = p.add_argument_group("checkpoints and logging").add_argument
-    a("--resume", action="store_true", help="continue from the newest complete state in OUT, with the run's "
-      "flags (args.json); only --stop-at, --save-every, --keep-checkpoints, --dump-every, --max-kl, "
-      "--reflection-words, --wandb, --trust-remote-code, --dist-timeout and a --device that resolves to the same "
-      "device may change; a flag newer than the run's args.json takes its default")
-    a("--allow-changes", action="store_true", help="with --resume: continue with changed flags (args.json keeps "
-      "the run's and records each change with the step it took effect after)")
-    a("--overwrite", action="store_true", help="replace a previous run in OUT (its state, metrics, rollouts)")
-    a("--save-every", type=int, default=50,
-      help="every N steps save the state and the export and keep OUT/checkpoints/step-N (and at the end)")
-    a("--keep-checkpoints", type=int, default=3, help="newest OUT/checkpoints/step-N kept (0: all)")
+    cli.add_checkpoint_flags(a, ("--dump-every", "--max-kl", "--reflection-words"), "state, metrics, rollouts", 50,
+                             "every N steps save the state and the export and keep OUT/checkpoints/step-N (and at "
+                             "the end)")
     a("--dump-every", type=int, default=10, help="write the rollouts as generation records every N steps")
     a("--reflection-words", default=DEFAULT_WORDS, help="words whose tokens' entropy is logged each step")
     a("--trust-remote-code", action="store_true", help="allow custom model code from the hub")

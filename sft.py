@@ -226,32 +226,12 @@ def step_flags(p):
 
 
 def training_flags(p):
-    """The optimizer, memory, checkpoint and logging flags."""
-    a = p.add_argument_group("optimizer").add_argument
-    a("--lr", type=float, default=1e-5, help="peak learning rate")
-    a("--warmup-ratio", type=float, default=0.05, help="linear warmup, fraction of all steps")
-    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    a("--betas", type=float, nargs=2, default=(0.9, 0.95), help="AdamW betas")
-    a("--optim", default="adamw", choices=["adamw", "adamw8bit"], help="optimizer")
-    a("--clip", type=float, default=1.0, help="gradient norm clip (after the reduction)")
-    a = p.add_argument_group("memory").add_argument
-    a("--grad-checkpointing", action="store_true", help="activation checkpointing per layer")
-    a("--cpu-offload", action="store_true", help="FSDP2 CPU offload of params/grads/optimizer")
-    a("--replicate", type=int, default=None, help="HSDP: N replicas, each sharding over world/N ranks "
-      "(default: one per node when torchrun spans nodes, else 1 = flat FSDP2)")
-    a("--dtype", default=None, choices=["bf16", "fp32"], help="compute dtype (default: bf16 on CUDA, fp32 on CPU)")
-    cli.add_compute_flags(a)
+    """The optimizer, memory, checkpoint and logging flags: cli.py's shared ones with sft's defaults."""
+    cli.add_optimizer_flags(p, lr=1e-5, warmup_ratio=0.05, warmup_of="all steps")
+    cli.add_memory_flags(p.add_argument_group("memory").add_argument, offload_of="params/grads/optimizer")
     a = p.add_argument_group("checkpoints and logging").add_argument
-    a("--resume", action="store_true", help="continue from the newest complete state in OUT, with the run's "
-      "flags (args.json); only --stop-at, --save-every, --keep-checkpoints, --wandb, --trust-remote-code, "
-      "--dist-timeout and a --device that resolves to the same device may change; a flag newer than the run's "
-      "args.json takes its default")
-    a("--allow-changes", action="store_true", help="with --resume: continue with changed flags (args.json keeps "
-      "the run's and records each change with the step it took effect after)")
-    a("--overwrite", action="store_true", help="replace a previous run in OUT (its state and metrics)")
-    a("--save-every", type=int, default=0,
-      help="every N steps save the state and the export, and keep OUT/checkpoints/step-N (0: only at the end)")
-    a("--keep-checkpoints", type=int, default=3, help="newest OUT/checkpoints/step-N kept (0: all)")
+    cli.add_checkpoint_flags(a, (), "state and metrics", 0, "every N steps save the state and the export, and keep "
+                             "OUT/checkpoints/step-N (0: only at the end)")
     a("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
     a("--wandb", default=None, metavar="PROJECT", help="also log to this wandb project")
 
