@@ -36,24 +36,9 @@ parameters alias the unsharded FSDP2 weights (engine.generation_view), with no c
 decode loop; each rank samples its own prompts, and the ranks meet after the rollout. Sampling noise is a
 hash of (seed + step, global sample index, token index): a rollout does not depend on the number of ranks.
 
-Which distribution π_old is. π_old(y_t) = softmax(z_t / τ)[y_t] over every row of the lm_head: the
-tempered policy before top-p, as OpenRLHF, verl and TRL recompute it. The sampler draws from π_old
-restricted to K_t = the top-p nucleus of the tokenizer's ids (engine.py never samples the embedding rows
-past len(tok)) and renormalised: π_b(y) = π_old(y) / C_t, C_t = Σ_{v in K_t} π_old(v). So the ratio's
-denominator is π_old, not the behaviour probability π_b, which is higher by -log C_t on every sampled
-token (0 at top-p 1, up to the unused rows' mass). Every step logs both, as means over response tokens:
-  sampler_gap = mean |log π_sampler - log π_old|  the sampler's numerical gap to the trainer's forward,
-                log π_sampler being its log-prob of the same full-softmax π (0 up to rounding when both
-                run in the same precision; bf16 decoding shows here)
-  kept_gap    = mean -log C_t                       what top-p and the unused rows cut away
-vLLM-based trainers compare vLLM's per-token log-prob with their π_old: with vLLM's processed log-probs
-(logprobs_mode processed_logprobs: after temperature and top-p, log π_b) their mean mismatch is our
-kept_gap plus a numerical part no larger than our sampler_gap; with its default raw log-probs (before
-temperature and top-p) it has no -log C in it (and at τ != 1 it compares different temperatures).
-There is no --top-p-in-ratio: the exact ratio π_θ(y | K_t) / π_b(y) needs Σ_{v in K_t} π_θ(v) at every
-response token of every training forward (the full [tokens, V] logits the fused head exists to avoid;
-and K_t is a set ranked by π_old, which only a stored copy of π_old's logits could recover after the
-first update); π_b in the denominator alone would start every ratio at 1 / C_t instead of 1.
+π_old is the tempered softmax over every lm_head row, before top-p; the sampler draws from its top-p nucleus
+K_t, renormalised. The step log has sampler_gap = mean |log π_sampler - log π_old| (the sampler's numerics) and
+kept_gap = mean -log C_t (C_t: the mass of π_old it kept): docs/design.md §3, "Which distribution π_old is".
 
 Commands:
   python rl.py --model out/sft --prompts rows.jsonl --out out/rl --rule refusal --max-steps 2
