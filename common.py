@@ -2,8 +2,7 @@
 
   0. the errors every module raises (their exit codes: cli.cli_main)
   1. compute: torchrun / single-process init, seeding, dtype choice, all-reduce helpers, the store barrier
-  2. models: tokenizer and model loading, the `Policy` wrapper whose forward returns per-token (logp, entropy)
-     through the fused lm_head kernel, padding and positions, the FSDP2 / HSDP wrap (~40 lines)
+  2. models: loading, `Policy` and its (logp, entropy) head, padding and positions, the FSDP2 / HSDP wrap
   3. chat: prompt rendering with the tokenizer's own template, SFT targets that keep the reasoning
   4. text: the reasoning / answer split on the last </think>
   5. optimizer and schedule
@@ -61,9 +60,8 @@ DIST_TIMEOUT_MIN = 60.0
 
 
 def resolve_device(device="auto"):
-    """'auto' | 'cuda' | 'cpu' -> 'cuda' or 'cpu'. No silent CPU run on a GPU machine: 'cuda' without a usable
-    GPU, or 'auto' on a machine with an NVIDIA driver but no GPU torch can use, stops with the likely cause;
-    'cpu' (or 'auto' on a machine without an NVIDIA GPU) runs on the CPU."""
+    """'auto' | 'cuda' | 'cpu' -> 'cuda' or 'cpu'; UsageError with the likely cause for 'cuda' without a usable
+    GPU or 'auto' on a machine with an NVIDIA driver but no GPU torch can use (docs/design.md §2, 'Compute')."""
     if device not in ("auto", "cuda", "cpu"):
         raise UsageError(f"--device must be auto, cuda or cpu, got {device!r}")
     if device == "cpu":
@@ -79,10 +77,8 @@ def resolve_device(device="auto"):
 
 
 def init_dist(device="auto", timeout_min=DIST_TIMEOUT_MIN):
-    """torchrun sets RANK/LOCAL_RANK/WORLD_SIZE: NCCL on CUDA (bound to this rank's GPU at init; CPU tensors
-    through gloo), gloo on the CPU, both with a `timeout_min` collective timeout. Otherwise one process, no
-    group. The device comes from resolve_device: a GPU machine whose GPUs torch cannot use stops here,
-    before any model loads."""
+    """-> Dist: under torchrun (RANK/LOCAL_RANK/WORLD_SIZE) the process group of docs/design.md §2, 'Compute',
+    with a `timeout_min` collective timeout; otherwise one process, no group. The device: resolve_device."""
     from datetime import timedelta
     if not (isinstance(timeout_min, (int, float)) and 0 < timeout_min < math.inf):
         raise UsageError(f"--dist-timeout must be a positive number of minutes, got {timeout_min}")
@@ -120,11 +116,9 @@ _barriers = [0]
 
 
 def barrier():
-    """Every rank reaches this point before any goes on, waiting OUTSIDE a collective: each rank adds 1 to a
-    counter in the process group's store, then polls it (every <= 0.5 s) until it reads the world size.
-    A collective barrier would wait inside NCCL / gloo, whose --dist-timeout stops the job; here a rank
-    may wait as long as another takes (generating, loading, writing a checkpoint, grading). A rank that
-    dies ends the job through torchrun. Ranks call barrier() in the same order (the key counts calls)."""
+    """Every rank reaches this point before any goes on, waiting outside a collective, without a time limit
+    (docs/design.md §2, 'Compute'): each rank adds 1 to a counter in the process group's store, then polls it
+    (every <= 0.5 s) until it reads the world size. Ranks call barrier() in the same order (the key counts calls)."""
     if not is_dist():
         return
     store = dist.distributed_c10d._get_default_store()
@@ -247,12 +241,9 @@ def decoder_layers(model):
 
 
 class Policy(nn.Module):
-    """A causal LM whose forward can return per-token (logp, entropy) without materialising logits.
-
-    Wrapping the Hugging Face model in one module makes the fused lm_head op run inside the FSDP root's
-    forward, where the (tied) embedding / lm_head weight is unsharded (docs/design.md §4). Generation reads
-    `.hf` itself (engine.py).
-    """
+    """A causal LM whose forward returns per-token (logp, entropy) without materialising logits: the fused
+    lm_head op runs inside the FSDP root's forward, where the (tied) embedding / lm_head weight is unsharded
+    (docs/design.md §4). Generation reads `.hf` itself (engine.py)."""
 
     def __init__(self, hf):
         super().__init__()
@@ -265,11 +256,8 @@ class Policy(nn.Module):
 
 def forward_logprobs(hf, input_ids, attention_mask, position_ids, targets, temperature=1.0, chunk_tokens=4096):
     """(B, T) ids -> (logp, ent), each (B, T) float32: log p(targets[t]) and the entropy H_t of the
-    next-token distribution at position t, softmax(z / temperature) over the full vocabulary.
-
-    Never passes labels= (that upcasts the full logits to float32) and never forms a [B*T, V] tensor:
-    the final hidden states go through head_logprobs, one chunk of tokens at a time.
-    """
+    next-token distribution at position t, softmax(z / temperature) over the full vocabulary, through
+    head_logprobs (never labels=, which upcasts the full logits to float32; never a [B*T, V] tensor)."""
     out = hf.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     h = out.last_hidden_state  # (B, T, D)
     B, T, D = h.shape
@@ -283,12 +271,9 @@ def head_logprobs(hf, hidden, targets, temperature=1.0, chunk_tokens=4096, argma
     final hidden states (N, D) -> logp, ent (N,) float32 of softmax(z / τ) for targets (N,), where
     τ = temperature · logits_scaling (Granite divides its logits by it), x = lm_head(hidden) and
     z = cap · tanh(x / cap) when the config soft-caps its logits (Gemma-2's final_logit_softcapping), else x.
-    With argmax=True also the argmax token of each row (N,) (entropy.py's memorization).
-
-    Plain head (no soft cap, no bias, no argmax): the fused lm_head kernel, no logits tensor at all.
-    Otherwise the logits exist one chunk of tokens at a time, in the model dtype, then
-    kernels.logprobs_and_entropy; differentiable as well, but autograd keeps each chunk's logits.
-    """
+    With argmax=True also the argmax token of each row (N,) (entropy.py's memorization). Differentiable: a plain
+    head (no cap, bias or argmax) runs the fused lm_head kernel, no logits tensor; any other forms the logits
+    one chunk of tokens at a time in the model dtype, which autograd keeps (docs/design.md §3, 'Kernel')."""
     from kernels import lm_head_logprobs_and_entropy, logprobs_and_entropy
     cfg, head = hf.config, hf.get_output_embeddings()
     tau = temperature * getattr(cfg, "logits_scaling", 1.0)
@@ -334,32 +319,26 @@ def hsdp_replicas(replicate, world):
     return replicate
 
 
+_MESHES = {}
+
+
 def device_mesh(device, world, replicate):
     """FSDP2's mesh: 1-D over all ranks, or 2-D (replicate, shard) for HSDP. Rank r sits at
     (r // shard, r % shard): a shard group is world/replicate consecutive ranks, i.e. one node."""
     if replicate == 1:
         return None  # fully_shard's default: every rank in one shard group
-    return _mesh(torch.device(device).type, replicate, world // replicate)
-
-
-_MESHES = {}
-
-
-def _mesh(device_type, replicate, shard):
     from torch.distributed.device_mesh import init_device_mesh
-    key = (device_type, replicate, shard)
+    key = (torch.device(device).type, replicate, world // replicate)
     if key not in _MESHES:  # the policy and the reference share one set of process groups
-        _MESHES[key] = init_device_mesh(device_type, (replicate, shard), mesh_dim_names=("replicate", "shard"))
+        _MESHES[key] = init_device_mesh(key[0], key[1:], mesh_dim_names=("replicate", "shard"))
     return _MESHES[key]
 
 
 def fsdp_wrap(model, param_dtype=torch.bfloat16, cpu_offload=False, mesh=None):
-    """FSDP2: shard each decoder layer, then the root (which holds the tied embedding / lm_head in one
-    group). bf16 compute, fp32 master weights and fp32 gradient reduction.
-
-    With a 2-D mesh (HSDP) each gradient is reduce-scattered inside its shard group, then all-reduced
-    across the replicas, both as means: the result is the mean over ALL ranks, exactly as with the flat
-    mesh, so the stages' `loss * world / n_tok` stays the global token mean (tests/dist/hsdp_check.py)."""
+    """FSDP2: shard each decoder layer, then the root (which holds the tied embedding / lm_head in one group);
+    bf16 compute, fp32 master weights and fp32 gradient reduction. With a 2-D mesh (HSDP) each gradient is
+    reduce-scattered in its shard group, then all-reduced across the replicas, both as means: the mean over ALL
+    ranks, as with the flat mesh, so `loss * world / n_tok` stays the global token mean (tests/dist/hsdp_check.py)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     kw = dict(mp_policy=mp, offload_policy=CPUOffloadPolicy() if cpu_offload else None, mesh=mesh)
@@ -372,11 +351,9 @@ def fsdp_wrap(model, param_dtype=torch.bfloat16, cpu_offload=False, mesh=None):
 
 def build_policy(path, dist_, param_dtype, grad_ckpt=False, cpu_offload=False, trust_remote_code=False,
                  master_dtype=torch.float32, replicate=1):
-    """Load a model for training: one process -> plain module (autocast in the stage); torchrun ->
-    meta-init on every rank, FSDP2 wrap (HSDP when replicate > 1), rank 0's weights broadcast shard by shard.
-
-    Returns (policy, export_dtype): export_dtype is the checkpoint's own dtype, used when saving.
-    """
+    """A model for training -> (Policy, export_dtype: the checkpoint's own dtype, used when saving). One process:
+    a plain module (autocast in the stage); torchrun: meta-init, FSDP2 wrap (HSDP when replicate > 1), rank 0's
+    weights broadcast shard by shard."""
     from transformers import AutoConfig, AutoModelForCausalLM
     p = check_path(path, "model")
     cfg = AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code)
@@ -423,25 +400,10 @@ def broadcast_object(obj):
 
 
 # ------------------------------------------------------------------------------------------------
-# 3. chat rendering (docs/design.md §2: the tokenizer's own template, no system prompt)
-#
-# `chat_kwargs` (the stages' --chat-template-kwargs) are passed to apply_chat_template as template
-# variables: Qwen3's {"enable_thinking": false}, Granite's {"thinking": true}. The three families:
-#   R1-Distill (Qwen2 / Llama): past assistant turns lose everything up to </think>; the generation
-#       prompt ends with "<think>\n", so the model writes only the closing tag
-#   Qwen3: enable_thinking (default true); false ends the generation prompt with an empty
-#       "<think>\n\n</think>\n\n" block
-#   Granite (3.2 / 3.3 / 4.0-tiny-preview): thinking (default false) adds a system turn asking for
-#       reasoning first; the split below handles the formats those model cards document; its default
-#       system turn writes today's date (pinned: TEMPLATE_DATE)
-# Where the prompt leaves the think block (think_state) becomes each record's `thinking`, which tells
-# the split (section 5) whether a completion starts inside the reasoning.
+# 3. chat rendering: the tokenizer's own template, no system prompt; `chat_kwargs` (--chat-template-kwargs)
+# are its template variables (docs/design.md §2, 'Chat rendering': each family's template)
 
-# A template that reads the clock (Granite's default system turn writes "Today's Date: " + strftime_now(...))
-# would make every SFT target, rollout and evaluation prompt depend on the day it is rendered: each
-# strftime_now('FORMAT') call is replaced by this fixed date, so a rendered prompt is a pure function of the
-# row and the flags.
-TEMPLATE_DATE = datetime.date(2025, 1, 1)
+TEMPLATE_DATE = datetime.date(2025, 1, 1)  # every strftime_now() of a template reads this date
 _STRFTIME_NOW = re.compile(r"""strftime_now\(\s*(['"])(.*?)\1\s*\)""")
 
 
@@ -467,18 +429,15 @@ def render_prompt(tok, prompt, chat_kwargs=None):
 
 
 def think_state(prompt_text):
-    """Where a rendered prompt leaves the assistant turn: "open" (it ends with <think>: the completion starts
-    inside the reasoning; R1-Distill), "closed" (it ends with </think>: thinking switched off; Qwen3's
-    enable_thinking=false) or "none" (no think tag at its end: Qwen3 and Granite with thinking on or off, R1's
-    first template, plain instruct models)."""
+    """Where a rendered prompt leaves the assistant turn: "open" (it ends with <think>: R1-Distill), "closed"
+    (it ends with </think>: Qwen3's enable_thinking=false) or "none" (no think tag at its end)."""
     t = prompt_text.rstrip()
     return "open" if t.endswith("<think>") else "closed" if t.endswith("</think>") else "none"
 
 
 def prompt_thinking(prompt_text):
-    """The `thinking` of a generation record, a fact of the prompt it was sampled from (docs/design.md §2):
-    True when the prompt leaves a think block open, so the completion is reasoning, </think>, answer; False
-    when it does not, so the completion is the answer unless it opens a think block itself."""
+    """A generation record's `thinking` (docs/design.md §2, 'Thinking on or off'): True when the prompt leaves
+    a think block open (the completion is reasoning, </think>, answer)."""
     return think_state(prompt_text) == "open"
 
 
@@ -495,16 +454,11 @@ def end_of_turn(tok, chat_kwargs=None):
 
 
 def render_sft(tok, prompt, response, max_len=None, chat_kwargs=None, reasoning_when_off="refuse"):
-    """SFT target: rendered prompt + the response text + end-of-turn, appended by hand, so templates that
-    strip past reasoning (R1-Distill) cannot drop it. Returns (ids, loss_mask) with the mask True on the
-    response and end-of-turn tokens. Longer than max_len: the LAST max_len tokens are kept (left truncation,
-    as the STAR-1 recipe), so the end of the reasoning, the answer and the end-of-turn stay in the target;
-    the prompt's head goes first.
-
-    A prompt that opens the think block takes the response without its own leading <think>. A prompt that
-    CLOSES it (thinking off) and a response that carries reasoning would make a target with two think
-    blocks: reasoning_when_off "refuse" raises UsageError (sft.py), "drop" keeps the response's answer
-    alone (sft.py --answer-only), "keep" keeps the response as it is (the reward model's input)."""
+    """SFT target (docs/design.md §2, 'Chat rendering'): rendered prompt + response + end-of-turn, appended by
+    hand -> (ids, loss_mask), the mask True on the response and end-of-turn tokens; longer than max_len keeps
+    the LAST max_len. A prompt that opens the think block takes the response without its leading <think>.
+    A prompt that closes it and a response with reasoning: reasoning_when_off "refuse" raises UsageError,
+    "drop" keeps the response's answer (UsageError when it has none), "keep" the response as it is."""
     ptext = render_prompt_text(tok, prompt, chat_kwargs)
     state = think_state(ptext)
     if state == "open" and response.lstrip().startswith("<think>"):
@@ -531,16 +485,8 @@ def ngrams(text, n=13):
 
 
 # ------------------------------------------------------------------------------------------------
-# 4. the reasoning / answer split (docs/design.md §2)
+# 4. the reasoning / answer split (docs/design.md §2, 'Reasoning / answer split': the formats handled)
 
-# The formats handled (Granite's from its model cards; no hub access here to re-check them):
-#   "<think>reasoning</think>answer"                   R1-Distill, Qwen3, Granite 3.3 / 4.0 with thinking
-#   "<think>reasoning</think><response>answer</response>"   Granite 3.3 / 4.0-tiny-preview: the tags around
-#                                                      the answer are dropped from it
-#   "Here is my thought process: ... Here is my response: answer"   Granite 3.2 with thinking=True; only
-#                                                      when the text OPENS with the first marker, so an R1
-#                                                      trace that happens to say "Here is my response:"
-#                                                      while still thinking is not cut there
 GRANITE_THOUGHT, GRANITE_RESPONSE = "Here is my thought process:", "Here is my response:"
 
 
@@ -551,9 +497,8 @@ def opens_think(text):
 
 def reasoning_spans(text, thinking=True):
     """Character spans of the split: ((r0, r1), (a0, a1), think_closed); text[r0:r1] is the reasoning,
-    text[a0:a1] the answer (empty when the thinking never closed). Unstripped: entropy.py maps tokens
-    to segments with these offsets. `thinking` is the record's (prompt_thinking): False and a text that
-    opens no think block is an answer-only completion: all answer, think_closed True."""
+    text[a0:a1] the answer (empty when the thinking never closed); unstripped (entropy.py maps tokens to
+    segments with them). `thinking` False (prompt_thinking) and a text that opens no think block: all answer."""
     if not thinking and not opens_think(text):
         return (0, 0), (0, len(text)), True
     lead = len(text) - len(text.lstrip())
@@ -577,10 +522,8 @@ def reasoning_spans(text, thinking=True):
 
 
 def split_reasoning(text, thinking=True):
-    """Split on the LAST </think> (or Granite's markers, above): (reasoning minus a leading <think>,
-    answer, think_closed), both stripped. thinking=False (the prompt left no think block open): a text
-    that opens none is all answer (reasoning "", think_closed True). Records without a `thinking` field
-    (older ones) are split with thinking=True, as they always were."""
+    """Split on the LAST </think> (or Granite's markers): (reasoning minus a leading <think>, answer,
+    think_closed), both stripped; thinking=False and a text that opens no think block: all answer, closed."""
     (r0, r1), (a0, a1), closed = reasoning_spans(text, thinking)
     return text[r0:r1].strip(), text[a0:a1].strip(), closed
 
