@@ -1,16 +1,8 @@
-"""The OpenAI-compatible client: nothing here changes a number. One JSON POST with retries (http_post), and
-the two requests the stages send through it:
-
-  completions(url, prompts, ...)  evaluate.py --api-url: token-id prompts to url/completions (vLLM, SGLang),
-                                  `workers` at a time; text, truncated flag and token count back
-  chat(url, prompt, ...)          a judge (evaluate.py --judge-url, judges.make_judge): one user turn to
-                                  url/chat/completions at temperature 0; the reply's text back
-
-A try that fails for a reason a retry can fix (a connection error or reset, a timeout, a torn or malformed
-reply, HTTP 408/409/429/5xx) is retried with exponential backoff or the server's Retry-After; anything else,
-or the last try, raises RequestFailed (exit 2 through cli.cli_main). The API key never reaches a record, an
-error or the terminal (redact).
+"""The OpenAI-compatible client: nothing here changes a number. One JSON POST with retries (http_post) and the
+two requests sent through it: completions() for evaluate.py --api-url (vLLM, SGLang), chat() for a judge
+(--judge-url). RequestFailed exits 2; the API key never reaches a record, an error or the terminal (redact).
 """
+import contextlib
 import email.utils
 import http.client
 import json
@@ -33,9 +25,8 @@ RETRY_AFTER_MAX = 60.0  # seconds: a server's Retry-After is honoured up to this
 
 
 def redact(text, key):
-    """`text` (str or bytes) with the API key replaced by [redacted], as sent and as a JSON body escapes it:
-    a server that echoes the request (a 401 body, a proxy's error page) never puts the key into a record,
-    an error or the terminal. With it goes the Authorization header, "Bearer KEY"."""
+    """`text` (str or bytes) with the API key, as sent and as a JSON body escapes it, replaced by [redacted]
+    (a server may echo the request: a 401 body, a proxy's error page, the "Bearer KEY" header)."""
     if not key:
         return text
     for k in dict.fromkeys((key, json.dumps(key)[1:-1])):
@@ -50,9 +41,8 @@ def safe_url(url):
 
 
 def reply_text(x):
-    """A text field of a server's reply, checked: a str that encodes as UTF-8. json.loads lets a lone
-    surrogate (\\ud800) through, which the JSONL writers cannot encode; ValueError / TypeError make
-    http_post treat the reply as malformed (retried, then an error record)."""
+    """A text field of a reply, checked: a str that encodes as UTF-8 (json.loads lets a lone surrogate through,
+    which the JSONL writers cannot encode). TypeError / ValueError: http_post treats the reply as malformed."""
     if not isinstance(x, str):
         raise TypeError(f"a text field is a {type(x).__name__}, not a string")
     x.encode("utf-8")  # UnicodeEncodeError, a ValueError, on a lone surrogate
@@ -60,8 +50,7 @@ def reply_text(x):
 
 
 def _retry_after(headers):
-    """Seconds a Retry-After header asks for (a number, or an HTTP date), within [0, RETRY_AFTER_MAX]; None
-    when absent or unreadable."""
+    """Seconds a Retry-After header asks for (a number or an HTTP date) within [0, RETRY_AFTER_MAX]; else None."""
     v = headers.get("Retry-After") if headers is not None else None
     if not v:
         return None
@@ -75,97 +64,62 @@ def _retry_after(headers):
     return None if s != s else min(max(s, 0.0), RETRY_AFTER_MAX)
 
 
-class _Deadline:
-    """A bound on one whole HTTP exchange (connect, request, status line, headers, body). urllib's timeout
-    bounds each socket operation, so a reply dripped a byte at a time never times out; at `seconds` this
-    timer shuts the connection's socket down, which ends the read waiting on it."""
+@contextlib.contextmanager
+def _deadline(seconds):
+    """-> (opener, fired): a urllib opener whose connections end `seconds` after the start, whatever they are
+    doing (urllib's timeout bounds each socket operation, so a reply dripped a byte at a time never times
+    out): a timer shuts each connection's socket down, which ends the read waiting on it; `fired` is
+    non-empty once it has."""
+    socks, fired, lock = [], [], threading.Lock()
 
-    def __init__(self, seconds):
-        self.fired, self.socks, self.lock = False, [], threading.Lock()
-        self.timer = threading.Timer(seconds, self.cut)
-        self.timer.daemon = True
+    def cut():  # at `seconds`, and for a socket connected after that
+        with lock:
+            fired.append(True)
+            for sock in socks:
+                with contextlib.suppress(OSError):  # already closed
+                    sock.shutdown(socket.SHUT_RDWR)
 
-    def watch(self, sock):
-        with self.lock:
-            self.socks.append(sock)
-            if self.fired:
-                self._shut(sock)
+    def watched(base):  # an http.client connection that hands its socket to the timer once connected
+        class Watched(base):
+            def connect(self):
+                super().connect()
+                with lock:
+                    socks.append(self.sock)
+                if fired:
+                    cut()
+        return Watched
 
-    def cut(self):
-        with self.lock:
-            self.fired = True
-            for sock in self.socks:
-                self._shut(sock)
+    class HTTP(urllib.request.HTTPHandler):
+        def http_open(self, req):
+            return self.do_open(watched(http.client.HTTPConnection), req)
 
-    @staticmethod
-    def _shut(sock):
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass  # already closed
+    class HTTPS(urllib.request.HTTPSHandler):
+        def https_open(self, req):
+            return self.do_open(watched(http.client.HTTPSConnection), req)
 
-    def __enter__(self):
-        self.timer.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.timer.cancel()
-
-
-class _Watched:
-    """A connection (http.client's HTTP or HTTPS) that hands its socket to a _Deadline once connected."""
-
-    def __init__(self, *a, deadline, **kw):
-        super().__init__(*a, **kw)
-        self.deadline = deadline
-
-    def connect(self):
-        super().connect()
-        self.deadline.watch(self.sock)
-
-
-class _HTTPConnection(_Watched, http.client.HTTPConnection):
-    pass
-
-
-class _HTTPSConnection(_Watched, http.client.HTTPSConnection):
-    pass
-
-
-class _HTTPHandler(urllib.request.HTTPHandler):
-    def __init__(self, deadline):
-        super().__init__()
-        self.deadline = deadline
-
-    def http_open(self, req):
-        return self.do_open(_HTTPConnection, req, deadline=self.deadline)
-
-
-class _HTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, deadline):
-        super().__init__()
-        self.deadline = deadline
-
-    def https_open(self, req):
-        return self.do_open(_HTTPSConnection, req, deadline=self.deadline)
+    timer = threading.Timer(seconds, cut)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield urllib.request.build_opener(HTTP, HTTPS), fired
+    finally:
+        timer.cancel()
 
 
 def http_post(url, body, key=None, retries=5, backoff=1.0, timeout=3600, parse=None):
-    """POST JSON, return parse(decoded reply) (the reply itself without parse). `timeout` bounds the whole
-    exchange, the reply's last byte included (_Deadline). Retries with exponential backoff (or the
-    server's Retry-After, up to RETRY_AFTER_MAX s) on connection errors and resets, timeouts, torn
-    replies (a truncated body, a status line that is not HTTP), HTTP 408/409/429 and 5xx, and malformed
-    replies (not JSON, or a shape `parse` rejects with KeyError/IndexError/TypeError/ValueError/
-    AttributeError). Other HTTP errors (400, 401, 404) stop at once. Raises RequestFailed; the key
-    never appears in what it returns or raises (redact)."""
+    """POST JSON -> parse(decoded reply) (the reply itself without parse); `timeout` bounds the whole exchange,
+    the reply's last byte included. Retried with backoff * 2**attempt (or the server's Retry-After, up to
+    RETRY_AFTER_MAX s): connection errors and resets, timeouts, torn replies (a truncated body, a status line
+    that is not HTTP), HTTP 408/409/429/5xx, malformed replies (not JSON, or a shape `parse` rejects with
+    KeyError/IndexError/TypeError/ValueError/AttributeError). Other HTTP errors stop at once. Raises
+    RequestFailed; the key never appears in what it returns or raises."""
     headers = {"Content-Type": "application/json"}
     if key:
         headers["Authorization"] = f"Bearer {key}"
     data, where = json.dumps(body).encode(), safe_url(url)
     for attempt in range(retries + 1):
         wait = None
-        with _Deadline(timeout) as deadline:
-            opener = urllib.request.build_opener(_HTTPHandler(deadline), _HTTPSHandler(deadline))
+        with _deadline(timeout) as (opener, fired):
             try:
                 with opener.open(urllib.request.Request(url, data, headers), timeout=timeout) as r:
                     raw = redact(r.read(), key)
@@ -184,7 +138,7 @@ def http_post(url, body, key=None, retries=5, backoff=1.0, timeout=3600, parse=N
                 why, wait = f"HTTP {e.code}", _retry_after(e.headers)
             except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, resets, torn replies
                 why = redact(" ".join(f"{type(e).__name__}: {e}".split()), key)  # one line: BadStatusLine has \r\n
-            if deadline.fired:
+            if fired:
                 why = f"timed out: no complete reply within {timeout:g} s"
         if attempt == retries:
             raise RequestFailed(f"{where}: {why} (after {retries + 1} tries)")
@@ -192,14 +146,12 @@ def http_post(url, body, key=None, retries=5, backoff=1.0, timeout=3600, parse=N
 
 
 def completions(url, prompts, *, model, max_new_tokens, stop_ids, temperature=1.0, top_p=1.0, seed=0, row_ids=None,
-                 key=None, workers=16, retries=5, timeout=3600, backoff=1.0, on_done=None, progress=None):
-    """POST url/completions once per prompt, `workers` at a time. The prompt goes as token ids (the
-    server applies no template of its own), the seed of prompt i as seed * 1_000_003 + row_ids[i] (a
-    per-request seed), stop_ids as vLLM / SGLang's stop_token_ids with skip_special_tokens off. As each
-    request ends, on_done(i, out) runs in this thread with out = {"text", "truncated", "num_tokens"}
-    (num_tokens None when the server reports no usage), or {"error"} for a request that failed for
-    good (http_post); when on_done returns True, the requests not started yet are cancelled
-    (those in flight still end and reach on_done). Returns the outs in prompt order (None: cancelled)."""
+                key=None, workers=16, retries=5, timeout=3600, backoff=1.0, on_done=None, progress=None):
+    """POST url/completions once per prompt, `workers` at a time: the prompt as token ids (no server-side
+    template), seed * 1_000_003 + row_ids[i] as prompt i's seed, stop_ids as stop_token_ids, special tokens
+    kept. As each request ends, on_done(i, out) runs in this thread with out = {"text", "truncated",
+    "num_tokens"} (None without usage) or {"error"} (http_post failed for good); on_done returning True
+    cancels the requests not started yet. Returns the outs in prompt order (None: cancelled)."""
     row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
 
     def parse(d):  # a reply of another shape (text not UTF-8, a token count that is not one) is malformed
@@ -236,8 +188,7 @@ def completions(url, prompts, *, model, max_new_tokens, stop_ids, temperature=1.
 
 
 def chat(url, prompt, *, model, key=None, max_tokens=512, retries=5, timeout=3600):
-    """One user turn to url/chat/completions at temperature 0 -> the reply's text (RequestFailed when the
-    request fails for good)."""
+    """One user turn to url/chat/completions at temperature 0 -> the reply's text (or RequestFailed)."""
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0,
             "max_tokens": max_tokens}
     return http_post(url.rstrip("/") + "/chat/completions", body, key, retries=retries, timeout=timeout,
