@@ -1,4 +1,4 @@
-"""Generation for rl.py's rollouts, evaluate.py's local generation and bench/: prompts (token ids) in,
+"""Local generation for rl.py's rollouts, evaluate.py's local generation and bench/: prompts (token ids) in,
 completions (token ids), finished / truncated flags and the sampler's log-probs out.
 
     outs = engine.generate(model, prompts, max_new_tokens=4096, stop_ids=[...], pad_id=0,
@@ -13,57 +13,23 @@ top-p nucleus of the ids below vocab_size), so logp[t] - log_kept[t] is the log-
 distribution actually sampled (log_kept is exactly 0 when nothing is cut). temperature 0 is greedy
 (logp is then log softmax(z_t)[y_t], log_kept 0).
 
-How it is fast (docs/design.md §1). One decode step reads every weight once and the KV cache
-of every live row, so a decode step is memory-bound: the engine spends its bytes on those reads only.
-  1. Weights without collectives. Under FSDP2, `generation_view(policy)` all-gathers every layer ONCE
-     (FSDPModule.unshard) and decodes through a plain module whose parameters ARE those unsharded bf16
-     tensors (aliases, no second copy); no collective runs inside the decode loop, each rank decodes
-     its own prompts at its own pace, and the ranks meet once, after the rollout (reshard).
-  2. Static KV cache, allocated once per call: K, V of shape (layers, rows, kv_heads, capacity, head_dim),
-     a row's token at position j stored at column j (rows are left-aligned: no padding inside the
-     cache). Attention reads only the first Lb columns, Lb = the current length bucket (a multiple of
-     --len-bucket above the longest live row), never the whole buffer.
-  3. CUDA graphs (on CUDA): the decode step (embedding, every layer, lm_head, temperature, top-p,
-     sampling, bookkeeping) is captured once per (batch bucket, length bucket) actually visited and
-     replayed; the prefill runs eagerly. Graphs are captured per call, because FSDP2 re-allocates
-     the unsharded weights every rollout (and a graph bakes in addresses).
-  4. Finished rows leave the batch. The host looks at the device every `check_every` steps (one
-     copy of the last k tokens); finished rows free their slot; waiting prompts are prefilled into
-     free slots; when none wait, live rows are compacted into the next smaller batch bucket.
-  5. Sampling is a pure function of (seed, row id, token index) and the logits: one uniform
-     u = hash(seed, row, t) per row and step (53 bits from two 32-bit integer hashes computed on the
-     device; sampler.py) picks the token by inverse CDF over float64 running sums of the kept probabilities. So
-     the tokens do not depend on the batch a row shares, its slot, compaction, the bucket, CUDA graphs
-     or the number of ranks: rl.py passes each sample's global index as its row id, and a rollout on 8
-     ranks samples what one rank would (up to the logits' own floating-point differences between batch
-     shapes). No .item(), no data-dependent shape, no host tensor: the step stays capturable.
-On the CPU the same code runs without graphs, so the tests exercise the real logic. The sampler
-(sampler.py) draws exactly the distribution it states; embedding rows past the tokenizer
-(generate(vocab_size=len(tok))) are never sampled.
+How it is fast (docs/perf.md, "How engine.py decodes", says why): 1. under FSDP2 the weights are gathered
+once (generation_view) and no collective runs while decoding; 2. a static KV cache per call, attention over
+its first Lb columns only; 3. on CUDA the decode step (sampling included) is a CUDA graph per (batch bucket,
+length bucket), on the CPU the same code runs eagerly; 4. finished rows leave the batch, waiting prompts
+take their slots, live rows are compacted; 5. sampling is a pure function of (seed, row id, token index) and
+the logits (sampler.py), so the tokens do not depend on batching or the number of ranks (up to the logits'
+own rounding across batch shapes).
 
-The decode forward is written out here (`Decoder.layer`) for the Llama-family decoders that rl.py
-trains: Llama, Qwen2, Qwen3, Mistral (full attention). It calls the model's own modules (projections,
-norms, MLP, rotary embedding and apply_rotary_pos_emb from its modeling file), so the weights, the RoPE
-variant and the MLP are the checkpoint's; only attention over the static cache is ours
-(`decode_attention`, `prefill_attention`: torch sdpa in layouts its fused CUDA kernels accept, the
-backend logged once per process). Every other architecture (hybrid Mamba models such as
-GraniteMoeHybrid, sliding-window or soft-capped models, remote code) takes the simple path, with one
-logged line: the model's own forward and cache, static batches, the same sampler and stop checks.
-
-Why a direct decode forward, not transformers' attention-function registry: a registry function still
-runs inside transformers' forward and cache, whose StaticCache keeps ONE cache position for the whole
-batch, so a finished row can neither be refilled nor compacted away and attention spans the whole buffer.
-The direct step owns the cache layout (per-row positions), reads only Lb columns, and is plain tensor code
-on static buffers that a CUDA graph captures without torch.compile (bench/audit_step.py checks it
-dispatches no host sync, no data-dependent size, no host tensor; bench/bench_rollout.py times `generate`
-with a static cache + compile beside the engine).
-
-Another backend (vLLM, SGLang) plugs in behind the same function: it receives the prompts as token ids
-and must return, per prompt, the completion ids (stop token included), per-token log-probs of the
-sampled tokens at temperature τ before top-p, per-token log C (vLLM: its processed log-prob minus
-that one), and the finished / truncated flags; rl.py and evaluate.py need nothing else (rl.py
-recomputes π_old itself). evaluate.py --api-url sends its prompts to such a server as an
-OpenAI-compatible /completions request instead (api.completions).
+The decode forward (`Decoder.layer`) is written out for the Llama family rl.py trains (Llama, Qwen2,
+Qwen3, Mistral with full attention) and calls the model's own projections, norms, MLP and RoPE; only
+attention over the static cache is ours (`decode_attention`, `prefill_attention`, the backend logged
+once per process). Every other architecture (hybrid Mamba models such as GraniteMoeHybrid,
+sliding-window or soft-capped models, remote code) takes the simple path, logged once: the model's own
+forward and cache, static batches, the same sampler and stop checks. Another backend (vLLM, SGLang)
+plugs in behind `generate` by returning the same fields per prompt (log-probs at temperature τ before
+top-p; log C: vLLM's processed log-prob minus that one); rl.py recomputes π_old itself. evaluate.py
+--api-url sends its prompts to such a server instead (api.completions).
 """
 import math
 import sys
@@ -84,8 +50,7 @@ DIRECT_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 last_call = {}  # the last direct-path generate(): rows, capacity, graphs captured, capture seconds (bench/)
 
 
-# ------------------------------------------------------------------------------------------------
-# 1. Weights without collectives
+# --- 1. weights without collectives ---------------------------------------------------------------
 
 def _set(module, name, t, kind):
     mod, _, leaf = name.rpartition(".")
@@ -141,8 +106,7 @@ def generation_view(model, dtype=None):
         model.train(was_training)
 
 
-# ------------------------------------------------------------------------------------------------
-# 2-3. The direct decode forward over a static KV cache (Llama family)
+# --- 2-3. the direct decode forward over a static KV cache (Llama family) -------------------------
 
 def direct_support(hf):
     """None if the direct forward handles this model, else the reason it does not."""
@@ -167,10 +131,7 @@ def decode_attention(q, K, V, mask, scale):
 
     The G = H / KV query heads that share a KV head are folded into the query length, q -> (B, KV, G, hd)
     (head h reads KV head h // G, as enable_gqa's repeat_interleave does): each KV head is read once for its
-    G queries, and equal head counts with a mask get memory-efficient or cuDNN attention on torch 2.11 and
-    2.13 alike, where the enable_gqa form with a mask lands on the math path on 2.11 (fp32 upcast, K and V
-    copied per head: its memory-efficient kernel lacks GQA, and flash attention takes no mask; PyTorch's
-    aten/src/ATen/native/transformers/cuda/sdp_utils.cpp; bench/versions.py prints the choice on the device)."""
+    G queries, and a fused kernel takes the mask (docs/perf.md, "How engine.py decodes": which kernel)."""
     B, H, _, hd = q.shape
     KV = K.shape[1]
     o = F.scaled_dot_product_attention(q.reshape(B, KV, H // KV, hd), K, V, attn_mask=mask, scale=scale)
@@ -182,9 +143,8 @@ def prefill_attention(q, k, v, scale):
 
     No mask: a prompt's tokens sit at columns [0, len), so the causal rule alone keeps every real query
     on real keys (the pad queries past len see pads too, but nothing reads their outputs, and the cache
-    columns they write are masked until decoding overwrites them). is_causal with equal query and key
-    lengths and enable_gqa is flash attention's own form (bf16 / fp16 on sm_80 and newer, torch 2.11 and
-    2.13); fp32 takes memory-efficient attention where GQA is supported, else math."""
+    columns they write are masked until decoding overwrites them); is_causal + enable_gqa is flash
+    attention's own form (docs/perf.md)."""
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
 
 
@@ -319,9 +279,8 @@ class Decoder:
             torch.cuda.synchronize()
             self.pool = self.pool or torch.cuda.graph_pool_handle()
             g = torch.cuda.CUDAGraph()
-            # capture_begin / capture_end, not `with torch.cuda.graph(...)`, which also empties the caching
-            # allocator before every capture: up to one capture per (batch bucket, length bucket) of a call,
-            # each followed by fresh cudaMallocs for what the cache had held
+            # capture_begin / capture_end: `with torch.cuda.graph(...)` would empty the caching allocator before
+            # every capture (up to one per bucket pair of a call), then cudaMalloc afresh what the cache had held
             with torch.cuda.stream(s):
                 g.capture_begin(pool=self.pool)
                 try:
@@ -344,8 +303,7 @@ class Decoder:
             x[d] = x[s]
 
 
-# ------------------------------------------------------------------------------------------------
-# 4. The host loop: slots, refill, stop checks every k steps, compaction
+# --- 4. the host loop: slots, refill, stop checks every k steps, compaction ------------------------
 
 def _bucket(n, buckets):
     return next((b for b in buckets if b >= n), buckets[-1])
@@ -542,7 +500,7 @@ def _generate_simple(hf, prompts, max_new, stop_set, pad_id, temperature, top_p,
         for i, p in enumerate(batch):
             ids[i, L - len(p):] = torch.tensor(p, device=dev)
             mask[i, L - len(p):] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L) position ids from the mask
+        pos = common.positions_from_mask(mask)  # (B, L)
         rows = torch.tensor(row_ids[b:b + batch_size], device=dev)
         stop = torch.tensor(sorted(stop_set) or [-1], device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
