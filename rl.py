@@ -101,11 +101,9 @@ def shaped_rewards(rewards, estimator="reinforce++", group_size=1, std=True):
     reinforce++: clip(R); reinforce++-baseline: clip(R - mean_group R); grpo: clip((R - mean) / (std + 1e-9))
     (unbiased std), or with std=False (--no-std, Dr. GRPO, arXiv 2503.20783) clip(R - mean); rloo:
     clip(R - mean of the other n - 1).
-    A group whose n rewards are all equal gets exactly 0 under every baseline, whatever n and the values:
-    the group statistics are taken in float64, where the sum of n equal float32 rewards is exact, so the
-    mean equals them and R - mean = 0 (in float32 the mean of n = 8 equal rewards can land one rounding
-    step off while the std is exactly 0, and grpo's (R - mean) / (0 + 1e-9) became ±10 after the clip); such
-    groups are also zeroed explicitly. Near-ties keep their exact z-score (1 ulp apart in a group of 2:
+    A group whose n rewards are all equal gets exactly 0 under every baseline, whatever n and the values: the
+    group statistics are in float64, where the sum of n equal float32 rewards is exact, so R - mean = 0
+    (docs/design.md §3: why not float32), and such groups are also zeroed explicitly. Near-ties keep their exact z-score (1 ulp apart in a group of 2:
     ±0.707; grpo's |A| <= (n - 1) / sqrt(n) always, so its clip never binds for n < 100)."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r} ({', '.join(ESTIMATORS)})")
@@ -135,8 +133,7 @@ def compute_advantages(rewards, logp_old, logp_ref, mask, *, estimator="reinforc
     left; the group_size samples of one prompt are consecutive rows. Returns advantages (B, T), 0 off
     the mask. Whitening (reinforce++, reinforce++-baseline) is over every response token on every rank,
     its sums in float64: a rollout whose returns are all equal whitens to exactly 0 (the float64 sum of
-    N equal float32 values is exact; in float32 the mean drifts off them and the 1e-8 variance floor
-    scaled the drift by 1e4). γ: check_gamma. std: grpo's division by the group std (False: Dr. GRPO)."""
+    N equal float32 values is exact; docs/design.md §3). γ: check_gamma. std: grpo's division by the group std (False: Dr. GRPO)."""
     check_gamma(gamma, estimator)
     R = shaped_rewards(rewards, estimator, group_size, std)  # (B,)
     m = mask.float()
@@ -223,21 +220,19 @@ def build_reference(args, d, dtype):
         args.model, d, dtype, cpu_offload=args.ref_offload and d.world > 1, trust_remote_code=args.trust_remote_code,
         master_dtype=dtype if d.world > 1 else torch.float32,
         replicate=common.hsdp_replicas(args.replicate, d.world))[0]
-    offload = ref is not None and args.ref_offload and d.world == 1
     if ref is not None:
         ref.eval().requires_grad_(False)
-    if offload:
-        ref.to("cpu")
+    if ref is None or not (args.ref_offload and d.world == 1):
+        return ref, contextlib.nullcontext
+    ref.to("cpu")
 
     @contextlib.contextmanager
     def on_device():
-        if offload:
-            ref.to(d.device)
+        ref.to(d.device)
         try:
             yield
         finally:
-            if offload:
-                ref.to("cpu")
+            ref.to("cpu")
     return ref, on_device
 
 
@@ -323,10 +318,9 @@ def rollout(policy, tok, rows, step, args, d, dtype, stops):
         ids = o["completion_ids"]
         text = tok.decode(ids[:-1] if o["finished"] else ids, skip_special_tokens=False)
         items.append({"prompt_ids": r["prompt_ids"], "completion_ids": ids, "sampler_logp": o["logp"],
-                      "log_kept": o["log_kept"],
-                      "prompt": r["prompt"], "id": r["id"], "gold": r["gold"], "completion": text,
-                      "thinking": r["thinking"], "finished": o["finished"], "truncated": o["truncated"],
-                      "n_tokens": len(ids)})
+                      "log_kept": o["log_kept"], "prompt": r["prompt"], "id": r["id"], "gold": r["gold"],
+                      "completion": text, "thinking": r["thinking"], "finished": o["finished"],
+                      "truncated": o["truncated"], "n_tokens": len(ids)})
     return items
 
 

@@ -16,8 +16,7 @@ Deviations and choices:
      </think> from past assistant turns, which would silently drop the reasoning from the target.
   2. Samples are packed into rows of --max-len tokens; position ids restart per sample and no
      attention mask is passed, which makes transformers build a block-diagonal causal mask (attention
-     never crosses samples). tests/test_families.py checks packed == unpacked loss per family; model
-     types where that fails (GraniteMoeHybrid: Mamba state crosses samples) train unpacked, logged.
+     never crosses samples). Model types not known to keep samples apart (PACKING_EXACT) train unpacked.
   3. The loss never materialises logits: hidden states go through the fused, vocab-chunked lm_head
      kernel (kernels/logprobs.py), which also gives the token entropy for free (logged).
   4. The LR schedule spans --epochs, or --max-steps N when given (it overrides --epochs, as in Hugging
@@ -54,10 +53,9 @@ import resume
 import tables
 from common import DataError, UsageError, all_reduce
 
-# Model types whose transformers forward keeps packed samples apart when position ids restart at 0 per
-# sample and no attention mask is passed (a block-diagonal causal mask from the restarts), checked packed ==
-# unpacked by tests/test_families.py. Not GraniteMoeHybrid: its Mamba-2 layers carry their state into the
-# next sample (transformers' seq_idx reaches only the CUDA kernels). Any other type trains unpacked.
+# Model types whose transformers forward keeps packed samples apart (collate's restarting position ids, no
+# attention mask), checked packed == unpacked per family by tests/test_families.py. Not GraniteMoeHybrid: its
+# Mamba-2 layers carry their state into the next sample (transformers' seq_idx reaches only the CUDA kernels).
 PACKING_EXACT = ("llama", "qwen2", "qwen3")
 
 
