@@ -1,9 +1,10 @@
 """Token analysis: entropy at reflection tokens, reflection counts, and memorization of SFT data.
 
-The paper (arXiv 2512.01848) explains why RL beats SFT with one instrument: the entropy of the
-next-token distribution at reflection tokens ("wait", "but", "alternatively"). RL lowers it on unsafe
-prompts (AttaQ 0.24 -> 0.09) and keeps it on reasoning prompts (AIME24 3.12 -> 3.00). This script
-recomputes it for any checkpoints on saved generation records (evaluate.py output, docs/design.md §2).
+The paper (arXiv 2512.01848) explains why RL beats SFT with the entropy of the next-token distribution at
+reflection tokens ("wait", "but", "alternatively"): RL lowers it on unsafe prompts (AttaQ 0.24 -> 0.09) and
+keeps it on reasoning prompts (AIME24 3.12 -> 3.00). This script recomputes it for any checkpoints on saved
+generation records (evaluate.py output, docs/design.md §2); docs/design.md §3 (entropy analysis) says why the
+definitions below are these.
 
 Math. Each record is scored teacher-forced: ids = prompt_ids ++ tokenize(completion), one forward, where
 prompt_ids are the token ids the sample was generated from, stored in the record (records without them,
@@ -15,35 +16,28 @@ token t was produced by the logits z_{t-1} of the position before it, so at the 
     H_t = -sum_v p_t(v) log p_t(v)              (nats; common.head_logprobs, fp32 accumulation,
                                                  logits formed one chunk of positions at a time)
 
-"Entropy at a reflection token" is H_t of the distribution that PRODUCED the reflection token;
-"after" is H of the first token after the reflection word (in token mode: the next token). Per (model, dataset), every entropy is the
-token-pooled mean  sum_records sum_t H_t / sum_records n_t  over the tokens of that kind, and
-reflections_per_1k = 1000 * n_reflections / n_reasoning_tokens. 95% intervals: percentile bootstrap
-over records (records are the independent units; each resample recomputes the pooled ratio).
+"Entropy at a reflection token" is H_t of the distribution that PRODUCED the reflection token; "after" is
+H of the first token after the reflection word (in token mode: the next token). Per (model, dataset), every
+entropy is the token-pooled mean  sum_records sum_t H_t / sum_records n_t  over the tokens of that kind, and
+reflections_per_1k = 1000 * n_reflections / n_reasoning_tokens. 95% intervals: percentile bootstrap over
+records (the independent units; each resample recomputes the pooled ratio).
 
 Definitions.
   reasoning tokens  completion tokens before the LAST "</think>" (minus a leading "<think>"); all of the
                     completion when the thinking never closed. Answer tokens: after "</think>". A record
-                    whose `thinking` is false (its prompt left no think block open) and whose completion
-                    opens none has answer tokens only (common.split_reasoning).
+                    whose `thinking` is false and whose completion opens no think block has answer tokens
+                    only (common.split_reasoning).
   reflection token  --match word (default): a whole-word occurrence of a --words entry (default
-                    wait,Wait,but,But,Alternatively, as in the authors' CyclicReflex) in the reasoning text,
-                    also when the tokenizer split it (Granite's BPE cuts a line-initial "Alternatively" in
-                    two); it is placed at the token holding its first letter. --match token: a reasoning
-                    token whose decoded text, leading whitespace stripped, is one of --words (it misses
-                    split words and counts "but" in "butt"; exact on the Qwen and Llama-3 BPEs only).
-                    tests/test_families.py checks word mode against a whole-word count of STAR-1's
-                    reasoning on every family's tokenizer.
+                    wait,Wait,but,But,Alternatively) in the reasoning text, also when the tokenizer split it,
+                    placed at the token holding its first letter. --match token: a reasoning token whose
+                    decoded text, leading whitespace stripped, is one of --words (misses split words).
   memorization      --memorization DATA (STAR-1 question/response rows), per model and row, the response
-                    rendered exactly as sft.py trains it (common.render_sft; thinking off: --answer-only,
-                    as sft.py --answer-only):
+                    rendered exactly as sft.py trains it (common.render_sft; --answer-only as sft.py's):
                     loglik       mean over response tokens of log p(y_t | y_<t, prompt) at temperature 1;
                     greedy_match 1 if, given the prompt and the first k response tokens, the next m
-                                 greedy tokens equal the reference exactly (rows shorter than k+m skipped).
-                    Computed in ONE teacher-forced forward: the argmax at positions k..k+m-1 is greedy
-                    decoding as long as every earlier argmax matched, so "all m argmaxes equal the
-                    reference" is exactly the greedy exact-match indicator. token_acc is the per-token
-                    teacher-forced argmax accuracy in the same window (not a greedy quantity).
+                                 greedy tokens equal the reference exactly (rows shorter than k+m skipped):
+                                 all m teacher-forced argmaxes at positions k..k+m-1 equal the reference;
+                    token_acc    the teacher-forced argmax accuracy in that window (not a greedy quantity).
 
 Deviations / notes.
   1. The completion text is re-tokenized (the records store its text; the prompt's ids are stored); for a
@@ -84,14 +78,12 @@ DEFAULT_WORDS = "wait,Wait,but,But,Alternatively"
 HIST_BINS = 60
 
 
-# --- reflection detection (pure, on token strings) ----------------------------------------------------
+# --- reflection detection: one word match, two kinds of token spans -----------------------------------
 #
-# One word match (find_reflections) on two kinds of token spans. entropy.py scores saved records, whose
-# completion is TEXT: it is tokenized again and each token's span is the tokenizer's offset_mapping
-# (score_record). rl.py's per-step monitor has the SAMPLED ids: each id is decoded on its own and the spans
-# are those pieces laid end to end (reflection_mask). They place a word on different tokens only where
-# tokenizing the text again does not give the sampled ids back (a non-canonical sample, rare); on the same
-# ids they agree token for token (tests/test_families.py, every family's tokenizer, STAR-1's reasoning).
+# find_reflections matches words on the text; the spans say which token holds each match. entropy.py scores
+# saved TEXT, tokenized again: the spans are the tokenizer's offset_mapping (score_record). rl.py's monitor has
+# the SAMPLED ids: the spans are their decoded pieces laid end to end (reflection_mask). The two agree token
+# for token unless tokenizing the text again does not give the sampled ids back (a non-canonical sample, rare).
 
 def segment_masks(text, offsets, thinking=True):
     """Reasoning / answer membership of each token, from its (start, end) char span in `text` and the
