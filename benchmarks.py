@@ -48,8 +48,9 @@ and whose completion opens none is all answer; each record keeps its prompt's to
 Summary per benchmark: pass@1 = mean over prompts of the per-prompt mean over samples; stderr = the
 standard deviation of the per-prompt means (ddof 1) / sqrt(n prompts); truncation rate, think-closed
 rate, extraction-failure rate (maths: nothing parsable; GPQA: no letter; both counting unfinished
-thinking as a failure; AIR-Bench: unparsable judge reply), per-category means (AttaQ label, AIR-Bench l2-name, MATH subject, GPQA domain), the
-13-gram overlap with --train-data, and every setting needed to reproduce the run.
+thinking as a failure; AIR-Bench: unparsable judge reply), per-category means (AttaQ label, AIR-Bench
+l2-name, MATH subject, GPQA domain), the 13-gram overlap with --train-data, and every setting needed to
+reproduce the run.
 
 Deviations / notes.
   1. AIR-Bench: a judge reply without a parsable score counts 0 (and as a parse failure); the
@@ -202,7 +203,8 @@ def load_jbb(spec):
             d = json.loads(files.read_text(path))  # UTF-8, a BOM dropped, a bad byte named by its line
         except ValueError as e:
             raise DataError(f"{path}: not a JSON file ({e})") from None
-        if not isinstance(d, dict) or not isinstance(d.get("parameters"), dict) or not isinstance(d.get("jailbreaks"), list):
+        if not (isinstance(d, dict) and isinstance(d.get("parameters"), dict)
+                and isinstance(d.get("jailbreaks"), list)):
             raise DataError(f"{path}: not a JailbreakBench artifact (want an object with 'parameters' and a "
                             f"'jailbreaks' list)")
         for f in ("method", "model"):

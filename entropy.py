@@ -311,11 +311,16 @@ def pooled_histograms(results, edges):
     return hists
 
 
+def models_and_datasets(summary):
+    """The models and the datasets of a summary, each in first-seen order."""
+    return list(dict.fromkeys(s["model"] for s in summary)), list(dict.fromkeys(s["dataset"] for s in summary))
+
+
 def format_table(summary):
     """Rows: models; columns: dataset x metric (a two-line header: dataset, then metric)."""
     cols = [("reflections_per_1k", "refl/1k"), ("entropy_reflection", "H_refl"),
             ("entropy_reasoning", "H_reas"), ("entropy_answer", "H_ans")]
-    models, datasets = list(dict.fromkeys(s["model"] for s in summary)), list(dict.fromkeys(s["dataset"] for s in summary))
+    models, datasets = models_and_datasets(summary)
     by = {(s["model"], s["dataset"]): s for s in summary}
     w, cw = max(5, *(len(m) for m in models)), 8
     gw = max(len(cols) * (cw + 1) - 1, *(len(d) for d in datasets))
@@ -324,8 +329,8 @@ def format_table(summary):
              f"{'model':<{w}}" + "".join(f" | {' '.join(f'{c:>{cw}}' for _, c in cols):>{gw}}" for _ in datasets)]
     lines.append("-" * len(lines[1]))
     for m in models:
-        lines.append(f"{m:<{w}}" + "".join(f" | {' '.join(f'{fmt(by.get((m, d), {}).get(k)):>{cw}}' for k, _ in cols):>{gw}}"
-                                            for d in datasets))
+        cells = lambda d: " ".join(f"{fmt(by.get((m, d), {}).get(k)):>{cw}}" for k, _ in cols)  # noqa: E731
+        lines.append(f"{m:<{w}}" + "".join(f" | {cells(d):>{gw}}" for d in datasets))
     return "\n".join(line.rstrip() for line in lines)
 
 
@@ -449,7 +454,7 @@ def plot_reflection_entropy(summary, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    models, datasets = list(dict.fromkeys(s["model"] for s in summary)), list(dict.fromkeys(s["dataset"] for s in summary))
+    models, datasets = models_and_datasets(summary)
     by = {(s["model"], s["dataset"]): s for s in summary}
     width = 0.8 / len(models)
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 + 1.3 * len(datasets) * max(1.0, len(models) / 2.5)), 4.2))
@@ -485,7 +490,7 @@ def plot_histograms(summary, hists, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    models, datasets = list(dict.fromkeys(s["model"] for s in summary)), list(dict.fromkeys(s["dataset"] for s in summary))
+    models, datasets = models_and_datasets(summary)
     by = {(s["model"], s["dataset"]): s for s in summary}
     fig, axes = plt.subplots(len(models), len(datasets), squeeze=False, sharex=True,
                              figsize=(1.0 + 3.6 * len(datasets), 1.0 + 2.7 * len(models)))
@@ -494,7 +499,8 @@ def plot_histograms(summary, hists, path):
     for i, m in enumerate(models):
         for j, ds in enumerate(datasets):
             ax, h, s = axes[i][j], hists.get(f"{m}/{ds}"), by.get((m, ds), {})
-            means = " · ".join(f"{k[:4]}. {s['entropy_' + k]:.2f}" for k, _, _ in kinds if s.get("entropy_" + k) is not None)
+            means = " · ".join(f"{k[:4]}. {s['entropy_' + k]:.2f}" for k, _, _ in kinds
+                               if s.get("entropy_" + k) is not None)
             ax.set_title(f"{m} · {ds}\nmean H: {means or 'n/a'}", fontsize=9)
             ax.spines[["top", "right"]].set_visible(False)
             ax.set_xlabel("entropy (nats)" if i == len(models) - 1 else "")
@@ -561,7 +567,8 @@ def main(argv=None):
     mem_summary = summarize_memorization(mem_results, models, args) if mem_rows else []
     outputs = {}  # files.write_files: a failed write leaves every previous file as it was
     if results:
-        outputs["records.jsonl"] = "".join(json.dumps({k: v for k, v in r.items() if k[0] != "_"}) + "\n" for r in results)
+        outputs["records.jsonl"] = "".join(json.dumps({k: v for k, v in r.items() if k[0] != "_"}) + "\n"
+                                           for r in results)
         outputs["summary.json"] = json.dumps(summary, indent=1) + "\n"
         outputs["hist.json"] = json.dumps(hists) + "\n"
         outputs["entropy_reflection.png"] = lambda f: plot_reflection_entropy(summary, f)

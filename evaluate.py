@@ -137,7 +137,7 @@ def grade_records(recs, rm=None, judge=None, templates=None, jbb_proxy="refusal"
     judge_prompts/, when given). A record's `thinking` (absent in older records: True) says how its completion
     splits (common.split_reasoning). The safety benchmarks score the thinking too (benchmarks.grade_thinking). Maths and
     GPQA need nothing. rl.py's rollout records (benchmark "rl"): with a gold
-    answer they are graded like benchmarks.MATH-500 (math-verify); without one the rollout's reward is kept as
+    answer they are graded like MATH-500 (math-verify); without one the rollout's reward is kept as
     the score. Records carrying an `error` (a failed request) stay ungraded: score None, scored as missing."""
     recs_in, recs = recs, [r for r in recs if not r.get("error")]
     for r in recs:
@@ -204,8 +204,9 @@ def add_grader_args(p):
     a("--judge-max-new-tokens", type=int, default=512, help="judge reply length (official: 512)")
     a("--airbench-judge-prompts", default=benchmarks.AIRBENCH_JUDGE_PROMPTS,
       help="judge prompts: hub spec or local file with cate-idx, judge_prompt")
-    a("--xstest-judge-prompt", default=None, help="XSTest's classification prompt with {QUESTION}, {RESPONSE} (default: "
-      "judge_prompts/xstest_judge.txt); without a judge XSTest is classified by the rule reward.refusal_class")
+    a("--xstest-judge-prompt", default=None, help="XSTest's classification prompt with {QUESTION}, {RESPONSE} "
+      "(default: judge_prompts/xstest_judge.txt); without a judge XSTest is classified by the rule "
+      "reward.refusal_class")
     a("--jbb-judge-prompt", default=None, help="JailbreakBench's judge prompt with {goal}, {response} (default: "
       "judge_prompts/jbb_judge.txt)")
     a("--jbb-proxy", default="refusal", choices=["refusal", "rm"], help="without a judge, what counts as a jailbreak "
@@ -231,16 +232,16 @@ def eval_parser():
     a("--model", required=True, help="policy checkpoint (hub id or dir); with --api-url only its tokenizer is used")
     a("--benchmarks", type=benchmark_list, default=",".join(benchmarks.PAPER),
       help=f"comma list of {', '.join(benchmarks.BENCHMARKS)}")
-    a("--data", type=per_benchmark, default="", help="local files per benchmark, NAME=PATH[,NAME=PATH] (default: the hub "
-      "ids); jbb=PATH[,PATH...] takes JailbreakBench artifact files or a folder of them (no hub default)")
+    a("--data", type=per_benchmark, default="", help="local files per benchmark, NAME=PATH[,NAME=PATH] (default: "
+      "the hub ids); jbb=PATH[,PATH...] takes JailbreakBench artifact files or a folder of them (no hub default)")
     a("--out", required=True, help="output dir: NAME.jsonl per benchmark and summary.json")
     a("--overwrite", action="store_true",
       help="discard the records already in --out (by default a rerun skips the (id, sample) jobs on disk)")
     a("--limit", type=int, default=None, help="first N prompts of each benchmark (quick runs)")
     a("--train-data", default=None, help="training set (file or hub id) for the 13-gram overlap report")
     a = p.add_argument_group("generation (the DeepSeek-R1 protocol)").add_argument
-    a("--samples", type=samples_spec, default="", help="samples per prompt: N for all, or NAME=N[,NAME=N] (default 64 AIME, "
-      "4 benchmarks.MATH-500, 8 GPQA, 1 safety)")
+    a("--samples", type=samples_spec, default="", help="samples per prompt: N for all, or NAME=N[,NAME=N] "
+      "(default 64 AIME, 4 MATH-500, 8 GPQA, 1 safety)")
     a("--max-new-tokens", type=int, default=32768, help="generation budget per sample")
     a("--temperature", type=float, default=0.6, help="sampling temperature (0: greedy)")
     a("--top-p", type=float, default=0.95, help="nucleus sampling threshold")
@@ -413,8 +414,8 @@ def check_context(jobs, tok, args, ctx):
     if long:
         (j, n), name = long[0], long[0][0]["benchmark"]
         raise DataError(f"{args.data.get(name, benchmarks.BENCHMARKS[name][0])}: {len(long)} of {len(jobs)} prompts do "
-                        f"not fit the context of --model {args.model} ({ctx} tokens), e.g. {name} id {j['id']} ({n} tokens); "
-                        f"drop them from the data or use a model with a longer context")
+                        f"not fit the context of --model {args.model} ({ctx} tokens), e.g. {name} id {j['id']} "
+                        f"({n} tokens); drop them from the data or use a model with a longer context")
     over = sum(n + args.max_new_tokens > ctx for n in lens)
     if over:
         common.print0(f"warning: {over} of {len(jobs)} samples may run past the context of --model {args.model} "
@@ -434,7 +435,8 @@ def check_eval_args(args):
     if args.api_url and not args.api_model:
         raise UsageError("--api-url needs --api-model (the model name the server serves)")
     cli.check_out_dir(args.out)
-    cfg = None if args.api_url else preflight.check_model(args.model, "--model", trust_remote_code=args.trust_remote_code)
+    cfg = None if args.api_url else preflight.check_model(args.model, "--model",
+                                                          trust_remote_code=args.trust_remote_code)
     if args.api_url and os.path.isfile(os.path.join(args.model, "config.json")):  # the context prompts must fit
         cfg = preflight.read_config(args.model)
     check_graders(args.benchmarks, args)
@@ -489,7 +491,8 @@ def grade_and_write(jobs, args, dist_, jp, templates):
     record of this command's jobs in job order (None on the other ranks)."""
     order = {records.key(j): j["_i"] for j in jobs}
     recs = {k: r for k, r in records.read_records(args.out, args.benchmarks).items() if k in order}
-    todo = sorted((r for r in recs.values() if r.get("score") is None and not r.get("error")), key=lambda r: order[records.key(r)])
+    todo = sorted((r for r in recs.values() if r.get("score") is None and not r.get("error")),
+                  key=lambda r: order[records.key(r)])
     shard = todo[dist_.rank::dist_.world]
     graders = graders_for({r["benchmark"] for r in todo}, args, dist_.device, jp) if shard else (None, None)
     grade_records(shard, *graders, templates=templates, jbb_proxy=args.jbb_proxy)
@@ -506,11 +509,12 @@ def run_eval(args):
     common.seed_everything(args.seed + dist_.rank)
     rows, benches, jp, templates, overlap, tok, jobs = read_inputs(args, names, samples, cfg)
     checkpoint.claim_out_dir(args.out, resume=True)  # a lock for the run's life (rank 0 holds it)
-    fp = records.fingerprint(args, tok, rows, jobs, names) if dist_.rank == 0 else (None, None)  # rank 0 checks the records
+    fp = records.fingerprint(args, tok, rows, jobs, names) if dist_.rank == 0 else (None, None)  # rank 0 checks
     done = records.resume_records(args, names, *fp, dist_.rank, grading(args, names, templates, jp))
     pending = [j for j in jobs if records.key(j) not in done]
-    common.print0(f"evaluate: {len(jobs)} samples over {', '.join(f'{n} {len(benches[n])}x{samples[n]}' for n in names)}"
-                  f" on {dist_.world} rank(s); {len(jobs) - len(pending)} already in {args.out}, {len(pending)} to generate")
+    sizes = ", ".join(f"{n} {len(benches[n])}x{samples[n]}" for n in names)
+    common.print0(f"evaluate: {len(jobs)} samples over {sizes} on {dist_.world} rank(s); {len(jobs) - len(pending)} "
+                  f"already in {args.out}, {len(pending)} to generate")
     generate(pending[dist_.rank::dist_.world], args, dist_, tok)
     common.barrier()
     allrecs = grade_and_write(jobs, args, dist_, jp, templates)

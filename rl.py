@@ -103,8 +103,9 @@ def shaped_rewards(rewards, estimator="reinforce++", group_size=1, std=True):
     clip(R - mean of the other n - 1).
     A group whose n rewards are all equal gets exactly 0 under every baseline, whatever n and the values: the
     group statistics are in float64, where the sum of n equal float32 rewards is exact, so R - mean = 0
-    (docs/design.md §3: why not float32), and such groups are also zeroed explicitly. Near-ties keep their exact z-score (1 ulp apart in a group of 2:
-    ±0.707; grpo's |A| <= (n - 1) / sqrt(n) always, so its clip never binds for n < 100)."""
+    (docs/design.md §3: why not float32), and such groups are also zeroed explicitly. Near-ties keep their
+    exact z-score (1 ulp apart in a group of 2: ±0.707; grpo's |A| <= (n - 1) / sqrt(n) always, so its clip
+    never binds for n < 100)."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r} ({', '.join(ESTIMATORS)})")
     R = rewards.double()  # (B,)
@@ -133,7 +134,8 @@ def compute_advantages(rewards, logp_old, logp_ref, mask, *, estimator="reinforc
     left; the group_size samples of one prompt are consecutive rows. Returns advantages (B, T), 0 off
     the mask. Whitening (reinforce++, reinforce++-baseline) is over every response token on every rank,
     its sums in float64: a rollout whose returns are all equal whitens to exactly 0 (the float64 sum of
-    N equal float32 values is exact; docs/design.md §3). γ: check_gamma. std: grpo's division by the group std (False: Dr. GRPO)."""
+    N equal float32 values is exact; docs/design.md §3). γ: check_gamma. std: grpo's division by the group std
+    (False: Dr. GRPO)."""
     check_gamma(gamma, estimator)
     R = shaped_rewards(rewards, estimator, group_size, std)  # (B,)
     m = mask.float()
