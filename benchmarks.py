@@ -173,6 +173,9 @@ def load_benchmark(name, spec, limit=None):
 
 def jbb_files(spec):
     """--data jbb=PATH[,PATH...]: JailbreakBench artifact files, or folders of them (every *.json below, sorted)."""
+    if spec is None:
+        raise UsageError("jbb reads JailbreakBench attack artifacts: --data jbb=PATH[,PATH...] or a folder of them "
+                         "(github.com/JailbreakBench/artifacts, attack-artifacts/)")
     paths = []
     for p in filter(None, (s.strip() for s in str(spec).split(","))):
         if os.path.isdir(p):
@@ -194,9 +197,6 @@ def load_jbb(spec):
     baseline) and every non-null jailbreak prompt (attack "METHOD@MODEL", the model it was found on); ids
     ATTACK/INDEX. A goal is known by its index and behavior (its wording differs slightly between some
     artifact files: each record keeps its own file's goal)."""
-    if spec is None:
-        raise UsageError("jbb reads JailbreakBench attack artifacts: --data jbb=PATH[,PATH...] or a folder of them "
-                         "(github.com/JailbreakBench/artifacts, attack-artifacts/)")
     goals, attacks, found_in = {}, [], {}
     for path in jbb_files(spec):
         try:
