@@ -391,6 +391,9 @@ def check_grader_args(args):
     cli.check_min(args, "--rm-batch-size", "--judge-max-new-tokens", "--api-workers", "--batch-size")
     cli.check_min(args, "--api-retries", "--max-failures", lo=0)
     cli.check_range(args, "--api-timeout", 0, MAX_API_TIMEOUT, lo_open=True)
+    for name in ("xstest", "jbb"):  # a judge prompt with no judge to read it would be ignored without a word
+        if getattr(args, f"{name}_judge_prompt") and not (args.judge or args.judge_url):
+            raise UsageError(f"--{name}-judge-prompt needs a judge: --judge MODEL or --judge-url URL")
 
 
 def check_graders(names, args):

@@ -475,3 +475,12 @@ def test_prompts_must_fit_the_context_with_api_url(tmp_path, tiny_model, capsys)
                                      "--api-url", "http://127.0.0.1:9/v1", "--api-model", "m", "--out",
                                      str(tmp_path / "eval")])
     assert e.value.code == 2 and "do not fit the context" in capsys.readouterr().err
+
+
+def test_a_judge_prompt_without_a_judge_is_refused(tmp_path, capsys):
+    (tmp_path / "t.txt").write_text("Classify {QUESTION} {RESPONSE}")
+    for argv in (["--model", "m", "--out", str(tmp_path / "o"), "--benchmarks", "xstest"],
+                 ["grade", "--input", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "g.jsonl")]):
+        with pytest.raises(SystemExit) as e:
+            cli.cli_main(evaluate.main, argv + ["--xstest-judge-prompt", str(tmp_path / "t.txt")])
+        assert e.value.code == 2 and "--xstest-judge-prompt needs a judge" in capsys.readouterr().err
