@@ -103,15 +103,6 @@ LETTERS = "ABCD"
 
 # --- loading: every row checked, then the first --limit prompts ---------------------------------------
 
-def check_text(text, where):
-    """A string a tokenizer can read: a lone surrogate (JSON's "\\ud800") is a DataError naming `where`."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise DataError(f"{where}: not valid Unicode (a lone surrogate escape such as \\ud800)") from None
-    return text
-
-
 def first_prompts(items, limit):
     """--limit: the first `limit` prompts of a benchmark's items; for jbb (items with an `attack`) the first
     `limit` goals, each with all its attacks (load_jbb lists every goal's plain prompt first, in goal order)."""
@@ -136,7 +127,7 @@ def load_benchmark(name, spec, limit=None):
         def get(*names, required=True):
             for n in names:
                 if r.get(n) is not None and str(r[n]).strip():
-                    return check_text(str(r[n]).strip(), f"{spec}: row {i}: field '{n}'")
+                    return str(r[n]).strip()
             if required:
                 raise DataError(f"{spec}: row {i}: missing or empty field '{'|'.join(names)}' ({name})")
             return None
@@ -217,17 +208,16 @@ def load_jbb(spec):
         for i, jb in enumerate(d["jailbreaks"], 1):
             if not isinstance(jb, dict):
                 raise DataError(f"{path}: jailbreaks row {i}: expected an object, got {type(jb).__name__}")
+            files.check_unicode(jb, f"{path}: jailbreaks row {i}")
             for f in ("goal", "behavior", "category"):
                 if not isinstance(jb.get(f), str) or not jb[f].strip():
                     raise DataError(f"{path}: jailbreaks row {i}: missing or empty field '{f}'")
-                check_text(jb[f], f"{path}: jailbreaks row {i}: field '{f}'")
             index = jb.get("index")
             if isinstance(index, bool) or not isinstance(index, (int, str)) or not str(index).strip():
                 raise DataError(f"{path}: jailbreaks row {i}: missing or empty field 'index'")
             index, prompt = str(index).strip(), jb.get("prompt")
             if prompt is not None and not isinstance(prompt, str):
                 raise DataError(f"{path}: jailbreaks row {i}: field 'prompt' is neither a string nor null")
-            check_text(prompt or "", f"{path}: jailbreaks row {i}: field 'prompt'")
             if index in seen:
                 raise DataError(f"{path}: jailbreaks row {i}: index {index} appears twice")
             seen.add(index)

@@ -163,11 +163,29 @@ def read_text(path):
                         f"(save the file as UTF-8)") from None
 
 
+def check_unicode(value, where):
+    """`value` (a parsed JSON value) back, refused if a string in it is no valid Unicode: JSON's lone surrogate
+    escapes ("\\ud800") parse, then fail in the tokenizer; the DataError names `where` and the top field."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            check_unicode(v, where if "field '" in where else f"{where}: field '{k}'")
+    elif isinstance(value, list):
+        for v in value:
+            check_unicode(v, where)
+    elif isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"{where}: not valid Unicode (a lone surrogate escape such as \\ud800)") from None
+    return value
+
+
 def read_jsonl(path, appended=False):
     """The JSON objects of a JSONL file, one per line (only \\n ends a line, not a U+2028 inside a string;
     blank lines are skipped). A line that is not a JSON object is a DataError naming the file and the row,
     except, with appended=True (a file this code appends to), the LAST line, which a kill or a full disk
-    can cut short: it is dropped with a warning."""
+    can cut short: it is dropped with a warning. An input file's rows (appended=False) are checked by
+    check_unicode."""
     lines = read_text(path).split("\n")
     last = max((i for i, line in enumerate(lines, 1) if line.strip()), default=0)
     rows = []
@@ -180,7 +198,7 @@ def read_jsonl(path, appended=False):
         except json.JSONDecodeError as e:
             bad = f"invalid JSON ({e.msg} at column {e.colno})"
         if bad is None:
-            rows.append(row)
+            rows.append(row if appended else check_unicode(row, f"{path}: row {i}"))
         elif appended and i == last:
             print(f"warning: {path}: dropped a torn last line (row {i}): {line[:80]!r}", flush=True)
         else:

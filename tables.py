@@ -13,7 +13,7 @@ import os
 
 import common
 from common import DataError
-from files import read_jsonl, read_text
+from files import check_unicode, read_jsonl, read_text
 
 # Known schemas, by columns: (prompt column candidates, response/gold column candidates)
 PROMPT_FIELDS = ["question", "problem", "prompt", "input", "Question", "instruction"]
@@ -79,6 +79,7 @@ def read_table(spec, split="train"):
             for i, r in enumerate(data, 1):
                 if not isinstance(r, dict):
                     raise DataError(f"{spec}: row {i}: expected an object, got {type(r).__name__}")
+                check_unicode(r, f"{spec}: row {i}")
             return data
         if ext == ".csv":
             return read_csv(spec)

@@ -577,3 +577,17 @@ def test_step_log_prints_a_short_line_and_writes_every_key(tmp_path, capsys):
     assert capsys.readouterr().out == "step 3/10 | reward 0.5 | kl 0.25\n"
     assert files.read_jsonl(tmp_path / "metrics.jsonl") == [{"step": 3, "reward": 0.5, "kl": 0.25, "t_gen": 1.5,
                                                              "n_reflect": 2.0}]
+
+
+def test_a_lone_surrogate_in_an_input_table_names_file_row_and_field(tmp_path, capsys):
+    """JSON's "\\ud800" parses to a string no tokenizer takes: refused when the table is read, before any model
+    loads, naming the file, the row and the field (a traceback from the tokenizer before)."""
+    import files
+    from common import DataError
+    (tmp_path / "d.jsonl").write_text('{"prompt": "ok", "response": "fine"}\n{"prompt": "hi \\ud800", "response": "x"}\n')
+    (tmp_path / "p.json").write_text('[{"question": "x", "meta": {"note": "\\udfff"}}]')
+    with pytest.raises(DataError, match=r"d.jsonl: row 2: field 'prompt': not valid Unicode"):
+        files.read_jsonl(str(tmp_path / "d.jsonl"))
+    with pytest.raises(DataError, match=r"p.json: row 1: field 'meta': not valid Unicode"):
+        tables.read_table(str(tmp_path / "p.json"))
+    assert files.read_jsonl(str(tmp_path / "d.jsonl"), appended=True)[1]["prompt"] == "hi \ud800"  # own records
