@@ -16,6 +16,7 @@ import files
 import resume
 from common import UsageError
 
+
 def key(r):
     """A record's job."""
     return r["benchmark"], str(r["id"]), int(r["sample"])
