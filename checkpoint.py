@@ -14,7 +14,6 @@ Every write goes through files.py (a temp beside its target, renamed when comple
 through write_on_every_rank, so a full disk on one rank stops every rank with the previous save intact.
 What a resume may reuse (the run's flags, evaluate.py's records) is resume.py's.
 """
-import errno
 import io
 import json
 import math
@@ -34,7 +33,7 @@ import resume
 import safeload
 from common import (DiskFull, NonFiniteError, Policy, UsageError, all_reduce, barrier, broadcast_object, comm_device,
                     gather_objects, is_dist, print0, rank)
-from files import fresh_dir, remove, write_error, write_files, write_json
+from files import fresh_dir, open_no_follow, remove, write_error, write_files, write_json
 
 
 # --- the Hugging Face export ---------------------------------------------------------------------------
@@ -182,13 +181,8 @@ def _lock(out):
     this process's pid written into it; a lock another run holds is refused, naming that run's pid."""
     import fcntl
     path = os.path.join(out, ".lock")
-    try:
-        f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise UsageError(f"--out {out}: {path} is a symbolic link; remove it (the lock is never taken "
-                             f"through a link)") from None
-        raise
+    f = os.fdopen(open_no_follow(path, os.O_RDWR | os.O_CREAT, f"--out {out}: {path} is a symbolic link; "
+                                 "remove it (the lock is never taken through a link)"), "r+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

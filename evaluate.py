@@ -317,6 +317,11 @@ def uses_rm(names, args):
     return "attaq" in names or ("jbb" in names and args.jbb_proxy == "rm" and not judged(names, args))
 
 
+def local_judge(names, args):
+    """The judge is a local model (--judge without --judge-url): it needs a device and a checked model dir."""
+    return judged(names, args) and bool(args.judge) and not args.judge_url
+
+
 def judge_name(args):
     """The judge as records and summaries name it (a password in --judge-url never written)."""
     return f"{args.judge_model} @ {api.safe_url(args.judge_url)}" if args.judge_url else args.judge
@@ -401,7 +406,7 @@ def check_graders(names, args):
     sequence classifier, a local --judge (judged) a causal LM whose tokenizer has a chat template."""
     if uses_rm(names, args):
         preflight.check_model(args.safety_rm, "--safety-rm", "seq-cls", trust_remote_code=args.trust_remote_code)
-    if judged(names, args) and args.judge and not args.judge_url:
+    if local_judge(names, args):
         preflight.check_model(args.judge, "--judge", trust_remote_code=args.trust_remote_code)
         common.load_tokenizer(args.judge, args.trust_remote_code, what="--judge")  # it must have a chat template
 
@@ -564,8 +569,8 @@ def run_grade(args):
         raise UsageError("airbench records need a judge: --judge MODEL or --judge-url URL --judge-model NAME")
     check_graders(names, args)
     templates = judge_templates(args, names)
-    local = uses_rm(names, args) or (judged(names, args) and args.judge and not args.judge_url)
-    device = torch.device(common.resolve_device(args.device)) if local else None  # only a model needs one
+    device = torch.device(common.resolve_device(args.device)) if uses_rm(names, args) or local_judge(names, args) \
+        else None  # only a model needs one
     grade_records(recs, *graders_for(names, args, device), templates=templates, jbb_proxy=args.jbb_proxy)
     files.write_jsonl(args.out, [ordered(r) for r in recs])
     summary = benchmarks.summarize(recs)

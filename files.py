@@ -121,21 +121,30 @@ def _json_line(obj):
         return (json.dumps(obj, default=float) + "\n").encode()
 
 
+def open_no_follow(path, flags, refused):
+    """os.open(path, flags) that never follows a link at `path` (O_NOFOLLOW): a link there is a UsageError with
+    the message `refused`."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UsageError(refused) from None
+        raise
+
+
 def append_jsonl(path, obj):
     """One os.write of one line with O_APPEND: processes append to the same file without interleaving
     (a local filesystem), and the line is in the kernel when this returns (a kill loses nothing before it).
     A link at `path` is never followed (O_NOFOLLOW): it is refused, naming the path."""
     line = _json_line(obj)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        fd = open_no_follow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, f"{path} is a symbolic link; remove it "
+                            "(an appended file is never written through a link)")
         try:
             os.write(fd, line)
         finally:
             os.close(fd)
     except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise UsageError(f"{path} is a symbolic link; remove it (an appended file is never written through "
-                             f"a link)") from None
         raise (write_error(path, e, len(line)) or e) from None
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import run_cli, torchrun, write_jsonl
+from conftest import write_jsonl
 from test_faults import Evil, inputs, run_main  # noqa: F401 (inputs: a fixture)
 
 import checkpoint
@@ -372,15 +372,6 @@ def test_evaluate_rerun_refuses_stale_records(tiny_model, tmp_path, monkeypatch,
 
 
 # --- 4. one torn-line rule for every JSONL reader ---------------------------------------------------------
-
-def test_ranks_wait_for_rank_0s_fingerprint_outside_a_collective(tmp_path):
-    """Rank 0 alone hashes the model (evaluate.py's fingerprint) and compacts the records, for longer than a
-    5 s --dist-timeout: the other ranks wait in common.barrier, not inside the broadcast of its verdict, and
-    both ranks go on. On the old code rank 1 waited inside broadcast_object and the timeout stopped it."""
-    p = run_cli(torchrun(2) + ["tests/dist/resume_wait_check.py", str(tmp_path / "o")], timeout=300)
-    for r in (0, 1):
-        assert f"rank {r}: resumed [] after rank 0's slow fingerprint" in p.stdout, p.stdout + p.stderr
-
 
 def test_every_jsonl_reader_drops_a_torn_last_line_and_names_a_bad_one_elsewhere(tmp_path, capsys):
     """A file the stages append to (metrics.jsonl, evaluate.py's NAME.jsonl) may end in a line a kill cut

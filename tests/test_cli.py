@@ -305,7 +305,8 @@ def test_temperature_floor():
                                          ('"hot"', "field 'temperature' is not a finite number: 'hot'"),
                                          ("1e-40", "the records' temperature must be a finite value >= 0.01")])
 def test_records_temperature_checked(value, named, tiny_model, tmp_path, no_weights, monkeypatch, capsys):
-    """entropy.py takes its temperature from the records: NaN there used to exit 0 with NaN in summary.json."""
+    """entropy.py takes its temperature from the records: a NaN or tiny one there is a one-line error naming the
+    row (unchecked, it would put NaN in summary.json and exit 0)."""
     path = tmp_path / "r.jsonl"
     path.write_text(f'{{"prompt": "p", "completion": "c", "temperature": {value}}}\n' * 2)
     code, _, err = run_main(monkeypatch, capsys, entropy,
@@ -460,8 +461,8 @@ def test_full_disk_reward_and_entropy_keep_the_previous_output(tiny_model, tmpfs
 def test_planted_symlinks_are_never_followed(tiny_model, inputs, tmp_path, monkeypatch, capsys):  # noqa: F811
     """Links at every temp path of an sft run (args.json.tmp -> a file outside, .export.tmp and
     .export.ready -> a dir outside, checkpoints -> a dir outside, removed by --overwrite): the run ends
-    like any other and nothing outside --out changes. On the old code args.json.tmp overwrote the file and
-    the export moved the outside dir's files into --out."""
+    like any other and nothing outside --out changes (a followed link would overwrite the outside file with
+    args.json and move the outside dir's files into --out)."""
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "precious.txt").write_text("keep me")
@@ -483,8 +484,8 @@ def test_planted_symlinks_are_never_followed(tiny_model, inputs, tmp_path, monke
 
 def test_a_planted_lock_or_appended_file_link_is_refused(tiny_model, inputs, tmp_path, monkeypatch, capsys):  # noqa: F811
     """A link at OUT/.lock or at a file the stages append to (metrics.jsonl, evaluate.py's NAME.jsonl) is
-    refused with one line naming it, and its target is neither written nor created. On the old code the
-    lock wrote its pid into the target and the appends created the target and wrote the records there."""
+    refused with one line naming it, and its target is neither written nor created (a followed link would
+    write the lock's pid into the target, and the appends would create it and write the records there)."""
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "lock.txt").write_text("precious data")

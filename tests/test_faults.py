@@ -350,8 +350,8 @@ def test_rl_kill_resume_no_duplicate_dumps_and_grade_takes_them(tiny_model, inpu
 
 
 def test_huge_lr_stops_before_the_update_rl(tiny_model, inputs, tmp_path, monkeypatch, capsys):
-    """Failure 1 (rl): --lr 1e30 used to exit 0 with an all-NaN model (the entropy bonus makes the first
-    gradient non-zero even when every reward is 0)."""
+    """Failure 1 (rl): --lr 1e30 stops before the update instead of exiting 0 with an all-NaN model (the
+    entropy bonus makes the first gradient non-zero even when every reward is 0)."""
     out = tmp_path / "o"
     code, _, err = run_main(monkeypatch, capsys, rl,
                        rl_args(tiny_model, inputs["rl"], out, "--lr", "1e30", "--save-every", "1", "--entropy-coef", "0.1",
