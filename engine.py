@@ -5,13 +5,12 @@ completions (token ids), finished / truncated flags and the sampler's log-probs 
                            temperature=1.0, top_p=1.0, batch_size=64, seed=0, vocab_size=len(tok))
     outs[i] = {"completion_ids": [...], "logp": [...], "log_kept": [...], "finished": bool, "truncated": bool}
 
-`completion_ids` ends with the stop token when `finished`; `logp[t]` = log softmax(z_t / τ)[y_t], the
-log-probability of the sampled token under the temperature-scaled distribution over every lm_head row,
-before top-p (the same quantity rl.py recomputes as log π_old, so |sampler − π_old| measures the
-sampler's numerical gap); `log_kept[t]` = log C_t, the log of the mass the draw was restricted to (the
-top-p nucleus of the ids below vocab_size), so logp[t] - log_kept[t] is the log-prob under the
-distribution actually sampled (log_kept is exactly 0 when nothing is cut). temperature 0 is greedy
-(logp is then log softmax(z_t)[y_t], log_kept 0).
+`completion_ids` ends with the stop token when `finished`; `logp[t]` = log softmax(z_t / τ)[y_t], the log-probability
+of the sampled token under the temperature-scaled distribution over every lm_head row, before top-p (the same
+quantity rl.py recomputes as log π_old, so |sampler − π_old| measures the sampler's numerical gap);
+`log_kept[t]` = log C_t, the log of the mass the draw was restricted to (the top-p nucleus of the ids below
+vocab_size), so logp[t] - log_kept[t] is the log-prob under the distribution actually sampled (log_kept is exactly 0
+when nothing is cut). temperature 0 is greedy (logp is then log softmax(z_t)[y_t], log_kept 0).
 
 How it is fast (docs/perf.md, "How engine.py decodes", says why): 1. under FSDP2 the weights are gathered
 once (generation_view) and no collective runs while decoding; 2. a static KV cache per call, attention over
@@ -21,15 +20,12 @@ take their slots, live rows are compacted; 5. sampling is a pure function of (se
 the logits (sampler.py), so the tokens do not depend on batching or the number of ranks (up to the logits'
 own rounding across batch shapes).
 
-The decode forward (`Decoder.layer`) is written out for the Llama family rl.py trains (Llama, Qwen2,
-Qwen3, Mistral with full attention) and calls the model's own projections, norms, MLP and RoPE; only
-attention over the static cache is ours (`decode_attention`, `prefill_attention`, the backend logged
-once per process). Every other architecture (hybrid Mamba models such as GraniteMoeHybrid,
-sliding-window or soft-capped models, remote code) takes the simple path, logged once: the model's own
-forward and cache, static batches, the same sampler and stop checks. Another backend (vLLM, SGLang)
-plugs in behind `generate` by returning the same fields per prompt (log-probs at temperature τ before
-top-p; log C: vLLM's processed log-prob minus that one); rl.py recomputes π_old itself. evaluate.py
---api-url sends its prompts to such a server instead (api.completions).
+The decode forward (`Decoder.layer`) is written out for the Llama family rl.py trains (Llama, Qwen2, Qwen3, Mistral
+with full attention) and calls the model's own projections, norms, MLP and RoPE; only attention over the static cache
+is ours (`decode_attention`, `prefill_attention`, the backend logged once per process). Every other architecture
+(hybrid Mamba models such as GraniteMoeHybrid, sliding-window or soft-capped models, remote code) takes the simple
+path, logged once: the model's own forward and cache, static batches, the same sampler and stop checks. How another
+backend (vLLM, SGLang) would plug in behind `generate`: docs/design.md §1.
 """
 import math
 import sys
@@ -53,12 +49,9 @@ last_call = {}  # the last direct-path generate(): rows, capacity, graphs captur
 # --- 1. weights without collectives ---------------------------------------------------------------
 
 def _set(module, name, t, kind):
+    """module's parameter or buffer `name` (dotted) becomes the tensor t (kind: "_parameters" or "_buffers")."""
     mod, _, leaf = name.rpartition(".")
-    m = module.get_submodule(mod) if mod else module
-    if kind == "param":
-        m._parameters[leaf] = t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False)
-    else:
-        m._buffers[leaf] = t
+    getattr(module.get_submodule(mod), kind)[leaf] = t
 
 
 def plain_copy(hf, dtype=None):
@@ -70,9 +63,9 @@ def plain_copy(hf, dtype=None):
     for name, p in hf.named_parameters(remove_duplicate=False):  # tied weights: both names, one tensor
         if id(p) not in cast:
             cast[id(p)] = p.detach() if dtype is None else p.detach().to(dtype)
-        _set(view, name, cast[id(p)], "param")
+        _set(view, name, nn.Parameter(cast[id(p)], requires_grad=False), "_parameters")
     for name, b in hf.named_buffers(remove_duplicate=False):
-        _set(view, name, b, "buffer")
+        _set(view, name, b, "_buffers")
     view.generation_config = hf.generation_config
     return view.eval().requires_grad_(False)
 
@@ -175,15 +168,12 @@ class Decoder:
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, a.head_dim
         self.rope = sys.modules[type(a).__module__].apply_rotary_pos_emb  # the model's own RoPE
         self.temperature, self.top_p, self.vocab = temperature, top_p, vocab
-        dev = inner.embed_tokens.weight.device
-        self.dtype = inner.embed_tokens.weight.dtype
+        dev, self.dtype = inner.embed_tokens.weight.device, inner.embed_tokens.weight.dtype
         self.device, self.rows, self.capacity = dev, rows, capacity
-        shape = (len(self.layers), rows, self.n_kv, capacity, self.head_dim)
-        self.K = torch.zeros(shape, dtype=self.dtype, device=dev)  # (L, rows, kv_heads, capacity, hd)
-        self.V = torch.zeros(shape, dtype=self.dtype, device=dev)
+        shape = (len(self.layers), rows, self.n_kv, capacity, self.head_dim)  # (L, rows, KV, capacity, hd)
+        self.K, self.V = (torch.zeros(shape, dtype=self.dtype, device=dev) for _ in range(2))
         # per-slot state, read and written by the decode step (static addresses, for the graphs)
-        z = lambda dt: torch.zeros(rows, dtype=dt, device=dev)  # noqa: E731
-        self.tok, self.lens, self.t, self.row = z(torch.long), z(torch.long), z(torch.long), z(torch.long)
+        self.tok, self.lens, self.t, self.row = (torch.zeros(rows, dtype=torch.long, device=dev) for _ in range(4))
         self.seed = torch.tensor([seed], dtype=torch.long, device=dev)
         self.col = torch.zeros(1, dtype=torch.long, device=dev)
         self.graphs = {} if graphs else None
@@ -257,20 +247,18 @@ class Decoder:
         self.tok[:Bb] = nxt
         self.lens[:Bb] += 1
         self.t[:Bb] += 1
-        c = self.col.expand(Bb)[:, None]
-        hist_tok[:Bb].scatter_(1, c, nxt[:, None])
-        hist_logp[:Bb].scatter_(1, c, logp[:, None])
-        hist_kept[:Bb].scatter_(1, c, kept[:, None])
+        c = self.col.expand(Bb)[:, None]  # (Bb, 1) this step's column of the (rows, k) histories
+        for hist, x in zip((hist_tok, hist_logp, hist_kept), (nxt, logp, kept)):
+            hist[:Bb].scatter_(1, c, x[:, None])
         self.col += 1
 
-    def run(self, Bb, Lb, hist_tok, hist_logp, hist_kept):
-        """step(), replayed from a CUDA graph captured on first use of (Bb, Lb) when graphs are on."""
+    def run(self, Bb, Lb, *hist):
+        """step(Bb, Lb, *hist), replayed from a CUDA graph captured on first use of (Bb, Lb) when graphs are on."""
         if self.graphs is None:
-            return self.step(Bb, Lb, hist_tok, hist_logp, hist_kept)
+            return self.step(Bb, Lb, *hist)
         g = self.graphs.get((Bb, Lb))
         if g is None:
             t0 = time.perf_counter()
-            hist = (hist_tok, hist_logp, hist_kept)
             state = [x.clone() for x in (self.tok, self.lens, self.t, self.col, *hist)]
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())
@@ -361,31 +349,24 @@ def _log_attention(dec, dev):
 
 
 class _Completions:
-    """The host side of one generate() call: each prompt's tokens, log-probs and log C as they arrive, and
-    its output dict once it hits a stop token or its limit."""
+    """The host side of one generate() call: each prompt's (token, log-prob, log C) as they arrive, and its
+    output dict once it hits a stop token or its limit."""
 
     def __init__(self, n, max_new, stop_set, progress):
         self.max_new, self.stop_set, self.progress = max_new, stop_set, progress
-        self.toks, self.logps, self.kepts = [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
-        self.out = [None] * n
+        self.got, self.out = [[] for _ in range(n)], [None] * n
 
-    def finish(self, i, fin):
-        self.out[i] = {"completion_ids": self.toks[i], "logp": self.logps[i], "log_kept": self.kepts[i],
-                       "finished": fin, "truncated": not fin and len(self.toks[i]) >= self.max_new[i]}
-        if self.progress is not None:
-            self.progress.update(1)
-
-    def take(self, i, tok_list, logp_list, kept_list):
+    def take(self, i, toks, logps, kepts):
         """Append new tokens of prompt i up to its stop token or limit; True when it is done."""
-        for x, lp, kp in zip(tok_list, logp_list, kept_list):
-            self.toks[i].append(x)
-            self.logps[i].append(lp)
-            self.kepts[i].append(kp)
-            if x in self.stop_set:
-                self.finish(i, True)
-                return True
-            if len(self.toks[i]) >= self.max_new[i]:
-                self.finish(i, False)
+        for x in zip(toks, logps, kepts):
+            self.got[i].append(x)
+            fin = x[0] in self.stop_set  # finished: it ends with a stop token; else truncated: it hit its limit
+            if fin or len(self.got[i]) >= self.max_new[i]:
+                ids, logp, kept = (list(c) for c in zip(*self.got[i]))
+                self.out[i] = {"completion_ids": ids, "logp": logp, "log_kept": kept, "finished": fin,
+                               "truncated": not fin}
+                if self.progress is not None:
+                    self.progress.update(1)
                 return True
         return False
 
@@ -412,10 +393,9 @@ def generate(model, prompts, *, max_new_tokens, stop_ids, pad_id, temperature=1.
     (see the module docstring). max_new_tokens: an int, or one int per prompt. row_ids: the id hashed
     into each prompt's sampling noise (default 0..n-1; rl.py passes global sample indices). vocab_size:
     the tokenizer's size len(tok); ids at or past it (embedding rows with no token) are never sampled
-    (default: every row of the lm_head may be). graphs:
-    CUDA graphs on/off (default: on when the model is on CUDA). simple=True forces the simple path
-    (the model's own forward and cache) that non-Llama-family models take; with check_every=1 it is
-    the plain eager KV-cache loop (bench/bench_rollout.py's baseline)."""
+    (default: every row of the lm_head may be). graphs: CUDA graphs on/off (default: on when the model is on
+    CUDA). simple=True forces the simple path (the model's own forward and cache) that non-Llama-family
+    models take; with check_every=1 it is the plain eager KV-cache loop (bench/bench_rollout.py's baseline)."""
     n = len(prompts)
     max_new = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * n
     _validate(prompts, max_new, temperature, top_p, batch_size, check_every, vocab_size)
@@ -434,14 +414,12 @@ def generate(model, prompts, *, max_new_tokens, stop_ids, pad_id, temperature=1.
     dev = hf.model.embed_tokens.weight.device
     graphs = dev.type == "cuda" if graphs is None else graphs
     k = check_every
-    capacity = max(len(p) for p in prompts) + max(max_new) + k
-    capacity = math.ceil(capacity / len_bucket) * len_bucket
+    capacity = math.ceil((max(len(p) for p in prompts) + max(max_new) + k) / len_bucket) * len_bucket
     rows = _cache_rows(hf, min(batch_size, n), capacity, kv_budget)
     dec = Decoder(hf, rows, capacity, temperature, top_p, seed, graphs, vocab_size)
     _log_attention(dec, dev)
-    hist_tok = torch.zeros(rows, k, dtype=torch.long, device=dev)
-    hist_logp = torch.zeros(rows, k, dtype=torch.float32, device=dev)
-    hist_kept = torch.zeros(rows, k, dtype=torch.float32, device=dev)
+    # (rows, k) each: the tokens, log-probs and log C of the last k decode steps, read once per k steps
+    hist = [torch.zeros(rows, k, dtype=dt, device=dev) for dt in (torch.long, torch.float32, torch.float32)]
 
     done = _Completions(n, max_new, stop_set, progress)
     slot_row = [-1] * rows  # which prompt each slot decodes (-1: free)
@@ -452,8 +430,7 @@ def generate(model, prompts, *, max_new_tokens, stop_ids, pad_id, temperature=1.
         free = [s for s in range(rows) if slot_row[s] < 0]
         live = rows - len(free)
         if queue and free and (len(free) >= refill_min or live == 0):
-            new = queue[:len(free)]
-            del queue[:len(new)]
+            new, queue = queue[:len(free)], queue[len(free):]
             budget = max(1, 8192 // max(len(prompts[i]) for i in new))  # prefill rows per forward
             for j in range(0, len(new), budget):
                 grp = new[j:j + budget]
@@ -474,8 +451,8 @@ def generate(model, prompts, *, max_new_tokens, stop_ids, pad_id, temperature=1.
         Lb = min(capacity, math.ceil((int(dec.lens[:Bb].max()) + k) / len_bucket) * len_bucket)
         dec.col.zero_()
         for _ in range(k):
-            dec.run(Bb, Lb, hist_tok, hist_logp, hist_kept)
-        ht, hl, hk = (h[:Bb].tolist() for h in (hist_tok, hist_logp, hist_kept))  # the one host sync per k steps
+            dec.run(Bb, Lb, *hist)
+        ht, hl, hk = (h[:Bb].tolist() for h in hist)  # the one host sync per k steps
         for s in range(Bb):
             i = slot_row[s]
             if i >= 0 and done.take(i, ht[s], hl[s], hk[s]):
@@ -490,7 +467,7 @@ def _generate_simple(hf, prompts, max_new, stop_set, pad_id, temperature, top_p,
     of left-padded prompts, the same sampler; stops checked every `check_every` steps."""
     dev = next(hf.parameters()).device
     seed_t = torch.tensor([seed], dtype=torch.long, device=dev)
-    out = []
+    done = _Completions(len(prompts), max_new, stop_set, progress)
     for b in range(0, len(prompts), batch_size):
         batch = prompts[b:b + batch_size]
         limit = max_new[b:b + batch_size]
@@ -498,35 +475,26 @@ def _generate_simple(hf, prompts, max_new, stop_set, pad_id, temperature, top_p,
         ids = torch.full((B, L), pad_id, dtype=torch.long, device=dev)
         mask = torch.zeros((B, L), dtype=torch.long, device=dev)
         for i, p in enumerate(batch):
-            ids[i, L - len(p):] = torch.tensor(p, device=dev)
-            mask[i, L - len(p):] = 1
+            ids[i, L - len(p):], mask[i, L - len(p):] = torch.tensor(p, device=dev), 1
         pos = common.positions_from_mask(mask)  # (B, L)
         rows = torch.tensor(row_ids[b:b + batch_size], device=dev)
         stop = torch.tensor(sorted(stop_set) or [-1], device=dev)
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        ended = torch.zeros(B, dtype=torch.bool, device=dev)
         limit_t = torch.tensor(limit, device=dev)
-        toks, logps, kepts, cache, cur = [], [], [], None, ids
+        steps, cache, cur = [], None, ids
         for t in range(max(limit)):
             o = hf(input_ids=cur, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
                    logits_to_keep=1)
             cache = o.past_key_values
             nxt, lp, kp = sampler.sample_next(o.logits[:, -1].float(), temperature, top_p, seed_t, rows,
                                               torch.full_like(rows, t), vocab_size)
-            toks.append(nxt)
-            logps.append(lp)
-            kepts.append(kp)
-            done = done | torch.isin(nxt, stop) | (t + 1 >= limit_t)
+            steps.append((nxt, lp, kp))
+            ended = ended | torch.isin(nxt, stop) | (t + 1 >= limit_t)
             cur, pos = nxt[:, None], pos[:, -1:] + 1
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            if (t + 1) % check_every == 0 and bool(done.all()):
+            if (t + 1) % check_every == 0 and bool(ended.all()):
                 break
-        toks, logps, kepts = (torch.stack(x, 1).tolist() for x in (toks, logps, kepts))  # (B, steps)
-        for i in range(B):
-            n_ = next((j + 1 for j, x in enumerate(toks[i][:limit[i]]) if x in stop_set), None)
-            fin = n_ is not None
-            n_ = n_ or min(len(toks[i]), limit[i])
-            out.append({"completion_ids": toks[i][:n_], "logp": logps[i][:n_], "log_kept": kepts[i][:n_],
-                        "finished": fin, "truncated": not fin and n_ >= limit[i]})
-        if progress is not None:
-            progress.update(B)
-    return out
+        toks, logps, kepts = (torch.stack(x, 1).tolist() for x in zip(*steps))  # (B, steps)
+        for i in range(B):  # every row ended: its tokens up to its stop token or its limit
+            done.take(b + i, toks[i], logps[i], kepts[i])
+    return done.out
