@@ -71,11 +71,13 @@ import cli
 import common
 import files
 import preflight
+import records
 import tables
 from common import DataError
 
 DEFAULT_WORDS = "wait,Wait,but,But,Alternatively"
 HIST_BINS = 60
+MAX_BOOTSTRAP = 100_000  # resamples: far past where a 95% interval's percentiles stop moving
 
 
 # --- reflection detection: one word match, two kinds of token spans -----------------------------------
@@ -118,11 +120,10 @@ def find_reflections(text, offsets, reasoning, words, match="word"):
 
 
 def reflection_mask(items, words, T, piece):
-    """rl.py's per-step monitor: (B, T) True at each completion token holding the first letter of a
-    reflection word (whole word) in its reasoning, from the SAMPLED ids: piece(id) is one id's text
-    (tok.decode([id]), cached) and a completion's text is their concatenation, which gives each token its
-    exact span (a character split across byte-level tokens reads as U+FFFD, never a letter); then
-    find_reflections' word matching."""
+    """rl.py's per-step monitor: (B, T) True at each completion token holding the first letter of a reflection
+    word (whole word) in its reasoning, from the SAMPLED ids: piece(id) is one id's text (tok.decode([id]), cached)
+    and a completion's text is their concatenation, which gives each token its exact span (a character split
+    across byte-level tokens reads as U+FFFD, never a letter); then find_reflections' word matching."""
     hit = torch.zeros(len(items), T, dtype=torch.bool)
     for b, it in enumerate(items):
         texts = [piece(i) for i in it["completion_ids"]]
@@ -244,9 +245,6 @@ def score_memorization(model, tok, mem_rows, seqs, args, d, mname):
 
 # --- 3. statistics: pooled ratios with bootstrap intervals over records -------------------------------
 
-MAX_BOOTSTRAP = 100_000  # resamples: far past where a 95% interval's percentiles stop moving
-
-
 def bootstrap_ratio(num, den, n_boot=1000, seed=0):
     """Pooled ratio sum(num)/sum(den) and its 95% percentile-bootstrap interval, resampling records. The
     resamples are drawn about 4M indices at a time (the same numbers as one draw: the generator's stream
@@ -311,17 +309,17 @@ def pooled_histograms(results, edges):
     return hists
 
 
-def models_and_datasets(summary):
-    """The models and the datasets of a summary, each in first-seen order."""
-    return list(dict.fromkeys(s["model"] for s in summary)), list(dict.fromkeys(s["dataset"] for s in summary))
+def summary_grid(summary):
+    """The models and the datasets of a summary, each in first-seen order, and its objects by (model, dataset)."""
+    return (list(dict.fromkeys(s["model"] for s in summary)), list(dict.fromkeys(s["dataset"] for s in summary)),
+            {(s["model"], s["dataset"]): s for s in summary})
 
 
 def format_table(summary):
     """Rows: models; columns: dataset x metric (a two-line header: dataset, then metric)."""
     cols = [("reflections_per_1k", "refl/1k"), ("entropy_reflection", "H_refl"),
             ("entropy_reasoning", "H_reas"), ("entropy_answer", "H_ans")]
-    models, datasets = models_and_datasets(summary)
-    by = {(s["model"], s["dataset"]): s for s in summary}
+    models, datasets, by = summary_grid(summary)
     w, cw = max(5, *(len(m) for m in models)), 8
     gw = max(len(cols) * (cw + 1) - 1, *(len(d) for d in datasets))
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
@@ -334,7 +332,7 @@ def format_table(summary):
     return "\n".join(line.rstrip() for line in lines)
 
 
-# --- inputs and the command line ----------------------------------------------------------------------
+# --- the command line ---------------------------------------------------------------------------------
 
 def word_set(text):
     """--words: "wait,Wait,but" -> {"wait", "Wait", "but"} (not empty)."""
@@ -344,78 +342,21 @@ def word_set(text):
     return words
 
 
-def parse_named(specs, flag):
-    """["name=path" | "path"] -> [(name, path)]; a bare path is allowed only when it is the only one."""
-    out = []
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or os.sep in name:
-            if len(specs) > 1:
-                raise common.UsageError(f"{flag} {spec!r}: give every {flag} a name when there are several "
-                                        f"({flag} NAME=PATH)")
-            name, path = os.path.splitext(os.path.basename(spec.rstrip("/")))[0], spec
-        out.append((name, path))
-    names = [n for n, _ in out]
-    if len(set(names)) != len(names):
-        raise common.UsageError(f"{flag}: duplicate names {names}")
-    return out
-
-
-def read_records(path, temperature):
-    """Generation records of one file, checked field by field; resolves the scoring temperature."""
-    recs = tables.read_generations(path, need=("prompt", "completion"))
-    for row, r in enumerate(recs, 1):
-        r["row"] = row
-    if temperature is None:
-        for r in recs:
-            t = r.get("temperature")
-            if t is None:
-                raise DataError(f"{path}: row {r['row']}: no field 'temperature' (the sampling temperature the "
-                                f"entropy is taken at); pass --temperature")
-            if not (type(t) in (int, float) and math.isfinite(t)):
-                raise DataError(f"{path}: row {r['row']}: field 'temperature' is not a finite number: {t!r}")
-        temps = {r["temperature"] for r in recs}
-        if len(temps) > 1:
-            raise DataError(f"{path}: records have several temperatures {sorted(temps)}; pass --temperature")
-        temperature = float(temps.pop())
-        if temperature <= 0:
-            raise DataError(f"{path}: temperature {temperature} <= 0 (entropy needs a sampling temperature)")
-        try:
-            cli.check_temperature(temperature, f"{path}: the records' temperature")
-        except common.UsageError as e:
-            raise DataError(f"{e}; pass --temperature") from None
-    return recs, temperature
-
-
-def check_prompt_ids(path, recs, tok, mname):
-    """A record's prompt_ids must be this model's tokens: inside its vocabulary, and decoding to a text that
-    holds the record's prompt, its outer whitespace aside (a template that trims the user's content, as
-    Llama-3.1's, renders " x \n" as "x"; ids of another tokenizer would be scored as garbage)."""
-    for r in recs:
-        ids = r.get("prompt_ids")
-        if ids is not None and (max(ids) >= len(tok) or r["prompt"].strip() not in tok.decode(ids)):
-            raise DataError(f"{path}: row {r['row']}: field 'prompt_ids' are not tokens of --model {mname}'s "
-                            f"tokenizer (they do not decode to a text holding the record's prompt)")
-
-
 def get_args(argv=None):
     p = cli.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=cli.HelpFormatter)
     a = p.add_argument_group("inputs").add_argument
     a("--model", action="append", required=True, help="NAME=DIR (or hub id); repeat for several models")
     a("--input", action="append", default=[], help="NAME=FILE of generation records (JSONL); repeat")
     a("--out", required=True, help="output directory")
-    a("--chat-template-kwargs", type=cli.chat_template_kwargs, default=None, metavar="JSON",
-      help="template variables for apply_chat_template when rendering the prompts of records without "
-      "prompt_ids (as generated)")
+    a("--chat-template-kwargs", type=cli.chat_template_kwargs, default=None, metavar="JSON", help="template variables "
+      "for apply_chat_template when rendering the prompts of records without prompt_ids (as generated)")
     a("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
     a = p.add_argument_group("1. entropy at reflection tokens").add_argument
-    a("--temperature", type=float, default=None,
-      help="sampling temperature of the scored distribution (default: the records' own; records without one "
-      "are refused)")
+    a("--temperature", type=float, default=None, help="sampling temperature of the scored distribution "
+      "(default: the records' own; records without one are refused)")
     a("--words", type=word_set, default=DEFAULT_WORDS, help="comma-separated reflection words")
-    a("--match", choices=["word", "token"], default="word",
-      help="word: whole words in the reasoning text, also split across tokens; token: a whole decoded token "
-      "equals a word (misses split words)")
+    a("--match", choices=["word", "token"], default="word", help="word: whole words in the reasoning text, also "
+      "split across tokens; token: a whole decoded token equals a word (misses split words)")
     a = p.add_argument_group("2. memorization of the SFT data").add_argument
     a("--memorization", default=None, help="SFT data (STAR-1 question/response) for the memorization metrics")
     a("--mem-k", type=int, default=32, help="reference response tokens given as prefix")
@@ -454,8 +395,7 @@ def plot_reflection_entropy(summary, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    models, datasets = models_and_datasets(summary)
-    by = {(s["model"], s["dataset"]): s for s in summary}
+    models, datasets, by = summary_grid(summary)
     width = 0.8 / len(models)
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 + 1.3 * len(datasets) * max(1.0, len(models) / 2.5)), 4.2))
     for j, m in enumerate(models):
@@ -490,8 +430,7 @@ def plot_histograms(summary, hists, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    models, datasets = models_and_datasets(summary)
-    by = {(s["model"], s["dataset"]): s for s in summary}
+    models, datasets, by = summary_grid(summary)
     fig, axes = plt.subplots(len(models), len(datasets), squeeze=False, sharex=True,
                              figsize=(1.0 + 3.6 * len(datasets), 1.0 + 2.7 * len(models)))
     kinds = [("reasoning", "all reasoning tokens", {"color": "0.7", "fill": True}),
@@ -529,17 +468,17 @@ def main(argv=None):
     check_args(args)
 
     # every input is checked (files, rows, model paths) before any model runs or anything is written
-    models, inputs = parse_named(args.model, "--model"), parse_named(args.input, "--input")
+    models, inputs = records.parse_named(args.model, "--model"), records.parse_named(args.input, "--input")
     for name, path in models:  # before any weight is read
         preflight.check_model(path, f"--model {name}", trust_remote_code=args.trust_remote_code)
-    data = {name: read_records(path, args.temperature) for name, path in inputs}
+    data = {name: records.read_for_scoring(path, args.temperature) for name, path in inputs}
     toks = {name: common.load_tokenizer(path, trust_remote_code=args.trust_remote_code, what=f"--model {name}")
             for name, path in models}
     for name, tok in toks.items():
         if not tok.is_fast:
             raise common.UsageError(f"--model {name}: needs a fast tokenizer (token character offsets)")
         for dname, path in inputs:
-            check_prompt_ids(path, data[dname][0], tok, name)
+            records.check_prompt_ids(path, data[dname][0], tok, name)
     mem_rows = tables.load_pairs(args.memorization) if args.memorization else []
     mem_rows = mem_rows[:args.mem_limit] if args.mem_limit > 0 else mem_rows
     mem_seqs = {name: memorization_targets(tok, mem_rows, args, name) for name, tok in toks.items()}

@@ -1,20 +1,27 @@
-"""evaluate.py's output dir: nothing here changes a number. OUT/NAME.jsonl grows a record at a time; a rerun
-of the same command reuses what is on disk when its fingerprint (OUT/run.json) matches, retries what failed,
-and grades again what another grading scored.
+"""Generation records (docs/design.md §2), written and read: nothing here changes a number. evaluate.py's
+OUT/NAME.jsonl grows a record at a time; a rerun of the same command reuses what is on disk when its
+fingerprint (OUT/run.json) matches, retries what failed, and grades again what another grading scored.
+entropy.py reads record files back to score them again, each checked before any model loads.
 
-  key              a record's job: (benchmark, id, sample)
-  fingerprint      what makes a record reusable: sampling settings, the model's files, the data, the rendering
-  resume_records   rank 0 checks and compacts the files, every rank gets the jobs already done
+  key               a record's job: (benchmark, id, sample)
+  fingerprint       what makes a record reusable: sampling settings, the model's files, the data, the rendering
+  resume_records    rank 0 checks and compacts the files, every rank gets the jobs already done
+  parse_named       entropy.py's --model / --input NAME=PATH flags
+  read_for_scoring  one record file, row-numbered, and the temperature its records were sampled at
+  check_prompt_ids  a record's prompt_ids are tokens of the model that scores it
 """
 import hashlib
 import json
+import math
 import os
 
 import benchmarks
+import cli
 import common
 import files
 import resume
-from common import UsageError
+import tables
+from common import DataError, UsageError
 
 
 def key(r):
@@ -114,3 +121,60 @@ def resume_records(args, names, fp, model_files, rank, graded_by):
     common.barrier()
     return set(read_records(args.out, names))
 
+
+# --- record files read back to score again (entropy.py) ----------------------------------------------
+
+def parse_named(specs, flag):
+    """["name=path" | "path"] -> [(name, path)]; a bare path is allowed only when it is the only one."""
+    out = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or os.sep in name:
+            if len(specs) > 1:
+                raise UsageError(f"{flag} {spec!r}: give every {flag} a name when there are several "
+                                 f"({flag} NAME=PATH)")
+            name, path = os.path.splitext(os.path.basename(spec.rstrip("/")))[0], spec
+        out.append((name, path))
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        raise UsageError(f"{flag}: duplicate names {names}")
+    return out
+
+
+def read_for_scoring(path, temperature):
+    """(records, temperature) of one record file, checked field by field, each record given its 1-based `row`.
+    The temperature to score them at is `temperature` (--temperature) when given, else the one every record
+    says it was sampled at (one finite value > 0; a record without one is refused, never assumed)."""
+    recs = tables.read_generations(path, need=("prompt", "completion"))
+    for row, r in enumerate(recs, 1):
+        r["row"] = row
+    if temperature is None:
+        for r in recs:
+            t = r.get("temperature")
+            if t is None:
+                raise DataError(f"{path}: row {r['row']}: no field 'temperature' (the sampling temperature the "
+                                f"entropy is taken at); pass --temperature")
+            if not (type(t) in (int, float) and math.isfinite(t)):
+                raise DataError(f"{path}: row {r['row']}: field 'temperature' is not a finite number: {t!r}")
+        temps = {r["temperature"] for r in recs}
+        if len(temps) > 1:
+            raise DataError(f"{path}: records have several temperatures {sorted(temps)}; pass --temperature")
+        temperature = float(temps.pop())
+        if temperature <= 0:
+            raise DataError(f"{path}: temperature {temperature} <= 0 (entropy needs a sampling temperature)")
+        try:
+            cli.check_temperature(temperature, f"{path}: the records' temperature")
+        except UsageError as e:
+            raise DataError(f"{e}; pass --temperature") from None
+    return recs, temperature
+
+
+def check_prompt_ids(path, recs, tok, mname):
+    """A record's prompt_ids must be this model's tokens: inside its vocabulary, and decoding to a text that
+    holds the record's prompt, its outer whitespace aside (a template that trims the user's content, as
+    Llama-3.1's, renders " x \n" as "x"; ids of another tokenizer would be scored as garbage)."""
+    for r in recs:
+        ids = r.get("prompt_ids")
+        if ids is not None and (max(ids) >= len(tok) or r["prompt"].strip() not in tok.decode(ids)):
+            raise DataError(f"{path}: row {r['row']}: field 'prompt_ids' are not tokens of --model {mname}'s "
+                            f"tokenizer (they do not decode to a text holding the record's prompt)")

@@ -1,4 +1,5 @@
-"""entropy.py: kernel entropies vs a float64 softmax, reflection detection, statistics, figures, CLI."""
+"""entropy.py: kernel entropies vs a float64 softmax, reflection detection, statistics, figures, its inputs (read and
+checked by records.py), CLI."""
 import json
 import sys
 
@@ -8,6 +9,7 @@ import torch
 
 import common
 import entropy
+import records
 from conftest import SFT_ROWS, build_model, build_tokenizer, run_cli, torchrun, write_jsonl
 
 
@@ -50,7 +52,7 @@ def test_entropy_matches_float64_softmax(tiny_model):
 
 
 def test_one_head_path_for_training_and_analysis_with_soft_capped_logits():
-    """common.head_logprobs is the one teacher-forced head: rl.py / sft.py (common.forward_logprobs) and
+    """common.head_logprobs is the one teacher-forced head: rl.py / sft.py (common.Policy) and
     entropy.py (token_stats) both go through it. A tiny random Gemma-2 soft-caps its logits,
     z = cap·tanh(x/cap): both callers must match float64 log-softmax of the model's own (capped) logits,
     and the training path must give gradients."""
@@ -73,7 +75,7 @@ def test_one_head_path_for_training_and_analysis_with_soft_capped_logits():
     want_lp = lp_ref.gather(-1, tgt[..., None])[..., 0]
     want_ent = -(lp_ref.exp() * lp_ref).sum(-1)
     pos = torch.arange(7).expand(2, 7)
-    logp, ent = common.forward_logprobs(model, ids, torch.ones_like(ids), pos, tgt, T, chunk_tokens=5)
+    logp, ent = common.Policy(model)(ids, torch.ones_like(ids), pos, targets=tgt, temperature=T, chunk_tokens=5)
     torch.testing.assert_close(logp.double(), want_lp, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(ent.double(), want_ent, atol=1e-4, rtol=1e-4)
     logp.sum().backward()
@@ -184,23 +186,23 @@ def test_summary_table_and_figures(tmp_path):
 
 
 def test_parse_named_and_bad_rows(tmp_path):
-    assert entropy.parse_named(["runs/gen/attaq.jsonl"], "--input") == [("attaq", "runs/gen/attaq.jsonl")]
-    assert entropy.parse_named(["a=x.jsonl", "b=y.jsonl"], "--input") == [("a", "x.jsonl"), ("b", "y.jsonl")]
+    assert records.parse_named(["runs/gen/attaq.jsonl"], "--input") == [("attaq", "runs/gen/attaq.jsonl")]
+    assert records.parse_named(["a=x.jsonl", "b=y.jsonl"], "--input") == [("a", "x.jsonl"), ("b", "y.jsonl")]
     with pytest.raises(common.UsageError, match="give every --input a name"):
-        entropy.parse_named(["a=x.jsonl", "y.jsonl"], "--input")
+        records.parse_named(["a=x.jsonl", "y.jsonl"], "--input")
     with pytest.raises(common.UsageError, match="duplicate"):
-        entropy.parse_named(["a=x", "a=y"], "--model")
+        records.parse_named(["a=x", "a=y"], "--model")
     f = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "p", "completion": "c", "temperature": 0.6},
                                            {"prompt": "p", "completion": "c", "temperature": 1.0}])
     with pytest.raises(common.DataError, match="several temperatures"):
-        entropy.read_records(f, None)
-    assert entropy.read_records(f, 0.7)[1] == 0.7
+        records.read_for_scoring(f, None)
+    assert records.read_for_scoring(f, 0.7)[1] == 0.7
     # a record that does not say its temperature is scored at none assumed (rl.py's dumps once were, at 0.6)
     u = write_jsonl(tmp_path / "u.jsonl", [{"prompt": "p", "completion": "", "temperature": 1.0},
                                            {"prompt": "p", "completion": ""}])
     with pytest.raises(common.DataError, match=r"u.jsonl: row 2: no field 'temperature'.*pass --temperature"):
-        entropy.read_records(u, None)
-    assert entropy.read_records(u, 0.6)[1] == 0.6
+        records.read_for_scoring(u, None)
+    assert records.read_for_scoring(u, 0.6)[1] == 0.6
 
 
 # --- CLI ---------------------------------------------------------------------------------------------
@@ -313,9 +315,9 @@ def test_prompt_ids_of_a_template_that_trims_the_prompt_are_accepted(tiny_model,
     tok = common.load_tokenizer(tiny_model)
     rec = {"prompt": "  How do I pick a lock?\n", "completion": "No.", "temperature": 0.6, "row": 1}
     rec["prompt_ids"] = common.render_prompt(tok, rec["prompt"].strip())
-    entropy.check_prompt_ids("g.jsonl", [rec], tok, "m")
+    records.check_prompt_ids("g.jsonl", [rec], tok, "m")
     with pytest.raises(common.DataError, match="row 1: field 'prompt_ids'"):
-        entropy.check_prompt_ids("g.jsonl", [{**rec, "prompt": "How do I open a safe?"}], tok, "m")
+        records.check_prompt_ids("g.jsonl", [{**rec, "prompt": "How do I open a safe?"}], tok, "m")
 
 
 def thinking_off_model(tiny_model, d):

@@ -461,14 +461,14 @@ def test_learns_to_close_its_thinking(tiny_model, tmp_path):
 def test_rollout_dumps_say_their_temperature_and_entropy_scores_them_at_it(tiny_model, tmp_path):
     """A dumped rollout record carries the temperature and top-p it was sampled at, and entropy.py reads the
     temperature from the records (it once scored rl.py's dumps at its fallback 0.6, whatever rl sampled at)."""
-    import entropy
+    import records
     out = tmp_path / "d"
     rl.main(rl_args(tiny_model, prompts_file(tmp_path), out, "--rule", "format", "--max-steps", "1",
                     "--dump-every", "1", "--temperature", "0.9", "--top-p", "0.95"))
     path = str(out / "rollouts" / "step_00001.jsonl")
     recs = [json.loads(line) for line in open(path)]
     assert len(recs) == 16 and {(r["temperature"], r["top_p"]) for r in recs} == {(0.9, 0.95)}
-    assert entropy.read_records(path, None)[1] == 0.9
+    assert records.read_for_scoring(path, None)[1] == 0.9
 
 
 def test_torchrun_two_ranks_learns_and_saves(tiny_model, tmp_path):
