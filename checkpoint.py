@@ -7,6 +7,7 @@ from it exactly where it stopped (docs/design.md §2, "Checkpoints", is the cont
                 atomically (state.tmp, a COMPLETE marker last, two renames)
   load_state    --resume: the newest complete state, read without running code from it (safeload); metrics.jsonl,
                 rollouts/ and checkpoints/ cut back to its step
+  restore       the step a run starts at (load_state under --resume), args.json written
   claim_out_dir the --out lock for the run's life; a new run refuses a dir holding another run
   check_finite, check_finite_weights   nothing non-finite is stepped into or written
 
@@ -367,17 +368,22 @@ def load_state(out, model, optim, sched):
                          f"refused (read with weights_only=True): {safeload.load_error(e)}") from None
     set_rng_state(extra["rng"])
     sched.load_state_dict(extra["sched"])
-    resume.truncate_metrics(out, extra["step"])
-    if rank() == 0:
-        for f in (Path(out) / "rollouts").glob("step_*.jsonl"):
-            if f.stem[5:].isdigit() and int(f.stem[5:]) > step:
-                f.unlink()
-        for d in (Path(out) / "checkpoints").glob("step-*"):
-            if d.name[5:].isdigit() and int(d.name[5:]) > step:
-                shutil.rmtree(d)
+    resume.cut_back(out, extra["step"])  # rank 0: metrics.jsonl, rollouts/, checkpoints/
     barrier()
     print0(f"resumed from {path} at step {extra['step']}")
     return extra["step"]
+
+
+def restore(args, model, optim, sched, changes):
+    """The step a run starts at: 0, or with --resume load_state's, the restored optimizer and scheduler given
+    the new values of --allow-changes (resume.apply_optimizer_flags); then rank 0 writes OUT/args.json
+    (resume.write_args: a resume records its `changes` there)."""
+    step = load_state(args.out, model, optim, sched) if args.resume else 0
+    if args.allow_changes and changes:  # the restored optimizer and scheduler still hold the run's values
+        resume.apply_optimizer_flags(optim, sched, args.lr, args.betas, args.weight_decay)
+    if rank() == 0:
+        resume.write_args(args, step, changes)
+    return step
 
 
 def rng_state():

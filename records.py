@@ -1,7 +1,8 @@
 """Generation records (docs/design.md §2), written and read: nothing here changes a number. evaluate.py's
 OUT/NAME.jsonl grows a record at a time; a rerun of the same command reuses what is on disk when its
 fingerprint (OUT/run.json) matches, retries what failed, and grades again what another grading scored.
-entropy.py reads record files back to score them again, each checked before any model loads.
+rl.py dumps its rollouts as records; entropy.py reads record files back to score them again, each checked
+before any model loads.
 
   key               a record's job: (benchmark, id, sample)
   fingerprint       what makes a record reusable: sampling settings, the model's files, the data, the rendering
@@ -9,6 +10,7 @@ entropy.py reads record files back to score them again, each checked before any 
   parse_named       entropy.py's --model / --input NAME=PATH flags
   read_for_scoring  one record file, row-numbered, and the temperature its records were sampled at
   check_prompt_ids  a record's prompt_ids are tokens of the model that scores it
+  dump_rollouts     rl.py's rollouts of a step as generation records
 """
 import hashlib
 import json
@@ -178,3 +180,24 @@ def check_prompt_ids(path, recs, tok, mname):
         if ids is not None and (max(ids) >= len(tok) or r["prompt"].strip() not in tok.decode(ids)):
             raise DataError(f"{path}: row {r['row']}: field 'prompt_ids' are not tokens of --model {mname}'s "
                             f"tokenizer (they do not decode to a text holding the record's prompt)")
+
+
+# --- rl.py's rollout dumps -------------------------------------------------------------------------
+
+def dump_rollouts(step, items, R, args, rank):
+    """rl.py's rollouts of `step` as generation records, gathered to rank 0 and written to
+    OUT/rollouts/step_N.jsonl, with the temperature and top-p they were sampled at (entropy.py scores a
+    record at its own temperature). Collective: every rank must call it."""
+    recs, n = [], args.samples_per_prompt
+    for i, it in enumerate(items):
+        reasoning, answer, closed = common.split_reasoning(it["completion"], it["thinking"])
+        recs.append({"benchmark": "rl", "id": it["id"], "sample": i % n, "prompt": it["prompt"],
+                     "completion": it["completion"], "thinking": it["thinking"], "reasoning": reasoning,
+                     "answer": answer, "think_closed": closed, "truncated": it["truncated"],
+                     "num_tokens": it["n_tokens"], "gold": it["gold"], "score": float(R[i]), "step": step,
+                     "rank": rank, "prompt_ids": it["prompt_ids"], "temperature": args.temperature,
+                     "top_p": args.top_p})
+    recs = common.gather_objects(recs)
+    if rank == 0:  # written whole (temp file + rename): a replayed step after --resume rewrites it, never appends
+        os.makedirs(os.path.join(args.out, "rollouts"), exist_ok=True)
+        files.write_jsonl(os.path.join(args.out, "rollouts", f"step_{step:05d}.jsonl"), recs)

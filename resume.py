@@ -4,13 +4,14 @@ the same.
 
   resume_changes, write_args   --resume compares this start's flags with the run's; --allow-changes records a
                                change in args.json, apply_optimizer_flags applies it to the restored optimizer
-  truncate_metrics             metrics.jsonl cut back to the restored step (checkpoint.load_state)
+  cut_back                     metrics.jsonl, rollouts/ and checkpoints/ cut back to the restored step
   read_records                 an append-only record file (OUT/NAME.jsonl) back as {key: record}
   model_sha256                 a model dir's files by content, with a stat cache (evaluate.py's fingerprint)
 """
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import common
@@ -114,16 +115,25 @@ def apply_optimizer_flags(optim, sched, lr, betas, weight_decay):
     sched._last_lr = [g["lr"] for g in optim.param_groups]
 
 
-def truncate_metrics(out, step):
-    """On resume, drop metrics.jsonl lines past the restored step (they will be written again); a torn last
-    line (a kill mid-write) is dropped with a warning, a bad line elsewhere is a DataError (files.read_jsonl)."""
+def cut_back(out, step):
+    """On resume (rank 0), drop what lies past the restored step (it will be written again): metrics.jsonl
+    lines, rollouts/step_N.jsonl and checkpoints/step-N. A torn last metrics line (a kill mid-write) is dropped
+    with a warning, a bad line elsewhere is a DataError (files.read_jsonl)."""
+    if common.rank() != 0:
+        return
     path = os.path.join(out, "metrics.jsonl")
-    if common.rank() == 0 and os.path.exists(path):
+    if os.path.exists(path):
         recs = read_jsonl(path, appended=True)
         for i, rec in enumerate(recs, 1):
             if not isinstance(rec.get("step"), int):
                 raise DataError(f"{path}: record {i}: not a metrics record (no integer 'step')")
         write_jsonl(path, [rec for rec in recs if rec["step"] <= step])
+    for f in (Path(out) / "rollouts").glob("step_*.jsonl"):
+        if f.stem[5:].isdigit() and int(f.stem[5:]) > step:
+            f.unlink()
+    for d in (Path(out) / "checkpoints").glob("step-*"):
+        if d.name[5:].isdigit() and int(d.name[5:]) > step:
+            shutil.rmtree(d)
 
 
 # --- append-only record files: evaluate.py's OUT/NAME.jsonl grows a record at a time ------------------

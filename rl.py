@@ -52,7 +52,6 @@ Commands:
 """
 import contextlib
 import functools
-import os
 import time
 
 import torch
@@ -61,8 +60,8 @@ import checkpoint
 import cli
 import common
 import engine
-import files
 import preflight
+import records
 import resume
 import reward
 import tables
@@ -436,7 +435,7 @@ def ppo_update(policy, opt, items, ro, adv, args, d, autocast, step, pad_id):
 
 
 # ------------------------------------------------------------------------------------------------
-# 6. The step's log and the rollout dumps
+# 6. The step's log (records.dump_rollouts writes the rollouts)
 
 # the step's line on the console; metrics.jsonl gets every key of step_metrics
 CONSOLE = ("reward", "kl", "entropy", "len", "ent_reflect", "clip_frac", "loss", "grad_norm", "lr", "gen tok/s", "dt")
@@ -454,7 +453,8 @@ def step_metrics(items, R, ro, st, gnorm, lr, times, args, reflections):
     refl = reflections(items, T=ro["ids"].shape[1]).to(R.device).float()         # (B, T)
     sums = {"R": R.sum(), "R2": R.square().sum(), "R_clipped": R_clipped.sum(), "samples": len(items),
             "kl": (kl * m).sum(), "ent": (ro["ent"] * m).sum(), "tokens": m.sum(), "clipped": st["clipped"],
-            "loss": st["loss"], "truncated": sum(it["truncated"] for it in items), "equal_groups": equal_groups(R, n),
+            "loss": st["loss"], "truncated": sum(it["truncated"] for it in items),
+            "equal_groups": equal_groups(R, n),
             "gap": ((ro["sampler"] - ro["logp_old"]).abs() * m).sum(), "ratio0": st["ratio0"], "tokens0": st["ntok0"],
             "ent_refl": (ro["ent"] * refl).sum(), "refl": refl.sum(), "cut": -(ro["log_kept"] * m).sum()}
     s = dict(zip(sums, all_reduce(torch.tensor([float(v) for v in sums.values()], dtype=torch.float64,
@@ -479,23 +479,6 @@ def equal_groups(R, n):
         return 0
     g = R.view(-1, n)
     return int((g.max(1).values == g.min(1).values).sum())
-
-
-def dump_rollouts(step, items, R, args, rank):
-    """The rollouts as generation records (docs/design.md §2), gathered to rank 0, with the temperature and
-    top-p they were sampled at (entropy.py scores a record at its own temperature)."""
-    recs, n = [], args.samples_per_prompt
-    for i, it in enumerate(items):
-        reasoning, answer, closed = common.split_reasoning(it["completion"], it["thinking"])
-        recs.append({"benchmark": "rl", "id": it["id"], "sample": i % n, "prompt": it["prompt"],
-                     "completion": it["completion"], "thinking": it["thinking"], "reasoning": reasoning,
-                     "answer": answer, "think_closed": closed, "truncated": it["truncated"],
-                     "num_tokens": it["n_tokens"], "gold": it["gold"], "score": float(R[i]), "step": step,
-                     "rank": rank, "prompt_ids": it["prompt_ids"], "temperature": args.temperature,
-                     "top_p": args.top_p})
-    recs = common.gather_objects(recs)
-    if rank == 0:  # written whole (temp file + rename): a replayed step after --resume rewrites it, never appends
-        files.write_jsonl(os.path.join(args.out, "rollouts", f"step_{step:05d}.jsonl"), recs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -581,7 +564,9 @@ def get_args(argv=None):
 
 
 def check_args(args, world):
-    """Every flag value, before any model or data loads (the flag is named in the message)."""
+    """Every flag value, then --model and --reward-model (preflight.check_model), before any weight or data is
+    read (the flag is named in the message). Returns the policy's context length (None when its config does not
+    say), which bounds --max-new-tokens and the prompts."""
     cli.check_min(args, "--max-steps", "--stop-at", "--rollout-batch", "--samples-per-prompt", "--train-batch",
                   "--micro-batch-size", "--epochs-per-rollout", "--max-new-tokens", "--max-prompt-len",
                   "--gen-batch-size", "--rm-batch-size", "--save-every")
@@ -611,11 +596,6 @@ def check_args(args, world):
     if args.wandb:
         cli.import_optional("wandb", "--wandb")
     cli.check_out_dir(args.out)
-
-
-def check_models(args):
-    """--model and --reward-model, before any weight is read (preflight.check_model); returns the policy's
-    context length (None when its config does not say), which bounds --max-new-tokens and the prompts."""
     cfg = preflight.check_model(args.model, "--model", trust_remote_code=args.trust_remote_code)
     if args.reward_model:
         preflight.check_model(args.reward_model, "--reward-model", "seq-cls", trust_remote_code=args.trust_remote_code)
@@ -631,8 +611,7 @@ def main(argv=None):
 
     # --------------------------------------------------------------------------- compute init
     d = common.init_dist(args.device, args.dist_timeout)
-    check_args(args, d.world)
-    ctx = check_models(args)  # the model dirs, before any weight is read
+    ctx = check_args(args, d.world)  # the flags, then the model dirs: before any weight is read
     common.seed_everything(args.seed)
     dtype = common.pick_dtype(args.dtype, d.device)
     rules = reward.RuleReward(args.rule) if args.rule else None
@@ -654,12 +633,7 @@ def main(argv=None):
     reflections = functools.partial(reflection_mask, words=word_set(args.reflection_words),
                                     piece=functools.lru_cache(maxsize=None)(lambda i: tok.decode([i])))
 
-    step = checkpoint.load_state(args.out, policy, opt, sched) if args.resume else 0
-    if args.allow_changes and changes:  # the restored optimizer and scheduler still hold the run's values
-        resume.apply_optimizer_flags(opt, sched, args.lr, args.betas, args.weight_decay)
-    if d.rank == 0:
-        os.makedirs(os.path.join(args.out, "rollouts"), exist_ok=True)
-        resume.write_args(args, step, changes)
+    step = checkpoint.restore(args, policy, opt, sched, changes)  # 0, or --resume's step; args.json written
     log = cli.Logger(args.out, args.max_steps, args.wandb, vars(args), show=CONSOLE)
     stop = min(args.max_steps, args.stop_at or args.max_steps)
     common.print0(f"rl: {len(rows)} prompts ({n_long} dropped: longer than {why_long}), "
@@ -692,7 +666,7 @@ def main(argv=None):
                           f"stopped before saving step {step}: the last saved state and export are intact (lower "
                           f"--lr or raise --kl-coef, or raise --max-kl)")
         if args.dump_every and step % args.dump_every == 0:
-            dump_rollouts(step, items, R, args, d.rank)
+            records.dump_rollouts(step, items, R, args, d.rank)
         periodic = step % args.save_every == 0
         if periodic or step == stop:  # the export first, then the state (docs/design.md §2, "Checkpoints")
             checkpoint.save_hf(policy, tok, args.out, export_dtype, step, checkpoint=periodic,

@@ -294,11 +294,7 @@ def main(argv=None):
     # One process keeps fp32 weights and autocasts; under FSDP2 the mixed-precision policy does it.
     autocast = torch.autocast(d.device.type, dtype=dtype, enabled=(d.world == 1 and dtype != torch.float32))
 
-    step = checkpoint.load_state(args.out, policy, opt, sched) if args.resume else 0
-    if args.allow_changes and changes:  # the restored optimizer and scheduler still hold the run's values
-        resume.apply_optimizer_flags(opt, sched, args.lr, args.betas, args.weight_decay)
-    if d.rank == 0:
-        resume.write_args(args, step, changes)
+    step = checkpoint.restore(args, policy, opt, sched, changes)  # 0, or --resume's step; args.json written
     log = cli.Logger(args.out, total, args.wandb, vars(args))
     common.print0(f"sft: {len(examples)} examples, {spe} steps/epoch, {total} steps (stop at {stop}), world {d.world}"
                   f"{f' (HSDP {replicate} x {d.world // replicate})' if replicate > 1 else ''}, dtype {dtype}")
