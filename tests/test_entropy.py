@@ -197,7 +197,7 @@ def test_parse_named_and_bad_rows(tmp_path):
     with pytest.raises(common.DataError, match="several temperatures"):
         records.read_for_scoring(f, None)
     assert records.read_for_scoring(f, 0.7)[1] == 0.7
-    # a record that does not say its temperature is scored at none assumed (rl.py's dumps once were, at 0.6)
+    # a record that does not say its temperature is scored at no assumed one: --temperature or an error
     u = write_jsonl(tmp_path / "u.jsonl", [{"prompt": "p", "completion": "", "temperature": 1.0},
                                            {"prompt": "p", "completion": ""}])
     with pytest.raises(common.DataError, match=r"u.jsonl: row 2: no field 'temperature'.*pass --temperature"):

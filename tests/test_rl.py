@@ -460,7 +460,7 @@ def test_learns_to_close_its_thinking(tiny_model, tmp_path):
 
 def test_rollout_dumps_say_their_temperature_and_entropy_scores_them_at_it(tiny_model, tmp_path):
     """A dumped rollout record carries the temperature and top-p it was sampled at, and entropy.py reads the
-    temperature from the records (it once scored rl.py's dumps at its fallback 0.6, whatever rl sampled at)."""
+    temperature from the records (not a fallback of its own, whatever rl sampled at)."""
     import records
     out = tmp_path / "d"
     rl.main(rl_args(tiny_model, prompts_file(tmp_path), out, "--rule", "format", "--max-steps", "1",
