@@ -1,15 +1,15 @@
 """What a stage's numbers depend on, shared by two or more stages: a stage reader opens this file and the stage.
 
   0. the errors every module raises (their exit codes: cli.cli_main)
-  1. compute: torchrun / single-process init, seeding, dtype choice, all-reduce helpers, the store barrier
+  1. compute: the device, torchrun / single-process init, seeding, dtype choice, all-reduce helpers, the store barrier
   2. models: loading, `Policy` and its (logp, entropy) head, padding and positions, the FSDP2 / HSDP wrap
-  3. chat: prompt rendering with the tokenizer's own template, SFT targets that keep the reasoning
+  3. chat: prompt rendering with the tokenizer's own template, SFT targets that keep the reasoning, the
+     13-gram sets of the decontamination (sft.py --decontaminate, benchmarks.train_overlap)
   4. text: the reasoning / answer split on the last </think>
   5. optimizer and schedule
 
-Generation lives in engine.py (its sampler in sampler.py). Every other shared module changes no number
-(checkpoint, resume, safeload, cli, tables, preflight, files, api, records). The algorithms (losses,
-advantages, masking) stay in the stage that owns them.
+Generation lives in engine.py (its sampler in sampler.py); every other shared module changes no number (the
+file table: docs/design.md §1). The algorithms (losses, advantages, masking) stay in the stage that owns them.
 """
 import datetime
 import json
@@ -60,42 +60,30 @@ DIST_TIMEOUT_MIN = 60.0
 
 
 def resolve_device(device="auto"):
-    """'auto' | 'cuda' | 'cpu' -> 'cuda' or 'cpu'; UsageError with the likely cause for 'cuda' without a usable
-    GPU or 'auto' on a machine with an NVIDIA driver but no GPU torch can use (docs/design.md §2, 'Compute')."""
-    if device not in ("auto", "cuda", "cpu"):
-        raise UsageError(f"--device must be auto, cuda or cpu, got {device!r}")
-    if device == "cpu":
-        return "cpu"
-    if torch.cuda.is_available():
-        return "cuda"
-    import preflight  # the device checks (it imports this module's errors)
-    if device == "cuda" or preflight.nvidia_driver() is not None:
-        asked = "--device cuda" if device == "cuda" else "this machine has an NVIDIA GPU"
-        raise UsageError(f"{asked}, but torch sees no usable GPU: {preflight.no_gpu_reason()}. "
-                         f"Pass --device cpu to run on the CPU on purpose.")
-    return "cpu"
+    """'auto' | 'cuda' | 'cpu' -> 'cuda' when torch sees a GPU and 'cpu' is not asked for, else 'cpu'; a device
+    that cannot run stops first with its likely cause (preflight.check_device)."""
+    import preflight  # the checks before anything loads (it imports this module's errors)
+    preflight.check_device(device)
+    return "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
 
 
 def init_dist(device="auto", timeout_min=DIST_TIMEOUT_MIN):
     """-> Dist: under torchrun (RANK/LOCAL_RANK/WORLD_SIZE) the process group of docs/design.md §2, 'Compute',
     with a `timeout_min` collective timeout; otherwise one process, no group. The device: resolve_device."""
-    from datetime import timedelta
-    if not (isinstance(timeout_min, (int, float)) and 0 < timeout_min < math.inf):
-        raise UsageError(f"--dist-timeout must be a positive number of minutes, got {timeout_min}")
+    import preflight
+    preflight.check_dist_timeout(timeout_min)
     cuda = resolve_device(device) == "cuda"
     if "RANK" not in os.environ:
         return Dist(0, 0, 1, torch.device("cuda", 0) if cuda else torch.device("cpu"))
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     dev = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
-        if local_rank >= torch.cuda.device_count():
-            raise UsageError(f"local rank {local_rank} but torch sees {torch.cuda.device_count()} GPU(s): "
-                             f"--nproc_per_node is larger than the GPUs visible (CUDA_VISIBLE_DEVICES?)")
+        preflight.check_local_rank(local_rank)
         torch.cuda.set_device(dev)
     if not dist.is_initialized():  # CUDA: NCCL for GPU tensors, gloo for CPU ones (--cpu-offload's gradient norm)
         kw = {"device_id": dev} if cuda else {}
         backend = "cuda:nccl,cpu:gloo" if cuda else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(minutes=timeout_min), **kw)
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_min), **kw)
     return Dist(rank, local_rank, world, dev)
 
 
@@ -132,9 +120,7 @@ def barrier():
 
 def seed_everything(seed):
     random.seed(seed)
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
+    torch.manual_seed(seed)  # every device's generator, each CUDA device's included
 
 
 def pick_dtype(name, device):
@@ -175,22 +161,12 @@ def gather_objects(items):
 # ------------------------------------------------------------------------------------------------
 # 2. models
 
-def check_path(path, what):
-    """A path that looks local (starts with ./, /, ~, or has two slashes) must exist; a hub id passes."""
-    p = os.path.expanduser(str(path))
-    looks_local = p.startswith((".", "/", "~")) or p.count("/") > 1  # a hub id is "org/name"
-    if looks_local and not os.path.exists(p):
-        raise UsageError(f"{what} path does not exist: {path}")
-    return p
-
-
 def load_tokenizer(path, trust_remote_code=False, require_chat_template=True, what="tokenizer"):
     """The checkpoint's tokenizer, refused unless it gives text back unchanged (preflight.check_tokenizer: one
     that loses spaces would corrupt every target, rollout, reward input and grade); pad = eos when unset."""
     from transformers import AutoTokenizer
-
     import preflight
-    p = check_path(path, what)
+    p = preflight.check_path(path, what)
     preflight.check_tokenizer_files(p, what, path)
     try:
         tok = AutoTokenizer.from_pretrained(p, trust_remote_code=trust_remote_code)
@@ -205,7 +181,8 @@ def load_tokenizer(path, trust_remote_code=False, require_chat_template=True, wh
 def load_model(path, dtype=torch.float32, device="cpu", trust_remote_code=False):
     """A causal LM from a hub id or local dir, safetensors only."""
     from transformers import AutoModelForCausalLM
-    p = check_path(path, "model")
+    import preflight
+    p = preflight.check_path(path, "model")
     try:
         model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, use_safetensors=True,
                                                      trust_remote_code=trust_remote_code)
@@ -217,8 +194,7 @@ def load_model(path, dtype=torch.float32, device="cpu", trust_remote_code=False)
 def stop_token_ids(tok, model_or_config, chat_kwargs=None):
     """Every id in generation_config.eos_token_id, the tokenizer's eos and the end-of-turn token."""
     ids = set()
-    gc = getattr(model_or_config, "generation_config", None)
-    eos = getattr(gc, "eos_token_id", None) if gc is not None else None
+    eos = getattr(getattr(model_or_config, "generation_config", None), "eos_token_id", None)
     ids.update(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
     if tok.eos_token_id is not None:
         ids.add(tok.eos_token_id)
@@ -251,23 +227,20 @@ class Policy(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, *, targets, temperature=1.0,
                 chunk_tokens=4096):
-        return forward_logprobs(self.hf, input_ids, attention_mask, position_ids, targets, temperature, chunk_tokens)
-
-
-def forward_logprobs(hf, input_ids, attention_mask, position_ids, targets, temperature=1.0, chunk_tokens=4096):
-    """(B, T) ids -> (logp, ent), each (B, T) float32: log p(targets[t]) and the entropy H_t of the
-    next-token distribution at position t, softmax(z / temperature) over the full vocabulary, through
-    head_logprobs (never labels=, which upcasts the full logits to float32; never a [B*T, V] tensor)."""
-    out = hf.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    h = out.last_hidden_state  # (B, T, D)
-    B, T, D = h.shape
-    logp, ent = head_logprobs(hf, h.reshape(B * T, D), targets.reshape(B * T), temperature, chunk_tokens)
-    # clone: an FSDP module returning a view warns that in-place ops on it would skip its backward hook
-    return logp.view(B, T).clone(), ent.view(B, T).clone()
+        """(B, T) ids -> (logp, ent), each (B, T) float32: log p(targets[t]) and the entropy H_t of the
+        next-token distribution at position t, softmax(z / temperature) over the full vocabulary, through
+        head_logprobs (never labels=, which upcasts the full logits to float32; never a [B*T, V] tensor)."""
+        out = self.hf.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=False)
+        h = out.last_hidden_state  # (B, T, D)
+        B, T, D = h.shape
+        logp, ent = head_logprobs(self.hf, h.reshape(B * T, D), targets.reshape(B * T), temperature, chunk_tokens)
+        # clone: an FSDP module returning a view warns that in-place ops on it would skip its backward hook
+        return logp.view(B, T).clone(), ent.view(B, T).clone()
 
 
 def head_logprobs(hf, hidden, targets, temperature=1.0, chunk_tokens=4096, argmax=False):
-    """The one teacher-forced head (rl.py and sft.py through forward_logprobs, entropy.py's token_stats):
+    """The one teacher-forced head (rl.py and sft.py through Policy, entropy.py's token_stats):
     final hidden states (N, D) -> logp, ent (N,) float32 of softmax(z / τ) for targets (N,), where
     τ = temperature · logits_scaling (Granite divides its logits by it), x = lm_head(hidden) and
     z = cap · tanh(x / cap) when the config soft-caps its logits (Gemma-2's final_logit_softcapping), else x.
@@ -355,7 +328,8 @@ def build_policy(path, dist_, param_dtype, grad_ckpt=False, cpu_offload=False, t
     a plain module (autocast in the stage); torchrun: meta-init, FSDP2 wrap (HSDP when replicate > 1), rank 0's
     weights broadcast shard by shard."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    p = check_path(path, "model")
+    import preflight
+    p = preflight.check_path(path, "model")
     cfg = AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code)
     export_dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or torch.float32
     if isinstance(export_dtype, str):
@@ -370,8 +344,6 @@ def build_policy(path, dist_, param_dtype, grad_ckpt=False, cpu_offload=False, t
     barrier()  # ranks 1..N wait here, not inside the first collective, while rank 0 downloads and loads
     with torch.device("meta"):
         hf = AutoModelForCausalLM.from_config(cfg, dtype=master_dtype, trust_remote_code=trust_remote_code)
-    if full is not None:
-        hf.generation_config = full.generation_config
     if grad_ckpt:
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = Policy(hf)
@@ -386,7 +358,7 @@ def build_policy(path, dist_, param_dtype, grad_ckpt=False, cpu_offload=False, t
         if name in full_bufs:
             b.copy_(full_bufs[name])
         dist.broadcast(b.data, 0)
-    hf.generation_config = broadcast_object(hf.generation_config)
+    hf.generation_config = broadcast_object(full.generation_config if full is not None else None)  # rank 0's
     return policy, export_dtype
 
 
@@ -545,14 +517,10 @@ def cosine_lr(step, total, warmup):
 
 
 def build_optimizer(params, name, lr, betas, weight_decay, device):
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    """--optim: torch's AdamW, or bitsandbytes' 8-bit AdamW (adamw8bit, CUDA only: preflight.check_optimizer)."""
+    import preflight
+    preflight.check_optimizer(name, device)
     if name == "adamw8bit":
-        if torch.device(device).type != "cuda":
-            raise UsageError("--optim adamw8bit needs a CUDA device (bitsandbytes' 8-bit AdamW); use --optim adamw")
-        try:
-            import bitsandbytes as bnb
-        except ImportError as e:
-            raise UsageError(f"--optim adamw8bit needs bitsandbytes: {e}") from None
+        import bitsandbytes as bnb
         return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay)
-    raise UsageError(f"--optim must be adamw or adamw8bit, got {name!r}")
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)

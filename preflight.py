@@ -1,21 +1,26 @@
 """Checks before anything loads: nothing here changes a number. Is the model dir (a local path or a hub id)
-one this code can load, and why is no GPU usable; each problem one line naming the flag and the dir, found
-before any weight is read and before the first collective.
+one this code can load, can this machine run the device and ranks asked for, and why is no GPU usable; each
+problem one line naming the flag and the dir, found before any weight is read and before the first collective.
 
+  check_path    a path that looks local exists (common's loaders)
   check_tokenizer_files, check_tokenizer   a dir holds tokenizer files; a loaded tokenizer gives text
                 back unchanged and has a chat template
   read_config, model_context   config.json as a dict; the context length it is made for
   check_model   the model_type and head this transformers knows, tokenizer files, complete safetensors
-  nvidia_driver, no_gpu_reason   the NVIDIA driver's version; why torch sees no GPU (common.resolve_device)
+  check_optimizer   --optim, and what adamw8bit needs (common.build_optimizer)
+  check_device, check_local_rank, check_dist_timeout   --device, this rank's GPU, --dist-timeout
+                (common.resolve_device, common.init_dist)
+  nvidia_driver, no_gpu_reason   the NVIDIA driver's version; why torch sees no GPU
 """
 import glob
+import importlib
 import json
+import math
 import os
 import re
 
 import torch
 
-import common
 from common import UsageError, first_line
 from files import read_text
 
@@ -23,6 +28,15 @@ from files import read_text
 # tokenizer.model, DeBERTa-v3's spm.model, XLM-R's sentencepiece.bpe.model), or a slow BPE / WordPiece vocab.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spm.model", "sentencepiece.bpe.model", "vocab.json",
                    "vocab.txt", "tiktoken.model")
+
+
+def check_path(path, what):
+    """A path that looks local (starts with ./, /, ~, or has two slashes) must exist; a hub id passes."""
+    p = os.path.expanduser(str(path))
+    looks_local = p.startswith((".", "/", "~")) or p.count("/") > 1  # a hub id is "org/name"
+    if looks_local and not os.path.exists(p):
+        raise UsageError(f"{what} path does not exist: {path}")
+    return p
 
 
 def check_tokenizer_files(p, what, path):
@@ -72,7 +86,7 @@ def read_config(path, what="--model"):
     """config.json of a local dir or a hub id, as a plain dict (no config class is built, so an unknown
     model_type can be named)."""
     from transformers import PretrainedConfig
-    p = common.check_path(path, what)
+    p = check_path(path, what)
     try:
         return PretrainedConfig.get_config_dict(p)[0]
     except (OSError, ValueError) as e:
@@ -147,7 +161,46 @@ def _check_safetensors(f, what, path):
         raise UsageError(f"{what} {path}: {name} is truncated ({size} of {need} bytes); download or export it again")
 
 
-# --- the GPU: why torch sees none ------------------------------------------------------------------
+def check_optimizer(name, device):
+    """--optim adamw, or adamw8bit (bitsandbytes' 8-bit AdamW) on a CUDA device with bitsandbytes importable."""
+    if name not in ("adamw", "adamw8bit"):
+        raise UsageError(f"--optim must be adamw or adamw8bit, got {name!r}")
+    if name == "adamw8bit":
+        if torch.device(device).type != "cuda":
+            raise UsageError("--optim adamw8bit needs a CUDA device (bitsandbytes' 8-bit AdamW); use --optim adamw")
+        try:
+            importlib.import_module("bitsandbytes")
+        except ImportError as e:
+            raise UsageError(f"--optim adamw8bit needs bitsandbytes: {e}") from None
+
+
+# --- the device and the ranks; the GPU: why torch sees none -------------------------------------------
+
+def check_device(device):
+    """--device auto | cuda | cpu; UsageError with the likely cause for 'cuda' without a usable GPU or 'auto' on a
+    machine with an NVIDIA driver but no GPU torch can use (docs/design.md §2, 'Compute')."""
+    if device not in ("auto", "cuda", "cpu"):
+        raise UsageError(f"--device must be auto, cuda or cpu, got {device!r}")
+    if device == "cpu" or torch.cuda.is_available():
+        return
+    if device == "cuda" or nvidia_driver() is not None:
+        asked = "--device cuda" if device == "cuda" else "this machine has an NVIDIA GPU"
+        raise UsageError(f"{asked}, but torch sees no usable GPU: {no_gpu_reason()}. "
+                         f"Pass --device cpu to run on the CPU on purpose.")
+
+
+def check_local_rank(local_rank):
+    """Under torchrun on CUDA: the GPU of this rank's LOCAL_RANK is one torch sees."""
+    if local_rank >= torch.cuda.device_count():
+        raise UsageError(f"local rank {local_rank} but torch sees {torch.cuda.device_count()} GPU(s): "
+                         f"--nproc_per_node is larger than the GPUs visible (CUDA_VISIBLE_DEVICES?)")
+
+
+def check_dist_timeout(timeout_min):
+    """The collective timeout in minutes: a positive, finite number."""
+    if not (isinstance(timeout_min, (int, float)) and 0 < timeout_min < math.inf):
+        raise UsageError(f"--dist-timeout must be a positive number of minutes, got {timeout_min}")
+
 
 def nvidia_driver():
     """The NVIDIA kernel driver's version when this machine has one loaded ('580.65.06'), '' when a GPU device
