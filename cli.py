@@ -5,8 +5,8 @@ every problem one line naming the flag, or the file, row and field) and how it e
                 1 a run stopped on purpose or by a full disk: one line on stderr, no traceback; the --out lock
                 released and the process group finished either way
   ArgumentParser, HelpFormatter   one-line argparse errors; --help shows every default
-  check_min, check_range, check_training, check_sampling, check_temperature, check_out_dir, ...
-                flag checks, run before any model or data loads
+  check_min, check_range, check_training, check_sampling, check_temperature
+                flag checks, run before any model or data loads (the paths and packages: preflight.py)
   Logger        the step log: a short line per step on the console, every key in metrics.jsonl
 """
 import argparse
@@ -155,46 +155,6 @@ def check_sampling(args, greedy_ok=False):
     """--temperature >= TEMPERATURE_MIN (or 0 = greedy where the stage supports it) and 0 < --top-p <= 1."""
     check_temperature(args.temperature, greedy_ok=greedy_ok)
     check_range(args, "--top-p", 0, 1, lo_open=True)
-
-
-def import_optional(module, flag, pip_name=None):
-    """Import an optional package a flag needs at start (before any model loads), with a one-line hint."""
-    import importlib
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise UsageError(f"{flag} needs the {module} package: pip install {pip_name or module}") from None
-
-
-def check_out_file(path, flag="--out"):
-    """An output FILE can be written: its directory exists and is writable, and it is not a directory."""
-    d = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise UsageError(f"{flag}: {path} is a directory; give a file path")
-    if not os.path.isdir(d):
-        raise UsageError(f"{flag}: directory {d} does not exist")
-    _check_writable(d, flag)
-
-
-def check_out_dir(path, flag="--out"):
-    """An output DIR can be written, checked before any work: an existing dir is writable, or the nearest
-    existing parent of a new one is (it is created later, by the run)."""
-    p = os.path.abspath(path)
-    if os.path.exists(p) and not os.path.isdir(p):
-        raise UsageError(f"{flag} {path} is a file, not a directory")
-    while not os.path.exists(p):
-        p = os.path.dirname(p)
-    if not os.path.isdir(p):
-        raise UsageError(f"{flag} {path}: {p} is a file, not a directory")
-    _check_writable(p, flag)
-
-
-def _check_writable(d, flag):
-    """access(2) says EROFS for a read-only filesystem even to root, EACCES for missing permissions."""
-    if not os.access(d, os.W_OK | os.X_OK):
-        ro = os.statvfs(d).f_flag & os.ST_RDONLY
-        raise UsageError(f"{flag}: {d} is {'on a read-only filesystem' if ro else 'not writable'}; "
-                         f"pick a writable {flag}")
 
 
 def dist_minutes(text):

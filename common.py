@@ -516,11 +516,15 @@ def cosine_lr(step, total, warmup):
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
-def build_optimizer(params, name, lr, betas, weight_decay, device):
-    """--optim: torch's AdamW, or bitsandbytes' 8-bit AdamW (adamw8bit, CUDA only: preflight.check_optimizer)."""
-    import preflight
-    preflight.check_optimizer(name, device)
-    if name == "adamw8bit":
+def build_optimizer(params, args, total):
+    """--optim at peak --lr with --betas and --weight-decay: torch's AdamW, or bitsandbytes' 8-bit AdamW (adamw8bit,
+    CUDA only: the stages' check_args ran preflight.check_optimizer), and its schedule over `total` steps: linear
+    warmup over max(1, round(--warmup-ratio · total)) steps, then cosine to 0 -> (optimizer, LambdaLR)."""
+    kw = dict(lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
+    if args.optim == "adamw8bit":
         import bitsandbytes as bnb
-        return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, weight_decay=weight_decay)
-    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+        opt = bnb.optim.AdamW8bit(params, **kw)
+    else:
+        opt = torch.optim.AdamW(params, **kw)
+    warmup = max(1, round(args.warmup_ratio * total))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total, warmup))

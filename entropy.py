@@ -385,7 +385,7 @@ def check_args(args):
     cli.check_min(args, "--mem-k", "--mem-limit", lo=0)
     if args.bootstrap > MAX_BOOTSTRAP:
         raise common.UsageError(f"--bootstrap must be <= {MAX_BOOTSTRAP}, got {args.bootstrap}")
-    cli.check_out_dir(args.out)
+    preflight.check_out_dir(args.out)
 
 
 # --- figures ------------------------------------------------------------------------------------------

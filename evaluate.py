@@ -442,7 +442,7 @@ def check_eval_args(args):
         raise UsageError("airbench needs a judge: --judge MODEL or --judge-url URL --judge-model NAME")
     if args.api_url and not args.api_model:
         raise UsageError("--api-url needs --api-model (the model name the server serves)")
-    cli.check_out_dir(args.out)
+    preflight.check_out_dir(args.out)
     cfg = None if args.api_url else preflight.check_model(args.model, "--model",
                                                           trust_remote_code=args.trust_remote_code)
     if args.api_url and os.path.isfile(os.path.join(args.model, "config.json")):  # the context prompts must fit
@@ -546,7 +546,7 @@ def run_eval(args):
 
 def run_grade(args):
     check_grader_args(args)
-    cli.check_out_file(args.out)
+    preflight.check_out_file(args.out)
     # the lock of the output's directory, held to the end: a running evaluate.py appending to its --out
     # refuses grade's write there, and an evaluate.py started on that dir meanwhile is refused
     checkpoint.claim_out_dir(os.path.dirname(os.path.abspath(args.out)), resume=True)

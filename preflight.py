@@ -1,12 +1,14 @@
 """Checks before anything loads: nothing here changes a number. Is the model dir (a local path or a hub id)
-one this code can load, can this machine run the device and ranks asked for, and why is no GPU usable; each
-problem one line naming the flag and the dir, found before any weight is read and before the first collective.
+one this code can load, can this machine run the device and ranks asked for, and why is no GPU usable, can the
+outputs be written, is the package a flag needs installed; each problem one line naming the flag and the path,
+found before any weight is read and before the first collective.
 
   check_path    a path that looks local exists (common's loaders)
   check_tokenizer_files, check_tokenizer   a dir holds tokenizer files; a loaded tokenizer gives text
                 back unchanged and has a chat template
   read_config, model_context   config.json as a dict; the context length it is made for
   check_model   the model_type and head this transformers knows, tokenizer files, complete safetensors
+  import_optional, check_out_file, check_out_dir   an optional package a flag needs; an output path can be written
   check_optimizer   --optim, and what adamw8bit needs (common.build_optimizer)
   check_device, check_local_rank, check_dist_timeout   --device, this rank's GPU, --dist-timeout
                 (common.resolve_device, common.init_dist)
@@ -159,6 +161,45 @@ def _check_safetensors(f, what, path):
     need = 8 + n + max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
     if size < need:
         raise UsageError(f"{what} {path}: {name} is truncated ({size} of {need} bytes); download or export it again")
+
+
+def import_optional(module, flag, pip_name=None):
+    """Import an optional package a flag needs at start (before any model loads), with a one-line hint."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UsageError(f"{flag} needs the {module} package: pip install {pip_name or module}") from None
+
+
+def check_out_file(path, flag="--out"):
+    """An output FILE can be written: its directory exists and is writable, and it is not a directory."""
+    d = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"{flag}: {path} is a directory; give a file path")
+    if not os.path.isdir(d):
+        raise UsageError(f"{flag}: directory {d} does not exist")
+    _check_writable(d, flag)
+
+
+def check_out_dir(path, flag="--out"):
+    """An output DIR can be written, checked before any work: an existing dir is writable, or the nearest
+    existing parent of a new one is (it is created later, by the run)."""
+    p = os.path.abspath(path)
+    if os.path.exists(p) and not os.path.isdir(p):
+        raise UsageError(f"{flag} {path} is a file, not a directory")
+    while not os.path.exists(p):
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        raise UsageError(f"{flag} {path}: {p} is a file, not a directory")
+    _check_writable(p, flag)
+
+
+def _check_writable(d, flag):
+    """access(2) says EROFS for a read-only filesystem even to root, EACCES for missing permissions."""
+    if not os.access(d, os.W_OK | os.X_OK):
+        ro = os.statvfs(d).f_flag & os.ST_RDONLY
+        raise UsageError(f"{flag}: {d} is {'on a read-only filesystem' if ro else 'not writable'}; "
+                         f"pick a writable {flag}")
 
 
 def check_optimizer(name, device):

@@ -340,7 +340,7 @@ def main(argv=None):
     rules = RuleReward(args.rule)
     if args.reward_model is None and not rules.rules:
         raise UsageError("nothing to score: give --reward-model and/or --rule")
-    cli.check_out_file(args.out)
+    preflight.check_out_file(args.out)
     if args.reward_model:
         preflight.check_model(args.reward_model, "--reward-model", "seq-cls", trust_remote_code=args.trust_remote_code)
     recs = tables.read_generations(args.input, ["completion"] + ["prompt"] * bool(args.reward_model)

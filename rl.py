@@ -573,6 +573,7 @@ def check_args(args, world):
     cli.check_min(args, "--dump-every", "--keep-checkpoints", lo=0)
     cli.check_sampling(args, greedy_ok=False)  # π_old and π are evaluated at the sampling temperature
     cli.check_training(args)  # --lr, --warmup-ratio, --weight-decay, --clip, --betas, --resume/--overwrite
+    preflight.check_optimizer(args.optim, common.resolve_device(args.device))
     cli.check_range(args, "--kl-coef", 0)
     cli.check_range(args, "--gamma", 0, 1)
     cli.check_range(args, "--eps-clip", 0, 1, lo_open=True, hi_open=True)
@@ -594,8 +595,8 @@ def check_args(args, world):
     if not args.reward_model and not args.rule:
         raise UsageError("give a reward: --reward-model and/or --rule")
     if args.wandb:
-        cli.import_optional("wandb", "--wandb")
-    cli.check_out_dir(args.out)
+        preflight.import_optional("wandb", "--wandb")
+    preflight.check_out_dir(args.out)
     cfg = preflight.check_model(args.model, "--model", trust_remote_code=args.trust_remote_code)
     if args.reward_model:
         preflight.check_model(args.reward_model, "--reward-model", "seq-cls", trust_remote_code=args.trust_remote_code)
@@ -624,10 +625,7 @@ def main(argv=None):
 
     # --------------------------------------------------------------------------- models
     policy, export_dtype, ref, ref_on_device, rm = build_models(args, d, dtype)
-    opt = common.build_optimizer(policy.parameters(), args.optim, args.lr, tuple(args.betas), args.weight_decay,
-                                 d.device)
-    warmup = max(1, round(args.warmup_ratio * args.max_steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: common.cosine_lr(s, args.max_steps, warmup))
+    opt, sched = common.build_optimizer(policy.parameters(), args, args.max_steps)  # AdamW, warmup + cosine
     autocast = torch.autocast(d.device.type, dtype=dtype, enabled=(d.world == 1 and dtype != torch.float32))
     stops, n = common.stop_token_ids(tok, policy.hf, args.chat_template_kwargs), args.samples_per_prompt
     reflections = functools.partial(reflection_mask, words=word_set(args.reflection_words),

@@ -256,12 +256,13 @@ def check_args(args):
     cli.check_min(args, "--epochs", "--max-steps", "--stop-at", "--batch-size", "--micro-batch-size", "--max-len")
     cli.check_min(args, "--save-every", "--keep-checkpoints", lo=0)
     cli.check_training(args)  # --lr, --warmup-ratio, --weight-decay, --clip, --betas, --resume/--overwrite
+    preflight.check_optimizer(args.optim, common.resolve_device(args.device))
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.batch_size % world:
         raise UsageError(f"--batch-size {args.batch_size} must be divisible by the world size {world}")
     if args.wandb:
-        cli.import_optional("wandb", "--wandb")
-    cli.check_out_dir(args.out)
+        preflight.import_optional("wandb", "--wandb")
+    preflight.check_out_dir(args.out)
     preflight.check_model(args.model, "--model", trust_remote_code=args.trust_remote_code)
 
 
@@ -281,16 +282,13 @@ def main(argv=None):
     spe = math.ceil(len(examples) / args.batch_size)  # optimizer steps per epoch (the last batch may be short)
     total = args.max_steps or spe * args.epochs  # the schedule's length: --max-steps overrides --epochs
     stop = min(total, args.stop_at or total)
-    warmup = max(1, round(args.warmup_ratio * total))
 
     checkpoint.claim_out_dir(args.out, args.resume, args.overwrite)  # the run's lock; refuses another run's dir
     changes = resume.resume_changes(args) if args.resume else {}  # a changed flag: refused unless --allow-changes
 
     # --------------------------------------------------------------------------- models
     policy, export_dtype, packed = build_model(args, d, dtype, replicate)
-    opt = common.build_optimizer(policy.parameters(), args.optim, args.lr, tuple(args.betas), args.weight_decay,
-                                 d.device)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: common.cosine_lr(s, total, warmup))
+    opt, sched = common.build_optimizer(policy.parameters(), args, total)  # AdamW, warmup + cosine
     # One process keeps fp32 weights and autocasts; under FSDP2 the mixed-precision policy does it.
     autocast = torch.autocast(d.device.type, dtype=dtype, enabled=(d.world == 1 and dtype != torch.float32))
 

@@ -2,6 +2,7 @@
 them in args.json), evaluate.py's resume fingerprint sees the weights, the data and the rendering, and
 reading a resumable state runs no code from it (a pickle payload planted in every file the resume
 opens never runs), while an honest state still restores bit-exactly."""
+import argparse
 import dataclasses
 import io
 import json
@@ -165,8 +166,8 @@ def train_objects(model_dir):
     """The tiny policy, AdamW and the cosine schedule, as the stages build them (untrained)."""
     from transformers import AutoModelForCausalLM
     policy = common.Policy(AutoModelForCausalLM.from_pretrained(model_dir))
-    opt = common.build_optimizer(policy.parameters(), "adamw", 1e-3, (0.9, 0.95), 0.0, "cpu")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: common.cosine_lr(s, 4, 1))
+    flags = argparse.Namespace(optim="adamw", lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0, warmup_ratio=0.25)
+    opt, sched = common.build_optimizer(policy.parameters(), flags, 4)  # warmup max(1, round(0.25 · 4)) = 1
     return policy, opt, sched
 
 

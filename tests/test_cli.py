@@ -284,6 +284,8 @@ def test_every_float_flag_refuses_nan_and_inf(stage, tiny_model, inputs, tmp_pat
     ("evaluate", ["--api-timeout", "1e30"], "--api-timeout must be in (0, 86400]"),
     ("grade", ["--api-timeout", "1e30"], "--api-timeout must be in (0, 86400]"),
     ("entropy", ["--bootstrap", str(10 ** 15)], "--bootstrap must be <= 100000"),
+    ("sft", ["--optim", "adamw8bit", "--device", "cpu"], "--optim adamw8bit needs a CUDA device"),
+    ("rl", ["--optim", "adamw8bit", "--device", "cpu"], "--optim adamw8bit needs a CUDA device"),
 ])
 def test_unusable_values_refused_up_front(stage, argv, named, tiny_model, inputs, tmp_path, no_loads,  # noqa: F811
                                           monkeypatch, capsys):

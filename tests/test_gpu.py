@@ -231,12 +231,12 @@ def test_a_machine_without_nvidia_runs_on_the_cpu_unless_cuda_is_asked(monkeypat
 
 def test_adamw8bit_without_a_cuda_device_or_bitsandbytes_stops_with_the_cause(monkeypatch):
     with pytest.raises(common.UsageError, match="adamw8bit needs a CUDA device"):
-        common.build_optimizer([torch.zeros(1)], "adamw8bit", 1e-3, (0.9, 0.95), 0.0, "cpu")
+        preflight.check_optimizer("adamw8bit", "cpu")
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # its import raises ImportError
     with pytest.raises(common.UsageError, match="adamw8bit needs bitsandbytes"):
         preflight.check_optimizer("adamw8bit", "cuda")
     with pytest.raises(common.UsageError, match="--optim must be adamw or adamw8bit, got 'sgd'"):
-        common.build_optimizer([torch.zeros(1)], "sgd", 1e-3, (0.9, 0.95), 0.0, "cpu")
+        preflight.check_optimizer("sgd", "cpu")
 
 
 def test_nvidia_driver_version_is_read_from_proc(monkeypatch, tmp_path):
