@@ -210,8 +210,8 @@ def add_memory_flags(a, offload_of):
 
 def add_checkpoint_flags(a, resume_free, out_holds, save_every, save_every_help):
     """--resume (its help names the flags a resumed run may change, the stage's `resume_free` among them),
-    --allow-changes, --overwrite (of `out_holds`), --save-every (the stage's default and help),
-    --keep-checkpoints, --trust-remote-code and --wandb (a: an argument group's add_argument)."""
+    --allow-changes, --overwrite (of `out_holds`), --save-every (the stage's default and help) and
+    --keep-checkpoints (a: an argument group's add_argument)."""
     free = "".join(f"{f}, " for f in resume_free)
     a("--resume", action="store_true", help="continue from the newest complete state in OUT, with the run's "
       f"flags (args.json); only --stop-at, --save-every, --keep-checkpoints, {free}--wandb, --trust-remote-code, "
@@ -222,8 +222,6 @@ def add_checkpoint_flags(a, resume_free, out_holds, save_every, save_every_help)
     a("--overwrite", action="store_true", help=f"replace a previous run in OUT (its {out_holds})")
     a("--save-every", type=int, default=save_every, help=save_every_help)
     a("--keep-checkpoints", type=int, default=3, help="newest OUT/checkpoints/step-N kept (0: all)")
-    a("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
-    a("--wandb", default=None, metavar="PROJECT", help="also log to this wandb project")
 
 
 # apply_chat_template's own arguments: a template variable of the same name would be swallowed by them

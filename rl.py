@@ -525,6 +525,8 @@ def training_flags(p):
                              "the end)")
     a("--dump-every", type=int, default=10, help="write the rollouts as generation records every N steps")
     a("--reflection-words", default=DEFAULT_WORDS, help="words whose tokens' entropy is logged each step")
+    a("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
+    a("--wandb", default=None, metavar="PROJECT", help="also log to this wandb project")
 
 
 def get_args(argv=None):

@@ -230,6 +230,8 @@ def training_flags(p):
     a = p.add_argument_group("checkpoints and logging").add_argument
     cli.add_checkpoint_flags(a, (), "state and metrics", 0, "every N steps save the state and the export, and keep "
                              "OUT/checkpoints/step-N (0: only at the end)")
+    a("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
+    a("--wandb", default=None, metavar="PROJECT", help="also log to this wandb project")
 
 
 def get_args(argv=None):
