@@ -6,6 +6,7 @@ before any model loads.
 
   key               a record's job: (benchmark, id, sample)
   fingerprint       what makes a record reusable: sampling settings, the model's files, the data, the rendering
+  read_records, extras, run_meta   OUT/NAME.jsonl as {key: record}; records of jobs not asked for; OUT/run.json
   resume_records    rank 0 checks and compacts the files, every rank gets the jobs already done
   parse_named       entropy.py's --model / --input NAME=PATH flags
   read_for_scoring  one record file, row-numbered, and the temperature its records were sampled at

@@ -52,6 +52,7 @@ Commands:
 """
 import contextlib
 import functools
+import os
 import time
 
 import torch
@@ -435,7 +436,7 @@ def ppo_update(policy, opt, items, ro, adv, args, d, autocast, step, pad_id):
 
 
 # ------------------------------------------------------------------------------------------------
-# 6. The step's log (records.dump_rollouts writes the rollouts)
+# 6. The step's log
 
 # the step's line on the console; metrics.jsonl gets every key of step_metrics
 CONSOLE = ("reward", "kl", "entropy", "len", "ent_reflect", "clip_frac", "loss", "grad_norm", "lr", "gen tok/s", "dt")
@@ -563,7 +564,7 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
-def check_args(args, world):
+def check_args(args, d):
     """Every flag value, then --model and --reward-model (preflight.check_model), before any weight or data is
     read (the flag is named in the message). Returns the policy's context length (None when its config does not
     say), which bounds --max-new-tokens and the prompts."""
@@ -573,7 +574,7 @@ def check_args(args, world):
     cli.check_min(args, "--dump-every", "--keep-checkpoints", lo=0)
     cli.check_sampling(args, greedy_ok=False)  # π_old and π are evaluated at the sampling temperature
     cli.check_training(args)  # --lr, --warmup-ratio, --weight-decay, --clip, --betas, --resume/--overwrite
-    preflight.check_optimizer(args.optim, common.resolve_device(args.device))
+    preflight.check_optimizer(args.optim, d.device)  # what --optim needs (adamw8bit: CUDA, bitsandbytes)
     cli.check_range(args, "--kl-coef", 0)
     cli.check_range(args, "--gamma", 0, 1)
     cli.check_range(args, "--eps-clip", 0, 1, lo_open=True, hi_open=True)
@@ -581,7 +582,7 @@ def check_args(args, world):
     cli.check_range(args, "--dual-clip", 1, lo_open=True)
     cli.check_range(args, "--entropy-coef", 0)
     cli.check_range(args, "--max-kl", 0, lo_open=True)
-    n = args.samples_per_prompt
+    n, world = args.samples_per_prompt, d.world
     if (args.rollout_batch % world or (args.rollout_batch * n) % args.train_batch or args.train_batch % world
             or args.rollout_batch * n < args.train_batch):
         raise UsageError(f"need --rollout-batch ({args.rollout_batch}) divisible by the world size ({world}), "
@@ -612,7 +613,7 @@ def main(argv=None):
 
     # --------------------------------------------------------------------------- compute init
     d = common.init_dist(args.device, args.dist_timeout)
-    ctx = check_args(args, d.world)  # the flags, then the model dirs: before any weight is read
+    ctx = check_args(args, d)  # the flags, then the model dirs: before any weight is read
     common.seed_everything(args.seed)
     dtype = common.pick_dtype(args.dtype, d.device)
     rules = reward.RuleReward(args.rule) if args.rule else None
@@ -632,6 +633,8 @@ def main(argv=None):
                                     piece=functools.lru_cache(maxsize=None)(lambda i: tok.decode([i])))
 
     step = checkpoint.restore(args, policy, opt, sched, changes)  # 0, or --resume's step; args.json written
+    if d.rank == 0:  # from the start: rollouts/ marks OUT as an rl run's (checkpoint.claim_out_dir)
+        os.makedirs(os.path.join(args.out, "rollouts"), exist_ok=True)
     log = cli.Logger(args.out, args.max_steps, args.wandb, vars(args), show=CONSOLE)
     stop = min(args.max_steps, args.stop_at or args.max_steps)
     common.print0(f"rl: {len(rows)} prompts ({n_long} dropped: longer than {why_long}), "

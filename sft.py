@@ -256,7 +256,6 @@ def check_args(args):
     cli.check_min(args, "--epochs", "--max-steps", "--stop-at", "--batch-size", "--micro-batch-size", "--max-len")
     cli.check_min(args, "--save-every", "--keep-checkpoints", lo=0)
     cli.check_training(args)  # --lr, --warmup-ratio, --weight-decay, --clip, --betas, --resume/--overwrite
-    preflight.check_optimizer(args.optim, common.resolve_device(args.device))
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.batch_size % world:
         raise UsageError(f"--batch-size {args.batch_size} must be divisible by the world size {world}")
@@ -272,6 +271,7 @@ def main(argv=None):
 
     # --------------------------------------------------------------------------- compute init
     d = common.init_dist(args.device, args.dist_timeout)
+    preflight.check_optimizer(args.optim, d.device)  # what --optim needs, before any model loads
     common.seed_everything(args.seed)
     dtype = common.pick_dtype(args.dtype, d.device)
     replicate = common.hsdp_replicas(args.replicate, d.world)

@@ -11,7 +11,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-import api
 import benchmarks
 import checkpoint
 import cli
@@ -19,6 +18,7 @@ import common
 import evaluate
 import judges
 import reward
+import transport
 from common import DataError, UsageError
 from conftest import ROOT, SHARED_DATA, run_cli, serve_bounded, torchrun, write_jsonl
 from test_reward import build_rm
@@ -277,13 +277,13 @@ def server():
 
 
 def test_http_post_retries_then_fails_fast(server):
-    d = api.http_post(server.url + "/chat/completions", {"model": "m"}, key="k", backoff=0.01)
+    d = transport.http_post(server.url + "/chat/completions", {"model": "m"}, key="k", backoff=0.01)
     assert "##the_score: 1" in d["choices"][0]["message"]["content"] and len(server.requests) == 2
     assert server.requests[-1][2] == "Bearer k"
     with pytest.raises(UsageError, match="HTTP 404"):
-        api.http_post(server.url + "/nope", {}, backoff=0.01)
+        transport.http_post(server.url + "/nope", {}, backoff=0.01)
     with pytest.raises(UsageError, match="tries"):
-        api.http_post("http://127.0.0.1:9/v1/completions", {}, retries=1, backoff=0.01, timeout=2)
+        transport.http_post("http://127.0.0.1:9/v1/completions", {}, retries=1, backoff=0.01, timeout=2)
 
 
 def test_cli_api_generation_and_http_judge(tmp_path, tiny_model, server):
