@@ -518,8 +518,8 @@ def cosine_lr(step, total, warmup):
 
 def build_optimizer(params, args, total):
     """--optim at peak --lr with --betas and --weight-decay: torch's AdamW, or bitsandbytes' 8-bit AdamW (adamw8bit,
-    CUDA only: the stages' check_args ran preflight.check_optimizer), and its schedule over `total` steps: linear
-    warmup over max(1, round(--warmup-ratio · total)) steps, then cosine to 0 -> (optimizer, LambdaLR)."""
+    CUDA only: each stage ran preflight.check_optimizer before loading a model), and its schedule over `total`
+    steps: linear warmup over max(1, round(--warmup-ratio · total)) steps, then cosine to 0 -> (optimizer, LambdaLR)."""
     kw = dict(lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
     if args.optim == "adamw8bit":
         import bitsandbytes as bnb

@@ -187,8 +187,8 @@ def check_prompt_ids(path, recs, tok, mname):
 
 def dump_rollouts(step, items, R, args, rank):
     """rl.py's rollouts of `step` as generation records, gathered to rank 0 and written to
-    OUT/rollouts/step_N.jsonl, with the temperature and top-p they were sampled at (entropy.py scores a
-    record at its own temperature). Collective: every rank must call it."""
+    OUT/rollouts/step_N.jsonl (rl.py makes OUT/rollouts at its start), with the temperature and top-p they were
+    sampled at (entropy.py scores a record at its own temperature). Collective: every rank must call it."""
     recs, n = [], args.samples_per_prompt
     for i, it in enumerate(items):
         reasoning, answer, closed = common.split_reasoning(it["completion"], it["thinking"])
@@ -200,5 +200,4 @@ def dump_rollouts(step, items, R, args, rank):
                      "top_p": args.top_p})
     recs = common.gather_objects(recs)
     if rank == 0:  # written whole (temp file + rename): a replayed step after --resume rewrites it, never appends
-        os.makedirs(os.path.join(args.out, "rollouts"), exist_ok=True)
         files.write_jsonl(os.path.join(args.out, "rollouts", f"step_{step:05d}.jsonl"), recs)
