@@ -76,7 +76,7 @@ import files
 import judges
 import tables
 import reward
-from common import DataError, UsageError
+from errors import DataError, UsageError
 
 BENCHMARKS = {  # name -> (hub spec, default samples per prompt)
     "attaq": ("ibm-research/AttaQ:train", 1),

@@ -7,6 +7,7 @@ from it exactly where it stopped (docs/design.md §2, "Checkpoints", is the cont
                 atomically (state.tmp, a COMPLETE marker last, two renames)
   load_state    --resume: the newest complete state, read without running code from it (safeload); metrics.jsonl,
                 rollouts/ and checkpoints/ cut back to its step
+  save_step     after a step, every --save-every steps and at the last: save_hf, then save_state
   restore       the step a run starts at (load_state under --resume), args.json written
   claim_out_dir the --out lock for the run's life; a new run refuses a dir holding another run
   check_finite, check_finite_weights   nothing non-finite is stepped into or written
@@ -20,7 +21,6 @@ import json
 import math
 import os
 import pickle
-import random
 import shutil
 import sys
 import time
@@ -32,21 +32,17 @@ import torch.distributed as dist
 import preflight
 import resume
 import safeload
-from common import (DiskFull, NonFiniteError, Policy, UsageError, all_reduce, barrier, broadcast_object, comm_device,
-                    gather_objects, is_dist, print0, rank)
+from common import Policy, all_reduce, barrier, broadcast_object, comm_device, gather_objects, is_dist, print0, rank
+from errors import DiskFull, NonFiniteError, UsageError
 from files import fresh_dir, open_no_follow, remove, write_error, write_files, write_json
 
 
 # --- the Hugging Face export ---------------------------------------------------------------------------
 
-def hf_of(model):
-    return model.hf if isinstance(model, Policy) else model
-
-
 def _full_state_dict(model):
     """The full (unsharded) state dict on rank 0's CPU. Collective under torchrun."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    hf = hf_of(model)
+    hf = model.hf if isinstance(model, Policy) else model
     if is_dist():
         return get_model_state_dict(hf, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k: v.detach().cpu() for k, v in hf.state_dict().items()}
@@ -118,7 +114,7 @@ def save_hf(model, tok, out, export_dtype=None, step=None, checkpoint=False, kee
     anything is written; a failed write (a full disk) removes the half export and stops every rank: the
     previous export stays. Collective: every rank must call it."""
     check_finite_weights(model, step)
-    hf = hf_of(model)
+    hf = model.hf if isinstance(model, Policy) else model
     sd = _full_state_dict(model)
     out = Path(out)
     tmp, ck = out / ".export.tmp", out / "checkpoints"
@@ -289,7 +285,7 @@ def save_state(out, model, optim, sched, step):
     def write():  # every rank: its shards and its extra state
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
         buf = io.BytesIO()  # written by write_files: a full disk is an OSError naming the file
-        torch.save({"step": step, "sched": sched.state_dict(), "rng": rng_state()}, buf)
+        torch.save({"step": step, "sched": sched.state_dict(), "rng": resume.rng_state()}, buf)
         write_files({tmp / f"extra_rank{rank()}.pt": buf.getvalue()})
     write_on_every_rank(write, (tmp,), _nbytes((msd, osd)))
     marker = {"step": step, "world": dist.get_world_size() if is_dist() else 1}
@@ -302,6 +298,15 @@ def save_state(out, model, optim, sched, step):
         os.replace(tmp, final)
         remove(old)
     barrier()
+
+
+def save_step(args, model, tok, optim, sched, export_dtype, step, stop):
+    """After `step`: every --save-every steps (0: never) and at the run's last step `stop`, the export (and
+    OUT/checkpoints/step-N when periodic), then the state, in that order (docs/design.md §2, "Checkpoints")."""
+    periodic = bool(args.save_every) and step % args.save_every == 0
+    if periodic or step == stop:
+        save_hf(model, tok, args.out, export_dtype, step, checkpoint=periodic, keep=args.keep_checkpoints)
+        save_state(args.out, model, optim, sched, step)
 
 
 def _nbytes(obj):
@@ -366,7 +371,7 @@ def load_state(out, model, optim, sched):
     except pickle.UnpicklingError as e:
         raise UsageError(f"--resume: {path / f'extra_rank{rank()}.pt'} holds more than tensors and plain data, "
                          f"refused (read with weights_only=True): {safeload.load_error(e)}") from None
-    set_rng_state(extra["rng"])
+    resume.set_rng_state(extra["rng"])
     sched.load_state_dict(extra["sched"])
     resume.cut_back(out, extra["step"])  # rank 0: metrics.jsonl, rollouts/, checkpoints/
     barrier()
@@ -385,16 +390,3 @@ def restore(args, model, optim, sched, changes):
         resume.write_args(args, step, changes)
     return step
 
-
-def rng_state():
-    s = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state()
-    return s
-
-
-def set_rng_state(s):
-    random.setstate(s["python"])
-    torch.set_rng_state(s["torch"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state(s["cuda"])

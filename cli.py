@@ -6,7 +6,8 @@ every problem one line naming the flag, or the file, row and field) and how it e
                 released and the process group finished either way
   ArgumentParser, HelpFormatter   one-line argparse errors; --help shows every default
   check_min, check_range, check_training, check_sampling, check_temperature
-                flag checks, run before any model or data loads (the paths and packages: preflight.py)
+                flag checks, run before any model or data loads (check_training also runs preflight's checks
+                of --optim, --wandb and --out)
   Logger        the step log: a short line per step on the console, every key in metrics.jsonl
 """
 import argparse
@@ -20,7 +21,8 @@ import torch
 
 import checkpoint
 import common
-from common import StopRun, UsageError
+import preflight
+from errors import StopRun, UsageError
 from files import DISK_FULL, append_jsonl, write_error
 
 DEBUG_ENV = "BEYOND_SFT_DEBUG"  # set to 1: every error shows its traceback
@@ -118,8 +120,9 @@ def check_range(args, flag, lo=None, hi=None, lo_open=False, hi_open=False):
         raise UsageError(f"{flag} must be {want} (and finite), got {v}")
 
 
-def check_training(args):
-    """The optimizer and run flags sft.py and rl.py share."""
+def check_training(args, device):
+    """The optimizer and run flags sft.py and rl.py share, what --optim needs on `device` (preflight.check_optimizer)
+    and --wandb, and whether --out can be written."""
     check_range(args, "--lr", 0, lo_open=True)
     check_range(args, "--warmup-ratio", 0, 1)
     check_range(args, "--weight-decay", 0)
@@ -127,10 +130,14 @@ def check_training(args):
     for i, b in enumerate(args.betas):
         if not 0 <= b < 1:
             raise UsageError(f"--betas: beta{i + 1} must be in [0, 1), got {b}")
+    preflight.check_optimizer(args.optim, device)  # adamw8bit: CUDA and bitsandbytes
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
     if args.allow_changes and not args.resume:
         raise UsageError("--allow-changes goes with --resume (it lets a resumed run change its flags)")
+    if args.wandb:
+        preflight.import_optional("wandb", "--wandb")
+    preflight.check_out_dir(args.out)
 
 
 # The smallest sampling / scoring temperature τ. Every stage divides the logits by τ (the sampler, the

@@ -1,6 +1,5 @@
 """What a stage's numbers depend on, shared by two or more stages: a stage reader opens this file and the stage.
 
-  0. the errors every module raises (their exit codes: cli.cli_main)
   1. compute: the device, torchrun / single-process init, seeding, dtype choice, all-reduce helpers, the store barrier
   2. models: loading, `Policy` and its (logp, entropy) head, padding and positions, the FSDP2 / HSDP wrap
   3. chat: prompt rendering with the tokenizer's own template, SFT targets that keep the reasoning, the
@@ -24,32 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-
-class UsageError(ValueError):
-    """A problem with what the user passed (path, flag value, model dir): exit 2, one line, no traceback."""
-
-
-class DataError(UsageError):
-    """A bad data file or row; the message names the file, the 1-based row and the field."""
-
-
-class StopRun(RuntimeError):
-    """A run stopped on purpose (a non-finite value, --max-kl, too many failed requests) or by a full disk:
-    exit 1, one line saying what is intact."""
-
-
-class NonFiniteError(StopRun):
-    """A non-finite loss, gradient norm or weight: the run stops before anything non-finite is written."""
-
-
-class DiskFull(StopRun):
-    """A write that ran out of space (full disk, quota, file-size limit): its temp file is removed and the
-    previous complete output is left as it was."""
-
-
-def first_line(e):
-    """An exception's message, first line only (library messages run to pages)."""
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+import preflight
+from errors import UsageError, first_line
 
 
 # ------------------------------------------------------------------------------------------------
@@ -62,7 +37,6 @@ DIST_TIMEOUT_MIN = 60.0
 def resolve_device(device="auto"):
     """'auto' | 'cuda' | 'cpu' -> 'cuda' when torch sees a GPU and 'cpu' is not asked for, else 'cpu'; a device
     that cannot run stops first with its likely cause (preflight.check_device)."""
-    import preflight  # the checks before anything loads (it imports this module's errors)
     preflight.check_device(device)
     return "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
 
@@ -70,7 +44,6 @@ def resolve_device(device="auto"):
 def init_dist(device="auto", timeout_min=DIST_TIMEOUT_MIN):
     """-> Dist: under torchrun (RANK/LOCAL_RANK/WORLD_SIZE) the process group of docs/design.md §2, 'Compute',
     with a `timeout_min` collective timeout; otherwise one process, no group. The device: resolve_device."""
-    import preflight
     preflight.check_dist_timeout(timeout_min)
     cuda = resolve_device(device) == "cuda"
     if "RANK" not in os.environ:
@@ -165,7 +138,6 @@ def load_tokenizer(path, trust_remote_code=False, require_chat_template=True, wh
     """The checkpoint's tokenizer, refused unless it gives text back unchanged (preflight.check_tokenizer: one
     that loses spaces would corrupt every target, rollout, reward input and grade); pad = eos when unset."""
     from transformers import AutoTokenizer
-    import preflight
     p = preflight.check_path(path, what)
     preflight.check_tokenizer_files(p, what, path)
     try:
@@ -181,7 +153,6 @@ def load_tokenizer(path, trust_remote_code=False, require_chat_template=True, wh
 def load_model(path, dtype=torch.float32, device="cpu", trust_remote_code=False):
     """A causal LM from a hub id or local dir, safetensors only."""
     from transformers import AutoModelForCausalLM
-    import preflight
     p = preflight.check_path(path, "model")
     try:
         model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, use_safetensors=True,
@@ -328,7 +299,6 @@ def build_policy(path, dist_, param_dtype, grad_ckpt=False, cpu_offload=False, t
     a plain module (autocast in the stage); torchrun: meta-init, FSDP2 wrap (HSDP when replicate > 1), rank 0's
     weights broadcast shard by shard."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    import preflight
     p = preflight.check_path(path, "model")
     cfg = AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code)
     export_dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or torch.float32
@@ -518,7 +488,7 @@ def cosine_lr(step, total, warmup):
 
 def build_optimizer(params, args, total):
     """--optim at peak --lr with --betas and --weight-decay: torch's AdamW, or bitsandbytes' 8-bit AdamW (adamw8bit,
-    CUDA only: each stage ran preflight.check_optimizer before loading a model), and its schedule over `total`
+    CUDA only: cli.check_training ran preflight.check_optimizer before any model loaded), and its schedule over `total`
     steps: linear warmup over max(1, round(--warmup-ratio · total)) steps, then cosine to 0 -> (optimizer, LambdaLR)."""
     kw = dict(lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
     if args.optim == "adamw8bit":

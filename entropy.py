@@ -73,7 +73,7 @@ import files
 import preflight
 import records
 import tables
-from common import DataError
+from errors import DataError, UsageError
 
 DEFAULT_WORDS = "wait,Wait,but,But,Alternatively"
 HIST_BINS = 60
@@ -217,7 +217,7 @@ def memorization_targets(tok, mem_rows, args, mname):
         try:
             seqs.append(common.render_sft(tok, r["prompt"], r["response"], args.mem_max_len, args.chat_template_kwargs,
                                           "drop" if args.answer_only else "refuse"))
-        except common.UsageError as e:
+        except UsageError as e:
             hint = "" if args.answer_only else "; pass --answer-only to score the answer alone (sft.py --answer-only)"
             raise DataError(f"{args.memorization}: row {r['row']}: --model {mname}: {e}{hint}") from None
     return seqs
@@ -379,12 +379,12 @@ def get_args(argv=None):
 def check_args(args):
     """Every flag value, before any file is read (the flag is named in the message)."""
     if not args.input and not args.memorization:
-        raise common.UsageError("nothing to do: give --input and/or --memorization")
+        raise UsageError("nothing to do: give --input and/or --memorization")
     cli.check_temperature(args.temperature)
     cli.check_min(args, "--batch-size", "--chunk-tokens", "--mem-m", "--bootstrap", "--mem-max-len")
     cli.check_min(args, "--mem-k", "--mem-limit", lo=0)
     if args.bootstrap > MAX_BOOTSTRAP:
-        raise common.UsageError(f"--bootstrap must be <= {MAX_BOOTSTRAP}, got {args.bootstrap}")
+        raise UsageError(f"--bootstrap must be <= {MAX_BOOTSTRAP}, got {args.bootstrap}")
     preflight.check_out_dir(args.out)
 
 
@@ -476,7 +476,7 @@ def main(argv=None):
             for name, path in models}
     for name, tok in toks.items():
         if not tok.is_fast:
-            raise common.UsageError(f"--model {name}: needs a fast tokenizer (token character offsets)")
+            raise UsageError(f"--model {name}: needs a fast tokenizer (token character offsets)")
         for dname, path in inputs:
             records.check_prompt_ids(path, data[dname][0], tok, name)
     mem_rows = tables.load_pairs(args.memorization) if args.memorization else []

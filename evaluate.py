@@ -46,7 +46,7 @@ import preflight
 import records
 import reward
 import tables
-from common import DataError, UsageError
+from errors import DataError, StopRun, UsageError
 
 DEFAULT_SAFETY_RM = "OpenAssistant/reward-model-deberta-v3-large-v2"
 RECORD_KEYS = ["benchmark", "id", "sample", "prompt", "completion", "thinking", "reasoning", "answer",
@@ -124,7 +124,7 @@ def generate_api(jobs, args, tok, on_done):
                               f"retry the rest")
 
 
-class TooManyFailures(common.StopRun):
+class TooManyFailures(StopRun):
     pass
 
 # --- grading --------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import re
 import resource
 import shutil
 
-from common import DataError, DiskFull, UsageError
+from errors import DataError, DiskFull, UsageError
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)

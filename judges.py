@@ -18,7 +18,7 @@ import common
 import engine
 import tables
 import files
-from common import DataError
+from errors import DataError
 from reward import REFUSAL_CLASSES
 
 

@@ -9,7 +9,7 @@ found before any weight is read and before the first collective.
   read_config, model_context   config.json as a dict; the context length it is made for
   check_model   the model_type and head this transformers knows, tokenizer files, complete safetensors
   import_optional, check_out_file, check_out_dir   an optional package a flag needs; an output path can be written
-  check_optimizer   --optim, and what adamw8bit needs (sft.py's main and rl.py's check_args, before any model loads)
+  check_optimizer   --optim, and what adamw8bit needs (cli.check_training, before any model loads)
   check_device, check_local_rank, check_dist_timeout   --device, this rank's GPU, --dist-timeout
                 (common.resolve_device, common.init_dist)
   nvidia_driver, no_gpu_reason   the NVIDIA driver's version; why torch sees no GPU
@@ -23,7 +23,7 @@ import re
 
 import torch
 
-from common import UsageError, first_line
+from errors import UsageError, first_line
 from files import read_text
 
 # Files a tokenizer loads from: the fast tokenizer's tokenizer.json, a sentencepiece model (Llama / Gemma's

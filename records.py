@@ -24,7 +24,7 @@ import common
 import files
 import resume
 import tables
-from common import DataError, UsageError
+from errors import DataError, UsageError
 
 
 def key(r):

@@ -7,15 +7,19 @@ the same.
   cut_back                     metrics.jsonl, rollouts/ and checkpoints/ cut back to the restored step
   read_records                 an append-only record file (OUT/NAME.jsonl) back as {key: record}
   model_sha256                 a model dir's files by content, with a stat cache (evaluate.py's fingerprint)
+  rng_state, set_rng_state     the Python and torch generators a state saves and --resume restores
 """
 import hashlib
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 
+import torch
+
 import common
-from common import DataError, UsageError
+from errors import DataError, UsageError
 from files import read_jsonl, write_json, write_jsonl
 
 
@@ -67,7 +71,7 @@ def same_device(old, new):
     """--device: two values that resolve to the same device on this machine (auto and cuda on a GPU machine)."""
     try:
         return common.resolve_device(old) == common.resolve_device(new)
-    except common.UsageError:  # the run's value cannot run here: a change the user must allow
+    except UsageError:  # the run's value cannot run here: a change the user must allow
         return False
 
 
@@ -191,3 +195,19 @@ def model_sha256(path, cache):
         files[name] = [*stamp, sha]
         h.update(f"{name}\0{sha}\n".encode())
     return h.hexdigest(), {"dir": real, "files": files}
+
+
+# --- the random generators: saved with the state, restored by --resume ----------------------------------
+
+def rng_state():
+    s = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state()
+    return s
+
+
+def set_rng_state(s):
+    random.setstate(s["python"])
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])

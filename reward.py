@@ -59,7 +59,7 @@ import files
 import preflight
 import refusal
 import tables
-from common import DataError, UsageError
+from errors import DataError, UsageError, first_line
 
 DEFAULT_RM = "Skywork/Skywork-Reward-V2-Llama-3.1-8B"
 CUT_MARK = "\n[...]\n"
@@ -119,7 +119,7 @@ class RewardModel:
         try:
             model = AutoModelForSequenceClassification.from_pretrained(p, **kw)
         except (OSError, ValueError) as e:  # a hub id preflight.check_model could not look into
-            raise UsageError(f"cannot load reward model from {path}: {common.first_line(e)}") from None
+            raise UsageError(f"cannot load reward model from {path}: {first_line(e)}") from None
         if model.config.num_labels != 1:
             raise UsageError(f"reward model {path} has {model.config.num_labels} outputs; want 1")
         if model.config.pad_token_id is None:

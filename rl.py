@@ -66,7 +66,8 @@ import records
 import resume
 import reward
 import tables
-from common import DataError, NonFiniteError, StopRun, UsageError, all_reduce, pad_right, positions_from_mask
+from common import all_reduce, pad_right, positions_from_mask
+from errors import DataError, NonFiniteError, StopRun, UsageError
 from entropy import DEFAULT_WORDS, reflection_mask, word_set
 
 ESTIMATORS = ("reinforce++", "reinforce++-baseline", "grpo", "rloo")
@@ -218,13 +219,14 @@ def build_reference(args, d, dtype):
     (`with on_device():`), not for each micro-batch. One process keeps it in the policy's fp32 master dtype,
     so both run the same autocast arithmetic (a bf16 copy makes the step-0 KL non-zero); FSDP2 casts both
     alike (and offloads it itself: --ref-offload is FSDP2's CPU offload there)."""
-    ref = None if args.kl_coef == 0 else common.build_policy(
-        args.model, d, dtype, cpu_offload=args.ref_offload and d.world > 1, trust_remote_code=args.trust_remote_code,
-        master_dtype=dtype if d.world > 1 else torch.float32,
-        replicate=common.hsdp_replicas(args.replicate, d.world))[0]
-    if ref is not None:
-        ref.eval().requires_grad_(False)
-    if ref is None or not (args.ref_offload and d.world == 1):
+    if args.kl_coef == 0:
+        return None, contextlib.nullcontext
+    ref = common.build_policy(args.model, d, dtype, cpu_offload=args.ref_offload and d.world > 1,
+                              trust_remote_code=args.trust_remote_code,
+                              master_dtype=dtype if d.world > 1 else torch.float32,
+                              replicate=common.hsdp_replicas(args.replicate, d.world))[0]
+    ref.eval().requires_grad_(False)
+    if not (args.ref_offload and d.world == 1):
         return ref, contextlib.nullcontext
     ref.to("cpu")
 
@@ -281,15 +283,11 @@ def load_prompts(args, tok, rules, ctx=None):
     prompt splits into reasoning and answer) and, for --rule math, the gold answer (validated first). Prompts
     longer than --max-prompt-len, or than the model's context `ctx` minus --max-new-tokens, are dropped
     (counted). Returns (rows, n dropped, the length limit that applied)."""
-    table = tables.read_table(args.prompts)  # read once: the prompts and, for --rule math, the gold answers
-    rows = tables.load_pairs(args.prompts, args.prompt_field, need_response=False, rows=table)
     gold_field = args.gold_field or ("answer" if rules and any(r == "math" for r, _ in rules.rules) else None)
+    rows = tables.load_pairs(args.prompts, args.prompt_field, need_response=False, gold_field=gold_field)
     for r in rows:
-        if gold_field and gold_field not in table[r["row"] - 1]:
-            raise DataError(f"{args.prompts}: row {r['row']}: missing field '{gold_field}' (needed by --rule math)")
         text = common.render_prompt_text(tok, r["prompt"], args.chat_template_kwargs)
         r["prompt_ids"], r["thinking"] = tok.encode(text, add_special_tokens=False), common.prompt_thinking(text)
-        r["gold"] = str(table[r["row"] - 1][gold_field]) if gold_field else None
     limit = min(args.max_prompt_len, ctx - args.max_new_tokens) if ctx else args.max_prompt_len
     why = f"--max-prompt-len {args.max_prompt_len}" if limit == args.max_prompt_len else \
         f"{limit} tokens: the context {ctx} minus --max-new-tokens {args.max_new_tokens}"
@@ -320,7 +318,7 @@ def rollout(policy, tok, rows, step, args, d, dtype, stops):
         ids = o["completion_ids"]
         text = tok.decode(ids[:-1] if o["finished"] else ids, skip_special_tokens=False)
         items.append({"prompt_ids": r["prompt_ids"], "completion_ids": ids, "sampler_logp": o["logp"],
-                      "log_kept": o["log_kept"], "prompt": r["prompt"], "id": r["id"], "gold": r["gold"],
+                      "log_kept": o["log_kept"], "prompt": r["prompt"], "id": r["id"], "gold": r.get("gold"),
                       "completion": text, "thinking": r["thinking"], "finished": o["finished"],
                       "truncated": o["truncated"], "n_tokens": len(ids)})
     return items
@@ -573,8 +571,6 @@ def check_args(args, d):
                   "--gen-batch-size", "--rm-batch-size", "--save-every")
     cli.check_min(args, "--dump-every", "--keep-checkpoints", lo=0)
     cli.check_sampling(args, greedy_ok=False)  # π_old and π are evaluated at the sampling temperature
-    cli.check_training(args)  # --lr, --warmup-ratio, --weight-decay, --clip, --betas, --resume/--overwrite
-    preflight.check_optimizer(args.optim, d.device)  # what --optim needs (adamw8bit: CUDA, bitsandbytes)
     cli.check_range(args, "--kl-coef", 0)
     cli.check_range(args, "--gamma", 0, 1)
     cli.check_range(args, "--eps-clip", 0, 1, lo_open=True, hi_open=True)
@@ -595,9 +591,7 @@ def check_args(args, d):
     check_gamma(args.gamma, args.estimator)
     if not args.reward_model and not args.rule:
         raise UsageError("give a reward: --reward-model and/or --rule")
-    if args.wandb:
-        preflight.import_optional("wandb", "--wandb")
-    preflight.check_out_dir(args.out)
+    cli.check_training(args, d.device)  # --lr, --betas, ..., --optim, --resume, --wandb, --out
     cfg = preflight.check_model(args.model, "--model", trust_remote_code=args.trust_remote_code)
     if args.reward_model:
         preflight.check_model(args.reward_model, "--reward-model", "seq-cls", trust_remote_code=args.trust_remote_code)
@@ -668,11 +662,7 @@ def main(argv=None):
                           f"--lr or raise --kl-coef, or raise --max-kl)")
         if args.dump_every and step % args.dump_every == 0:
             records.dump_rollouts(step, items, R, args, d.rank)
-        periodic = step % args.save_every == 0
-        if periodic or step == stop:  # the export first, then the state (docs/design.md §2, "Checkpoints")
-            checkpoint.save_hf(policy, tok, args.out, export_dtype, step, checkpoint=periodic,
-                               keep=args.keep_checkpoints)
-            checkpoint.save_state(args.out, policy, opt, sched, step)
+        checkpoint.save_step(args, policy, tok, opt, sched, export_dtype, step, stop)  # the export, then the state
     common.print0(f"done: {args.out}")
     checkpoint.release_out_dirs(args.out)
     return policy

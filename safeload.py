@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from common import UsageError
+from errors import UsageError
 
 
 def _metadata_globals():

@@ -40,7 +40,6 @@ Commands:
       --grad-checkpointing            # --replicate 2 is the default here: one replica per node
 """
 import math
-import os
 import time
 
 import torch
@@ -51,7 +50,8 @@ import common
 import preflight
 import resume
 import tables
-from common import DataError, UsageError, all_reduce
+from common import all_reduce
+from errors import DataError, UsageError
 
 # Model types whose transformers forward keeps packed samples apart (collate's restarting position ids, no
 # attention mask), checked packed == unpacked per family by tests/test_families.py. Not GraniteMoeHybrid: its
@@ -251,27 +251,23 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
-def check_args(args):
-    """Every flag value, before any model or data loads (the flag is named in the message)."""
+def check_args(args, d):
+    """Every flag value, then --model (preflight.check_model), before any weight or data is read (the flag is
+    named in the message)."""
     cli.check_min(args, "--epochs", "--max-steps", "--stop-at", "--batch-size", "--micro-batch-size", "--max-len")
     cli.check_min(args, "--save-every", "--keep-checkpoints", lo=0)
-    cli.check_training(args)  # --lr, --warmup-ratio, --weight-decay, --clip, --betas, --resume/--overwrite
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if args.batch_size % world:
-        raise UsageError(f"--batch-size {args.batch_size} must be divisible by the world size {world}")
-    if args.wandb:
-        preflight.import_optional("wandb", "--wandb")
-    preflight.check_out_dir(args.out)
+    if args.batch_size % d.world:
+        raise UsageError(f"--batch-size {args.batch_size} must be divisible by the world size {d.world}")
+    cli.check_training(args, d.device)  # --lr, --betas, ..., --optim, --resume, --wandb, --out
     preflight.check_model(args.model, "--model", trust_remote_code=args.trust_remote_code)
 
 
 def main(argv=None):
     args = get_args(argv)
-    check_args(args)
 
     # --------------------------------------------------------------------------- compute init
     d = common.init_dist(args.device, args.dist_timeout)
-    preflight.check_optimizer(args.optim, d.device)  # what --optim needs, before any model loads
+    check_args(args, d)  # the flags, then the model dir: before any weight is read
     common.seed_everything(args.seed)
     dtype = common.pick_dtype(args.dtype, d.device)
     replicate = common.hsdp_replicas(args.replicate, d.world)
@@ -308,11 +304,7 @@ def main(argv=None):
         sched.step()
         step += 1
         log.log(step, step_metrics(sums, gnorm, lr, time.time() - t0, d.device))  # 3.
-        periodic = bool(args.save_every) and step % args.save_every == 0
-        if periodic or step == stop:  # the export first, then the state (docs/design.md §2, "Checkpoints")
-            checkpoint.save_hf(policy, tok, args.out, export_dtype, step, checkpoint=periodic,
-                               keep=args.keep_checkpoints)
-            checkpoint.save_state(args.out, policy, opt, sched, step)
+        checkpoint.save_step(args, policy, tok, opt, sched, export_dtype, step, stop)  # the export, then the state
     common.print0(f"done: {args.out}")
     checkpoint.release_out_dirs(args.out)
     return policy

@@ -3,7 +3,8 @@ hub dataset) and the generation records it grades or scores, every row checked b
 error names the file, the 1-based row and the field (docs/design.md §2).
 
   read_table        rows of a table file or hub dataset (`id`, `id:split`, `id:config:split`)
-  load_pairs        (prompt, response) rows for SFT / RL, the fields picked by name or by the known schemas
+  load_pairs        (prompt, response) rows for SFT / RL, the fields picked by name or by the known schemas,
+                    and for rl.py --rule math each row's gold answer
   read_generations  generation records with the fields a grader needs
 """
 import csv
@@ -11,8 +12,7 @@ import io
 import json
 import os
 
-import common
-from common import DataError
+from errors import DataError, first_line
 from files import check_unicode, read_jsonl, read_text
 
 # Known schemas, by columns: (prompt column candidates, response/gold column candidates)
@@ -89,7 +89,7 @@ def read_table(spec, split="train"):
             try:
                 return pq.read_table(spec).to_pylist()
             except (pa.ArrowException, OSError) as e:
-                raise DataError(f"{spec}: not a readable parquet file ({common.first_line(e)})") from None
+                raise DataError(f"{spec}: not a readable parquet file ({first_line(e)})") from None
         raise DataError(f"{spec}: unknown file type (want .jsonl, .json, .csv or .parquet)")
     import datasets  # a hub id
     parts = spec.split(":")
@@ -104,11 +104,11 @@ def _pick(row, candidates):
     return next((c for c in candidates if c in row), None)
 
 
-def load_pairs(spec, prompt_field=None, response_field=None, need_response=True, split="train", rows=None):
-    """(prompt, response) rows for SFT / RL prompts, validated before any training starts: those of `rows`
-    when given (spec's table, already read), else read_table(spec). Returns dicts with prompt, [response],
-    id, row (1-based). Errors name file, row and field."""
-    rows = read_table(spec, split) if rows is None else rows
+def load_pairs(spec, prompt_field=None, response_field=None, need_response=True, split="train", gold_field=None):
+    """(prompt, response) rows of read_table(spec) for SFT / RL prompts, validated before any training starts.
+    Returns dicts with prompt, [response], [gold: str of the `gold_field` value], id, row (1-based). Errors
+    name file, row and field."""
+    rows = read_table(spec, split)
     if not rows:
         raise DataError(f"{spec}: no rows")
     pf = prompt_field or _pick(rows[0], PROMPT_FIELDS)
@@ -129,5 +129,9 @@ def load_pairs(spec, prompt_field=None, response_field=None, need_response=True,
             if not isinstance(v, str) or not v.strip():
                 raise DataError(f"{spec}: row {i}: field '{field}' is empty or not a string")
             item[key] = v
+        if gold_field:
+            if r.get(gold_field) is None:
+                raise DataError(f"{spec}: row {i}: missing field '{gold_field}' (the gold answer)")
+            item["gold"] = str(r[gold_field])
         out.append(item)
     return out

@@ -14,7 +14,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from common import UsageError
+from errors import UsageError
 
 
 class RequestFailed(UsageError):

@@ -13,7 +13,7 @@ import argparse
 import sys
 
 import files
-from common import DataError
+from errors import DataError
 
 # (key, panel title); a panel is drawn when any run has the key
 PANELS = [("reward", "reward (mean per sample)"), ("loss", "loss"), ("kl", "KL to the reference (per token)"),

@@ -20,6 +20,7 @@ from test_faults import Evil, inputs, run_main  # noqa: F401 (inputs: a fixture)
 
 import checkpoint
 import common
+import errors
 import evaluate
 import files
 import preflight
@@ -145,13 +146,13 @@ def test_resume_frees_how_a_start_runs_and_reads_an_older_args_json(tiny_model, 
     assert changes() == {}
     assert changes("--dist-timeout", "120", "--device", "cpu") == {"dist_timeout": [60.0, 120.0],
                                                                    "device": ["auto", "cpu"]}
-    with pytest.raises(common.UsageError, match=r"--answer-only on \(the run's: off\)"):
+    with pytest.raises(errors.UsageError, match=r"--answer-only on \(the run's: off\)"):
         changes("--answer-only")
-    with pytest.raises(common.UsageError, match=r"--device cuda \(the run's: auto\)"):
+    with pytest.raises(errors.UsageError, match=r"--device cuda \(the run's: auto\)"):
         changes("--device", "cuda")  # no GPU here: another device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine: auto resolves to cuda
     assert changes("--device", "cuda") == {"device": ["auto", "cuda"]}
-    with pytest.raises(common.UsageError, match=r"--device cpu \(the run's: auto\)"):
+    with pytest.raises(errors.UsageError, match=r"--device cpu \(the run's: auto\)"):
         changes("--device", "cpu")
     monkeypatch.undo()
     code, _, err = run_main(monkeypatch, capsys, sft, [*argv, "--dist-timeout", "120", "--device", "cpu"])
@@ -301,7 +302,7 @@ def test_payload_in_any_state_file_never_runs(where, state, tiny_model, inputs, 
     out, marker = tmp_path / "o", tmp_path / "pwned"
     shutil.copytree(state[0], out)
     PLANTS[where](out, marker)
-    with pytest.raises(common.UsageError) as e:
+    with pytest.raises(errors.UsageError) as e:
         resume_from(out, tiny_model, inputs)
     assert not marker.exists()
     msg = str(e.value)
@@ -387,13 +388,13 @@ def test_every_jsonl_reader_drops_a_torn_last_line_and_names_a_bad_one_elsewhere
     assert "dropped a torn last line (row 2)" in capsys.readouterr().out
     assert list(resume.read_records(torn, records.key)) == [("attaq", "1", 0)]
     assert report.read_jsonl(torn) == [rec] and curves.read_metrics(torn) == [rec]
-    with pytest.raises(common.DataError, match=r"torn.jsonl: row 2: invalid JSON"):
+    with pytest.raises(errors.DataError, match=r"torn.jsonl: row 2: invalid JSON"):
         files.read_jsonl(torn)  # an input table: a torn line is an error like any other
     middle = tmp_path / "middle.jsonl"
     middle.write_text('{"benchmark": "attaq", "id": "2", "samp\n' + json.dumps(rec) + "\n")
     for read in (lambda p: files.read_jsonl(p, appended=True), lambda p: resume.read_records(p, records.key),
                  report.read_jsonl):
-        with pytest.raises(common.DataError, match=r"middle.jsonl: row 1: invalid JSON"):
+        with pytest.raises(errors.DataError, match=r"middle.jsonl: row 1: invalid JSON"):
             read(middle)
     with pytest.raises(SystemExit, match=r"middle.jsonl: row 1: invalid JSON"):
         curves.read_metrics(middle)

@@ -20,6 +20,7 @@ import benchmarks
 import checkpoint
 import cli
 import common
+import errors
 import files
 import entropy
 import evaluate
@@ -35,11 +36,11 @@ from test_faults import inputs, no_loads, run_main, rl_args, sft_args, stage_cmd
 def one_error(code, err, want, *names):
     """Exit `want`, exactly one `error: ` line and it is the last, naming each of `names`; no traceback."""
     lines = [x for x in err.splitlines() if x.strip()]
-    errors = [x for x in lines if x.startswith("error: ")]
-    assert code == want and len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in err, (code, err)
+    errs = [x for x in lines if x.startswith("error: ")]
+    assert code == want and len(errs) == 1 and lines[-1] == errs[0] and "Traceback" not in err, (code, err)
     for n in names:
-        assert str(n) in errors[0], (n, errors[0])
-    return errors[0]
+        assert str(n) in errs[0], (n, errs[0])
+    return errs[0]
 
 
 @pytest.fixture
@@ -91,11 +92,11 @@ def test_argparse_errors_are_one_line(monkeypatch, capsys, tmp_path):
 
 def test_debug_env_shows_the_traceback_and_bugs_keep_theirs(monkeypatch, capsys):
     """BEYOND_SFT_DEBUG=1 re-raises a usage error; an unexpected exception is never turned into a line."""
-    monkeypatch.setattr(sft, "get_args", raising(common.UsageError("--epochs bad")))
+    monkeypatch.setattr(sft, "get_args", raising(errors.UsageError("--epochs bad")))
     code, _, err = run_main(monkeypatch, capsys, sft, [])
     one_error(code, err, 2, "--epochs bad")
     monkeypatch.setenv(cli.DEBUG_ENV, "1")
-    with pytest.raises(common.UsageError, match="--epochs bad"):
+    with pytest.raises(errors.UsageError, match="--epochs bad"):
         cli.cli_main(sft.main, [])
     monkeypatch.delenv(cli.DEBUG_ENV)
     monkeypatch.setattr(sft, "get_args", raising(KeyError("a bug")))
@@ -141,6 +142,26 @@ def test_byte_order_marks_are_dropped(tmp_path):
     assert tables.load_pairs(str(tmp_path / "b.jsonl"))[0]["prompt"] == "q"
     (tmp_path / "c.json").write_bytes(b'\xef\xbb\xbf[{"question": "q", "response": "r"}]')
     assert tables.read_table(str(tmp_path / "c.json")) == [{"question": "q", "response": "r"}]
+
+
+def test_rl_rule_math_needs_the_gold_answer_of_every_row(tiny_model, inputs, tmp_path, no_weights,  # noqa: F811
+                                                          monkeypatch, capsys):
+    """--rule math grades against each prompt row's gold answer (--gold-field, default 'answer'): a row without one
+    stops the run before any weight loads, naming the file, the row and the field, and nothing is written."""
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "1+1?", "answer": 2}, {"prompt": "2+2?"}] * 4)
+    module, argv = command("rl", tiny_model, inputs, tmp_path, ["--prompts", prompts, "--rule", "math"])
+    code, _, err = run_main(monkeypatch, capsys, module, argv)
+    one_error(code, err, 2, prompts, "row 2", "missing field 'answer'")
+    assert not (tmp_path / "o").exists()
+
+
+def test_load_pairs_keeps_the_gold_answer_as_text(tmp_path):
+    p = write_jsonl(tmp_path / "m.jsonl", [{"prompt": "1+1?", "answer": 2}, {"prompt": "half?", "answer": "\\frac12"}])
+    assert [r["gold"] for r in tables.load_pairs(p, need_response=False, gold_field="answer")] == ["2", "\\frac12"]
+    assert "gold" not in tables.load_pairs(p, need_response=False)[0]
+    null = write_jsonl(tmp_path / "n.jsonl", [{"prompt": "1+1?", "answer": 2}, {"prompt": "2+2?", "answer": None}])
+    with pytest.raises(errors.DataError, match=r"n.jsonl: row 2: missing field 'answer' \(the gold answer\)"):
+        tables.load_pairs(null, need_response=False, gold_field="answer")  # never graded against the text "None"
 
 
 def test_a_json_string_may_hold_a_line_separator(tmp_path):
@@ -299,7 +320,7 @@ def test_temperature_floor():
     cli.check_temperature(0, greedy_ok=True)
     cli.check_temperature(cli.TEMPERATURE_MIN)
     for t in (0, 1e-3, float("nan"), float("inf")):
-        with pytest.raises(common.UsageError, match="--temperature"):
+        with pytest.raises(errors.UsageError, match="--temperature"):
             cli.check_temperature(t)
 
 
@@ -505,7 +526,7 @@ def test_a_planted_lock_or_appended_file_link_is_refused(tiny_model, inputs, tmp
     assert sorted(os.listdir(outside)) == ["lock.txt"]
     (outside / "n.jsonl").write_text("")
     (out / "n.jsonl").symlink_to(outside / "n.jsonl")
-    with pytest.raises(common.UsageError, match="n.jsonl is a symbolic link"):
+    with pytest.raises(errors.UsageError, match="n.jsonl is a symbolic link"):
         files.append_jsonl(out / "n.jsonl", {"id": 1})
     assert (outside / "n.jsonl").read_text() == ""
 
@@ -528,7 +549,7 @@ def test_writers_never_follow_a_link_and_clean_up(tiny_model, tmp_path, monkeypa
             raise OSError(28, "No space left on device")
         return real_open(p, *a, **k)
     monkeypatch.setattr(os, "open", failing_open)
-    with pytest.raises(common.DiskFull, match=re.escape(f"cannot write {tmp_path / 'c.txt'}: No space left on device")):
+    with pytest.raises(errors.DiskFull, match=re.escape(f"cannot write {tmp_path / 'c.txt'}: No space left on device")):
         files.write_files({tmp_path / "b.txt": "new b", tmp_path / "c.txt": "new c"})
     monkeypatch.setattr(os, "open", real_open)
     assert (tmp_path / "b.txt").read_text() == "old b" and not (tmp_path / "c.txt").exists()
@@ -586,7 +607,7 @@ def test_a_lone_surrogate_in_an_input_table_names_file_row_and_field(tmp_path, c
     """JSON's "\\ud800" parses to a string no tokenizer takes: refused when the table is read, before any model
     loads, naming the file, the row and the field (a traceback from the tokenizer before)."""
     import files
-    from common import DataError
+    from errors import DataError
     (tmp_path / "d.jsonl").write_text('{"prompt": "ok", "response": "fine"}\n{"prompt": "hi \\ud800", "response": "x"}\n')
     (tmp_path / "p.json").write_text('[{"question": "x", "meta": {"note": "\\udfff"}}]')
     with pytest.raises(DataError, match=r"d.jsonl: row 2: field 'prompt': not valid Unicode"):

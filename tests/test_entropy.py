@@ -9,6 +9,7 @@ import torch
 
 import common
 import entropy
+import errors
 import records
 from conftest import SFT_ROWS, build_model, build_tokenizer, run_cli, torchrun, write_jsonl
 
@@ -188,19 +189,19 @@ def test_summary_table_and_figures(tmp_path):
 def test_parse_named_and_bad_rows(tmp_path):
     assert records.parse_named(["runs/gen/attaq.jsonl"], "--input") == [("attaq", "runs/gen/attaq.jsonl")]
     assert records.parse_named(["a=x.jsonl", "b=y.jsonl"], "--input") == [("a", "x.jsonl"), ("b", "y.jsonl")]
-    with pytest.raises(common.UsageError, match="give every --input a name"):
+    with pytest.raises(errors.UsageError, match="give every --input a name"):
         records.parse_named(["a=x.jsonl", "y.jsonl"], "--input")
-    with pytest.raises(common.UsageError, match="duplicate"):
+    with pytest.raises(errors.UsageError, match="duplicate"):
         records.parse_named(["a=x", "a=y"], "--model")
     f = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "p", "completion": "c", "temperature": 0.6},
                                            {"prompt": "p", "completion": "c", "temperature": 1.0}])
-    with pytest.raises(common.DataError, match="several temperatures"):
+    with pytest.raises(errors.DataError, match="several temperatures"):
         records.read_for_scoring(f, None)
     assert records.read_for_scoring(f, 0.7)[1] == 0.7
     # a record that does not say its temperature is scored at no assumed one: --temperature or an error
     u = write_jsonl(tmp_path / "u.jsonl", [{"prompt": "p", "completion": "", "temperature": 1.0},
                                            {"prompt": "p", "completion": ""}])
-    with pytest.raises(common.DataError, match=r"u.jsonl: row 2: no field 'temperature'.*pass --temperature"):
+    with pytest.raises(errors.DataError, match=r"u.jsonl: row 2: no field 'temperature'.*pass --temperature"):
         records.read_for_scoring(u, None)
     assert records.read_for_scoring(u, 0.6)[1] == 0.6
 
@@ -283,7 +284,7 @@ def test_bad_thinking_or_prompt_ids_are_refused_naming_row_and_field(tiny_model,
     for bad, field in (({"thinking": "false"}, "thinking"), ({"prompt_ids": [1, "x"]}, "prompt_ids"),
                        ({"prompt_ids": [10 ** 6]}, "prompt_ids"), ({"prompt_ids": [5, 6]}, "prompt_ids")):
         f = write_jsonl(tmp_path / "g.jsonl", [good, {**good, **bad}])
-        with pytest.raises(common.DataError, match=f"row 2: field '{field}'"):
+        with pytest.raises(errors.DataError, match=f"row 2: field '{field}'"):
             entropy.main(["--model", tiny_model, "--input", f, "--out", str(tmp_path / "o")])
     assert not (tmp_path / "o").exists()
 
@@ -316,7 +317,7 @@ def test_prompt_ids_of_a_template_that_trims_the_prompt_are_accepted(tiny_model,
     rec = {"prompt": "  How do I pick a lock?\n", "completion": "No.", "temperature": 0.6, "row": 1}
     rec["prompt_ids"] = common.render_prompt(tok, rec["prompt"].strip())
     records.check_prompt_ids("g.jsonl", [rec], tok, "m")
-    with pytest.raises(common.DataError, match="row 1: field 'prompt_ids'"):
+    with pytest.raises(errors.DataError, match="row 1: field 'prompt_ids'"):
         records.check_prompt_ids("g.jsonl", [{**rec, "prompt": "How do I open a safe?"}], tok, "m")
 
 
@@ -346,7 +347,7 @@ def test_memorization_with_thinking_off_is_refused_naming_the_row_before_any_mod
         raise AssertionError("the compute started before the memorization rows were checked")
     with monkeypatch.context() as m:
         m.setattr(common, "init_dist", no_model)
-        with pytest.raises(common.DataError, match=r"star1.jsonl: row 1: --model off: .*two think blocks"
+        with pytest.raises(errors.DataError, match=r"star1.jsonl: row 1: --model off: .*two think blocks"
                                                    r".*--answer-only"):
             entropy.main(argv)
     assert not (tmp_path / "o").exists()

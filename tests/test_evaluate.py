@@ -19,7 +19,7 @@ import evaluate
 import judges
 import reward
 import transport
-from common import DataError, UsageError
+from errors import DataError, UsageError
 from conftest import ROOT, SHARED_DATA, run_cli, serve_bounded, torchrun, write_jsonl
 from test_reward import build_rm
 

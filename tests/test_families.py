@@ -34,6 +34,7 @@ import checkpoint
 import common
 import engine
 import entropy
+import errors
 import evaluate
 import reward
 import rl
@@ -521,7 +522,7 @@ def test_real_sft_mask(real_toks, star1, case):
     tok, row = real_toks[name], star1[0]
     eot, response = common.end_of_turn(tok, kw), row["response"]
     if state == "closed":
-        with pytest.raises(common.UsageError, match="two think blocks"):
+        with pytest.raises(errors.UsageError, match="two think blocks"):
             common.render_sft(tok, row["question"], response, chat_kwargs=kw)
         ids, mask = common.render_sft(tok, row["question"], response, chat_kwargs=kw, reasoning_when_off="drop")
         want = common.split_reasoning(response)[1] + eot
@@ -537,7 +538,7 @@ def test_sft_refuses_reasoning_with_thinking_off_unless_answer_only(real_dirs, r
     data = write_jsonl(tmp_path / "star1.jsonl", star1[:3])
     argv = ["--model", real_dirs["qwen3"], "--data", data, "--out", str(tmp_path / "o"),
             "--chat-template-kwargs", '{"enable_thinking": false}']
-    with pytest.raises(common.DataError, match=r"row 1: .*two think blocks.*--answer-only"):
+    with pytest.raises(errors.DataError, match=r"row 1: .*two think blocks.*--answer-only"):
         sft.load_examples(sft.get_args(argv), real_toks["qwen3"])
     examples = sft.load_examples(sft.get_args(argv + ["--answer-only"]), real_toks["qwen3"])
     tok = real_toks["qwen3"]
@@ -668,7 +669,7 @@ def test_load_tokenizer_refuses_a_tokenizer_that_loses_spaces(tmp_path, real_tok
     tj = json.load(open(d / "tokenizer.json"))
     tj["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": True}
     (d / "tokenizer.json").write_text(json.dumps(tj))
-    with pytest.raises(common.UsageError, match=r"'a b c'\)\) = 'abc'.*transformers.*5\.17"):
+    with pytest.raises(errors.UsageError, match=r"'a b c'\)\) = 'abc'.*transformers.*5\.17"):
         common.load_tokenizer(d)
     assert all(t.decode(t.encode("a b c", add_special_tokens=False)) == "a b c" for t in real_toks.values())
 
@@ -677,7 +678,7 @@ def test_load_tokenizer_refuses_a_tokenizer_that_loses_spaces(tmp_path, real_tok
 
 def test_hsdp_replicas():
     assert common.hsdp_replicas(None, 1) == 1 and common.hsdp_replicas(2, 4) == 2
-    with pytest.raises(common.UsageError, match="--replicate 3"):
+    with pytest.raises(errors.UsageError, match="--replicate 3"):
         common.hsdp_replicas(3, 4)
     os.environ["LOCAL_WORLD_SIZE"] = "2"
     try:

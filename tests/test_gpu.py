@@ -16,6 +16,7 @@ from conftest import ROOT, run_cli, torchrun
 
 import common
 import engine
+import errors
 import preflight
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -207,16 +208,16 @@ def no_usable_gpu(monkeypatch):
 
 def test_a_gpu_machine_without_a_usable_gpu_stops_with_the_cause(no_usable_gpu, monkeypatch):
     for device in ("auto", "cuda"):
-        with pytest.raises(common.UsageError) as e:
+        with pytest.raises(errors.UsageError) as e:
             common.resolve_device(device)
         msg = str(e.value)
         assert "535.104.05" in msg and "CUDA 13.0" in msg and ">= 580" in msg and "--device cpu" in msg, msg
     assert common.resolve_device("cpu") == "cpu"  # asked for: runs on the CPU
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    with pytest.raises(common.UsageError, match="CUDA_VISIBLE_DEVICES=''"):
+    with pytest.raises(errors.UsageError, match="CUDA_VISIBLE_DEVICES=''"):
         common.resolve_device("auto")
     monkeypatch.setattr(torch.version, "cuda", None)
-    with pytest.raises(common.UsageError, match="CPU-only build"):
+    with pytest.raises(errors.UsageError, match="CPU-only build"):
         common.resolve_device("cuda")
 
 
@@ -225,17 +226,17 @@ def test_a_machine_without_nvidia_runs_on_the_cpu_unless_cuda_is_asked(monkeypat
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     monkeypatch.setattr(preflight, "nvidia_driver", lambda: None)
     assert common.resolve_device("auto") == "cpu"
-    with pytest.raises(common.UsageError, match="--device cuda.*no NVIDIA driver"):
+    with pytest.raises(errors.UsageError, match="--device cuda.*no NVIDIA driver"):
         common.resolve_device("cuda")
 
 
 def test_adamw8bit_without_a_cuda_device_or_bitsandbytes_stops_with_the_cause(monkeypatch):
-    with pytest.raises(common.UsageError, match="adamw8bit needs a CUDA device"):
+    with pytest.raises(errors.UsageError, match="adamw8bit needs a CUDA device"):
         preflight.check_optimizer("adamw8bit", "cpu")
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # its import raises ImportError
-    with pytest.raises(common.UsageError, match="adamw8bit needs bitsandbytes"):
+    with pytest.raises(errors.UsageError, match="adamw8bit needs bitsandbytes"):
         preflight.check_optimizer("adamw8bit", "cuda")
-    with pytest.raises(common.UsageError, match="--optim must be adamw or adamw8bit, got 'sgd'"):
+    with pytest.raises(errors.UsageError, match="--optim must be adamw or adamw8bit, got 'sgd'"):
         preflight.check_optimizer("sgd", "cpu")
 
 
@@ -259,7 +260,7 @@ def test_stage_cli_with_device_cuda_and_no_gpu_stops_before_loading(tiny_model, 
     assert p.returncode == 2 and "--device cuda, but torch sees no usable GPU" in p.stderr, p.stderr[-2000:]
     assert "Traceback" not in p.stderr and not out.exists()
     for bad in (0, -1, float("nan"), float("inf")):
-        with pytest.raises(common.UsageError, match="--dist-timeout must be a positive number"):
+        with pytest.raises(errors.UsageError, match="--dist-timeout must be a positive number"):
             common.init_dist("cpu", timeout_min=bad)
 
 
@@ -282,7 +283,7 @@ def test_init_dist_binds_the_gpu_and_sets_the_timeout(monkeypatch):
     want = {"timeout": timedelta(minutes=90), "device_id": torch.device("cuda", 3)}
     assert calls["init"] == ("cuda:nccl,cpu:gloo", want)
     monkeypatch.setenv("LOCAL_RANK", "8")
-    with pytest.raises(common.UsageError, match="local rank 8 but torch sees 8 GPU"):
+    with pytest.raises(errors.UsageError, match="local rank 8 but torch sees 8 GPU"):
         common.init_dist("cuda")
 
 

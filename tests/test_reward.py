@@ -8,7 +8,7 @@ import torch
 
 import judges
 import reward
-from common import UsageError
+from errors import UsageError
 from conftest import build_tokenizer, run_cli, write_jsonl
 from runs.tinymodels import qwen3_config
 

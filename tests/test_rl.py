@@ -14,6 +14,7 @@ from conftest import build_model, build_tokenizer, run_cli, torchrun, write_json
 
 import common
 import engine
+import errors
 import rl
 
 
@@ -143,7 +144,7 @@ def test_no_std_is_dr_grpo_and_only_for_grpo(tmp_path):
     R = T(1, 3, 5, 5, 0.5, 0.5)
     assert torch.equal(rl.shaped_rewards(R, "grpo", 2, std=False), T(-1, 1, 0, 0, 0, 0))  # R - group mean
     assert torch.equal(rl.shaped_rewards(R, "grpo", 2, std=False), rl.shaped_rewards(R, "reinforce++-baseline", 2))
-    with pytest.raises(common.UsageError, match="--no-std"):
+    with pytest.raises(errors.UsageError, match="--no-std"):
         rl.main(["--model", str(tmp_path / "none"), "--prompts", "x.jsonl", "--out", str(tmp_path / "o"),
                  "--rule", "format", "--estimator", "rloo", "--no-std"])
     assert not (tmp_path / "o").exists()
@@ -222,7 +223,7 @@ def test_arms_refuse_a_discount(tmp_path):
     with pytest.raises(ValueError, match="γ = 1"):
         rl.compute_advantages(T(1, 0), torch.zeros(2, 2), torch.zeros(2, 2), mask, estimator="rloo", group_size=2,
                               gamma=0.9)
-    with pytest.raises(common.UsageError, match="--gamma"):  # before anything is loaded
+    with pytest.raises(errors.UsageError, match="--gamma"):  # before anything is loaded
         rl.main(["--model", str(tmp_path / "none"), "--prompts", "x.jsonl", "--out", str(tmp_path / "o"),
                  "--rule", "format", "--estimator", "grpo", "--gamma", "0.99"])
     assert not (tmp_path / "o").exists()

@@ -13,7 +13,7 @@ import cli
 import evaluate
 import judges
 import reward
-from common import DataError, UsageError
+from errors import DataError, UsageError
 from conftest import SHARED_DATA, run_cli
 from test_evaluate import FakeServer, write_csv
 from test_reward import build_rm

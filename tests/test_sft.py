@@ -10,6 +10,7 @@ import torch
 from conftest import SFT_ROWS, SHARED_DATA, run_cli, torchrun, write_jsonl
 
 import common
+import errors
 import sft
 import tables
 
@@ -139,7 +140,7 @@ def test_export_loads_and_matches_trained_model(tiny_model, sft_rows, tmp_path):
 def test_bad_rows_stop_with_file_row_field(tiny_model, tmp_path, bad, message):
     data = tmp_path / "bad.jsonl"
     data.write_text(bad)
-    with pytest.raises(common.DataError, match=message):
+    with pytest.raises(errors.DataError, match=message):
         sft.main(sft_args(tiny_model, str(data), tmp_path / "out"))
     assert not (tmp_path / "out").exists()  # nothing half-written
     p = run_cli([sys.executable, "sft.py"] + sft_args(tiny_model, str(data), tmp_path / "out"), check=False)
