@@ -68,20 +68,6 @@ class Flags(argparse.Namespace):
     __slots__ = ("defaults",)
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser whose errors are one line (`error: argument --x: ...`) instead of the usage block,
-    and whose flags come back as Flags."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-    def parse_args(self, args=None, namespace=None):
-        flags = super().parse_args(args, Flags() if namespace is None else namespace)
-        if isinstance(flags, Flags):
-            flags.defaults = {k: self.get_default(k) for k in vars(flags)}
-        return flags
-
-
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Every stage's --help: "(default: X)" after each flag that has a value, unless its help says
     "(default ..." or "by default" itself."""
@@ -91,6 +77,23 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default in (None, False) or "(default" in h or "by default" in h:
             return action.help
         return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors are one line (`error: argument --x: ...`) instead of the usage block,
+    whose --help is HelpFormatter's and whose flags come back as Flags."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **{"formatter_class": HelpFormatter, **kw})
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        flags = super().parse_args(args, Flags() if namespace is None else namespace)
+        if isinstance(flags, Flags):
+            flags.defaults = {k: self.get_default(k) for k in vars(flags)}
+        return flags
 
 
 def _flag_value(args, flag):

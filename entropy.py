@@ -343,7 +343,7 @@ def word_set(text):
 
 
 def get_args(argv=None):
-    p = cli.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=cli.HelpFormatter)
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     a = p.add_argument_group("inputs").add_argument
     a("--model", action="append", required=True, help="NAME=DIR (or hub id); repeat for several models")
     a("--input", action="append", default=[], help="NAME=FILE of generation records (JSONL); repeat")

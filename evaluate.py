@@ -226,8 +226,7 @@ def add_grader_args(p):
 
 
 def eval_parser():
-    p = cli.ArgumentParser(description=__doc__.split("\n")[0], epilog="subcommand: evaluate.py grade --help",
-                              formatter_class=cli.HelpFormatter)
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0], epilog="subcommand: evaluate.py grade --help")
     a = p.add_argument_group("run").add_argument
     a("--model", required=True, help="policy checkpoint (hub id or dir); with --api-url only its tokenizer is used")
     a("--benchmarks", type=benchmark_list, default=",".join(benchmarks.PAPER),
@@ -257,8 +256,7 @@ def eval_parser():
 
 
 def grade_parser():
-    p = cli.ArgumentParser(prog="evaluate.py grade", description="re-grade saved generation records",
-                              formatter_class=cli.HelpFormatter)
+    p = cli.ArgumentParser(prog="evaluate.py grade", description="re-grade saved generation records")
     p.add_argument("--input", required=True, help="generation records (JSONL) written by evaluate.py or rl.py "
                                                  "(rl: graded as maths when a gold answer is present, else the "
                                                  "rollout's reward is kept as the score)")

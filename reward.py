@@ -314,7 +314,7 @@ def attaq_score(r):
 # --- CLI ---------------------------------------------------------------------------------------------
 
 def get_args(argv=None):
-    p = cli.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=cli.HelpFormatter)
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     a = p.add_argument
     a("--input", required=True, help="generation records (JSONL with prompt, completion[, gold])")
     a("--out", required=True, help="output JSONL: the records plus reward and reward_parts")

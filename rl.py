@@ -529,8 +529,7 @@ def training_flags(p):
 
 
 def get_args(argv=None):
-    p = cli.ArgumentParser(description="REINFORCE++ (and baseline / GRPO / RLOO arms) on FSDP2.",
-                           formatter_class=cli.HelpFormatter)
+    p = cli.ArgumentParser(description="REINFORCE++ (and baseline / GRPO / RLOO arms) on FSDP2.")
     a = p.add_argument_group("run").add_argument
     a("--model", required=True, help="hub id or local dir of the initial policy (and reference)")
     a("--prompts", required=True, help="prompts: hub id (id[:config]:split) or .jsonl/.json/.csv/.parquet")

@@ -235,8 +235,7 @@ def training_flags(p):
 
 
 def get_args(argv=None):
-    p = cli.ArgumentParser(description="Supervised fine-tuning (response-only loss) on FSDP2.",
-                           formatter_class=cli.HelpFormatter)
+    p = cli.ArgumentParser(description="Supervised fine-tuning (response-only loss) on FSDP2.")
     a = p.add_argument_group("run").add_argument
     a("--model", required=True, help="hub id or local Hugging Face dir of the model to fine-tune")
     a("--data", required=True, help="hub id (id[:config]:split) or local .jsonl/.json/.csv/.parquet")
