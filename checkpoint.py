@@ -389,4 +389,3 @@ def restore(args, model, optim, sched, changes):
     if rank() == 0:
         resume.write_args(args, step, changes)
     return step
-
